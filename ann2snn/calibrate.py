@@ -1,0 +1,183 @@
+"""Calibration: exact activation statistics of every ReLU slot, and the calibration profile.
+
+Percentiles are exact order statistics of all activations of a layer over the calibration
+set (nearest rank: the smallest value v with at least q% of the activations <= v), found in a
+few streaming passes - a count/max pass, bucket histograms that narrow the interval holding
+the k-th value, and a final pass that collects only that interval and sorts it. Counts are
+integers, so the result depends neither on batch size nor on data order, and memory stays
+bounded whatever the size of the set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from . import __version__, neurons
+from .convert import Slot, layer_sources, spiking_layers
+from .data import ImageData
+from .errors import UserError
+from .files import write_text
+
+BINS = 4096
+COLLECT_CAP = 2_000_000
+MAX_PASSES = 10
+PROFILE_FORMAT = "ann2snn-calibration"
+PROFILE_VERSION = 1
+
+
+class ExactQuantile:
+    """Streaming exact nearest-rank quantile of non-negative values over repeated passes."""
+
+    def __init__(self, q: float):
+        self.q = q
+        self.n, self.zeros, self.max, self.sum = 0, 0, 0.0, 0.0
+        self.phase, self.lo, self.hi, self.k = "scan", 0.0, 0.0, 0
+        self.value: float | None = None
+        self._begin()
+
+    def _begin(self) -> None:
+        self.below = 0
+        self.hist = torch.zeros(BINS, dtype=torch.long)
+        self.kept: list[torch.Tensor] = []
+        if self.phase in ("hist", "collect"):
+            self.edges = torch.linspace(self.lo, self.hi, BINS + 1, dtype=torch.float64).float()
+            self.edges[0], self.edges[-1] = self.lo, self.hi
+
+    @property
+    def done(self) -> bool:
+        return self.value is not None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().flatten().float()
+        if self.phase == "scan":
+            self.n += x.numel()
+            self.zeros += int((x <= 0).sum())
+            self.max = max(self.max, float(x.max())) if x.numel() else self.max
+            self.sum += float(x.double().sum())
+            return
+        lo, hi = self.edges[0].to(x.device), self.edges[-1].to(x.device)
+        self.below += int((x <= lo).sum())
+        inside = x[(x > lo) & (x <= hi)]
+        if self.phase == "hist":
+            idx = torch.bucketize(inside, self.edges.to(x.device), right=False) - 1
+            self.hist += torch.bincount(idx.clamp(0, BINS - 1), minlength=BINS).cpu()
+        else:
+            self.kept.append(inside.cpu())
+
+    def end_pass(self, passes: int) -> None:
+        if self.phase == "scan":
+            self.k = min(max(math.ceil(self.q / 100.0 * self.n), 1), self.n)
+            if self.n == 0 or self.k <= self.zeros:
+                self.value = 0.0
+                return
+            self.phase, self.lo, self.hi = "hist", 0.0, self.max
+        elif self.phase == "hist":
+            cum = self.below + torch.cumsum(self.hist, 0)
+            b = int(torch.searchsorted(cum, torch.tensor(self.k)))
+            b = min(b, BINS - 1)
+            new_lo, new_hi = float(self.edges[b]), float(self.edges[b + 1])
+            count = int(self.hist[b])
+            self.lo, self.hi = new_lo, new_hi
+            if count <= COLLECT_CAP or new_hi <= new_lo or passes >= MAX_PASSES - 1:
+                self.phase = "collect"
+        else:
+            values = torch.cat(self.kept).sort().values if self.kept else torch.zeros(0)
+            i = self.k - self.below - 1
+            if values.numel() == 0:
+                self.value = float(self.lo)
+            else:
+                self.value = float(values[min(max(i, 0), values.numel() - 1)])
+            return
+        self._begin()
+
+
+def activation_stats(gm: fx.GraphModule, data: ImageData, percentile: float, batch_size: int = 256,
+                     device: str = "cpu") -> dict[str, dict]:
+    """Run ``data`` through the normalised ANN; per ReLU slot: neurons, max, mean, exact percentile."""
+    gm = gm.to(device).eval()
+    layers = spiking_layers(gm)
+    quant = {name: ExactQuantile(percentile) for name in layers}
+    shapes: dict[str, tuple] = {}
+    hooks = []
+    for name in layers:
+        def hook(_m, _inp, out, name=name):
+            shapes[name] = tuple(out.shape[1:])
+            if not quant[name].done:
+                quant[name].update(out)
+        module = gm.get_submodule(name)
+        assert isinstance(module, Slot)
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for passes in range(MAX_PASSES + 2):
+                if all(q.done for q in quant.values()):
+                    break
+                for x, _ in data.batches(batch_size):
+                    gm(x.to(device))
+                for q in quant.values():
+                    if not q.done:
+                        q.end_pass(passes)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: {"neurons": math.prod(shapes[name]), "shape": list(shapes[name]), "max": q.max,
+                   "mean": q.sum / max(q.n, 1), "percentile": q.value, "zero_fraction": q.zeros / max(q.n, 1)}
+            for name, q in quant.items()}
+
+
+def make_profile(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dict, model: dict,
+                 input_info: dict, data_info: dict) -> dict:
+    """The calibration profile: per-layer statistics and the neuron parameters fitted to them."""
+    kind = neurons.get(neuron)
+    sources = layer_sources(gm)
+    layers = [{"name": name, "source": sources[name], "neurons": s["neurons"], "shape": s["shape"],
+               "stats": {k: s[k] for k in ("max", "mean", "percentile", "zero_fraction")},
+               "params": kind.fit(s, options)} for name, s in stats.items()]
+    return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "tool": f"ann2snn {__version__}",
+            "model": model, "input": input_info, "data": data_info,
+            "neuron": {"type": neuron, "options": options}, "layers": layers}
+
+
+def save_profile(profile: dict, path: str | Path) -> None:
+    write_text(path, json.dumps(profile, indent=2) + "\n")
+
+
+def load_profile(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        profile = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: calibration profile not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a JSON calibration profile ({exc})") from None
+    if not isinstance(profile, dict) or profile.get("format") != PROFILE_FORMAT:
+        raise UserError(f"{path}: not an ann2snn calibration profile (no \"format\": \"{PROFILE_FORMAT}\")")
+    if profile.get("version") != PROFILE_VERSION:
+        raise UserError(f"{path}: profile version {profile.get('version')!r}, this tool reads {PROFILE_VERSION}")
+    try:
+        neurons.get(profile["neuron"]["type"])
+        for key in ("model", "input", "layers"):
+            profile[key]
+        for layer in profile["layers"]:
+            layer["name"], layer["neurons"], layer["params"]
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path}: calibration profile is missing field {exc}") from None
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    return profile
+
+
+def check_profile(profile: dict, gm: fx.GraphModule, checkpoint_sha: str, path: str | Path) -> None:
+    """Refuse a profile made for another model or checkpoint, naming what differs."""
+    if profile["model"].get("checkpoint_sha256") not in (None, checkpoint_sha):
+        raise UserError(f"{path}: calibration profile was made for another checkpoint "
+                        f"({profile['model'].get('checkpoint')})")
+    layers = spiking_layers(gm)
+    names = [layer["name"] for layer in profile["layers"]]
+    if names != layers:
+        raise UserError(f"{path}: profile layers {names} do not match the model's spiking layers {layers}")

@@ -1,0 +1,88 @@
+"""Reading ANN weights: ``.safetensors`` or a ``.pt``/``.pth`` state dict loaded without pickle code."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import UserError
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load a state dict. ``.pt`` files go through ``torch.load(weights_only=True)`` unless the
+    user trusts the file; common wrappers ({'state_dict': ...}, {'model': ...}) are unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
+            raise UserError(f"{path}: refused to unpickle ({first[:160]}); pass --trust-pickle only if you "
+                            "trust this file") from None
+        except Exception as exc:
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+        if isinstance(state, nn.Module):
+            state = state.state_dict()
+        if isinstance(state, dict):
+            for key in _WRAPPER_KEYS:
+                if key in state and isinstance(state[key], dict):
+                    state = state[key]
+                    break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path, trust_pickle: bool = False) -> nn.Module:
+    """Load ``path`` into ``model`` strictly: every key present, every shape equal, all finite."""
+    state = read_state_dict(path, trust_pickle)
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel checkpoints
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+        raise UserError(f"{path}: weights do not match the model ({'; '.join(parts)})")
+    for key, value in own.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(f"{path}: tensor {key!r} has shape {tuple(state[key].shape)}, "
+                            f"the model expects {tuple(value.shape)}")
+        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+            raise UserError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_model(ref: str, kwargs: dict, path: str | Path, trust_pickle: bool = False) -> nn.Module:
+    """Build the architecture ``ref`` (zoo name or ``module:callable``) and load its weights."""
+    from .zoo import resolve_model
+
+    return load_weights(resolve_model(ref, kwargs), path, trust_pickle)

@@ -1,0 +1,230 @@
+"""Command-line interface: parses options, calls ``ann2snn.pipeline``, prints tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib.resources import files
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__, pipeline
+from .convert import Row
+from .energy import DEFAULT_PRESET
+from .errors import UserError
+from .report import layer_table, summary_table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert trained PyTorch networks into spiking networks and measure accuracy per spike.")
+console = Console()
+
+DATA_DIR = typer.Option(None, "--data-dir", help="Where named data sets live [default: $ANN2SNN_DATA or "
+                                                  "~/.cache/ann2snn/data].")
+DOWNLOAD = typer.Option(False, "--download", help="Let torchvision download a missing named data set (online only).")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
+TRUST = typer.Option(False, "--trust-pickle", help="Allow a .pt checkpoint to run pickle code on load. "
+                                                     "Only for files you trust.")
+
+
+def _key_values(items: list[str] | None, option: str) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{option} {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _preflight(rows: list[Row]) -> Table:
+    table = Table(title="Pre-flight: every node of the traced graph")
+    for col in ("node", "operation", "status", "how"):
+        table.add_column(col)
+    colours = {"converted": "green", "rewritten": "yellow", "removed": "dim", "unsupported": "red"}
+    for r in rows:
+        c = colours.get(r.status, "")
+        table.add_row(r.node, r.op, f"[{c}]{r.status}[/]" if c else r.status, r.detail)
+    return table
+
+
+@app.command()
+def calibrate(
+    checkpoint: Path = typer.Argument(..., help="ANN weights: .safetensors, or a .pt/.pth state dict."),
+    model: str = typer.Option(..., "--model", "-m", help="Zoo name (mlp, lenet5, vgg_small, resnet_small) or "
+                                                       "package.module:callable."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, cifar100, "
+                                                           "folder:PATH or a .safetensors/.pt tensor file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Calibration profile to write (JSON)."),
+    neuron: str = typer.Option("if", "--neuron", help="Neuron type: if."),
+    percentile: float = typer.Option(99.9, "--percentile", help="Activation percentile used as the operating point."),
+    param: Optional[List[str]] = typer.Option(None, "--param", help="Neuron option KEY=VALUE, e.g. v_init=0."),
+    samples: int = typer.Option(1000, "--samples", help="Calibration images drawn from the split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
+    split: str = typer.Option("train", "--split", help="Split of a named data set to calibrate on."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="Input normalisation 'MEAN;STD' per "
+                                                                      "channel, e.g. '0.1307;0.3081'."),
+    model_arg: Optional[List[str]] = typer.Option(None, "--model-arg", help="Model constructor argument KEY=VALUE."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
+):
+    """Fit per-layer operating points (thresholds) on calibration data.
+
+    Example: ann2snn calibrate lenet5.safetensors -m lenet5 -d mnist -o lenet5.calib.json
+    """
+    overrides = {"percentile": percentile, **_key_values(param, "--param")}
+    profile, _ = pipeline.calibrate(
+        checkpoint, model, dataset, output, neuron=neuron, overrides=overrides, samples=samples, seed=seed,
+        split=split, batch_size=batch_size, device=device, data_dir=data_dir, download=download,
+        normalize_spec=normalize, user_args=_key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle)
+    _print_calibration(profile, output)
+
+
+def _print_calibration(profile: dict, output: Path) -> None:
+    q = profile["neuron"]["options"].get("percentile", 100)
+    data = profile["data"]
+    table = Table(title=f"Calibration: {profile['neuron']['type'].upper()}, {data['samples']} images of "
+                        f"{data['dataset']} {data['split']}, p{q:g}")
+    for col in ("layer", "after", "neurons", "max", f"p{q:g}", "zeros", "parameters"):
+        table.add_column(col, justify="left" if col in ("layer", "after", "parameters") else "right")
+    for layer in profile["layers"]:
+        s = layer["stats"]
+        table.add_row(layer["name"], layer["source"], f"{layer['neurons']:,}", f"{s['max']:.4g}",
+                      f"{s['percentile']:.4g}", f"{100 * s['zero_fraction']:.1f}%",
+                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in layer["params"].items()))
+    console.print(table)
+    console.print(f"wrote {output}")
+
+
+@app.command()
+def convert(
+    checkpoint: Path = typer.Argument(..., help="ANN weights the profile was calibrated on."),
+    calibration: Path = typer.Option(..., "--calibration", "-c", help="Profile written by 'ann2snn calibrate'."),
+    output: Path = typer.Option(..., "--output", "-o", help="SNN artifact to write (.safetensors)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture; must match the profile's."),
+    trust_pickle: bool = TRUST,
+):
+    """Swap the ANN's ReLUs for spiking neurons and write the SNN artifact.
+
+    Example: ann2snn convert lenet5.safetensors -m lenet5 -c lenet5.calib.json -o lenet5.snn.safetensors
+    """
+    meta, rows = pipeline.convert(checkpoint, calibration, output, model_ref=model, trust_pickle=trust_pickle)
+    _print_conversion(meta, rows, output)
+
+
+def _print_conversion(meta: dict, rows: list[Row], output: Path) -> None:
+    console.print(_preflight(rows))
+    console.print(f"{len(meta['layers'])} spiking layers ({meta['neuron']['type'].upper()}), "
+                  f"{sum(layer['neurons'] for layer in meta['layers']):,} neurons; wrote {output}")
+
+
+@app.command()
+def evaluate(
+    artifact: Path = typer.Argument(..., help="SNN artifact written by 'ann2snn convert'."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Data set to evaluate on (as for calibrate)."),
+    timesteps: int = typer.Option(..., "--timesteps", "-T", help="Simulation steps per sample (1 step = 1 ms)."),
+    report: Path = typer.Option(..., "--report", "-r", help="Directory for report.json, curve.csv and the plot."),
+    split: str = typer.Option("test", "--split"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N samples."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    energy: str = typer.Option(DEFAULT_PRESET, "--energy", help="Energy preset: 45nm-fp32, 45nm-fp16, 45nm-int8."),
+    device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
+):
+    """Simulate the SNN and report accuracy versus spikes, per layer and per time step.
+
+    Example: ann2snn evaluate lenet5.snn.safetensors -d mnist -T 64 -r runs/lenet5
+    """
+    _evaluate_with_progress(artifact, dataset, timesteps, report, split=split, limit=limit, batch_size=batch_size,
+                            device=device, data_dir=data_dir, download=download, preset=energy)
+
+
+def _evaluate_with_progress(artifact: Path, dataset: str, timesteps: int, report: Path, **kwargs) -> None:
+    with Progress(TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("sim", total=None)
+        result = pipeline.evaluate(artifact, dataset, timesteps, report_dir=report,
+                                   on_start=lambda n: progress.update(task, total=n),
+                                   on_batch=lambda n: progress.advance(task, n), **kwargs)
+    _print_report(result, report)
+
+
+def _print_report(result: dict, report_dir: Path) -> None:
+    console.print(layer_table(result))
+    console.print(summary_table(result))
+    within = result["snn"]["first_timestep_within_points_of_ann"]
+    console.print("steps to come within 0.1 / 0.2 / 0.5 / 1 points of the ANN: "
+                  + " / ".join(str(within[k]) if within[k] else "not reached" for k in ("0.1", "0.2", "0.5", "1.0")))
+    console.print(f"device {result['device']}, {result['timing']['image_steps_per_second']:,.0f} image-steps/s; "
+                  f"wrote {report_dir}/report.json, curve.csv, accuracy_vs_spikes.png")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("ann2snn-demo"), "--out", help="Directory for the demo's outputs."),
+    timesteps: int = typer.Option(64, "--timesteps", "-T"),
+    device: str = DEVICE,
+):
+    """Calibrate, convert and evaluate the bundled LeNet-5 on bundled MNIST samples (offline).
+
+    Example: ann2snn demo --out ann2snn-demo
+    """
+    assets = files("ann2snn") / "assets"
+    ckpt, calib, test = (Path(str(assets / n)) for n in
+                         ("lenet5_mnist.safetensors", "mnist_calib.safetensors", "mnist_test.safetensors"))
+    profile_path, snn_path = out / "lenet5.calib.json", out / "lenet5_if.snn.safetensors"
+    console.rule(f"1/3 ann2snn calibrate {ckpt.name} -m lenet5 -d {calib.name} -o {profile_path}")
+    profile, _ = pipeline.calibrate(ckpt, "lenet5", str(calib), profile_path, device=device)
+    _print_calibration(profile, profile_path)
+    console.rule(f"2/3 ann2snn convert {ckpt.name} -c {profile_path} -o {snn_path}")
+    meta, rows = pipeline.convert(ckpt, profile_path, snn_path)
+    _print_conversion(meta, rows, snn_path)
+    console.rule(f"3/3 ann2snn evaluate {snn_path} -d {test.name} -T {timesteps} -r {out / 'report'}")
+    _evaluate_with_progress(snn_path, str(test), timesteps, out / "report", device=device)
+
+
+@app.command()
+def info(artifact: Path = typer.Argument(..., help="SNN artifact.")):
+    """Print what an SNN artifact holds and which tool version wrote it.
+
+    Example: ann2snn info lenet5.snn.safetensors
+    """
+    from .artifact import read_artifact
+
+    meta, tensors = read_artifact(artifact)
+    console.print(f"{artifact}: written by {meta['tool']}, format {meta['format']} v{meta['version']}")
+    console.print(f"model {meta['model']['ref']} {meta['model']['kwargs']}, checkpoint {meta['model']['checkpoint']}")
+    console.print(f"neuron {meta['neuron']['type']} {meta['neuron'].get('options', {})}; input {meta['input']['shape']}"
+                  f"; calibrated on {meta['calibration']}")
+    table = Table()
+    for col in ("layer", "after", "neurons", "parameters"):
+        table.add_column(col)
+    for layer in meta["layers"]:
+        table.add_row(layer["name"], layer.get("source", ""), f"{layer['neurons']:,}", json.dumps(layer["params"]))
+    console.print(table)
+    console.print(f"{len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} values")
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        console.print(f"ann2snn {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        print(f"ann2snn: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("ann2snn: interrupted; no partial output was written", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,23 @@
+"""Neuron types. Each module holds the functional core (params, state, ``*_step``, transfer
+function), a thin ``nn.Module``, and the two hooks the converter calls:
+
+  ``fit(stats, options) -> params``   per-layer parameters from calibration statistics
+  ``build(params) -> nn.Module``      the spiking layer for those parameters
+
+``DEFAULTS`` lists the network-wide options a calibration profile may set.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ..errors import UserError
+from . import if_neuron
+
+NEURONS: dict[str, ModuleType] = {"if": if_neuron}
+
+
+def get(name: str) -> ModuleType:
+    if name not in NEURONS:
+        raise UserError(f"--neuron {name!r}: expected one of {', '.join(NEURONS)}")
+    return NEURONS[name]

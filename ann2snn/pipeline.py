@@ -1,0 +1,144 @@
+"""The three product steps as library calls - calibrate, convert, evaluate - each taking plain
+arguments and returning plain results, so the CLI, the demo and users' scripts share one path."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import neurons
+from .artifact import build_neurons, load_artifact, save_artifact
+from .calibrate import activation_stats, check_profile, load_profile, make_profile, save_profile
+from .checkpoint import file_sha256, load_model
+from .convert import Row, graph_signature, normalize, spiking_layers, to_snn
+from .data import Normalize, calibration_subset, open_dataset
+from .energy import DEFAULT_PRESET, PRESETS, ann_macs, fanout_maps
+from .errors import UserError
+from .report import build_report, write_report
+from .simulate import ann_accuracy, resolve_device, simulate
+from .zoo import model_kwargs
+
+
+def neuron_options(neuron: str, overrides: dict) -> dict:
+    """The neuron's defaults with the user's overrides, each checked."""
+    kind = neurons.get(neuron)
+    unknown = set(overrides) - set(kind.DEFAULTS)
+    if unknown:
+        raise UserError(f"--param {sorted(unknown)[0]}: not an option of neuron {neuron!r} "
+                        f"(options: {', '.join(kind.DEFAULTS)})")
+    options = {**kind.DEFAULTS, **overrides}
+    if not 0 < float(options.get("percentile", 100)) <= 100:
+        raise UserError(f"--percentile {options['percentile']}: must be in (0, 100]")
+    return options
+
+
+def calibrate(checkpoint: str | Path, model_ref: str, dataset: str, output: str | Path | None = None, *, neuron: str = "if", overrides: dict | None = None,
+              samples: int = 1000, seed: int = 0, split: str = "train", batch_size: int = 256,
+              device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
+              normalize_spec: str | None = None, user_args: dict | None = None,
+              trust_pickle: bool = False) -> tuple[dict, list[Row]]:
+    """Fit per-layer operating points on a calibration subset, write the profile to ``output``
+    (when given) and return (profile, pre-flight rows)."""
+    if batch_size <= 0:
+        raise UserError(f"--batch-size {batch_size}: must be positive")
+    options = neuron_options(neuron, overrides or {})
+    norm = Normalize.parse(normalize_spec)
+    data = open_dataset(dataset, split, data_dir, download, norm)
+    subset = calibration_subset(data, samples, seed)
+    kwargs = model_kwargs(model_ref, data.sample_shape, data.num_classes, user_args)
+    model = load_model(model_ref, kwargs, checkpoint, trust_pickle)
+    gm, rows = normalize(model)
+    if not spiking_layers(gm):
+        raise UserError(f"--model {model_ref}: the network has no ReLU to turn into spiking neurons")
+    _check_runs(gm, subset.sample_shape, dataset)
+    stats = activation_stats(gm, subset, float(options.get("percentile", 100.0)), batch_size,
+                             str(resolve_device(device)))
+    model_info = {"ref": model_ref, "kwargs": kwargs, "checkpoint": str(checkpoint),
+                  "checkpoint_sha256": file_sha256(checkpoint)}
+    input_info = {"shape": list(data.sample_shape), "normalize": {"mean": norm.mean, "std": norm.std},
+                  "encoding": "analog current: the input is fed unchanged to the first layer at every step"}
+    data_info = {"dataset": dataset, "split": split, "samples": len(subset), "seed": seed}
+    profile = make_profile(gm, stats, neuron, options, model_info, input_info, data_info)
+    if output is not None:
+        save_profile(profile, output)
+    return profile, rows
+
+
+def _check_runs(gm: torch.nn.Module, shape: tuple[int, ...], dataset: str) -> None:
+    try:
+        with torch.no_grad():
+            gm(torch.zeros((1, *shape)))
+    except Exception as exc:
+        raise UserError(f"--dataset {dataset}: the model does not accept inputs of shape {shape} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+
+
+def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path, *, model_ref: str | None = None,
+            trust_pickle: bool = False) -> tuple[dict, list[Row]]:
+    """Swap the ANN's ReLUs for the profile's neurons and write the SNN artifact."""
+    profile = load_profile(calibration)
+    ref = profile["model"]["ref"]
+    if model_ref is not None and model_ref != ref:
+        raise UserError(f"--model {model_ref}: the calibration profile {calibration} was made for {ref!r}")
+    model = load_model(ref, profile["model"]["kwargs"], checkpoint, trust_pickle)
+    gm, rows = normalize(model)
+    check_profile(profile, gm, file_sha256(checkpoint), calibration)
+    snn = to_snn(gm, build_neurons(profile["neuron"], profile["layers"]))
+    meta = {"model": profile["model"], "graph": graph_signature(gm), "input": profile["input"],
+            "neuron": profile["neuron"], "layers": profile["layers"], "calibration": profile["data"]}
+    save_artifact(output, snn, meta)
+    return meta, rows
+
+
+def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str = "test", limit: int | None = None,
+             batch_size: int = 256, device: str = "auto", data_dir: str | Path | None = None,
+             download: bool = False, preset: str = DEFAULT_PRESET, report_dir: str | Path | None = None,
+             on_start: Callable[[int], None] | None = None,
+             on_batch: Callable[[int], None] | None = None) -> dict:
+    """Simulate the artifact on a data set and build (and, given ``report_dir``, write) the report."""
+    if timesteps <= 0:
+        raise UserError(f"--timesteps {timesteps}: must be positive")
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit {limit}: must be positive")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size {batch_size}: must be positive")
+    if preset not in PRESETS:
+        raise UserError(f"--energy {preset!r}: expected one of {', '.join(PRESETS)}")
+    dev = resolve_device(device)
+    ann, snn, meta = load_artifact(artifact)
+    norm = Normalize(**meta["input"]["normalize"])
+    data = open_dataset(dataset, split, data_dir, download, norm).head(limit)
+    shape = tuple(meta["input"]["shape"])
+    if data.sample_shape != shape:
+        raise UserError(f"--dataset {dataset}: samples have shape {data.sample_shape}, the artifact expects {shape}")
+    with torch.no_grad():
+        classes = ann(torch.zeros((1, *shape))).shape[-1]
+    if int(data.targets.max()) >= classes:
+        raise UserError(f"--dataset {dataset}: has class {int(data.targets.max())}, the network outputs {classes}")
+    layers = [layer["name"] for layer in meta["layers"]]
+    fan = fanout_maps(ann, shape)
+    neurons_per_layer = {name: int(fan[name].numel()) for name in layers}
+    if on_start:
+        on_start(len(data))
+    ann_acc = ann_accuracy(ann, data, batch_size, dev)
+    start = time.perf_counter()
+    sim = simulate(snn, layers, fan, data, timesteps, batch_size, dev, on_batch)
+    elapsed = time.perf_counter() - start
+    report = build_report(
+        sim, meta, neurons_per_layer,
+        ann={"accuracy": ann_acc, "macs_per_sample": ann_macs(ann, shape)},
+        dataset={"name": dataset if not Path(dataset).exists() else Path(dataset).name, "split": data.split,
+                 "samples": len(data)},
+        device=str(dev), input_macs=float(fan["input"].sum()),
+        analog_macs_per_step=float(sum(f.sum() for k, f in fan.items() if k.endswith(":out"))), preset=preset)
+    report["artifact"] = {"path": Path(artifact).name, "model": meta["model"]["ref"]}
+    timing = {"seconds": round(elapsed, 3),
+              "image_steps_per_second": round(len(data) * timesteps / elapsed, 1) if elapsed > 0 else math.inf}
+    if report_dir is not None:
+        write_report(report, report_dir, timing)
+    report["timing"] = timing
+    return report

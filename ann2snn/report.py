@@ -1,0 +1,128 @@
+"""The evaluation report: ``report.json``, ``curve.csv``, ``accuracy_vs_spikes.png`` and the
+summary table. One step is 1 ms, so a rate in Hz is spikes / neuron / step x 1000."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from . import __version__
+from .energy import PRESETS, ann_energy_pj, snn_energy_pj
+from .files import atomic_path, write_text
+from .simulate import SimulationResult
+
+ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real connection. SNN: one AC "
+                 "per synaptic event of a binary spike; layers fed with analog values cost MACs, the "
+                 "constant input current once per sample. Memory access and neuron updates excluded.")
+MARGINS = (0.1, 0.2, 0.5, 1.0)
+
+
+def build_report(sim: SimulationResult, meta: dict, neurons: dict[str, int], ann: dict, dataset: dict,
+                 device: str, input_macs: float, analog_macs_per_step: float, preset: str) -> dict:
+    n, steps = max(sim.samples, 1), sim.timesteps
+    total_neurons = sum(neurons.values())
+    layer_spikes = sim.spikes.sum(1)
+    spikes = float(layer_spikes.sum()) / n
+    synops = float(sim.synops.sum()) / n
+    acc = (sim.correct.double() / n).tolist()
+    cum_spikes = (sim.spikes.sum(0).cumsum(0) / n).tolist()
+    cum_synops = (sim.synops.sum(0).cumsum(0) / n).tolist()
+    energy = snn_energy_pj(synops, input_macs, analog_macs_per_step, steps, preset)
+    rate = lambda s, units: s / max(units, 1) / steps * 1000.0  # noqa: E731
+    sources = {layer["name"]: layer.get("source", "") for layer in meta["layers"]}
+    layers = [{"name": name, "source": sources.get(name, ""), "neurons": neurons[name],
+               "spikes_per_sample": float(layer_spikes[i]) / n,
+               "firing_rate_hz": rate(float(layer_spikes[i]) / n, neurons[name]),
+               "synops_per_sample": float(sim.synops[i].sum()) / n} for i, name in enumerate(sim.layers)]
+    curve = [{"timestep": t + 1, "accuracy": acc[t], "spikes_per_sample": cum_spikes[t],
+              "synops_per_sample": cum_synops[t]} for t in range(steps)]
+    within = {f"{m}": next((c["timestep"] for c in curve if c["accuracy"] >= ann["accuracy"] - m / 100), None)
+              for m in MARGINS}
+    return {
+        "tool": f"ann2snn {__version__}",
+        "dataset": dataset,
+        "neuron": meta["neuron"]["type"],
+        "neuron_options": meta["neuron"].get("options", {}),
+        "timesteps": steps,
+        "step_ms": 1.0,
+        "device": device,
+        "readout": "argmax of the output accumulated over all steps so far",
+        "ann": {**ann, "energy_pj_per_sample": ann_energy_pj(ann["macs_per_sample"], preset)},
+        "snn": {"accuracy": acc[-1], "spikes_per_sample": spikes, "synops_per_sample": synops,
+                "firing_rate_hz": rate(spikes, total_neurons), "neurons": total_neurons,
+                "input_macs_per_sample": input_macs, "analog_macs_per_step": analog_macs_per_step,
+                "energy_pj_per_sample": energy, "first_timestep_within_points_of_ann": within},
+        "energy": {"preset": preset, **PRESETS[preset], "regime": ENERGY_REGIME},
+        "layers": layers,
+        "curve": curve,
+    }
+
+
+def write_report(report: dict, directory: str | Path, timing: dict | None = None) -> list[Path]:
+    """Write the three report files atomically; returns their paths."""
+    directory = Path(directory)
+    paths = [directory / "report.json", directory / "curve.csv", directory / "accuracy_vs_spikes.png"]
+    write_text(paths[0], json.dumps({**report, "timing": timing or {}}, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(report["curve"][0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(report["curve"])
+    write_text(paths[1], buf.getvalue())
+    plot([(report["neuron"].upper(), report["curve"])], report["ann"]["accuracy"], paths[2],
+         f"{report['dataset']['name']} ({report['dataset']['samples']} samples), {report['timesteps']} steps")
+    return paths
+
+
+def plot(series: list[tuple[str, list[dict]]], ann_accuracy: float, path: Path, title: str) -> None:
+    """Accuracy versus cumulative spikes per sample, one line per series, the ANN as reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for label, curve in series:
+        ax.plot([c["spikes_per_sample"] for c in curve], [100 * c["accuracy"] for c in curve], label=label)
+    ax.axhline(100 * ann_accuracy, color="k", ls="--", lw=1, label=f"ANN {100 * ann_accuracy:.2f}%")
+    best = max(100 * c["accuracy"] for _, cur in series for c in cur)
+    top = max(100 * ann_accuracy, best)
+    ax.set_ylim(max(0.0, min(100 * ann_accuracy, best) - 5), min(100.0, top + 0.5))  # zoom on the useful range
+    if any(c["spikes_per_sample"] > 0 for _, cur in series for c in cur):
+        ax.set_xscale("log")
+    ax.set_xlabel("spikes per sample (cumulative, one point per time step)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def summary_table(report: dict) -> Table:
+    ann, snn = report["ann"], report["snn"]
+    table = Table(title=f"{report['neuron'].upper()} SNN, {report['timesteps']} steps, "
+                        f"{report['dataset']['name']} {report['dataset']['split']} ({report['dataset']['samples']})")
+    for col in ("", "accuracy", "spikes/sample", "SynOps or MACs/sample", "rate (Hz)", "energy (uJ)"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("ANN", f"{100 * ann['accuracy']:.2f}%", "-", f"{ann['macs_per_sample']:,.0f} MACs", "-",
+                  f"{ann['energy_pj_per_sample'] / 1e6:.3f}")
+    table.add_row("SNN", f"{100 * snn['accuracy']:.2f}%", f"{snn['spikes_per_sample']:,.0f}",
+                  f"{snn['synops_per_sample']:,.0f} SynOps", f"{snn['firing_rate_hz']:.1f}",
+                  f"{snn['energy_pj_per_sample'] / 1e6:.3f}")
+    return table
+
+
+def layer_table(report: dict) -> Table:
+    table = Table(title="Spiking layers")
+    for col in ("layer", "after", "neurons", "spikes/sample", "rate (Hz)", "SynOps/sample"):
+        table.add_column(col, justify="left" if col in ("layer", "after") else "right")
+    for layer in report["layers"]:
+        table.add_row(layer["name"], layer["source"], f"{layer['neurons']:,}", f"{layer['spikes_per_sample']:,.0f}",
+                      f"{layer['firing_rate_hz']:.1f}", f"{layer['synops_per_sample']:,.0f}")
+    return table

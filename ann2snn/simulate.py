@@ -1,0 +1,88 @@
+"""Time-stepped simulation of a converted network, with exact spike accounting.
+
+Each step feeds the (constant) analog input to the SNN graph; every spiking layer advances its
+state once and keeps its binary spikes of that step, which are counted here: per layer and
+step, the number of spikes and the synaptic operations they cause (spikes x fan-out). The
+readout accumulates the network output over steps; the prediction at step t is the argmax of
+that sum (equivalently of the mean output so far).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+from .data import ImageData
+from .errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def stateful_modules(snn: nn.Module) -> list[nn.Module]:
+    return [m for m in snn.modules() if hasattr(m, "reset")]
+
+
+def spiking_modules(snn: fx.GraphModule, names: list[str]) -> dict[str, nn.Module]:
+    return {name: snn.get_submodule(name) for name in names}
+
+
+@dataclass
+class SimulationResult:
+    timesteps: int
+    samples: int
+    correct: torch.Tensor  # [T] samples classified right by the readout after t+1 steps
+    spikes: torch.Tensor  # [L, T] spikes emitted by layer l at step t, summed over samples
+    synops: torch.Tensor  # [L, T] synaptic operations those spikes caused
+    layers: list[str]
+
+
+@torch.inference_mode()
+def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Tensor], data: ImageData,
+             timesteps: int, batch_size: int, device: torch.device,
+             on_batch: Callable[[int], None] | None = None) -> SimulationResult:
+    """Run every sample of ``data`` through ``snn`` for ``timesteps`` steps."""
+    snn = snn.to(device).eval()
+    neurons = spiking_modules(snn, layers)
+    resettable = stateful_modules(snn)
+    fan = [fanout[name].to(device).flatten() for name in layers]
+    correct = torch.zeros(timesteps, dtype=torch.long, device=device)
+    spikes = torch.zeros(len(layers), timesteps, dtype=torch.float64, device=device)
+    synops = torch.zeros_like(spikes)
+    for x, y in data.batches(batch_size):
+        x, y = x.to(device), y.to(device)
+        for m in resettable:
+            m.reset()
+        total = None
+        for t in range(timesteps):
+            out = snn(x)
+            total = out if total is None else total + out
+            correct[t] += (total.argmax(1) == y).sum()
+            for i, m in enumerate(neurons.values()):
+                per_unit = m.spikes.flatten(1).sum(0)
+                spikes[i, t] += per_unit.sum()
+                synops[i, t] += (per_unit * fan[i]).sum()
+        if on_batch:
+            on_batch(len(y))
+    return SimulationResult(timesteps, len(data), correct.cpu(), spikes.cpu(), synops.cpu(), list(layers))
+
+
+@torch.inference_mode()
+def ann_accuracy(ann: nn.Module, data: ImageData, batch_size: int, device: torch.device) -> float:
+    ann = ann.to(device).eval()
+    correct = 0
+    for x, y in data.batches(batch_size):
+        correct += int((ann(x.to(device)).argmax(1) == y.to(device)).sum())
+    return correct / max(len(data), 1)

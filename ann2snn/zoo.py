@@ -1,0 +1,165 @@
+"""Model zoo: a registry of reference architectures, filled by a decorator (as timm does).
+
+Every zoo constructor takes ``in_channels``, ``num_classes`` and ``input_size`` (side of a
+square image) so that one name serves every image data set. ``resolve_model`` also accepts
+``package.module:callable`` for a user's own architecture.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def wrap(fn: Callable[..., nn.Module]):
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@register("mlp")
+def mlp(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, hidden: int = 256) -> nn.Module:
+    """Two hidden ReLU layers."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * input_size * input_size, hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+@register("lenet5")
+def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Module:
+    """LeNet-5 with ReLU and average pooling: conv6-pool-conv16-pool-fc120-fc84-fc."""
+    side = ((input_size + 4 - 4) // 2 - 4) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * side * side, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
+@register("vgg_small")
+def vgg_small(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: int = 32) -> nn.Module:
+    """VGG-style CNN for 32x32 inputs: three blocks of two 3x3 conv + BN + ReLU, avg-pooled."""
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for mult in (1, 2, 4):
+        for _ in range(2):
+            layers += [nn.Conv2d(c_in, width * mult, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width * mult), nn.ReLU()]
+            c_in = width * mult
+        layers.append(nn.AvgPool2d(2))
+    side = input_size // 8
+    layers += [nn.Flatten(), nn.Dropout(0.2), nn.Linear(c_in * side * side, 256), nn.ReLU(),
+               nn.Linear(256, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """Residual block: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNetSmall(nn.Module):
+    """A small ResNet (three stages of basic blocks, batch norm, global average pooling)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, blocks: int = 1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        stages, c_in = [], width
+        for i, mult in enumerate((1, 2, 4)):
+            for b in range(blocks):
+                stages.append(BasicBlock(c_in, width * mult, stride=2 if (i > 0 and b == 0) else 1))
+                c_in = width * mult
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stages(self.stem(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+@register("resnet_small")
+def resnet_small(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: int = 16,
+                 blocks: int = 1) -> nn.Module:
+    return ResNetSmall(in_channels, num_classes, width, blocks)
+
+
+def resolve_model(ref: str, kwargs: dict | None = None) -> nn.Module:
+    """Build a model from a zoo name or ``package.module:callable``.
+
+    Zoo models receive ``kwargs`` (image geometry and any user arguments); a user callable
+    receives only the user's own arguments, which ``kwargs['user']`` holds.
+    """
+    kwargs = dict(kwargs or {})
+    if ref in _REGISTRY:
+        user = kwargs.pop("user", {})
+        try:
+            return _REGISTRY[ref](**kwargs, **user)
+        except TypeError as exc:
+            raise UserError(f"--model {ref}: bad model argument ({exc})") from None
+    if ":" not in ref:
+        raise UserError(f"--model {ref!r}: not a zoo model ({', '.join(list_models())}) "
+                        "nor 'package.module:callable'")
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure is the user's module, not ours
+        raise UserError(f"--model {ref}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise UserError(f"--model {ref}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise UserError(f"--model {ref}: {attr!r} is not callable")
+    try:
+        model = fn(**kwargs.get("user", {}))
+    except Exception as exc:
+        raise UserError(f"--model {ref}: calling {attr}() failed ({type(exc).__name__}: {exc})") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"--model {ref}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def model_kwargs(ref: str, sample_shape: tuple[int, ...], num_classes: int, user: dict | None = None) -> dict:
+    """Constructor arguments: a zoo model gets the data's geometry, a user callable only ``user``."""
+    kwargs: dict = {"user": dict(user or {})}
+    if ref in _REGISTRY:
+        if len(sample_shape) == 3 and sample_shape[1] != sample_shape[2]:
+            raise UserError(f"--model {ref}: zoo models take square images, the data is {sample_shape}")
+        kwargs.update(in_channels=int(sample_shape[0]), num_classes=int(num_classes),
+                      input_size=int(sample_shape[-1]))
+    return kwargs

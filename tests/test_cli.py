@@ -1,0 +1,72 @@
+import csv
+import json
+import subprocess
+import sys
+
+from conftest import tiny_cnn  # noqa: F401  (the CLI imports it as conftest:tiny_cnn)
+
+
+def _pipeline(run_cli, f, neuron_args=()):
+    d = f["dir"]
+    code, out, err = run_cli("calibrate", f["checkpoint"], "--model", "conftest:tiny_cnn", "--dataset", f["data"],
+                             "--samples", 40, "-o", d / "p.json", *neuron_args)
+    assert code == 0, err
+    code, out, err = run_cli("convert", f["checkpoint"], "-c", d / "p.json", "-o", d / "snn.safetensors")
+    assert code == 0, err
+    assert "converted" in out and "folded into conv" in out
+    return d / "snn.safetensors"
+
+
+def test_calibrate_convert_evaluate_on_a_user_model(run_cli, tiny_files):
+    snn = _pipeline(run_cli, tiny_files)
+    rep = tiny_files["dir"] / "rep"
+    code, out, err = run_cli("evaluate", snn, "-d", tiny_files["data"], "-T", 48, "-r", rep, "--device", "cpu")
+    assert code == 0, err
+    report = json.loads((rep / "report.json").read_text())
+    for key in ("dataset", "neuron", "timesteps", "device", "ann", "snn", "layers", "curve", "energy"):
+        assert key in report
+    assert report["ann"]["accuracy"] == 1.0  # labels are the ANN's own predictions
+    assert report["snn"]["accuracy"] >= 0.85
+    assert len(report["curve"]) == 48 and report["curve"][-1]["timestep"] == 48
+    layer_total = sum(layer["spikes_per_sample"] for layer in report["layers"])
+    assert abs(layer_total - report["snn"]["spikes_per_sample"]) < 1e-6
+    assert abs(report["curve"][-1]["spikes_per_sample"] - layer_total) < 1e-6
+    rows = list(csv.DictReader(open(rep / "curve.csv")))
+    assert len(rows) == 48 and float(rows[-1]["accuracy"]) == report["snn"]["accuracy"]
+    assert (rep / "accuracy_vs_spikes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "IF SNN" in out
+
+
+def test_same_command_gives_the_same_report(run_cli, tiny_files):
+    snn = _pipeline(run_cli, tiny_files)
+    reports = []
+    for name in ("a", "b"):
+        code, _, err = run_cli("evaluate", snn, "-d", tiny_files["data"], "-T", 8, "-r", tiny_files["dir"] / name,
+                               "--device", "cpu", "--batch-size", 7 if name == "a" else 60)
+        assert code == 0, err
+        report = json.loads((tiny_files["dir"] / name / "report.json").read_text())
+        report.pop("timing")
+        reports.append(report)
+    assert reports[0] == reports[1]
+
+
+def test_info_and_help(run_cli, tiny_files):
+    snn = _pipeline(run_cli, tiny_files)
+    code, out, _ = run_cli("info", snn)
+    assert code == 0 and "conftest:tiny_cnn" in out and "ann2snn 0.1.0" in out
+    for cmd in ("calibrate", "convert", "evaluate", "demo", "info"):
+        code, out, _ = run_cli(cmd, "--help")
+        assert code == 0 and "Example: ann2snn" in out
+
+
+def test_console_script_module_entry():
+    done = subprocess.run([sys.executable, "-m", "ann2snn", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ann2snn 0.1.0"
+
+
+def test_demo_runs_offline(run_cli, tmp_path):
+    code, out, err = run_cli("demo", "--out", tmp_path, "-T", 16, "--device", "cpu")
+    assert code == 0, err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["dataset"]["samples"] == 1000 and report["ann"]["accuracy"] > 0.97
+    assert report["snn"]["accuracy"] > 0.9

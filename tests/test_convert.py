@@ -1,0 +1,144 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ann2snn.convert import GatedMaxPool, Slot, normalize, spiking_layers, to_snn
+from ann2snn.errors import UserError
+from ann2snn.neurons.if_neuron import IFNeuron
+from ann2snn.zoo import list_models, resolve_model
+
+from conftest import tiny_cnn
+
+
+class AllOps(nn.Module):
+    """Every supported operation once, ReLU written in each of its forms."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.pool = nn.AvgPool2d(2)
+        self.mp = nn.MaxPool2d(2)
+        self.gap = nn.AdaptiveAvgPool2d(2)
+        self.c1d = nn.Conv1d(8, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(16 + 16, 12)
+        self.bn3 = nn.BatchNorm1d(12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(self.c1(x)))                    # F.relu
+        b = torch.relu(self.bn2(self.c2(a)) + a)             # residual add + torch.relu
+        c = self.pool(b).relu()                              # Tensor.relu
+        d = torch.clamp(self.mp(self.c2(c)), min=0)          # maxpool -> clamp(min=0)
+        e = torch.cat([self.gap(c), self.gap(b)], dim=1)     # concatenation
+        e = self.c1d(e.flatten(2)).clamp_min(0)              # Conv1d + clamp_min(0)
+        h = torch.cat([d.flatten(1), e.view(e.size(0), -1)], 1)
+        h = nn.functional.relu(self.bn3(self.fc1(self.drop(h))))
+        return F.log_softmax(self.fc2(h), dim=1)
+
+
+def _randomise_bn(model):
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return model.eval()
+
+
+def test_every_supported_op_is_rewritten_and_function_preserved():
+    torch.manual_seed(0)
+    model = _randomise_bn(AllOps())
+    gm, rows = normalize(model)
+    status = {r.node: r.status for r in rows}
+    assert "unsupported" not in status.values()
+    assert len(spiking_layers(gm)) == 6  # one slot per ReLU form
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in gm.modules())
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in gm.modules()) == 0  # folded into fc1
+    assert any("folded into c1" in r.detail for r in rows)
+    assert any("moved after the ReLU" in r.detail for r in rows)
+    assert any(r.status == "removed" and "log_softmax" in r.op for r in rows)
+    x = torch.rand(3, 2, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        out = gm(x)
+    # the trailing log-softmax is dropped (monotone), so compare after applying it
+    assert torch.allclose(F.log_softmax(out, 1), ref, atol=1e-5)
+
+
+def test_batchnorm_folding_is_exact():
+    torch.manual_seed(1)
+    for model in (nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()),
+                  nn.Sequential(nn.Linear(10, 6), nn.BatchNorm1d(6), nn.ReLU())):
+        model = _randomise_bn(model)
+        gm, _ = normalize(model)
+        x = torch.randn(4, 3, 6, 6) if isinstance(model[0], nn.Conv2d) else torch.randn(4, 10)
+        with torch.no_grad():
+            assert torch.allclose(gm(x), model(x), atol=1e-6)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
+
+
+def test_unsupported_node_stops_conversion_with_its_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
+    with pytest.raises(UserError, match=r"node '_1'.*GELU"):
+        normalize(model)
+
+
+def test_maxpool_on_currents_without_relu_is_refused():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(2, 2))
+    with pytest.raises(UserError, match="max pool must follow a ReLU"):
+        normalize(model)
+
+
+def test_untraceable_model_gets_a_clear_error():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(UserError, match="cannot be traced"):
+        normalize(Branchy())
+
+
+def test_to_snn_fills_slots_with_neurons_and_gates_max_pools():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 2))
+    gm, _ = normalize(model)
+    layers = spiking_layers(gm)
+    snn = to_snn(gm, {name: IFNeuron(1.0) for name in layers})
+    assert isinstance(gm.get_submodule(layers[0]), Slot)
+    assert isinstance(snn.get_submodule(layers[0]), IFNeuron)
+    assert any(isinstance(m, GatedMaxPool) for m in snn.modules())
+
+
+def test_gated_max_pool_passes_the_most_active_unit():
+    pool = GatedMaxPool(nn.MaxPool2d(2))
+    a = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # unit 0 spikes
+    b = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]])  # unit 1 spikes
+    assert pool(a).item() == 1.0  # unit 0 leads: its spike passes
+    assert pool(b).item() == 0.0  # unit 1 ties with 1 spike; the first (unit 0) still gates
+    assert pool(b).item() == 1.0  # unit 1 now leads with 2 spikes
+    pool.reset()
+    assert pool(b).item() == 1.0
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_zoo_model_converts_exactly(name):
+    shape = (1, 28, 28) if name in ("mlp", "lenet5") else (3, 32, 32)
+    torch.manual_seed(0)
+    model = _randomise_bn(resolve_model(name, {"in_channels": shape[0], "num_classes": 10, "input_size": shape[1]}))
+    gm, rows = normalize(model)
+    x = torch.rand(2, *shape)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-4)
+    assert spiking_layers(gm)
+
+
+def test_tiny_model_slots_are_in_execution_order():
+    gm, _ = normalize(tiny_cnn())
+    assert spiking_layers(gm) == ["act0", "act1"]

@@ -1,0 +1,79 @@
+import torch
+from torch import nn
+
+from ann2snn.convert import normalize, spiking_layers, to_snn
+from ann2snn.data import ImageData
+from ann2snn.energy import ann_macs, fanout_maps
+from ann2snn.neurons.if_neuron import IFNeuron
+from ann2snn.report import build_report
+from ann2snn.simulate import simulate
+
+from conftest import tiny_cnn
+
+
+def _hand_network():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        model[2].bias.zero_()
+    gm, _ = normalize(model)
+    return gm, to_snn(gm, {"act0": IFNeuron(threshold=1.0, v_init=0.5)})
+
+
+def test_spike_accounting_on_a_hand_computed_case():
+    # currents 0.3 and 0.55, theta 1, v0 0.5:
+    #   unit 0: v = 0.8, 1.1*, 0.4, 0.7      -> spike at step 2
+    #   unit 1: v = 1.05*, 0.6, 1.15*, 0.7   -> spikes at steps 1 and 3
+    gm, snn = _hand_network()
+    data = ImageData("hand", "file", torch.tensor([[0.3, 0.55]] * 3), torch.zeros(3, dtype=torch.long), 1)
+    fan = fanout_maps(gm, (2,))
+    assert fan["act0"].tolist() == [1.0, 1.0]  # each hidden unit drives one output synapse
+    assert fan["input"].tolist() == [1.0, 1.0]  # identity weights: one real connection each
+    sim = simulate(snn, ["act0"], fan, data, timesteps=4, batch_size=2, device=torch.device("cpu"))
+    assert sim.spikes[0].tolist() == [3.0, 3.0, 3.0, 0.0]  # three samples, one spike per step
+    assert sim.synops[0].tolist() == [3.0, 3.0, 3.0, 0.0]
+    report = build_report(sim, {"layers": [{"name": "act0", "source": "0"}], "neuron": {"type": "if"}},
+                          {"act0": 2}, {"accuracy": 1.0, "macs_per_sample": ann_macs(gm, (2,))},
+                          {"name": "hand", "split": "file", "samples": 3}, "cpu",
+                          input_macs=float(fan["input"].sum()), analog_macs_per_step=0.0, preset="45nm-fp32")
+    assert report["snn"]["spikes_per_sample"] == 3.0
+    assert report["snn"]["synops_per_sample"] == 3.0
+    assert report["snn"]["firing_rate_hz"] == 3.0 / 2 / 4 * 1000
+    assert report["ann"]["macs_per_sample"] == 4
+    assert report["snn"]["energy_pj_per_sample"] == 3 * 0.9 + 2 * 4.6
+    assert [c["spikes_per_sample"] for c in report["curve"]] == [1.0, 2.0, 3.0, 3.0]
+    assert report["layers"][0]["firing_rate_hz"] == 375.0
+
+
+def test_fanout_through_pooling_matches_brute_force_jacobian():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4))
+    with torch.no_grad():
+        model[3].weight[0, 1, 0, 0] = 0.0  # a zero weight is no synapse
+    gm, _ = normalize(model)
+    fan = fanout_maps(gm, (1, 6, 6))
+
+    def downstream(s):  # spikes of act0 -> currents of the next weighted layer, weights as 0/1
+        conv = model[3]
+        return nn.functional.conv2d(nn.functional.avg_pool2d(s, 2), (conv.weight != 0).float(), None, 1, 1)
+
+    jac = torch.autograd.functional.jacobian(downstream, torch.zeros(1, 2, 6, 6)).reshape(3 * 3 * 3, 2 * 6 * 6)
+    brute = (jac != 0).sum(0).float().view(2, 6, 6)
+    assert torch.equal(fan["act0"], brute)
+    assert torch.equal(fan["act1"], torch.full((3, 3, 3), 4.0))  # every unit feeds 4 outputs of the Linear
+
+
+def test_snn_approaches_ann_with_time():
+    gm, _ = normalize(tiny_cnn())
+    layers = spiking_layers(gm)
+    snn = to_snn(gm, {name: IFNeuron(threshold=1.5) for name in layers})
+    x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = gm(x).argmax(1)
+    data = ImageData("t", "file", x, y, 3)
+    sim = simulate(snn, layers, fanout_maps(gm, (1, 8, 8)), data, 200, 16, torch.device("cpu"))
+    assert sim.correct[-1] >= 36  # at least 90% agreement with the ANN after 200 steps
+    assert sim.correct[-1] >= sim.correct[4]
