@@ -34,6 +34,25 @@ def build_neurons(profile_neuron: dict, layers: list[dict]) -> dict[str, torch.n
         raise UserError(f"bad neuron parameters in profile ({type(exc).__name__}: {exc})") from None
 
 
+def variant(meta: dict, neuron: str | None, overrides: dict) -> tuple[dict, list[dict]]:
+    """(neuron description, layers) for the artifact's network run with changed options of its
+    own neuron type, or with another type fitted to the stored calibration statistics."""
+    base = meta["neuron"]["type"]
+    neuron = neuron or base
+    kind = neurons.get(neuron)
+    unknown = set(overrides) - set(kind.DEFAULTS)
+    if unknown:
+        raise UserError(f"--sweep {sorted(unknown)[0]}: not an option of neuron {neuron!r} "
+                        f"(options: {', '.join(kind.DEFAULTS)})")
+    if neuron == base:
+        options = {**meta["neuron"].get("options", {}), **overrides}
+        layers = [{**layer, "params": {**layer["params"], **overrides}} for layer in meta["layers"]]
+    else:
+        options = {**kind.DEFAULTS, **overrides}
+        layers = [{**layer, "params": kind.fit(layer["stats"], options)} for layer in meta["layers"]]
+    return {"type": neuron, "options": options}, layers
+
+
 def _digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(meta_json.encode())
     for key in sorted(tensors):

@@ -26,6 +26,8 @@ from .files import write_text
 BINS = 4096
 COLLECT_CAP = 2_000_000
 MAX_PASSES = 10
+SAMPLE_IMAGES = 256  # the first images' positive activations are kept for transfer fits
+SAMPLE_CAP = 400_000
 PROFILE_FORMAT = "ann2snn-calibration"
 PROFILE_VERSION = 1
 
@@ -98,15 +100,22 @@ class ExactQuantile:
 
 def activation_stats(gm: fx.GraphModule, data: ImageData, percentile: float, batch_size: int = 256,
                      device: str = "cpu") -> dict[str, dict]:
-    """Run ``data`` through the normalised ANN; per ReLU slot: neurons, max, mean, exact percentile."""
+    """Run ``data`` through the normalised ANN; per ReLU slot: neurons, max, mean, exact percentile,
+    and ``sample``, the positive activations of the first ``SAMPLE_IMAGES`` images (strided down
+    to ``SAMPLE_CAP`` values) that transfer-function fits use."""
     gm = gm.to(device).eval()
     layers = spiking_layers(gm)
     quant = {name: ExactQuantile(percentile) for name in layers}
     shapes: dict[str, tuple] = {}
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    seen = {"images": 0, "first_pass": True}
     hooks = []
     for name in layers:
         def hook(_m, _inp, out, name=name):
             shapes[name] = tuple(out.shape[1:])
+            if seen["first_pass"] and seen["images"] < SAMPLE_IMAGES:
+                head = out[:SAMPLE_IMAGES - seen["images"]].flatten()
+                kept[name].append(head[head > 0].float().cpu())
             if not quant[name].done:
                 quant[name].update(out)
         module = gm.get_submodule(name)
@@ -119,6 +128,8 @@ def activation_stats(gm: fx.GraphModule, data: ImageData, percentile: float, bat
                     break
                 for x, _ in data.batches(batch_size):
                     gm(x.to(device))
+                    seen["images"] += len(x)
+                seen["first_pass"] = False
                 for q in quant.values():
                     if not q.done:
                         q.end_pass(passes)
@@ -126,8 +137,15 @@ def activation_stats(gm: fx.GraphModule, data: ImageData, percentile: float, bat
         for h in hooks:
             h.remove()
     return {name: {"neurons": math.prod(shapes[name]), "shape": list(shapes[name]), "max": q.max,
-                   "mean": q.sum / max(q.n, 1), "percentile": q.value, "zero_fraction": q.zeros / max(q.n, 1)}
+                   "mean": q.sum / max(q.n, 1), "percentile": q.value, "zero_fraction": q.zeros / max(q.n, 1),
+                   "sample": _strided(torch.cat(kept[name]) if kept[name] else torch.zeros(0), SAMPLE_CAP)}
             for name, q in quant.items()}
+
+
+def _strided(values: torch.Tensor, cap: int) -> torch.Tensor:
+    if values.numel() <= cap:
+        return values
+    return values[torch.linspace(0, values.numel() - 1, cap).long()]
 
 
 def make_profile(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dict, model: dict,

@@ -63,9 +63,10 @@ def calibrate(
     dataset: str = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, cifar100, "
                                                            "folder:PATH or a .safetensors/.pt tensor file."),
     output: Path = typer.Option(..., "--output", "-o", help="Calibration profile to write (JSON)."),
-    neuron: str = typer.Option("if", "--neuron", help="Neuron type: if."),
+    neuron: str = typer.Option("if", "--neuron", help="Neuron type: if (integrate-and-fire) or asn (adaptive)."),
     percentile: float = typer.Option(99.9, "--percentile", help="Activation percentile used as the operating point."),
-    param: Optional[List[str]] = typer.Option(None, "--param", help="Neuron option KEY=VALUE, e.g. v_init=0."),
+    param: Optional[List[str]] = typer.Option(None, "--param", help="Neuron option KEY=VALUE, e.g. v_init=0 "
+                                                                    "(IF) or m_f=0.2 (ASN)."),
     samples: int = typer.Option(1000, "--samples", help="Calibration images drawn from the split."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
     split: str = typer.Option("train", "--split", help="Split of a named data set to calibrate on."),
@@ -136,6 +137,12 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N samples."),
     batch_size: int = typer.Option(256, "--batch-size"),
     energy: str = typer.Option(DEFAULT_PRESET, "--energy", help="Energy preset: 45nm-fp32, 45nm-fp16, 45nm-int8."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="Also run other values of a neuron option, "
+                                                               "e.g. m_f=0.1,0.2,0.3 (ASN)."),
+    compare: Optional[List[str]] = typer.Option(None, "--compare", help="Also run another neuron type on the same "
+                                                                        "network and calibration, e.g. if."),
+    start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
+                                                                   "[default: the neuron's: IF 0, ASN 200]."),
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
 ):
     """Simulate the SNN and report accuracy versus spikes, per layer and per time step.
@@ -143,7 +150,17 @@ def evaluate(
     Example: ann2snn evaluate lenet5.snn.safetensors -d mnist -T 64 -r runs/lenet5
     """
     _evaluate_with_progress(artifact, dataset, timesteps, report, split=split, limit=limit, batch_size=batch_size,
-                            device=device, data_dir=data_dir, download=download, preset=energy)
+                            device=device, data_dir=data_dir, download=download, preset=energy, start_ms=start_ms,
+                            sweep=_sweep(sweep), compare=compare)
+
+
+def _sweep(text: str | None) -> list[dict]:
+    if not text:
+        return []
+    key, sep, values = text.partition("=")
+    if not sep or not key or not values:
+        raise UserError(f"--sweep {text!r}: expected KEY=V1,V2,..., e.g. m_f=0.1,0.2,0.3")
+    return [_key_values([f"{key}={v}"], "--sweep") for v in values.split(",")]
 
 
 def _evaluate_with_progress(artifact: Path, dataset: str, timesteps: int, report: Path, **kwargs) -> None:

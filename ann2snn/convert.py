@@ -252,8 +252,9 @@ def graph_signature(gm: fx.GraphModule) -> list[str]:
 
 
 class GatedMaxPool(nn.Module):
-    """Rate-gated max pooling (Rueckauer et al. 2017): each pooling window passes the spikes of
-    the input unit that has spiked most so far (ties go to the first)."""
+    """Rate-gated max pooling (Rueckauer et al. 2017): each pooling window passes the output of
+    the input unit whose output summed over time so far is largest (ties go to the first). For
+    binary spikes of equal height that is the unit that has spiked most."""
 
     def __init__(self, pool: nn.Module):
         super().__init__()
@@ -265,8 +266,7 @@ class GatedMaxPool(nn.Module):
         self.counts = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spiking = (x != 0).to(x.dtype)
-        self.counts = spiking if self.counts is None else self.counts + spiking
+        self.counts = x.clone() if self.counts is None else self.counts + x
         _, idx = self.pool(self.counts)
         flat = x.flatten(2)
         return flat.gather(2, idx.flatten(2)).view(idx.shape)

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from . import neurons
-from .artifact import build_neurons, load_artifact, save_artifact
+from .artifact import build_neurons, load_artifact, save_artifact, variant
 from .calibrate import activation_stats, check_profile, load_profile, make_profile, save_profile
 from .checkpoint import file_sha256, load_model
 from .convert import Row, graph_signature, normalize, spiking_layers, to_snn
@@ -96,10 +96,15 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
 
 def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str = "test", limit: int | None = None,
              batch_size: int = 256, device: str = "auto", data_dir: str | Path | None = None,
-             download: bool = False, preset: str = DEFAULT_PRESET, report_dir: str | Path | None = None,
+             download: bool = False, preset: str = DEFAULT_PRESET, start_ms: int | None = None,
+             sweep: list[dict] | None = None, compare: list[str] | None = None,
+             report_dir: str | Path | None = None,
              on_start: Callable[[int], None] | None = None,
              on_batch: Callable[[int], None] | None = None) -> dict:
-    """Simulate the artifact on a data set and build (and, given ``report_dir``, write) the report."""
+    """Simulate the artifact on a data set and build (and, given ``report_dir``, write) the report.
+    ``sweep`` re-runs the network with other options of its neuron (e.g. ``[{"m_f": 0.2}]``),
+    ``compare`` with other neuron types fitted to the same calibration statistics; their
+    accuracy-versus-spikes results go to ``report["variants"]`` and the plot."""
     if timesteps <= 0:
         raise UserError(f"--timesteps {timesteps}: must be positive")
     if limit is not None and limit <= 0:
@@ -108,8 +113,14 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         raise UserError(f"--batch-size {batch_size}: must be positive")
     if preset not in PRESETS:
         raise UserError(f"--energy {preset!r}: expected one of {', '.join(PRESETS)}")
+    if start_ms is not None and not 0 <= start_ms < timesteps:
+        raise UserError(f"--start-ms {start_ms}: must be in [0, timesteps)")
     dev = resolve_device(device)
-    ann, snn, meta = load_artifact(artifact)
+    ann, _, meta = load_artifact(artifact)
+    runs = [(meta["neuron"]["type"].upper(), *variant(meta, None, {}))]
+    runs += [(f"{meta['neuron']['type'].upper()} {' '.join(f'{k}={v}' for k, v in o.items())}", *variant(meta, None, o))
+             for o in sweep or []]
+    runs += [(name.upper(), *variant(meta, name, {})) for name in compare or []]
     norm = Normalize(**meta["input"]["normalize"])
     data = open_dataset(dataset, split, data_dir, download, norm).head(limit)
     shape = tuple(meta["input"]["shape"])
@@ -121,23 +132,38 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         raise UserError(f"--dataset {dataset}: has class {int(data.targets.max())}, the network outputs {classes}")
     layers = [layer["name"] for layer in meta["layers"]]
     fan = fanout_maps(ann, shape)
-    neurons_per_layer = {name: int(fan[name].numel()) for name in layers}
+    common = dict(neurons={name: int(fan[name].numel()) for name in layers},
+                  ann={"accuracy": None, "macs_per_sample": ann_macs(ann, shape)},
+                  dataset={"name": Path(dataset).name if Path(dataset).exists() else dataset, "split": data.split,
+                           "samples": len(data)},
+                  device=str(dev), input_macs=float(fan["input"].sum()),
+                  analog_macs_per_step=float(sum(f.sum() for k, f in fan.items() if k.endswith(":out"))),
+                  preset=preset)
     if on_start:
-        on_start(len(data))
-    ann_acc = ann_accuracy(ann, data, batch_size, dev)
-    start = time.perf_counter()
-    sim = simulate(snn, layers, fan, data, timesteps, batch_size, dev, on_batch)
-    elapsed = time.perf_counter() - start
-    report = build_report(
-        sim, meta, neurons_per_layer,
-        ann={"accuracy": ann_acc, "macs_per_sample": ann_macs(ann, shape)},
-        dataset={"name": dataset if not Path(dataset).exists() else Path(dataset).name, "split": data.split,
-                 "samples": len(data)},
-        device=str(dev), input_macs=float(fan["input"].sum()),
-        analog_macs_per_step=float(sum(f.sum() for k, f in fan.items() if k.endswith(":out"))), preset=preset)
+        on_start(len(data) * len(runs))
+    common["ann"]["accuracy"] = ann_accuracy(ann, data, batch_size, dev)
+    reports, elapsed = [], 0.0
+    for label, neuron_meta, neuron_layers in runs:
+        kind = neurons.get(neuron_meta["type"])
+        readout = kind.readout({**kind.DEFAULTS, **neuron_meta["options"],
+                                **({"start_ms": start_ms} if start_ms is not None else {})})
+        if readout.start >= timesteps:
+            readout = type(readout)(readout.tau, 0)
+        snn = to_snn(ann, build_neurons(neuron_meta, neuron_layers))
+        start = time.perf_counter()
+        sim = simulate(snn, layers, fan, data, timesteps, batch_size, dev, readout, on_batch)
+        elapsed += time.perf_counter() - start
+        rep = build_report(sim, {"neuron": neuron_meta, "layers": neuron_layers}, **common)
+        rep["readout"] = readout.describe()
+        rep["label"] = label
+        reports.append(rep)
+    report = reports[0]
     report["artifact"] = {"path": Path(artifact).name, "model": meta["model"]["ref"]}
+    report["variants"] = [{k: r[k] for k in ("label", "neuron", "neuron_options", "readout", "snn", "layers", "curve")}
+                          for r in reports[1:]]
     timing = {"seconds": round(elapsed, 3),
-              "image_steps_per_second": round(len(data) * timesteps / elapsed, 1) if elapsed > 0 else math.inf}
+              "image_steps_per_second": round(len(data) * timesteps * len(runs) / elapsed, 1) if elapsed > 0
+              else math.inf}
     if report_dir is not None:
         write_report(report, report_dir, timing)
     report["timing"] = timing

@@ -72,7 +72,9 @@ def write_report(report: dict, directory: str | Path, timing: dict | None = None
     writer.writeheader()
     writer.writerows(report["curve"])
     write_text(paths[1], buf.getvalue())
-    plot([(report["neuron"].upper(), report["curve"])], report["ann"]["accuracy"], paths[2],
+    series = [(report.get("label", report["neuron"].upper()), report["curve"])]
+    series += [(v["label"], v["curve"]) for v in report.get("variants", [])]
+    plot(series, report["ann"]["accuracy"], paths[2],
          f"{report['dataset']['name']} ({report['dataset']['samples']} samples), {report['timesteps']} steps")
     return paths
 
@@ -112,9 +114,10 @@ def summary_table(report: dict) -> Table:
         table.add_column(col, justify="right" if col else "left")
     table.add_row("ANN", f"{100 * ann['accuracy']:.2f}%", "-", f"{ann['macs_per_sample']:,.0f} MACs", "-",
                   f"{ann['energy_pj_per_sample'] / 1e6:.3f}")
-    table.add_row("SNN", f"{100 * snn['accuracy']:.2f}%", f"{snn['spikes_per_sample']:,.0f}",
-                  f"{snn['synops_per_sample']:,.0f} SynOps", f"{snn['firing_rate_hz']:.1f}",
-                  f"{snn['energy_pj_per_sample'] / 1e6:.3f}")
+    for label, s in [(report.get("label", "SNN"), snn)] + [(v["label"], v["snn"]) for v in report.get("variants", [])]:
+        table.add_row(f"SNN {label}", f"{100 * s['accuracy']:.2f}%", f"{s['spikes_per_sample']:,.0f}",
+                      f"{s['synops_per_sample']:,.0f} SynOps", f"{s['firing_rate_hz']:.1f}",
+                      f"{s['energy_pj_per_sample'] / 1e6:.3f}")
     return table
 
 

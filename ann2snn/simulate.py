@@ -9,6 +9,7 @@ that sum (equivalently of the mean output so far).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,6 +40,22 @@ def spiking_modules(snn: fx.GraphModule, names: list[str]) -> dict[str, nn.Modul
     return {name: snn.get_submodule(name) for name in names}
 
 
+@dataclass(frozen=True)
+class Readout:
+    """How class scores are read from the output layer, which never spikes: r(t) is the output,
+    or its exponential filter r(t) = d r(t-1) + (1 - d) out(t) when ``tau`` is set; the
+    prediction at step t >= ``start`` is argmax of sum_{k=start..t} r(k), before it argmax r(t)."""
+
+    tau: float | None = None
+    start: int = 0
+
+    def describe(self) -> str:
+        r = "output" if self.tau is None else f"output filtered with tau {self.tau:g} ms"
+        return (f"argmax of the {r} summed over steps {self.start + 1}..t" if self.start
+                else f"argmax of the {r} summed over all steps so far") + \
+            (f"; before step {self.start + 1}, of the {r} at t" if self.start else "")
+
+
 @dataclass
 class SimulationResult:
     timesteps: int
@@ -51,9 +68,10 @@ class SimulationResult:
 
 @torch.inference_mode()
 def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Tensor], data: ImageData,
-             timesteps: int, batch_size: int, device: torch.device,
+             timesteps: int, batch_size: int, device: torch.device, readout: Readout = Readout(),
              on_batch: Callable[[int], None] | None = None) -> SimulationResult:
     """Run every sample of ``data`` through ``snn`` for ``timesteps`` steps."""
+    decay = math.exp(-1.0 / readout.tau) if readout.tau else None
     snn = snn.to(device).eval()
     neurons = spiking_modules(snn, layers)
     resettable = stateful_modules(snn)
@@ -65,11 +83,16 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
         x, y = x.to(device), y.to(device)
         for m in resettable:
             m.reset()
-        total = None
+        r = total = None
         for t in range(timesteps):
             out = snn(x)
-            total = out if total is None else total + out
-            correct[t] += (total.argmax(1) == y).sum()
+            if decay is None:
+                r = out
+            else:
+                r = (1 - decay) * out if r is None else decay * r + (1 - decay) * out
+            if t >= readout.start:
+                total = r if total is None else total + r
+            correct[t] += ((total if t >= readout.start else r).argmax(1) == y).sum()
             for i, m in enumerate(neurons.values()):
                 per_unit = m.spikes.flatten(1).sum(0)
                 spikes[i, t] += per_unit.sum()

@@ -3,6 +3,7 @@ function), a thin ``nn.Module``, and the two hooks the converter calls:
 
   ``fit(stats, options) -> params``   per-layer parameters from calibration statistics
   ``build(params) -> nn.Module``      the spiking layer for those parameters
+  ``readout(options) -> Readout``     how the output layer is read
 
 ``DEFAULTS`` lists the network-wide options a calibration profile may set.
 """
@@ -12,9 +13,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import UserError
-from . import if_neuron
+from . import asn, if_neuron
 
-NEURONS: dict[str, ModuleType] = {"if": if_neuron}
+NEURONS: dict[str, ModuleType] = {"if": if_neuron, "asn": asn}
 
 
 def get(name: str) -> ModuleType:

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..simulate import Readout
+
 
 class IFParams(NamedTuple):
     threshold: torch.Tensor  # scalar or broadcastable per channel
@@ -83,3 +85,8 @@ def fit(stats: dict, options: dict) -> dict:
 
 def build(params: dict) -> IFNeuron:
     return IFNeuron(params["threshold"], params.get("v_init", DEFAULTS["v_init"]))
+
+
+def readout(options: dict) -> Readout:
+    """The accumulated output: the rate code's estimate of the ANN output."""
+    return Readout(tau=None, start=int(options.get("start_ms", 0)))

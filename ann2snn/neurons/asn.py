@@ -1,0 +1,226 @@
+"""Adaptive spiking neuron (ASN) of AdSNN: Zambrano, Nusselder, Scholte & Bohte 2019
+(Front. Neurosci. 12:987; arXiv 1710.04838), update order and transfer function as in
+science.md section 1 and the public ``asn`` code.
+
+One step, with decay factors d_x = exp(-1/tau_x), for input current c(t) (in units of S):
+
+    S     = (1 - d_phi) c(t) + d_phi S               membrane filter
+    Ŝ     = Ŝ d_eta                                    self-prediction decays
+    s     = [S - Ŝ > theta / 2]                        spike test, previous threshold
+    Ŝ    += s theta ;  theta_dyn += s m_f theta        on a spike
+    theta_dyn *= d_gamma ;  theta = theta0 + theta_dyn  threshold adaptation
+    psc   = psc d_beta + h s                           the layer's output (postsynaptic current)
+
+The next weighted layer computes W psc + b: the PSC filter commutes with W, so this is the
+paper's I <- I d_beta + W x(t); the bias enters the membrane filter with the current (it
+reaches its value within a few tau_phi). The mean output for a constant S is the transfer
+function f(S) below, h chosen so that f(1) = 1. A layer fitted with scale lambda sees
+S = c / lambda and emits lambda * psc, so lambda f(c / lambda) stands in for relu(c).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+TAU = {"tau_phi": 2.5, "tau_gamma": 15.0, "tau_eta": 50.0, "tau_beta": 50.0}
+
+
+class ASNParams(NamedTuple):
+    m_f: float
+    theta0: float
+    h: float
+    d_phi: float
+    d_gamma: float
+    d_eta: float
+    d_beta: float
+
+
+class ASNState(NamedTuple):
+    s: torch.Tensor
+    s_hat: torch.Tensor
+    theta_dyn: torch.Tensor
+    theta: torch.Tensor
+    psc: torch.Tensor
+
+
+def make_params(m_f: float, theta0: float | None = None, tau_phi: float = 2.5, tau_gamma: float = 15.0,
+                tau_eta: float = 50.0, tau_beta: float = 50.0) -> ASNParams:
+    theta0 = m_f if theta0 is None else theta0
+    h = normalised_h(m_f, theta0, tau_gamma, tau_eta)
+    d = lambda tau: math.exp(-1.0 / tau)  # noqa: E731
+    return ASNParams(m_f, theta0, h, d(tau_phi), d(tau_gamma), d(tau_eta), d(tau_beta))
+
+
+def asn_init(current: torch.Tensor, p: ASNParams) -> ASNState:
+    z = torch.zeros_like(current)
+    return ASNState(z, z, z, torch.full_like(current, p.theta0), z)
+
+
+def asn_step(current: torch.Tensor, state: ASNState, p: ASNParams) -> tuple[torch.Tensor, ASNState]:
+    """Advance one time step (order of science.md section 1); returns binary spikes and state."""
+    s = (1.0 - p.d_phi) * current + p.d_phi * state.s
+    s_hat = state.s_hat * p.d_eta
+    spikes = (s - s_hat > 0.5 * state.theta).to(current.dtype)
+    s_hat = s_hat + spikes * state.theta
+    theta_dyn = (state.theta_dyn + spikes * p.m_f * state.theta) * p.d_gamma
+    psc = state.psc * p.d_beta + p.h * spikes
+    return spikes, ASNState(s, s_hat, theta_dyn, p.theta0 + theta_dyn, psc)
+
+
+def _raw_transfer(S, m_f: float, theta0: float, tau_gamma: float, tau_eta: float):
+    """f(S) / h of the closed form (science.md section 1); S may be a float or a tensor."""
+    c1 = 2 * m_f * tau_gamma ** 2
+    c2 = 2 * theta0 * tau_eta * tau_gamma
+    c3 = tau_gamma * (m_f * tau_gamma + 2 * (m_f + 1) * tau_eta)
+    c4 = theta0 * tau_eta * (tau_gamma + tau_eta)
+    c0 = 1.0 / math.expm1((c1 * theta0 / 2 + c2) / (c3 * theta0 / 2 + c4))
+    if isinstance(S, torch.Tensor):
+        Sp = S.clamp(min=theta0 / 2)
+        val = 1.0 / torch.expm1((c1 * Sp + c2) / (c3 * Sp + c4)) - c0 + 0.5
+        return torch.where(S > theta0 / 2, val, torch.zeros_like(val))
+    if S <= theta0 / 2:
+        return 0.0
+    return 1.0 / math.expm1((c1 * S + c2) / (c3 * S + c4)) - c0 + 0.5
+
+
+def normalised_h(m_f: float, theta0: float, tau_gamma: float = 15.0, tau_eta: float = 50.0) -> float:
+    """Spike height with f(1) = 1 (f is linear in h)."""
+    return 1.0 / _raw_transfer(1.0, m_f, theta0, tau_gamma, tau_eta)
+
+
+def asn_transfer(S: torch.Tensor, p: ASNParams, tau_gamma: float = 15.0, tau_eta: float = 50.0) -> torch.Tensor:
+    """Analytic mean output f(S) for a constant activation S (0 for S <= theta0 / 2)."""
+    return p.h * _raw_transfer(S, p.m_f, p.theta0, tau_gamma, tau_eta)
+
+
+@torch.no_grad()
+def measured_transfer(S: torch.Tensor, p: ASNParams, steps: int = 2000, burn_in: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Simulate one neuron per value of constant S; returns (decoded mean output
+    h x rate x PSC area, spikes per step), both measured after ``burn_in`` steps."""
+    state = asn_init(S, p)
+    count = torch.zeros_like(S)
+    for t in range(steps):
+        spikes, state = asn_step(S, state, p)
+        if t >= burn_in:
+            count += spikes
+    rate = count / (steps - burn_in)
+    return p.h * rate / (1.0 - p.d_beta), rate
+
+
+class TransferActivation(nn.Module):
+    """lambda f(x / lambda) as a differentiable activation (for transfer-aware fine-tuning)."""
+
+    def __init__(self, p: ASNParams, scale: float | torch.Tensor = 1.0):
+        super().__init__()
+        self.p = p
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * asn_transfer(x / self.scale, self.p)
+
+
+class ASNNeuron(nn.Module):
+    """Stateful wrapper of ``asn_step`` for one layer: input divided by ``scale``, output (the PSC)
+    multiplied by it; keeps the last step's binary spikes for accounting."""
+
+    def __init__(self, m_f: float, scale: float | list = 1.0, theta0: float | None = None, **taus: float):
+        super().__init__()
+        self.p = make_params(m_f, theta0, **taus)
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        self.state: ASNState | None = None
+        self.spikes: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.state, self.spikes = None, None
+
+    def _scale_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale.view((-1,) + (1,) * (x.dim() - 2)) if self.scale.dim() else self.scale
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        scale = self._scale_like(current)
+        x = current / scale
+        if self.state is None:
+            self.state = asn_init(x, self.p)
+        self.spikes, self.state = asn_step(x, self.state, self.p)
+        return self.state.psc * scale
+
+
+# --- converter hooks ---------------------------------------------------------------------
+from functools import lru_cache  # noqa: E402
+
+from ..errors import UserError  # noqa: E402
+from ..simulate import Readout  # noqa: E402
+
+DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "readout_tau": 50.0, "start_ms": 200, "percentile": 99.9,
+            "scale": "fit"}
+S_MAX = 16.0
+
+
+@lru_cache(maxsize=64)
+def _measured_table(p: ASNParams) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = torch.linspace(0.0, S_MAX, 641, dtype=torch.float64)
+    return grid, measured_transfer(grid, p, steps=3000, burn_in=300)[0]
+
+
+def measured_f(S: torch.Tensor, p: ASNParams) -> torch.Tensor:
+    """The simulated transfer function (it includes the 1 kHz cap and coarse coding at low S),
+    interpolated on a grid of constant inputs; saturates beyond the grid."""
+    grid, table = _measured_table(p)
+    idx = torch.searchsorted(grid, S.double().clamp(0, S_MAX)).clamp(1, len(grid) - 1)
+    x0, x1, y0, y1 = grid[idx - 1], grid[idx], table[idx - 1], table[idx]
+    w = (S.double().clamp(0, S_MAX) - x0) / (x1 - x0)
+    return (y0 + w * (y1 - y0)).to(S.dtype)
+
+
+def fit_scale(sample: torch.Tensor, p: ASNParams, reference: float) -> float:
+    """The layer scale lambda minimising E[(a - lambda f(a / lambda))^2] over the calibration
+    activations a (zeros cost nothing either way), f being the measured transfer function;
+    searched on a log grid from reference/8 to reference*4."""
+    if sample.numel() == 0 or reference <= 0:
+        return reference if reference > 0 else 1.0
+    a = sample.double()
+    best, best_loss = reference, math.inf
+    for k in range(-24, 17):
+        lam = reference * 2.0 ** (k / 8)
+        loss = float(((a - lam * measured_f(a / lam, p)) ** 2).mean())
+        if loss < best_loss:
+            best, best_loss = lam, loss
+    return best
+
+
+def _params(options: dict) -> ASNParams:
+    if not 0 < float(options["m_f"]) <= 2:
+        raise UserError(f"--param m_f={options['m_f']}: must be in (0, 2]")
+    return make_params(float(options["m_f"]), options.get("theta0"),
+                       **{k: float(options[k]) for k in TAU})
+
+
+def fit(stats: dict, options: dict) -> dict:
+    """Per-layer ASN parameters: the options, and the scale lambda (fitted, or set so that the
+    layer's percentile activation maps to S = ``scale`` when ``scale`` is a number)."""
+    p = _params(options)
+    ref = stats["percentile"] if stats["percentile"] > 0 else max(stats["max"], 1e-6)
+    if options["scale"] == "fit":
+        scale = fit_scale(stats.get("sample", torch.zeros(0)), p, ref)
+    else:
+        try:
+            scale = ref / float(options["scale"])
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise UserError(f"--param scale={options['scale']!r}: 'fit' or a positive number") from None
+    return {"m_f": p.m_f, "theta0": options.get("theta0"), **{k: float(options[k]) for k in TAU},
+            "scale": float(scale)}
+
+
+def build(params: dict) -> ASNNeuron:
+    return ASNNeuron(params["m_f"], params["scale"], params.get("theta0"),
+                     **{k: params[k] for k in TAU if k in params})
+
+
+def readout(options: dict) -> Readout:
+    """The non-spiking output layer is filtered with ``readout_tau`` (50 ms) and read from
+    ``start_ms`` on (200 ms in the reference code: the first 100-200 ms are transient)."""
+    return Readout(tau=float(options.get("readout_tau", 50.0)), start=int(options.get("start_ms", 200)))
