@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,10 +39,13 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
             raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
     else:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols; the error says enough
+                state = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
-            raise UserError(f"{path}: refused to unpickle ({first[:160]}); pass --trust-pickle only if you "
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f"it would import {found.group(1)}" if found else "it holds Python objects, not only tensors"
+            raise UserError(f"{path}: refused to unpickle ({what}); pass --trust-pickle only if you "
                             "trust this file") from None
         except Exception as exc:
             raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "

@@ -208,6 +208,33 @@ def demo(
 
 
 @app.command()
+def finetune(
+    checkpoint: Path = typer.Argument(..., help="ANN weights the profile was calibrated on."),
+    calibration: Path = typer.Option(..., "--calibration", "-c", help="Profile of a neuron with a transfer "
+                                                                     "function (asn)."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Named data set or file to train on (train split)."),
+    output: Path = typer.Option(..., "--output", "-o", help="New checkpoint (.safetensors)."),
+    epochs: int = typer.Option(2, "--epochs"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
+):
+    """Train the ANN a few epochs with the spiking layers' transfer function in place of ReLU.
+
+    Calibrate the new checkpoint again before converting it.
+    Example: ann2snn finetune lenet5.safetensors -c lenet5.asn.json -d mnist --epochs 2 -o lenet5_ft.safetensors
+    """
+    result = pipeline.finetune(checkpoint, calibration, dataset, output, epochs=epochs, lr=lr, batch_size=batch_size,
+                               seed=seed, device=device, data_dir=data_dir, download=download,
+                               trust_pickle=trust_pickle,
+                               on_epoch=lambda e, a: console.print(f"epoch {e}/{epochs}: test accuracy with the "
+                                                                   f"transfer function {100 * a:.2f}%"))
+    console.print(f"ReLU network test accuracy: before {100 * result['relu_accuracy_before']:.2f}%, after "
+                  f"{100 * result['relu_accuracy_after']:.2f}%; wrote {output}. Next: ann2snn calibrate {output} ...")
+
+
+@app.command()
 def info(artifact: Path = typer.Argument(..., help="SNN artifact.")):
     """Print what an SNN artifact holds and which tool version wrote it.
 

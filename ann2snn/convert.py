@@ -138,15 +138,18 @@ def _replace(gm: fx.GraphModule, node: fx.Node, by: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
-def normalize(model: nn.Module) -> tuple[fx.GraphModule, list[Row]]:
+def normalize(model: nn.Module, rewrite: bool = True) -> tuple[fx.GraphModule, list[Row]]:
     """Trace and normalise ``model`` (see module docstring). Raises ``UserError`` listing every
-    unsupported node; otherwise returns the normalised graph and the pre-flight rows."""
+    unsupported node; otherwise returns the normalised graph and the pre-flight rows. With
+    ``rewrite=False`` only the ReLUs become slots (for training with another activation)."""
     gm = trace(model)
     rows: list[Row] = []
     n_act = 0
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     for node in list(gm.graph.nodes):
         desc, mod = _describe(gm, node), (gm.get_submodule(node.target) if node.op == "call_module" else None)
+        if not rewrite and not _is_relu(gm, node):
+            continue
         if node.op in ("placeholder", "output", "get_attr"):
             rows.append(Row(node.name, desc, "input" if node.op == "placeholder" else
                             ("output" if node.op == "output" else "kept"), ""))
@@ -195,7 +198,8 @@ def normalize(model: nn.Module) -> tuple[fx.GraphModule, list[Row]]:
             hint = next((h for k, h in HINTS.items() if k in key), "no spiking equivalent")
             rows.append(Row(node.name, desc, "unsupported", hint))
     # a ReLU that followed a max pool was turned into act<i> above; place it before the pool
-    _move_maxpools_after_relu(gm, rows)
+    if rewrite:
+        _move_maxpools_after_relu(gm, rows)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()

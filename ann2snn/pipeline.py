@@ -168,3 +168,37 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         write_report(report, report_dir, timing)
     report["timing"] = timing
     return report
+
+
+def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, output: str | Path, *, epochs: int = 2,
+             lr: float = 1e-4, batch_size: int = 128, seed: int = 0, device: str = "auto",
+             data_dir: str | Path | None = None, download: bool = False, trust_pickle: bool = False,
+             on_epoch: Callable[[int, float], None] | None = None) -> dict:
+    """Transfer-aware fine-tuning with the profile's neuron; writes a new checkpoint."""
+    from .finetune import finetune as run, save_checkpoint
+
+    if epochs <= 0:
+        raise UserError(f"--epochs {epochs}: must be positive")
+    if lr <= 0:
+        raise UserError(f"--lr {lr}: must be positive")
+    profile = load_profile(calibration)
+    model = load_model(profile["model"]["ref"], profile["model"]["kwargs"], checkpoint, trust_pickle)
+    check_profile(profile, normalize(model)[0], file_sha256(checkpoint), calibration)
+    norm = Normalize(**profile["input"]["normalize"])
+    train = open_dataset(dataset, "train", data_dir, download, norm)
+    test = open_dataset(dataset, "test", data_dir, download, norm)
+    dev = resolve_device(device)
+    before = ann_accuracy(load_model(profile["model"]["ref"], profile["model"]["kwargs"], checkpoint, trust_pickle),
+                          test, 1000, dev)
+    history: list[float] = []
+
+    def epoch_done(epoch: int, acc: float) -> None:
+        history.append(acc)
+        if on_epoch:
+            on_epoch(epoch, acc)
+
+    state = run(model, profile, train, test, epochs, lr, batch_size, seed, dev, epoch_done)
+    save_checkpoint(state, output, {"finetuned_from": Path(checkpoint).name, "neuron": profile["neuron"]["type"]})
+    tuned = load_model(profile["model"]["ref"], profile["model"]["kwargs"], output)
+    return {"relu_accuracy_before": before, "transfer_accuracy": history, "relu_accuracy_after":
+            ann_accuracy(tuned, test, 1000, dev)}

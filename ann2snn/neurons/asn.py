@@ -11,6 +11,9 @@ One step, with decay factors d_x = exp(-1/tau_x), for input current c(t) (in uni
     theta_dyn *= d_gamma ;  theta = theta0 + theta_dyn  threshold adaptation
     psc   = psc d_beta + h s                           the layer's output (postsynaptic current)
 
+(With tau_beta != tau_eta the PSC amplitude is h (1 - d_beta) / (1 - d_eta), which keeps the
+PSC area and hence the mean output f(S); tau_beta = 0 emits plain spikes of that height.)
+
 The next weighted layer computes W psc + b: the PSC filter commutes with W, so this is the
 paper's I <- I d_beta + W x(t); the bias enters the membrane filter with the current (it
 reaches its value within a few tau_phi). The mean output for a constant S is the transfer
@@ -32,11 +35,12 @@ TAU = {"tau_phi": 2.5, "tau_gamma": 15.0, "tau_eta": 50.0, "tau_beta": 50.0}
 class ASNParams(NamedTuple):
     m_f: float
     theta0: float
-    h: float
+    h: float  # spike height with f(1) = 1 for a PSC of time constant tau_eta
     d_phi: float
     d_gamma: float
     d_eta: float
     d_beta: float
+    h_out: float  # PSC amplitude: h (1 - d_beta) / (1 - d_eta) keeps the PSC area, so f(S), for any tau_beta
 
 
 class ASNState(NamedTuple):
@@ -51,8 +55,9 @@ def make_params(m_f: float, theta0: float | None = None, tau_phi: float = 2.5, t
                 tau_eta: float = 50.0, tau_beta: float = 50.0) -> ASNParams:
     theta0 = m_f if theta0 is None else theta0
     h = normalised_h(m_f, theta0, tau_gamma, tau_eta)
-    d = lambda tau: math.exp(-1.0 / tau)  # noqa: E731
-    return ASNParams(m_f, theta0, h, d(tau_phi), d(tau_gamma), d(tau_eta), d(tau_beta))
+    d = lambda tau: math.exp(-1.0 / tau) if tau > 0 else 0.0  # noqa: E731
+    h_out = h * (1.0 - d(tau_beta)) / (1.0 - d(tau_eta))
+    return ASNParams(m_f, theta0, h, d(tau_phi), d(tau_gamma), d(tau_eta), d(tau_beta), h_out)
 
 
 def asn_init(current: torch.Tensor, p: ASNParams) -> ASNState:
@@ -67,7 +72,7 @@ def asn_step(current: torch.Tensor, state: ASNState, p: ASNParams) -> tuple[torc
     spikes = (s - s_hat > 0.5 * state.theta).to(current.dtype)
     s_hat = s_hat + spikes * state.theta
     theta_dyn = (state.theta_dyn + spikes * p.m_f * state.theta) * p.d_gamma
-    psc = state.psc * p.d_beta + p.h * spikes
+    psc = state.psc * p.d_beta + p.h_out * spikes
     return spikes, ASNState(s, s_hat, theta_dyn, p.theta0 + theta_dyn, psc)
 
 
@@ -100,7 +105,7 @@ def asn_transfer(S: torch.Tensor, p: ASNParams, tau_gamma: float = 15.0, tau_eta
 @torch.no_grad()
 def measured_transfer(S: torch.Tensor, p: ASNParams, steps: int = 2000, burn_in: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulate one neuron per value of constant S; returns (decoded mean output
-    h x rate x PSC area, spikes per step), both measured after ``burn_in`` steps."""
+    h x rate x PSC area, with the PSC of tau_eta; spikes per step), measured after ``burn_in``."""
     state = asn_init(S, p)
     count = torch.zeros_like(S)
     for t in range(steps):
@@ -108,7 +113,7 @@ def measured_transfer(S: torch.Tensor, p: ASNParams, steps: int = 2000, burn_in:
         if t >= burn_in:
             count += spikes
     rate = count / (steps - burn_in)
-    return p.h * rate / (1.0 - p.d_beta), rate
+    return p.h * rate / (1.0 - p.d_eta), rate
 
 
 class TransferActivation(nn.Module):
@@ -221,6 +226,13 @@ def build(params: dict) -> ASNNeuron:
 
 
 def readout(options: dict) -> Readout:
-    """The non-spiking output layer is filtered with ``readout_tau`` (50 ms) and read from
-    ``start_ms`` on (200 ms in the reference code: the first 100-200 ms are transient)."""
-    return Readout(tau=float(options.get("readout_tau", 50.0)), start=int(options.get("start_ms", 200)))
+    """The non-spiking output layer is filtered with ``readout_tau`` (50 ms; 0: unfiltered) and
+    read from ``start_ms`` on (200 ms in the reference code: the first 100-200 ms are transient)."""
+    tau = float(options.get("readout_tau", 50.0))
+    return Readout(tau=tau if tau > 0 else None, start=int(options.get("start_ms", 200)))
+
+
+def transfer_module(params: dict) -> TransferActivation:
+    """The differentiable stand-in used by transfer-aware fine-tuning."""
+    p = make_params(params["m_f"], params.get("theta0"), **{k: params[k] for k in TAU if k in params})
+    return TransferActivation(p, params["scale"])

@@ -1,0 +1,68 @@
+"""Transfer-aware fine-tuning: train the ANN with each ReLU replaced by the activation its
+spiking layer will really compute, lambda f(x / lambda) (AdSNN trains with f in place of
+ReLU; Zambrano et al. 2019). Batch norm stays and trains; it is folded at conversion. The
+result is an ordinary checkpoint of the same architecture, to be calibrated and converted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import neurons
+from .convert import normalize
+from .data import ImageData
+from .errors import UserError
+from .files import atomic_path
+from .simulate import ann_accuracy
+
+
+def transfer_network(model: nn.Module, profile: dict) -> nn.Module:
+    """``model`` traced, each ReLU slot replaced by the profile neuron's transfer activation."""
+    kind = neurons.get(profile["neuron"]["type"])
+    if not hasattr(kind, "transfer_module"):
+        raise UserError(f"--calibration: neuron {profile['neuron']['type']!r} has no transfer function to "
+                        "fine-tune with (use an ASN profile)")
+    gm, _ = normalize(model, rewrite=False)
+    slots = [layer["name"] for layer in profile["layers"]]
+    for layer in profile["layers"]:
+        if not hasattr(gm, layer["name"]):
+            raise UserError(f"--calibration: layer {layer['name']} of the profile is not in the model")
+        gm.add_submodule(layer["name"], kind.transfer_module(layer["params"]))
+    if len(slots) != sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target in slots):
+        raise UserError("--calibration: the profile's layers do not match the model's ReLUs")
+    gm.recompile()
+    return gm
+
+
+def finetune(model: nn.Module, profile: dict, train: ImageData, test: ImageData, epochs: int, lr: float,
+             batch_size: int, seed: int, device: torch.device,
+             on_epoch: Callable[[int, float], None] | None = None) -> dict[str, torch.Tensor]:
+    """Train ``model`` with transfer activations; returns its new state dict (original keys)."""
+    torch.manual_seed(seed)
+    net = transfer_network(model, profile).to(device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    steps = epochs * ((len(train) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    for epoch in range(epochs):
+        net.train()
+        for x, y in train.subset(torch.randperm(len(train), generator=gen)).batches(batch_size):
+            loss = nn.functional.cross_entropy(net(x.to(device)), y.to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if on_epoch:
+            on_epoch(epoch + 1, ann_accuracy(net, test, 1000, device))
+    tuned = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    state = model.state_dict()
+    return {k: tuned.get(k, v).contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)

@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from ann2snn.neurons import asn
+
+
+def test_h_normalisation_matches_published_values():
+    for m_f, h in ((0.03, 0.0385), (0.1, 0.1244), (0.2, 0.2393), (0.45, 0.4976), (0.6, 0.6402)):
+        assert round(asn.normalised_h(m_f, m_f), 4) == h
+    p = asn.make_params(0.1)
+    f = asn.asn_transfer(torch.tensor([0.25, 0.5, 1.0, 2.0, 4.0]), p)
+    assert torch.allclose(f, torch.tensor([0.300, 0.564, 1.0, 1.628, 2.370]), atol=1e-3)
+    assert asn.asn_transfer(torch.tensor([0.05, 0.0, -1.0]), p).abs().sum() == 0  # dead zone S <= theta0/2
+
+
+def test_step_matches_a_hand_computed_trace():
+    m_f, S = 0.1, 1.0
+    d_phi, d_eta, d_gamma, d_beta = (math.exp(-1 / t) for t in (2.5, 50, 15, 50))
+    h = asn.normalised_h(m_f, m_f)
+    s = s_hat = theta_dyn = psc = 0.0
+    theta = m_f
+    expected = []
+    for _ in range(6):  # science.md section 1, steps 1-6, written out with plain floats
+        s = (1 - d_phi) * S + d_phi * s
+        s_hat *= d_eta
+        spike = 1.0 if s - s_hat > 0.5 * theta else 0.0
+        s_hat += spike * theta
+        theta_dyn = (theta_dyn + spike * m_f * theta) * d_gamma
+        theta = m_f + theta_dyn
+        psc = psc * d_beta + h * spike
+        expected.append((spike, s, s_hat, theta, psc))
+    p = asn.make_params(m_f)
+    x = torch.tensor([S], dtype=torch.float64)
+    state = asn.asn_init(x, p)
+    for spike, s, s_hat, theta, psc in expected:
+        out, state = asn.asn_step(x, state, p)
+        assert float(out) == spike
+        got = (float(state.s), float(state.s_hat), float(state.theta), float(state.psc))
+        assert got == pytest.approx((s, s_hat, theta, psc), rel=1e-12)
+    assert [e[0] for e in expected][:2] == [1.0, 1.0]  # the onset burst
+
+
+@pytest.mark.parametrize("m_f,lo,hi", [(0.1, 0.2, 4.0), (0.03, 0.2, 2.0), (0.3, 1.0, 4.0)])
+def test_simulation_matches_the_transfer_function(m_f, lo, hi):
+    p = asn.make_params(m_f)
+    S = torch.linspace(lo, hi, 12, dtype=torch.float64)
+    decoded, _ = asn.measured_transfer(S, p, steps=2000, burn_in=200)
+    err = (decoded / asn.asn_transfer(S, p) - 1).abs()
+    assert err.max() < 0.02, err
+
+
+def test_module_scale_is_an_exact_change_of_units():
+    torch.manual_seed(0)
+    c = torch.rand(3, 4, 5, 5) * 3
+    a, b = asn.ASNNeuron(0.2, scale=2.5), asn.ASNNeuron(0.2, scale=1.0)
+    for _ in range(20):
+        out_a, out_b = a(c), b(c / 2.5)
+        assert torch.equal(a.spikes, b.spikes)
+        assert torch.allclose(out_a, 2.5 * out_b)
+    per_channel = asn.ASNNeuron(0.2, scale=[1.0, 2.0, 3.0, 4.0])
+    per_channel(c)
+    assert per_channel.spikes.shape == c.shape
+
+
+def test_fitted_scale_beats_the_percentile_mapping():
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(50_000)) * 2
+    p = asn.make_params(0.1)
+    ref = float(a.quantile(0.999))
+    lam = asn.fit_scale(a, p, ref)
+    loss = lambda s: float(((a - s * asn.measured_f(a / s, p)) ** 2).mean())  # noqa: E731
+    assert loss(lam) <= loss(ref) and loss(lam) < 0.05 * float((a ** 2).mean())
