@@ -68,6 +68,10 @@ def calibrate(
     param: Optional[List[str]] = typer.Option(None, "--param", help="Neuron option KEY=VALUE, e.g. v_init=0 "
                                                                     "(IF) or m_f=0.2 (ASN)."),
     samples: int = typer.Option(1000, "--samples", help="Calibration images drawn from the split."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Spikes per sample to meet: search the neuron's "
+                                                                  "precision (ASN m_f) by simulating calibration "
+                                                                  "images."),
+    timesteps: int = typer.Option(200, "--timesteps", "-T", help="Steps per sample for --budget."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
     split: str = typer.Option("train", "--split", help="Split of a named data set to calibrate on."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Input normalisation 'MEAN;STD' per "
@@ -84,24 +88,40 @@ def calibrate(
     profile, _ = pipeline.calibrate(
         checkpoint, model, dataset, output, neuron=neuron, overrides=overrides, samples=samples, seed=seed,
         split=split, batch_size=batch_size, device=device, data_dir=data_dir, download=download,
-        normalize_spec=normalize, user_args=_key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle)
+        normalize_spec=normalize, user_args=_key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle,
+        budget=budget, timesteps=timesteps)
     _print_calibration(profile, output)
 
 
+def _fmt(values: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
 def _print_calibration(profile: dict, output: Path) -> None:
-    q = profile["neuron"]["options"].get("percentile", 100)
+    options = profile["neuron"]["options"]
+    q = options.get("percentile", 100)
     data = profile["data"]
     table = Table(title=f"Calibration: {profile['neuron']['type'].upper()}, {data['samples']} images of "
                         f"{data['dataset']} {data['split']}, p{q:g}")
-    for col in ("layer", "after", "neurons", "max", f"p{q:g}", "zeros", "parameters"):
-        table.add_column(col, justify="left" if col in ("layer", "after", "parameters") else "right")
+    for col in ("layer", "after", "neurons", "max", f"p{q:g}", "zeros", "layer parameters"):
+        table.add_column(col, justify="left" if col in ("layer", "after", "layer parameters") else "right")
     for layer in profile["layers"]:
         s = layer["stats"]
         table.add_row(layer["name"], layer["source"], f"{layer['neurons']:,}", f"{s['max']:.4g}",
                       f"{s['percentile']:.4g}", f"{100 * s['zero_fraction']:.1f}%",
-                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in layer["params"].items()))
+                      _fmt({k: v for k, v in layer["params"].items() if options.get(k, object()) != v}))
     console.print(table)
+    console.print(f"options: {_fmt(options)}")
+    search = profile.get("budget_search")
+    if search:
+        knob = search["knob"]
+        for c in search["candidates"]:
+            mark = " <- chosen" if c is search["chosen"] or c == search["chosen"] else ""
+            console.print(f"  {knob}={c[knob]:<5g} {c['spikes_per_sample']:>10,.0f} spikes/sample "
+                          f"{100 * c['accuracy']:6.2f}%{mark}")
+        if not search["budget_met"]:
+            console.print(f"[yellow]no setting met {search['budget_spikes_per_sample']:,.0f} spikes per sample; "
+                          "kept the sparsest[/]")
     console.print(f"wrote {output}")
 
 
@@ -177,8 +197,11 @@ def _print_report(result: dict, report_dir: Path) -> None:
     console.print(layer_table(result))
     console.print(summary_table(result))
     within = result["snn"]["first_timestep_within_points_of_ann"]
+    settled = result["snn"]["settled_timestep_within_points_of_ann"]
     console.print("steps to come within 0.1 / 0.2 / 0.5 / 1 points of the ANN: "
-                  + " / ".join(str(within[k]) if within[k] else "not reached" for k in ("0.1", "0.2", "0.5", "1.0")))
+                  + " / ".join(str(within[k]) if within[k] else "not reached" for k in ("0.1", "0.2", "0.5", "1.0"))
+                  + "; to stay within: "
+                  + " / ".join(str(settled[k]) if settled[k] else "no" for k in ("0.1", "0.2", "0.5", "1.0")))
     console.print(f"device {result['device']}, {result['timing']['image_steps_per_second']:,.0f} image-steps/s; "
                   f"wrote {report_dir}/report.json, curve.csv, accuracy_vs_spikes.png")
 

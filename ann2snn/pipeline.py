@@ -12,6 +12,7 @@ import torch
 
 from . import neurons
 from .artifact import build_neurons, load_artifact, save_artifact, variant
+from .budget import search
 from .calibrate import activation_stats, check_profile, load_profile, make_profile, save_profile
 from .checkpoint import file_sha256, load_model
 from .convert import Row, graph_signature, normalize, spiking_layers, to_snn
@@ -40,9 +41,11 @@ def calibrate(checkpoint: str | Path, model_ref: str, dataset: str, output: str 
               samples: int = 1000, seed: int = 0, split: str = "train", batch_size: int = 256,
               device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
               normalize_spec: str | None = None, user_args: dict | None = None,
-              trust_pickle: bool = False) -> tuple[dict, list[Row]]:
+              trust_pickle: bool = False, budget: float | None = None, timesteps: int = 200,
+              search_samples: int = 256) -> tuple[dict, list[Row]]:
     """Fit per-layer operating points on a calibration subset, write the profile to ``output``
-    (when given) and return (profile, pre-flight rows)."""
+    (when given) and return (profile, pre-flight rows). With ``budget`` (spikes per sample over
+    ``timesteps`` steps) the neuron's precision knob is searched on ``search_samples`` images."""
     if batch_size <= 0:
         raise UserError(f"--batch-size {batch_size}: must be positive")
     options = neuron_options(neuron, overrides or {})
@@ -55,14 +58,20 @@ def calibrate(checkpoint: str | Path, model_ref: str, dataset: str, output: str 
     if not spiking_layers(gm):
         raise UserError(f"--model {model_ref}: the network has no ReLU to turn into spiking neurons")
     _check_runs(gm, subset.sample_shape, dataset)
-    stats = activation_stats(gm, subset, float(options.get("percentile", 100.0)), batch_size,
-                             str(resolve_device(device)))
+    dev = resolve_device(device)
+    stats = activation_stats(gm, subset, float(options.get("percentile", 100.0)), batch_size, str(dev))
+    record = None
+    if budget is not None:
+        options, record = search(gm, stats, neuron, options, subset.head(search_samples), budget, timesteps,
+                                 batch_size, dev)
     model_info = {"ref": model_ref, "kwargs": kwargs, "checkpoint": str(checkpoint),
                   "checkpoint_sha256": file_sha256(checkpoint)}
     input_info = {"shape": list(data.sample_shape), "normalize": {"mean": norm.mean, "std": norm.std},
                   "encoding": "analog current: the input is fed unchanged to the first layer at every step"}
     data_info = {"dataset": dataset, "split": split, "samples": len(subset), "seed": seed}
     profile = make_profile(gm, stats, neuron, options, model_info, input_info, data_info)
+    if record is not None:
+        profile["budget_search"] = record
     if output is not None:
         save_profile(profile, output)
     return profile, rows
@@ -117,7 +126,10 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         raise UserError(f"--start-ms {start_ms}: must be in [0, timesteps)")
     dev = resolve_device(device)
     ann, _, meta = load_artifact(artifact)
-    runs = [(meta["neuron"]["type"].upper(), *variant(meta, None, {}))]
+    kind = neurons.get(meta["neuron"]["type"])
+    knob = getattr(kind, "PRECISION", (None,))[0]
+    main_label = meta["neuron"]["type"].upper() + (f" {knob}={meta['neuron']['options'][knob]}" if knob else "")
+    runs = [(main_label, *variant(meta, None, {}))]
     runs += [(f"{meta['neuron']['type'].upper()} {' '.join(f'{k}={v}' for k, v in o.items())}", *variant(meta, None, o))
              for o in sweep or []]
     runs += [(name.upper(), *variant(meta, name, {})) for name in compare or []]

@@ -40,8 +40,7 @@ def build_report(sim: SimulationResult, meta: dict, neurons: dict[str, int], ann
                "synops_per_sample": float(sim.synops[i].sum()) / n} for i, name in enumerate(sim.layers)]
     curve = [{"timestep": t + 1, "accuracy": acc[t], "spikes_per_sample": cum_spikes[t],
               "synops_per_sample": cum_synops[t]} for t in range(steps)]
-    within = {f"{m}": next((c["timestep"] for c in curve if c["accuracy"] >= ann["accuracy"] - m / 100), None)
-              for m in MARGINS}
+    within = {f"{m}": within_margin(curve, ann["accuracy"], m) for m in MARGINS}
     return {
         "tool": f"ann2snn {__version__}",
         "dataset": dataset,
@@ -55,11 +54,24 @@ def build_report(sim: SimulationResult, meta: dict, neurons: dict[str, int], ann
         "snn": {"accuracy": acc[-1], "spikes_per_sample": spikes, "synops_per_sample": synops,
                 "firing_rate_hz": rate(spikes, total_neurons), "neurons": total_neurons,
                 "input_macs_per_sample": input_macs, "analog_macs_per_step": analog_macs_per_step,
-                "energy_pj_per_sample": energy, "first_timestep_within_points_of_ann": within},
+                "energy_pj_per_sample": energy,
+                "first_timestep_within_points_of_ann": {m: w["first"] for m, w in within.items()},
+                "settled_timestep_within_points_of_ann": {m: w["settled"] for m, w in within.items()}},
         "energy": {"preset": preset, **PRESETS[preset], "regime": ENERGY_REGIME},
         "layers": layers,
         "curve": curve,
     }
+
+
+def within_margin(curve: list[dict], ann_accuracy: float, points: float) -> dict:
+    """First time step at which the SNN comes within ``points`` of the ANN, and the step from
+    which it stays within (None if never), with the spikes per sample spent by then."""
+    ok = [c["accuracy"] >= ann_accuracy - points / 100 - 1e-12 for c in curve]
+    first = next((i for i, v in enumerate(ok) if v), None)
+    settled = next((i for i in range(len(ok)) if all(ok[i:])), None)
+    at = lambda i: (curve[i]["timestep"], curve[i]["spikes_per_sample"]) if i is not None else (None, None)  # noqa
+    return {"first": at(first)[0], "first_spikes": at(first)[1], "settled": at(settled)[0],
+            "settled_spikes": at(settled)[1]}
 
 
 def write_report(report: dict, directory: str | Path, timing: dict | None = None) -> list[Path]:

@@ -70,3 +70,43 @@ def test_demo_runs_offline(run_cli, tmp_path):
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["dataset"]["samples"] == 1000 and report["ann"]["accuracy"] > 0.97
     assert report["snn"]["accuracy"] > 0.9
+
+
+def test_asn_budget_search_sweep_compare_and_finetune(run_cli, tiny_files):
+    d = tiny_files["dir"]
+    code, out, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                             "--neuron", "asn", "--samples", 40, "--budget", 3000, "-T", 30, "-o", d / "asn.json")
+    assert code == 0, err
+    profile = json.loads((d / "asn.json").read_text())
+    search = profile["budget_search"]
+    assert len(search["candidates"]) >= 5 and "<- chosen" in out
+    spikes = [c["spikes_per_sample"] for c in search["candidates"]]
+    assert spikes == sorted(spikes, reverse=True)  # higher m_f, fewer spikes
+    if search["budget_met"]:
+        assert search["chosen"]["spikes_per_sample"] <= 3000
+    assert profile["neuron"]["options"]["m_f"] == search["chosen"]["m_f"]
+    assert all(layer["params"]["scale"] > 0 for layer in profile["layers"])
+
+    code, _, err = run_cli("convert", tiny_files["checkpoint"], "-c", d / "asn.json", "-o", d / "asn.snn.safetensors")
+    assert code == 0, err
+    code, out, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r", d / "rep",
+                             "--sweep", "m_f=0.2,0.45", "--compare", "if", "--start-ms", 10)
+    assert code == 0, err
+    report = json.loads((d / "rep" / "report.json").read_text())
+    assert report["neuron"] == "asn" and "tau 50 ms" in report["readout"] and "steps 11..t" in report["readout"]
+    labels = [v["label"] for v in report["variants"]]
+    assert labels == ["ASN m_f=0.2", "ASN m_f=0.45", "IF"]
+    by_label = {v["label"]: v["snn"]["spikes_per_sample"] for v in report["variants"]}
+    assert by_label["ASN m_f=0.45"] < by_label["ASN m_f=0.2"]
+    assert "SNN IF" in out
+
+    code, out, err = run_cli("finetune", tiny_files["checkpoint"], "-c", d / "asn.json", "-d", tiny_files["data"],
+                             "--epochs", 1, "-o", d / "ft.safetensors", "--device", "cpu")
+    assert code == 0, err
+    from safetensors.torch import load_file
+    before, after = load_file(str(tiny_files["checkpoint"])), load_file(str(d / "ft.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not (before[k] == after[k]).all() for k in before if before[k].is_floating_point())
+    code, _, err = run_cli("calibrate", d / "ft.safetensors", "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                           "--neuron", "asn", "--samples", 40, "-o", d / "asn_ft.json")
+    assert code == 0, err

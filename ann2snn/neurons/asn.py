@@ -236,3 +236,6 @@ def transfer_module(params: dict) -> TransferActivation:
     """The differentiable stand-in used by transfer-aware fine-tuning."""
     p = make_params(params["m_f"], params.get("theta0"), **{k: params[k] for k in TAU if k in params})
     return TransferActivation(p, params["scale"])
+
+
+PRECISION = ("m_f", [0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6])  # searched by calibrate --budget

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Accuracy versus spikes: ASN (a sweep of m_f) against the IF rate-coding baseline, on one
+network, from the checkpoint (trained first if missing) to a table, a JSON file and a plot.
+
+  python scripts/bench_asn_vs_if.py --model lenet5 --dataset mnist \
+      --checkpoint checkpoints/lenet5_mnist.safetensors --finetune-epochs 2 --out runs/bench_lenet5_mnist
+
+For each setting it reports the final accuracy and, for margins of 0.1 and 0.3 points below
+the ANN, the first time step (and spikes per sample spent by then) at which the SNN reaches
+that accuracy and the step from which it stays there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ann2snn import pipeline
+from ann2snn.files import write_text
+from ann2snn.report import plot, within_margin
+
+MARGINS = (0.1, 0.3)
+
+
+def rows_of(report: dict, method: str) -> list[dict]:
+    ann = report["ann"]["accuracy"]
+    out = []
+    for label, snn, curve in [(report["label"], report["snn"], report["curve"])] + \
+            [(v["label"], v["snn"], v["curve"]) for v in report["variants"]]:
+        row = {"method": method, "setting": label, "accuracy": snn["accuracy"], "ann_accuracy": ann,
+               "spikes_per_sample": snn["spikes_per_sample"], "energy_pj_per_sample": snn["energy_pj_per_sample"],
+               "timesteps": report["timesteps"], "curve": curve}
+        for m in MARGINS:
+            row[f"within_{m}"] = within_margin(curve, ann, m)
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="lenet5")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--train-epochs", type=int, default=8, help="if the checkpoint is missing")
+    p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--mf", default="0.1,0.15,0.2,0.3")
+    p.add_argument("--timesteps", type=int, default=200, help="ASN steps")
+    p.add_argument("--if-timesteps", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", type=Path, default=Path("runs/bench_asn_vs_if"))
+    a = p.parse_args()
+    out = a.out
+    if not a.checkpoint.exists():
+        subprocess.run([sys.executable, str(Path(__file__).with_name("train_reference.py")), "--model", a.model,
+                        "--dataset", a.dataset, "--epochs", str(a.train_epochs), "-o", str(a.checkpoint)]
+                       + (["--data-dir", a.data_dir] if a.data_dir else []), check=True)
+    common = dict(limit=a.limit, device=a.device, data_dir=a.data_dir)
+    mfs = [float(v) for v in a.mf.split(",")]
+    rows = []
+
+    pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "if.json", data_dir=a.data_dir, device=a.device)
+    pipeline.convert(a.checkpoint, out / "if.json", out / "if.snn.safetensors")
+    rows += rows_of(pipeline.evaluate(out / "if.snn.safetensors", a.dataset, a.if_timesteps, **common), "IF")
+
+    checkpoints = [("ASN", a.checkpoint)]
+    if a.finetune_epochs:
+        pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "asn.json", neuron="asn", data_dir=a.data_dir,
+                           device=a.device, overrides={"m_f": mfs[0]})
+        ft = out / "finetuned.safetensors"
+        result = pipeline.finetune(a.checkpoint, out / "asn.json", a.dataset, ft, epochs=a.finetune_epochs,
+                                   data_dir=a.data_dir, device=a.device)
+        print(f"fine-tuned: {json.dumps(result)}")
+        checkpoints.append(("ASN fine-tuned", ft))
+    for method, ckpt in checkpoints:
+        tag = method.replace(" ", "_").lower()
+        pipeline.calibrate(ckpt, a.model, a.dataset, out / f"{tag}.json", neuron="asn", data_dir=a.data_dir,
+                           device=a.device, overrides={"m_f": mfs[0]})
+        pipeline.convert(ckpt, out / f"{tag}.json", out / f"{tag}.snn.safetensors")
+        report = pipeline.evaluate(out / f"{tag}.snn.safetensors", a.dataset, a.timesteps,
+                                   sweep=[{"m_f": m} for m in mfs[1:]], start_ms=0, **common)
+        rows += rows_of(report, method)
+
+    table = Table(title=f"{a.model} on {a.dataset} ({rows[0]['curve'] and a.limit or 'full'} test images)")
+    for col in ("method", "setting", "ANN", "SNN final", "spikes final",
+                *(f"first within {m} (step/spikes)" for m in MARGINS), *(f"stays within {m} from" for m in MARGINS)):
+        table.add_column(col, justify="left" if col in ("method", "setting") else "right")
+    fmt = lambda w, k: f"{w[k]} / {w[k + '_spikes']:,.0f}" if w[k] else "-"  # noqa: E731
+    for r in rows:
+        table.add_row(r["method"], r["setting"], f"{100 * r['ann_accuracy']:.2f}%", f"{100 * r['accuracy']:.2f}%",
+                      f"{r['spikes_per_sample']:,.0f}", *(fmt(r[f"within_{m}"], "first") for m in MARGINS),
+                      *(fmt(r[f"within_{m}"], "settled") for m in MARGINS))
+    Console(width=200).print(table)
+    write_text(out / "bench.json", json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=1))
+    plot([(f"{r['method']} {r['setting']}", r["curve"]) for r in rows], rows[0]["ann_accuracy"],
+         out / "accuracy_vs_spikes.png", f"{a.model} on {a.dataset}: ASN vs IF")
+    print(f"wrote {out}/bench.json and {out}/accuracy_vs_spikes.png")
+
+
+if __name__ == "__main__":
+    main()
