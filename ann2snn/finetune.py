@@ -5,37 +5,41 @@ result is an ordinary checkpoint of the same architecture, to be calibrated and 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from torch import fx, nn
 
 from . import neurons
-from .convert import normalize
+from .convert import normalize, spiking_layers
 from .data import ImageData
 from .errors import UserError
 from .files import atomic_path
 from .simulate import ann_accuracy
 
 
-def transfer_network(model: nn.Module, profile: dict) -> nn.Module:
-    """``model`` traced, each ReLU slot replaced by the profile neuron's transfer activation."""
-    kind = neurons.get(profile["neuron"]["type"])
+def with_transfer(gm: fx.GraphModule, kind, layers: list[dict]) -> fx.GraphModule:
+    """A copy of ``gm`` with each ReLU slot replaced by its layer's transfer activation."""
     if not hasattr(kind, "transfer_module"):
-        raise UserError(f"--calibration: neuron {profile['neuron']['type']!r} has no transfer function to "
-                        "fine-tune with (use an ASN profile)")
-    gm, _ = normalize(model, rewrite=False)
-    slots = [layer["name"] for layer in profile["layers"]]
-    for layer in profile["layers"]:
-        if not hasattr(gm, layer["name"]):
-            raise UserError(f"--calibration: layer {layer['name']} of the profile is not in the model")
+        raise UserError(f"neuron {kind.__name__.rsplit('.', 1)[-1]!r} has no transfer function (use asn)")
+    slots = spiking_layers(gm)
+    if [layer["name"] for layer in layers] != slots:
+        raise UserError("the profile's layers do not match the model's ReLUs")
+    gm = copy.deepcopy(gm)
+    for layer in layers:
         gm.add_submodule(layer["name"], kind.transfer_module(layer["params"]))
-    if len(slots) != sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target in slots):
-        raise UserError("--calibration: the profile's layers do not match the model's ReLUs")
     gm.recompile()
     return gm
+
+
+def transfer_network(model: nn.Module, profile: dict) -> nn.Module:
+    """``model`` traced (batch norm kept), each ReLU replaced by the profile neuron's transfer
+    activation; its parameters keep the model's names."""
+    gm, _ = normalize(model, rewrite=False)
+    return with_transfer(gm, neurons.get(profile["neuron"]["type"]), profile["layers"])
 
 
 def finetune(model: nn.Module, profile: dict, train: ImageData, test: ImageData, epochs: int, lr: float,

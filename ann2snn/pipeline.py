@@ -19,6 +19,7 @@ from .convert import Row, graph_signature, normalize, spiking_layers, to_snn
 from .data import Normalize, calibration_subset, open_dataset
 from .energy import DEFAULT_PRESET, PRESETS, ann_macs, fanout_maps
 from .errors import UserError
+from .finetune import with_transfer
 from .report import build_report, write_report
 from .simulate import ann_accuracy, resolve_device, simulate
 from .zoo import model_kwargs
@@ -154,6 +155,9 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
     if on_start:
         on_start(len(data) * len(runs))
     common["ann"]["accuracy"] = ann_accuracy(ann, data, batch_size, dev)
+    if hasattr(kind, "transfer_module"):  # the accuracy the SNN tends to: ReLUs replaced by f
+        common["ann"]["transfer_accuracy"] = ann_accuracy(with_transfer(ann, kind, meta["layers"]), data,
+                                                          batch_size, dev)
     reports, elapsed = [], 0.0
     for label, neuron_meta, neuron_layers in runs:
         kind = neurons.get(neuron_meta["type"])
@@ -187,7 +191,7 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
              data_dir: str | Path | None = None, download: bool = False, trust_pickle: bool = False,
              on_epoch: Callable[[int, float], None] | None = None) -> dict:
     """Transfer-aware fine-tuning with the profile's neuron; writes a new checkpoint."""
-    from .finetune import finetune as run, save_checkpoint
+    from .finetune import finetune as run, save_checkpoint  # noqa: I001
 
     if epochs <= 0:
         raise UserError(f"--epochs {epochs}: must be positive")

@@ -126,6 +126,8 @@ def summary_table(report: dict) -> Table:
         table.add_column(col, justify="right" if col else "left")
     table.add_row("ANN", f"{100 * ann['accuracy']:.2f}%", "-", f"{ann['macs_per_sample']:,.0f} MACs", "-",
                   f"{ann['energy_pj_per_sample'] / 1e6:.3f}")
+    if "transfer_accuracy" in ann:
+        table.add_row("ANN, ReLU -> f", f"{100 * ann['transfer_accuracy']:.2f}%", "-", "-", "-", "-")
     for label, s in [(report.get("label", "SNN"), snn)] + [(v["label"], v["snn"]) for v in report.get("variants", [])]:
         table.add_row(f"SNN {label}", f"{100 * s['accuracy']:.2f}%", f"{s['spikes_per_sample']:,.0f}",
                       f"{s['synops_per_sample']:,.0f} SynOps", f"{s['firing_rate_hz']:.1f}",
