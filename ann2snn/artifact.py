@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import fx
 
 from . import __version__, neurons
+from .calibrate import fit_stats
 from .convert import graph_signature, normalize, to_snn
 from .errors import UserError
 from .files import atomic_path
@@ -36,7 +37,8 @@ def build_neurons(profile_neuron: dict, layers: list[dict]) -> dict[str, torch.n
 
 def variant(meta: dict, neuron: str | None, overrides: dict) -> tuple[dict, list[dict]]:
     """(neuron description, layers) for the artifact's network run with changed options of its
-    own neuron type, or with another type fitted to the stored calibration statistics."""
+    own neuron type, or with another type fitted to the stored calibration statistics. Options
+    that are per-layer parameters (ASN m_f) replace them; others (VSN tradeoff) are re-fitted."""
     base = meta["neuron"]["type"]
     neuron = neuron or base
     kind = neurons.get(neuron)
@@ -46,10 +48,13 @@ def variant(meta: dict, neuron: str | None, overrides: dict) -> tuple[dict, list
                         f"(options: {', '.join(kind.DEFAULTS)})")
     if neuron == base:
         options = {**meta["neuron"].get("options", {}), **overrides}
-        layers = [{**layer, "params": {**layer["params"], **overrides}} for layer in meta["layers"]]
+        if all(k in layer["params"] for k in overrides for layer in meta["layers"]):  # e.g. m_f: keep the fit
+            return {"type": neuron, "options": options}, \
+                [{**layer, "params": {**layer["params"], **overrides}} for layer in meta["layers"]]
     else:
         options = {**kind.DEFAULTS, **overrides}
-        layers = [{**layer, "params": kind.fit(layer["stats"], options)} for layer in meta["layers"]]
+    # refit from the stored statistics (their quantile table stands in for the calibration sample)
+    layers = [{**layer, "params": kind.fit(fit_stats(layer), options)} for layer in meta["layers"]]
     return {"type": neuron, "options": options}, layers
 
 

@@ -28,6 +28,7 @@ COLLECT_CAP = 2_000_000
 MAX_PASSES = 10
 SAMPLE_IMAGES = 256  # the first images' positive activations are kept for transfer fits
 SAMPLE_CAP = 400_000
+QUANTILES = 257
 PROFILE_FORMAT = "ann2snn-calibration"
 PROFILE_VERSION = 1
 
@@ -102,12 +103,14 @@ def activation_stats(gm: fx.GraphModule, data: ImageData, percentile: float, bat
                      device: str = "cpu") -> dict[str, dict]:
     """Run ``data`` through the normalised ANN; per ReLU slot: neurons, max, mean, exact percentile,
     and ``sample``, the positive activations of the first ``SAMPLE_IMAGES`` images (strided down
-    to ``SAMPLE_CAP`` values) that transfer-function fits use."""
+    to ``SAMPLE_CAP`` values) that transfer-function and threshold fits use, with
+    ``sample_positive_fraction``, the fraction of those images' activations that are positive."""
     gm = gm.to(device).eval()
     layers = spiking_layers(gm)
     quant = {name: ExactQuantile(percentile) for name in layers}
     shapes: dict[str, tuple] = {}
     kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    entries = {name: 0 for name in layers}
     seen = {"images": 0, "first_pass": True}
     hooks = []
     for name in layers:
@@ -116,6 +119,7 @@ def activation_stats(gm: fx.GraphModule, data: ImageData, percentile: float, bat
             if seen["first_pass"] and seen["images"] < SAMPLE_IMAGES:
                 head = out[:SAMPLE_IMAGES - seen["images"]].flatten()
                 kept[name].append(head[head > 0].float().cpu())
+                entries[name] += head.numel()
             if not quant[name].done:
                 quant[name].update(out)
         module = gm.get_submodule(name)
@@ -138,7 +142,8 @@ def activation_stats(gm: fx.GraphModule, data: ImageData, percentile: float, bat
             h.remove()
     return {name: {"neurons": math.prod(shapes[name]), "shape": list(shapes[name]), "max": q.max,
                    "mean": q.sum / max(q.n, 1), "percentile": q.value, "zero_fraction": q.zeros / max(q.n, 1),
-                   "sample": _strided(torch.cat(kept[name]) if kept[name] else torch.zeros(0), SAMPLE_CAP)}
+                   "sample": _strided(torch.cat(kept[name]) if kept[name] else torch.zeros(0), SAMPLE_CAP),
+                   "sample_positive_fraction": sum(k.numel() for k in kept[name]) / max(entries[name], 1)}
             for name, q in quant.items()}
 
 
@@ -154,11 +159,29 @@ def make_profile(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, option
     kind = neurons.get(neuron)
     sources = layer_sources(gm)
     layers = [{"name": name, "source": sources[name], "neurons": s["neurons"], "shape": s["shape"],
-               "stats": {k: s[k] for k in ("max", "mean", "percentile", "zero_fraction")},
+               "stats": {**{k: s[k] for k in ("max", "mean", "percentile", "zero_fraction", "sample_positive_fraction")},
+                         "positive_quantiles": _quantiles(s["sample"])},
                "params": kind.fit(s, options)} for name, s in stats.items()]
     return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "tool": f"ann2snn {__version__}",
             "model": model, "input": input_info, "data": data_info,
             "neuron": {"type": neuron, "options": options}, "layers": layers}
+
+
+def _quantiles(sample: torch.Tensor, n: int = QUANTILES) -> list[float]:
+    """An evenly spaced quantile table of the positive activations (kept in profiles so that
+    options can be re-fitted later without the calibration data)."""
+    if sample.numel() == 0:
+        return []
+    q = torch.quantile(sample.double()[torch.linspace(0, sample.numel() - 1, min(sample.numel(), 1 << 24)).long()],
+                       torch.linspace(0, 1, n, dtype=torch.float64))
+    return [float(f"{v:.6g}") for v in q.tolist()]
+
+
+def fit_stats(layer: dict) -> dict:
+    """Statistics for a neuron's ``fit`` from a profile layer: the quantile table stands in for
+    the calibration sample."""
+    return {**layer["stats"], "neurons": layer["neurons"],
+            "sample": torch.tensor(layer["stats"].get("positive_quantiles", []), dtype=torch.float32)}
 
 
 def save_profile(profile: dict, path: str | Path) -> None:

@@ -63,15 +63,17 @@ def calibrate(
     dataset: str = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, cifar100, "
                                                            "folder:PATH or a .safetensors/.pt tensor file."),
     output: Path = typer.Option(..., "--output", "-o", help="Calibration profile to write (JSON)."),
-    neuron: str = typer.Option("if", "--neuron", help="Neuron type: if (integrate-and-fire) or asn (adaptive)."),
+    neuron: str = typer.Option("if", "--neuron", help="Neuron type: if (integrate-and-fire), asn (adaptive) or "
+                                                      "vsn (variable, graded spikes)."),
     percentile: float = typer.Option(99.9, "--percentile", help="Activation percentile used as the operating point."),
     param: Optional[List[str]] = typer.Option(None, "--param", help="Neuron option KEY=VALUE, e.g. v_init=0 "
                                                                     "(IF) or m_f=0.2 (ASN)."),
     samples: int = typer.Option(1000, "--samples", help="Calibration images drawn from the split."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Spikes per sample to meet: search the neuron's "
-                                                                  "precision (ASN m_f) by simulating calibration "
-                                                                  "images."),
-    timesteps: int = typer.Option(200, "--timesteps", "-T", help="Steps per sample for --budget."),
+                                                                  "precision (ASN m_f, VSN thresholds) by "
+                                                                  "simulating calibration images."),
+    timesteps: Optional[int] = typer.Option(None, "--timesteps", "-T", help="Steps per sample for --budget "
+                                                                          "[default: ASN 200, VSN 1]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
     split: str = typer.Option("train", "--split", help="Split of a named data set to calibrate on."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Input normalisation 'MEAN;STD' per "

@@ -9,7 +9,7 @@ Counts come from the network's connectivity, not from layer-type formulas:
     linearised copy of the graph (weights -> 1[w != 0], no bias, pools counted as sums).
     A spike of unit i then costs ``fanout[i]`` synaptic operations (SynOps).
 Energy (Horowitz 2014, 45 nm, compute only): ANN = MACs x E_MAC; SNN = SynOps x E_AC
-+ MACs of layers fed with analog values x E_MAC. The constant analog input is turned into a
+(x E_MAC for graded spikes, which carry a value) + MACs of layers fed with analog values x E_MAC. The constant analog input is turned into a
 current once per sample, so the input layer's MACs are counted once, not once per step.
 """
 
@@ -131,9 +131,10 @@ def ann_macs(gm: fx.GraphModule, sample_shape: tuple[int, ...]) -> int:
 
 
 def snn_energy_pj(synops: float, input_macs: float, analog_macs_per_step: float, timesteps: int,
-                  preset: str) -> float:
+                  preset: str, spike_op: str = "ac") -> float:
+    """``spike_op``: what one synaptic event costs, "ac" for binary spikes, "mac" for graded ones."""
     e = PRESETS[preset]
-    return synops * e["ac_pj"] + (input_macs + analog_macs_per_step * timesteps) * e["mac_pj"]
+    return synops * e[f"{spike_op}_pj"] + (input_macs + analog_macs_per_step * timesteps) * e["mac_pj"]
 
 
 def ann_energy_pj(macs: float, preset: str) -> float:

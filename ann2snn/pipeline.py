@@ -42,11 +42,12 @@ def calibrate(checkpoint: str | Path, model_ref: str, dataset: str, output: str 
               samples: int = 1000, seed: int = 0, split: str = "train", batch_size: int = 256,
               device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
               normalize_spec: str | None = None, user_args: dict | None = None,
-              trust_pickle: bool = False, budget: float | None = None, timesteps: int = 200,
-              search_samples: int = 256) -> tuple[dict, list[Row]]:
+              trust_pickle: bool = False, budget: float | None = None, timesteps: int | None = None,
+              search_samples: int | None = None) -> tuple[dict, list[Row]]:
     """Fit per-layer operating points on a calibration subset, write the profile to ``output``
     (when given) and return (profile, pre-flight rows). With ``budget`` (spikes per sample over
-    ``timesteps`` steps) the neuron's precision knob is searched on ``search_samples`` images."""
+    ``timesteps`` steps) the neuron's precision knob is searched on ``search_samples`` images
+    (default: as many as 256,000 image-steps allow, at least 256)."""
     if batch_size <= 0:
         raise UserError(f"--batch-size {batch_size}: must be positive")
     options = neuron_options(neuron, overrides or {})
@@ -63,8 +64,9 @@ def calibrate(checkpoint: str | Path, model_ref: str, dataset: str, output: str 
     stats = activation_stats(gm, subset, float(options.get("percentile", 100.0)), batch_size, str(dev))
     record = None
     if budget is not None:
-        options, record = search(gm, stats, neuron, options, subset.head(search_samples), budget, timesteps,
-                                 batch_size, dev)
+        steps = timesteps or getattr(neurons.get(neuron), "DEFAULT_TIMESTEPS", 200)
+        n = search_samples or max(256, 256_000 // steps)
+        options, record = search(gm, stats, neuron, options, subset.head(n), budget, steps, batch_size, dev)
     model_info = {"ref": model_ref, "kwargs": kwargs, "checkpoint": str(checkpoint),
                   "checkpoint_sha256": file_sha256(checkpoint)}
     input_info = {"shape": list(data.sample_shape), "normalize": {"mean": norm.mean, "std": norm.std},

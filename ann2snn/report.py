@@ -10,13 +10,14 @@ from pathlib import Path
 
 from rich.table import Table
 
-from . import __version__
+from . import __version__, neurons
 from .energy import PRESETS, ann_energy_pj, snn_energy_pj
 from .files import atomic_path, write_text
 from .simulate import SimulationResult
 
 ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real connection. SNN: one AC "
-                 "per synaptic event of a binary spike; layers fed with analog values cost MACs, the "
+                 "per synaptic event of a binary spike (IF, ASN), one MAC per event of a graded spike "
+                 "(VSN); layers fed with analog values cost MACs, the "
                  "constant input current once per sample. Memory access and neuron updates excluded.")
 MARGINS = (0.1, 0.2, 0.5, 1.0)
 
@@ -31,7 +32,8 @@ def build_report(sim: SimulationResult, meta: dict, neurons: dict[str, int], ann
     acc = (sim.correct.double() / n).tolist()
     cum_spikes = (sim.spikes.sum(0).cumsum(0) / n).tolist()
     cum_synops = (sim.synops.sum(0).cumsum(0) / n).tolist()
-    energy = snn_energy_pj(synops, input_macs, analog_macs_per_step, steps, preset)
+    spike_op = getattr(neurons.get(meta["neuron"]["type"]), "SPIKE_OP", "ac")
+    energy = snn_energy_pj(synops, input_macs, analog_macs_per_step, steps, preset, spike_op)
     rate = lambda s, units: s / max(units, 1) / steps * 1000.0  # noqa: E731
     sources = {layer["name"]: layer.get("source", "") for layer in meta["layers"]}
     layers = [{"name": name, "source": sources.get(name, ""), "neurons": neurons[name],
@@ -53,7 +55,7 @@ def build_report(sim: SimulationResult, meta: dict, neurons: dict[str, int], ann
         "ann": {**ann, "energy_pj_per_sample": ann_energy_pj(ann["macs_per_sample"], preset)},
         "snn": {"accuracy": acc[-1], "spikes_per_sample": spikes, "synops_per_sample": synops,
                 "firing_rate_hz": rate(spikes, total_neurons), "neurons": total_neurons,
-                "input_macs_per_sample": input_macs, "analog_macs_per_step": analog_macs_per_step,
+                "synaptic_event_op": spike_op.upper(), "input_macs_per_sample": input_macs, "analog_macs_per_step": analog_macs_per_step,
                 "energy_pj_per_sample": energy,
                 "first_timestep_within_points_of_ann": {m: w["first"] for m, w in within.items()},
                 "settled_timestep_within_points_of_ann": {m: w["settled"] for m, w in within.items()}},

@@ -110,3 +110,11 @@ def test_asn_budget_search_sweep_compare_and_finetune(run_cli, tiny_files):
     code, _, err = run_cli("calibrate", d / "ft.safetensors", "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
                            "--neuron", "asn", "--samples", 40, "-o", d / "asn_ft.json")
     assert code == 0, err
+
+
+def test_outputs_get_the_usual_permissions(run_cli, tiny_files):
+    import os
+    snn = _pipeline(run_cli, tiny_files)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (snn.stat().st_mode & 0o777) == 0o666 & ~umask

@@ -13,9 +13,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import UserError
-from . import asn, if_neuron
+from . import asn, if_neuron, vsn
 
-NEURONS: dict[str, ModuleType] = {"if": if_neuron, "asn": asn}
+NEURONS: dict[str, ModuleType] = {"if": if_neuron, "asn": asn, "vsn": vsn}
 
 
 def get(name: str) -> ModuleType:

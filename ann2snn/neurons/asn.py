@@ -239,3 +239,4 @@ def transfer_module(params: dict) -> TransferActivation:
 
 
 PRECISION = ("m_f", [0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6])  # searched by calibrate --budget
+DEFAULT_TIMESTEPS = 200  # steps a --budget search simulates

@@ -1,0 +1,116 @@
+"""Variable spiking neuron (VSN): Garg & Chakraborty, arXiv 2311.09267; equations as restated
+in science.md section 2. One step, for input z(t):
+
+    M(t) = beta M(t-1) + z(t)          memory, M(0) = 0
+    s(t) = H(M(t) - T)                 spike test against the threshold T
+    y(t) = sigma(z(t) s(t))            graded spike: it carries the value z(t)
+    M(t) = 0 where s(t) = 1            reset
+
+sigma is ReLU for a ReLU network (identity on the positive values that pass the gate). The
+spike is graded, so each synaptic event downstream is a multiply-accumulate. With Ts time
+steps the input is repeated and the output averaged (the readout sums the output). At Ts = 1,
+y = z [z >= T]: exactly ReLU outside (0, T), 0 inside; T = 0 reproduces the ReLU layer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..simulate import Readout
+
+
+class VSNParams(NamedTuple):
+    beta: float
+    threshold: torch.Tensor  # scalar or per channel
+
+
+class VSNState(NamedTuple):
+    m: torch.Tensor
+
+
+def vsn_init(z: torch.Tensor) -> VSNState:
+    return VSNState(torch.zeros_like(z))
+
+
+def vsn_step(z: torch.Tensor, state: VSNState, p: VSNParams) -> tuple[torch.Tensor, torch.Tensor, VSNState]:
+    """Advance one step; returns (events: spikes that carry a non-zero value, output y, state)."""
+    m = p.beta * state.m + z
+    fired = m >= p.threshold
+    y = torch.where(fired, z.clamp(min=0), torch.zeros_like(z))
+    return (y > 0).to(z.dtype), y, VSNState(torch.where(fired, torch.zeros_like(m), m))
+
+
+def vsn_transfer_one_step(z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Output at Ts = 1: relu(z) [z >= T]."""
+    return torch.where(z >= threshold, z.clamp(min=0), torch.zeros_like(z))
+
+
+class VSNNeuron(nn.Module):
+    """Stateful wrapper of ``vsn_step``; keeps the last step's events for accounting."""
+
+    def __init__(self, threshold: float | list, beta: float = 0.9):
+        super().__init__()
+        self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32))
+        self.beta = float(beta)
+        self.state: VSNState | None = None
+        self.spikes: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.state, self.spikes = None, None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        t = self.threshold.view((-1,) + (1,) * (z.dim() - 2)) if self.threshold.dim() else self.threshold
+        if self.state is None:
+            self.state = vsn_init(z)
+        self.spikes, y, self.state = vsn_step(z, self.state, VSNParams(self.beta, t))
+        return y
+
+
+# --- converter hooks ---------------------------------------------------------------------
+DEFAULTS = {"beta": 0.9, "threshold": 0.0, "tradeoff": None, "percentile": 99.9}
+DEFAULT_TIMESTEPS = 1
+SPIKE_OP = "mac"  # a graded spike costs a multiply-accumulate per synaptic event
+PRECISION = ("tradeoff", [0.0] + [round(10 ** (k / 4), 6) for k in range(-20, 5)])
+
+
+def fit_threshold(sample: torch.Tensor, positive_fraction: float, neurons: int, tradeoff: float) -> float:
+    """T minimising  E[z^2 1(0 < z < T)] / E[z^2 1(z > 0)] + tradeoff x neurons x P(z >= T) / 1000,
+    i.e. relative added error plus the layer's spikes per step (in thousands) priced by the
+    trade-off; exact over every value of the calibration sample."""
+    if sample.numel() == 0 or tradeoff <= 0:
+        return 0.0
+    z = sample.double().sort().values
+    n = z.numel()
+    below = torch.cat([torch.zeros(1, dtype=z.dtype), torch.cumsum(z * z, 0)[:-1]])  # error with T = z[k]
+    rel_err = below / below[-1].clamp_min(1e-30) if n > 1 else below
+    activity = positive_fraction * (n - torch.arange(n, dtype=z.dtype)) / n
+    k = int(torch.argmin(rel_err + tradeoff * neurons * activity / 1000.0))
+    return float(z[k]) if k > 0 else 0.0
+
+
+def fit(stats: dict, options: dict) -> dict:
+    """Per-layer threshold: ``threshold`` as given, or fitted for ``tradeoff`` (set by --budget)."""
+    beta = float(options["beta"])
+    if not 0 <= beta < 1:
+        raise UserError(f"--param beta={beta}: must be in [0, 1)")
+    if options.get("tradeoff") is None:
+        threshold = float(options["threshold"])
+        if threshold < 0:
+            raise UserError(f"--param threshold={threshold}: must be >= 0")
+    else:
+        threshold = fit_threshold(stats.get("sample", torch.zeros(0)), stats.get("sample_positive_fraction", 1.0),
+                                  int(stats["neurons"]), float(options["tradeoff"]))
+    return {"threshold": threshold, "beta": beta}
+
+
+def build(params: dict) -> VSNNeuron:
+    return VSNNeuron(params["threshold"], params.get("beta", DEFAULTS["beta"]))
+
+
+def readout(options: dict) -> Readout:
+    """The output summed (averaged) over the Ts steps."""
+    return Readout(tau=None, start=int(options.get("start_ms", 0)))

@@ -1,0 +1,55 @@
+import math
+
+import torch
+
+from ann2snn.convert import normalize, spiking_layers, to_snn
+from ann2snn.neurons import vsn
+
+from conftest import tiny_cnn
+
+
+def test_one_step_vsn_with_zero_threshold_is_the_relu_network():
+    gm, _ = normalize(tiny_cnn())
+    snn = to_snn(gm, {name: vsn.VSNNeuron(0.0) for name in spiking_layers(gm)})
+    x = torch.rand(16, 1, 8, 8) - 0.3
+    with torch.no_grad():
+        assert torch.equal(snn(x), gm(x))
+
+
+def test_one_step_output_and_events():
+    m = vsn.VSNNeuron(threshold=0.5, beta=0.9)
+    z = torch.tensor([[-1.0, 0.0, 0.2, 0.5, 2.0]])
+    assert torch.equal(m(z), torch.tensor([[0.0, 0.0, 0.0, 0.5, 2.0]]))
+    assert torch.equal(m.spikes, torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]]))
+    assert torch.equal(vsn.vsn_transfer_one_step(z, torch.tensor(0.5)), m(z) * 0 + torch.tensor([[0.0, 0.0, 0.0, 0.5, 2.0]]))
+
+
+def _closed_form(z: float, T: float, beta: float, steps: int) -> float:
+    """Mean output over ``steps`` for constant z (science.md section 2): every step if z >= T,
+    never if z <= T (1 - beta), else once every k steps, k the first with z (1-beta^k)/(1-beta) >= T."""
+    if z >= T:
+        return z
+    if z <= T * (1 - beta):
+        return 0.0
+    k = math.ceil(math.log(1 - T * (1 - beta) / z) / math.log(beta))
+    return z * (steps // k) / steps
+
+
+def test_multi_step_output_matches_the_closed_form():
+    T, beta, steps = 1.0, 0.9, 12
+    z = torch.linspace(0.02, 1.5, 150, dtype=torch.float64)
+    m = vsn.VSNNeuron(T, beta)
+    total = sum(m(z.view(1, -1)) for _ in range(steps))
+    expected = torch.tensor([_closed_form(float(v), T, beta, steps) for v in z], dtype=torch.float64)
+    assert torch.allclose(total.view(-1) / steps, expected, atol=1e-6)
+
+
+def test_threshold_fit_trades_error_for_spikes():
+    torch.manual_seed(0)
+    sample = torch.relu(torch.randn(20_000)) + 1e-3
+    sample = sample[sample > 0]
+    t = [vsn.fit_threshold(sample, 0.5, 1000, tr) for tr in (0.0, 0.01, 0.1, 1.0)]
+    assert t[0] == 0.0 and t == sorted(t) and t[-1] > t[1]
+    for T in t[1:]:  # the fit is the exact argmin over the sample
+        err = lambda x: float((sample.double() ** 2 * (sample < x)).sum() / (sample.double() ** 2).sum())  # noqa
+        assert err(T) < 1.0
