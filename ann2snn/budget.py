@@ -11,13 +11,13 @@ from torch import fx
 from . import neurons
 from .artifact import build_neurons
 from .convert import to_snn
-from .data import ImageData
+from .data import TensorData
 from .energy import fanout_maps
 from .errors import UserError
-from .simulate import simulate
+from .simulate import nmse, simulate
 
 
-def search(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dict, data: ImageData,
+def search(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dict, data: TensorData,
            budget: float, timesteps: int, batch_size: int, device: torch.device) -> tuple[dict, dict]:
     """Returns (options with the chosen knob value, a record of every candidate)."""
     kind = neurons.get(neuron)
@@ -28,6 +28,8 @@ def search(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dic
     if timesteps <= 0:
         raise UserError(f"--timesteps {timesteps}: must be positive")
     knob, values = kind.PRECISION
+    regression = data.task == "regression"
+    metric = "nmse" if regression else "accuracy"
     layers = list(stats)
     fan = fanout_maps(gm, data.sample_shape)
     tried = []
@@ -39,10 +41,11 @@ def search(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dic
         if readout.start >= timesteps:
             readout = type(readout)(readout.tau, 0)
         sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout)
-        tried.append({knob: value, "spikes_per_sample": float(sim.spikes.sum()) / len(data),
-                      "accuracy": float(sim.correct[-1]) / len(data)})
+        quality = nmse(float(sim.metric[-1]), data) if regression else float(sim.metric[-1]) / len(data)
+        tried.append({knob: value, "spikes_per_sample": float(sim.spikes.sum()) / len(data), metric: quality})
     within = [t for t in tried if t["spikes_per_sample"] <= budget]
-    chosen = max(within, key=lambda t: (t["accuracy"], -t["spikes_per_sample"])) if within else \
+    sign = -1 if regression else 1  # higher accuracy, lower NMSE
+    chosen = max(within, key=lambda t: (sign * t[metric], -t["spikes_per_sample"])) if within else \
         min(tried, key=lambda t: t["spikes_per_sample"])
     record = {"budget_spikes_per_sample": budget, "timesteps": timesteps, "samples": len(data), "knob": knob,
               "candidates": tried, "chosen": chosen, "budget_met": bool(within)}

@@ -19,7 +19,7 @@ from torch import fx
 
 from . import __version__, neurons
 from .convert import Slot, layer_sources, spiking_layers
-from .data import ImageData
+from .data import TensorData
 from .errors import UserError
 from .files import write_text
 
@@ -99,7 +99,7 @@ class ExactQuantile:
         self._begin()
 
 
-def activation_stats(gm: fx.GraphModule, data: ImageData, percentile: float, batch_size: int = 256,
+def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, batch_size: int = 256,
                      device: str = "cpu") -> dict[str, dict]:
     """Run ``data`` through the normalised ANN; per ReLU slot: neurons, max, mean, exact percentile,
     and ``sample``, the positive activations of the first ``SAMPLE_IMAGES`` images (strided down

@@ -118,9 +118,9 @@ def _print_calibration(profile: dict, output: Path) -> None:
     if search:
         knob = search["knob"]
         for c in search["candidates"]:
-            mark = " <- chosen" if c is search["chosen"] or c == search["chosen"] else ""
-            console.print(f"  {knob}={c[knob]:<5g} {c['spikes_per_sample']:>10,.0f} spikes/sample "
-                          f"{100 * c['accuracy']:6.2f}%{mark}")
+            mark = " <- chosen" if c == search["chosen"] else ""
+            quality = f"{100 * c['accuracy']:6.2f}%" if "accuracy" in c else f"NMSE {c['nmse']:.4g}"
+            console.print(f"  {knob}={c[knob]:<9g} {c['spikes_per_sample']:>10,.0f} spikes/sample {quality}{mark}")
         if not search["budget_met"]:
             console.print(f"[yellow]no setting met {search['budget_spikes_per_sample']:,.0f} spikes per sample; "
                           "kept the sparsest[/]")
@@ -198,12 +198,13 @@ def _evaluate_with_progress(artifact: Path, dataset: str, timesteps: int, report
 def _print_report(result: dict, report_dir: Path) -> None:
     console.print(layer_table(result))
     console.print(summary_table(result))
-    within = result["snn"]["first_timestep_within_points_of_ann"]
-    settled = result["snn"]["settled_timestep_within_points_of_ann"]
-    console.print("steps to come within 0.1 / 0.2 / 0.5 / 1 points of the ANN: "
-                  + " / ".join(str(within[k]) if within[k] else "not reached" for k in ("0.1", "0.2", "0.5", "1.0"))
-                  + "; to stay within: "
-                  + " / ".join(str(settled[k]) if settled[k] else "no" for k in ("0.1", "0.2", "0.5", "1.0")))
+    within = result["snn"].get("first_timestep_within_points_of_ann")
+    settled = result["snn"].get("settled_timestep_within_points_of_ann")
+    if within:
+        console.print("steps to come within 0.1 / 0.2 / 0.5 / 1 points of the ANN: "
+                      + " / ".join(str(within[k]) if within[k] else "not reached" for k in ("0.1", "0.2", "0.5", "1.0"))
+                      + "; to stay within: "
+                      + " / ".join(str(settled[k]) if settled[k] else "no" for k in ("0.1", "0.2", "0.5", "1.0")))
     console.print(f"device {result['device']}, {result['timing']['image_steps_per_second']:,.0f} image-steps/s; "
                   f"wrote {report_dir}/report.json, curve.csv, accuracy_vs_spikes.png")
 

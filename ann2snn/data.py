@@ -1,16 +1,22 @@
-"""Data sets: torchvision's named image sets, an image folder, or a tensor file.
+"""Data sets: torchvision's named image sets, an image folder, a tensor file, or a generated
+regression set.
 
 A data set is named by a spec string:
   ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` (torchvision, under ``--data-dir``),
   ``folder:PATH`` (``torchvision.datasets.ImageFolder``),
-  ``PATH.safetensors`` / ``PATH.pt`` (tensors ``inputs`` [N, C, H, W] and ``targets`` [N];
-  uint8 inputs are scaled to [0, 1]).
+  ``PATH.safetensors`` / ``PATH.pt`` (tensors ``inputs`` [N, ...] and ``targets`` [N]; uint8
+  inputs are scaled to [0, 1]; integer targets are classes, floating-point ones make a
+  regression task),
+  ``feynman-i.6.2a``, ``feynman-i.9.18`` (AI Feynman equations, generated from a fixed seed:
+  10,000 training and 2,000 test samples; science.md section 2).
 Named sets are held in memory as uint8 tensors and sliced into batches directly, which is
 far faster than one PIL image at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +71,9 @@ class Normalize:
 
 
 @dataclass
-class ImageData:
-    """Images held in memory: ``inputs`` [N, C, H, W] (uint8 or float), ``targets`` [N]."""
+class TensorData:
+    """Samples held in memory: ``inputs`` [N, ...] (uint8 or float), ``targets`` [N] (class
+    indices, or real values when ``task`` is "regression", with ``num_classes`` 1 output)."""
 
     name: str
     split: str
@@ -74,6 +81,7 @@ class ImageData:
     targets: torch.Tensor
     num_classes: int
     normalize: Normalize = field(default_factory=Normalize)
+    task: str = "classification"
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -82,18 +90,18 @@ class ImageData:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.inputs.shape[1:])
 
-    def subset(self, indices: torch.Tensor) -> "ImageData":
-        return ImageData(self.name, self.split, self.inputs[indices], self.targets[indices],
-                         self.num_classes, self.normalize)
+    def subset(self, indices: torch.Tensor) -> "TensorData":
+        return dataclasses.replace(self, inputs=self.inputs[indices], targets=self.targets[indices])
 
-    def head(self, limit: int | None) -> "ImageData":
+    def head(self, limit: int | None) -> "TensorData":
         return self if limit is None or limit >= len(self) else self.subset(torch.arange(limit))
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self), batch_size):
             x = self.inputs[start:start + batch_size]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-            yield self.normalize(x), self.targets[start:start + batch_size].long()
+            y = self.targets[start:start + batch_size]
+            yield self.normalize(x), (y.float() if self.task == "regression" else y.long())
 
 
 def _missing(spec: str, root: Path) -> UserError:
@@ -103,7 +111,7 @@ def _missing(spec: str, root: Path) -> UserError:
     return UserError(f"--dataset {spec}: not found under {root}. Offline: {offline}; online: add --download")
 
 
-def _load_named(spec: str, split: str, root: Path, download: bool) -> ImageData:
+def _load_named(spec: str, split: str, root: Path, download: bool) -> TensorData:
     import torchvision
 
     cls_name, folder, classes = NAMED[spec]
@@ -117,10 +125,10 @@ def _load_named(spec: str, split: str, root: Path, download: bool) -> ImageData:
                         f"({type(exc).__name__}: {exc})") from None
     data = torch.as_tensor(ds.data)
     inputs = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
-    return ImageData(spec, split, inputs.contiguous(), torch.as_tensor(ds.targets), classes)
+    return TensorData(spec, split, inputs.contiguous(), torch.as_tensor(ds.targets), classes)
 
 
-def _load_tensor_file(spec: str, path: Path) -> ImageData:
+def _load_tensor_file(spec: str, path: Path) -> TensorData:
     from .checkpoint import read_state_dict
 
     if not path.is_file():
@@ -135,12 +143,16 @@ def _load_tensor_file(spec: str, path: Path) -> ImageData:
                         f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         raise UserError(f"--dataset {spec}: 'inputs' holds NaN or infinite values")
-    if targets.is_floating_point() or targets.min() < 0:
-        raise UserError(f"--dataset {spec}: 'targets' must be non-negative integer class indices")
-    return ImageData(path.name, "file", inputs, targets.long(), int(targets.max()) + 1)
+    if targets.is_floating_point():
+        if not torch.isfinite(targets).all():
+            raise UserError(f"--dataset {spec}: 'targets' holds NaN or infinite values")
+        return TensorData(path.name, "file", inputs, targets.float(), 1, task="regression")
+    if targets.min() < 0:
+        raise UserError(f"--dataset {spec}: 'targets' must be non-negative class indices or real values")
+    return TensorData(path.name, "file", inputs, targets.long(), int(targets.max()) + 1)
 
 
-def _load_folder(spec: str, path: Path) -> ImageData:
+def _load_folder(spec: str, path: Path) -> TensorData:
     import torchvision
     from torchvision.transforms.functional import pil_to_tensor
 
@@ -153,23 +165,46 @@ def _load_folder(spec: str, path: Path) -> ImageData:
     images = [pil_to_tensor(ds.loader(p)) for p, _ in ds.samples]
     if len({tuple(im.shape) for im in images}) != 1:
         raise UserError(f"--dataset {spec}: images differ in size or channels; resize them first")
-    return ImageData(path.name, "folder", torch.stack(images), torch.tensor(ds.targets), len(ds.classes))
+    return TensorData(path.name, "folder", torch.stack(images), torch.tensor(ds.targets), len(ds.classes))
+
+
+def _feynman(spec: str, split: str) -> TensorData:
+    """AI Feynman I.6.2a, f = exp(-theta^2 / 2) / sqrt(2 pi), theta ~ U[1, 3]; and I.9.18,
+    F = G m1 m2 / ((x2-x1)^2 + (y2-y1)^2 + (z2-z1)^2), m1, m2, G ~ U[1, 2], x1, y1, z1 ~ U[3, 4],
+    x2, y2, z2 ~ U[1, 2]; inputs in that order. Fixed seeds per split."""
+    n = 10_000 if split == "train" else 2_000
+    gen = torch.Generator().manual_seed({"train": 0, "test": 1}[split] + (100 if spec.endswith("9.18") else 0))
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
+    if spec == "feynman-i.6.2a":
+        theta = u(1, 3)
+        x, y = theta[:, None], torch.exp(-theta ** 2 / 2) / math.sqrt(2 * math.pi)
+    else:
+        m1, m2, g, x1, x2, y1, y2, z1, z2 = u(1, 2), u(1, 2), u(1, 2), u(3, 4), u(1, 2), u(3, 4), u(1, 2), u(3, 4), \
+            u(1, 2)
+        x = torch.stack([m1, m2, g, x1, x2, y1, y2, z1, z2], 1)
+        y = g * m1 * m2 / ((x2 - x1) ** 2 + (y2 - y1) ** 2 + (z2 - z1) ** 2)
+    return TensorData(spec, split, x.float(), y.float(), 1, task="regression")
+
+
+FEYNMAN = ("feynman-i.6.2a", "feynman-i.9.18")
 
 
 def open_dataset(spec: str, split: str = "test", root: str | Path | None = None, download: bool = False,
-                 normalize: Normalize | None = None) -> ImageData:
+                 normalize: Normalize | None = None) -> TensorData:
     """Open a data set by spec; ``split`` applies to named sets only."""
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(root) if root else default_data_dir()
     if spec in NAMED:
         data = _load_named(spec, split, root, download)
+    elif spec in FEYNMAN:
+        data = _feynman(spec, split)
     elif spec.startswith("folder:"):
         data = _load_folder(spec, Path(spec[len("folder:"):]))
     elif spec.endswith((".safetensors", ".pt", ".pth")):
         data = _load_tensor_file(spec, Path(spec))
     else:
-        raise UserError(f"--dataset {spec!r}: expected one of {', '.join(NAMED)}, folder:PATH, "
+        raise UserError(f"--dataset {spec!r}: expected one of {', '.join((*NAMED, *FEYNMAN))}, folder:PATH, "
                         "or a .safetensors/.pt tensor file")
     data.normalize = normalize or Normalize()
     if data.normalize.mean and len(data.normalize.mean) not in (1, data.sample_shape[0]):
@@ -178,7 +213,7 @@ def open_dataset(spec: str, split: str = "test", root: str | Path | None = None,
     return data
 
 
-def calibration_subset(data: ImageData, samples: int, seed: int) -> ImageData:
+def calibration_subset(data: TensorData, samples: int, seed: int) -> TensorData:
     """A fixed random subset: the same ``seed`` always draws the same images."""
     if samples <= 0:
         raise UserError(f"--samples {samples}: must be positive")

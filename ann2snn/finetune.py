@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from . import neurons
 from .convert import normalize, spiking_layers
-from .data import ImageData
+from .data import TensorData
 from .errors import UserError
 from .files import atomic_path
 from .simulate import ann_accuracy
@@ -42,7 +42,7 @@ def transfer_network(model: nn.Module, profile: dict) -> nn.Module:
     return with_transfer(gm, neurons.get(profile["neuron"]["type"]), profile["layers"])
 
 
-def finetune(model: nn.Module, profile: dict, train: ImageData, test: ImageData, epochs: int, lr: float,
+def finetune(model: nn.Module, profile: dict, train: TensorData, test: TensorData, epochs: int, lr: float,
              batch_size: int, seed: int, device: torch.device,
              on_epoch: Callable[[int, float], None] | None = None) -> dict[str, torch.Tensor]:
     """Train ``model`` with transfer activations; returns its new state dict (original keys)."""

@@ -143,21 +143,23 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         raise UserError(f"--dataset {dataset}: samples have shape {data.sample_shape}, the artifact expects {shape}")
     with torch.no_grad():
         classes = ann(torch.zeros((1, *shape))).shape[-1]
-    if int(data.targets.max()) >= classes:
+    if data.task == "classification" and int(data.targets.max()) >= classes:
         raise UserError(f"--dataset {dataset}: has class {int(data.targets.max())}, the network outputs {classes}")
+    metric = "nmse" if data.task == "regression" else "accuracy"
     layers = [layer["name"] for layer in meta["layers"]]
     fan = fanout_maps(ann, shape)
-    common = dict(neurons={name: int(fan[name].numel()) for name in layers},
-                  ann={"accuracy": None, "macs_per_sample": ann_macs(ann, shape)},
+    common = dict(units={name: int(fan[name].numel()) for name in layers},
+                  ann={metric: None, "macs_per_sample": ann_macs(ann, shape)},
                   dataset={"name": Path(dataset).name if Path(dataset).exists() else dataset, "split": data.split,
-                           "samples": len(data)},
+                           "samples": len(data), "task": data.task},
+                  metric_norm=float(((data.targets.double() - data.targets.double().mean()) ** 2).sum()),
                   device=str(dev), input_macs=float(fan["input"].sum()),
                   analog_macs_per_step=float(sum(f.sum() for k, f in fan.items() if k.endswith(":out"))),
                   preset=preset)
     if on_start:
         on_start(len(data) * len(runs))
-    common["ann"]["accuracy"] = ann_accuracy(ann, data, batch_size, dev)
-    if hasattr(kind, "transfer_module"):  # the accuracy the SNN tends to: ReLUs replaced by f
+    common["ann"][metric] = ann_accuracy(ann, data, batch_size, dev)
+    if hasattr(kind, "transfer_module") and metric == "accuracy":  # what the SNN tends to: ReLUs replaced by f
         common["ann"]["transfer_accuracy"] = ann_accuracy(with_transfer(ann, kind, meta["layers"]), data,
                                                           batch_size, dev)
     reports, elapsed = [], 0.0

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from .data import ImageData
+from .data import TensorData
 from .errors import UserError
 
 
@@ -60,14 +60,14 @@ class Readout:
 class SimulationResult:
     timesteps: int
     samples: int
-    correct: torch.Tensor  # [T] samples classified right by the readout after t+1 steps
+    metric: torch.Tensor  # [T] after t+1 steps: samples classified right, or (regression) summed squared error
     spikes: torch.Tensor  # [L, T] spikes emitted by layer l at step t, summed over samples
     synops: torch.Tensor  # [L, T] synaptic operations those spikes caused
     layers: list[str]
 
 
 @torch.inference_mode()
-def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Tensor], data: ImageData,
+def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Tensor], data: TensorData,
              timesteps: int, batch_size: int, device: torch.device, readout: Readout = Readout(),
              on_batch: Callable[[int], None] | None = None) -> SimulationResult:
     """Run every sample of ``data`` through ``snn`` for ``timesteps`` steps."""
@@ -76,7 +76,8 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
     neurons = spiking_modules(snn, layers)
     resettable = stateful_modules(snn)
     fan = [fanout[name].to(device).flatten() for name in layers]
-    correct = torch.zeros(timesteps, dtype=torch.long, device=device)
+    metric = torch.zeros(timesteps, dtype=torch.float64, device=device)
+    regression = data.task == "regression"
     spikes = torch.zeros(len(layers), timesteps, dtype=torch.float64, device=device)
     synops = torch.zeros_like(spikes)
     for x, y in data.batches(batch_size):
@@ -92,20 +93,35 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
                 r = (1 - decay) * out if r is None else decay * r + (1 - decay) * out
             if t >= readout.start:
                 total = r if total is None else total + r
-            correct[t] += ((total if t >= readout.start else r).argmax(1) == y).sum()
+            score = total / (t - readout.start + 1) if t >= readout.start else r
+            if regression:
+                metric[t] += ((score.reshape(len(y), -1)[:, 0].double() - y.double()) ** 2).sum()
+            else:
+                metric[t] += (score.argmax(1) == y).sum()
             for i, m in enumerate(neurons.values()):
                 per_unit = m.spikes.flatten(1).sum(0)
                 spikes[i, t] += per_unit.sum()
                 synops[i, t] += (per_unit * fan[i]).sum()
         if on_batch:
             on_batch(len(y))
-    return SimulationResult(timesteps, len(data), correct.cpu(), spikes.cpu(), synops.cpu(), list(layers))
+    return SimulationResult(timesteps, len(data), metric.cpu(), spikes.cpu(), synops.cpu(), list(layers))
 
 
 @torch.inference_mode()
-def ann_accuracy(ann: nn.Module, data: ImageData, batch_size: int, device: torch.device) -> float:
+def ann_accuracy(ann: nn.Module, data: TensorData, batch_size: int, device: torch.device) -> float:
+    """Accuracy of the ANN, or for a regression task its NMSE (see ``nmse``)."""
     ann = ann.to(device).eval()
-    correct = 0
+    total = 0.0
     for x, y in data.batches(batch_size):
-        correct += int((ann(x.to(device)).argmax(1) == y.to(device)).sum())
-    return correct / max(len(data), 1)
+        out, y = ann(x.to(device)), y.to(device)
+        if data.task == "regression":
+            total += float(((out.reshape(len(y), -1)[:, 0].double() - y.double()) ** 2).sum())
+        else:
+            total += int((out.argmax(1) == y).sum())
+    return nmse(total, data) if data.task == "regression" else total / max(len(data), 1)
+
+
+def nmse(squared_error: float, data: TensorData) -> float:
+    """Normalised mean squared error: sum (y_hat - y)^2 / sum (y - mean y)^2."""
+    y = data.targets.double()
+    return squared_error / max(float(((y - y.mean()) ** 2).sum()), 1e-30)

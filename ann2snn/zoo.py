@@ -41,6 +41,18 @@ def mlp(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, hidde
     )
 
 
+@register("regression_mlp")
+def regression_mlp(in_channels: int = 1, num_classes: int = 1, input_size: int = 1, hidden: int = 64,
+                   depth: int = 3) -> nn.Module:
+    """An MLP for vector inputs (``in_channels`` features) and ``num_classes`` real outputs."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_channels
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
 @register("lenet5")
 def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Module:
     """LeNet-5 with ReLU and average pooling: conv6-pool-conv16-pool-fc120-fc84-fc."""
@@ -158,6 +170,8 @@ def model_kwargs(ref: str, sample_shape: tuple[int, ...], num_classes: int, user
     """Constructor arguments: a zoo model gets the data's geometry, a user callable only ``user``."""
     kwargs: dict = {"user": dict(user or {})}
     if ref in _REGISTRY:
+        if len(sample_shape) == 1:  # vectors: features as channels
+            sample_shape = (sample_shape[0], 1, 1)
         if len(sample_shape) == 3 and sample_shape[1] != sample_shape[2]:
             raise UserError(f"--model {ref}: zoo models take square images, the data is {sample_shape}")
         kwargs.update(in_channels=int(sample_shape[0]), num_classes=int(num_classes),

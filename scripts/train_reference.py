@@ -44,25 +44,35 @@ def train(args: argparse.Namespace) -> dict:
         shuffled = train_set.subset(torch.randperm(len(train_set), generator=gen))
         for x, y in shuffled.batches(args.batch_size):
             x, y = x.to(device), y.to(device)
-            if args.augment:
+            if args.augment and x.dim() == 4:
                 shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
                 x = torch.roll(x, shifts=shift, dims=(2, 3))
-            loss = nn.functional.cross_entropy(model(x), y)
+            out = model(x)
+            loss = nn.functional.mse_loss(out.reshape(len(y), -1)[:, 0], y) if train_set.task == "regression" \
+                else nn.functional.cross_entropy(out, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
         acc = ann_accuracy(model, test_set, 1000, device)
         history.append(acc)
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.4f}, test accuracy {100 * acc:.2f}% "
+        shown = f"NMSE {acc:.5f}" if test_set.task == "regression" else f"accuracy {100 * acc:.2f}%"
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.4f}, test {shown} "
               f"({time.time() - start:.0f} s)", flush=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(args.output) as tmp:
         save_file(state, str(tmp), metadata={"model": args.model, "dataset": args.dataset})
     summary = {"model": args.model, "kwargs": kwargs, "dataset": args.dataset, "normalize": args.normalize,
-               "epochs": args.epochs, "seed": args.seed, "test_accuracy": history[-1], "history": history}
+               "epochs": args.epochs, "seed": args.seed, "task": test_set.task,
+               "test_accuracy" if test_set.task == "classification" else "test_nmse": history[-1], "history": history}
     write_text(Path(args.output).with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def test_metric(summary: dict) -> str:
+    if summary["task"] == "regression":
+        return f"NMSE {summary['test_nmse']:.5f}"
+    return f"accuracy {100 * summary['test_accuracy']:.2f}%"
 
 
 def main() -> None:
@@ -82,7 +92,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     summary = train(args)
-    print(f"wrote {args.output}: {args.model} on {args.dataset}, test accuracy {100 * summary['test_accuracy']:.2f}%")
+    print(f"wrote {args.output}: {args.model} on {args.dataset}, test {test_metric(summary)}")
 
 
 if __name__ == "__main__":

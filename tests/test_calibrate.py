@@ -5,7 +5,7 @@ import torch
 
 from ann2snn import calibrate as cal
 from ann2snn.convert import normalize
-from ann2snn.data import ImageData
+from ann2snn.data import TensorData
 
 from conftest import tiny_cnn
 
@@ -51,7 +51,7 @@ def test_quantile_in_heavy_tie_and_all_zero_cases():
 def test_activation_stats_exact_and_batch_size_independent():
     gm, _ = normalize(tiny_cnn())
     x = torch.rand(37, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    data = ImageData("t", "file", x, torch.zeros(37, dtype=torch.long), 3)
+    data = TensorData("t", "file", x, torch.zeros(37, dtype=torch.long), 3)
     s_small = cal.activation_stats(gm, data, 99.9, batch_size=5)
     s_big = cal.activation_stats(gm, data, 99.9, batch_size=64)
     acts = {}

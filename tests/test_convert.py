@@ -129,9 +129,9 @@ def test_gated_max_pool_passes_the_most_active_unit():
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_zoo_model_converts_exactly(name):
-    shape = (1, 28, 28) if name in ("mlp", "lenet5") else (3, 32, 32)
+    shape = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28), "regression_mlp": (9,)}.get(name, (3, 32, 32))
     torch.manual_seed(0)
-    model = _randomise_bn(resolve_model(name, {"in_channels": shape[0], "num_classes": 10, "input_size": shape[1]}))
+    model = _randomise_bn(resolve_model(name, {"in_channels": shape[0], "num_classes": 10, "input_size": shape[-1]}))
     gm, rows = normalize(model)
     x = torch.rand(2, *shape)
     with torch.no_grad():

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from ann2snn.convert import normalize, spiking_layers, to_snn
-from ann2snn.data import ImageData
+from ann2snn.data import TensorData
 from ann2snn.energy import ann_macs, fanout_maps
 from ann2snn.neurons.if_neuron import IFNeuron
 from ann2snn.report import build_report
@@ -27,7 +27,7 @@ def test_spike_accounting_on_a_hand_computed_case():
     #   unit 0: v = 0.8, 1.1*, 0.4, 0.7      -> spike at step 2
     #   unit 1: v = 1.05*, 0.6, 1.15*, 0.7   -> spikes at steps 1 and 3
     gm, snn = _hand_network()
-    data = ImageData("hand", "file", torch.tensor([[0.3, 0.55]] * 3), torch.zeros(3, dtype=torch.long), 1)
+    data = TensorData("hand", "file", torch.tensor([[0.3, 0.55]] * 3), torch.zeros(3, dtype=torch.long), 1)
     fan = fanout_maps(gm, (2,))
     assert fan["act0"].tolist() == [1.0, 1.0]  # each hidden unit drives one output synapse
     assert fan["input"].tolist() == [1.0, 1.0]  # identity weights: one real connection each
@@ -73,7 +73,7 @@ def test_snn_approaches_ann_with_time():
     x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         y = gm(x).argmax(1)
-    data = ImageData("t", "file", x, y, 3)
+    data = TensorData("t", "file", x, y, 3)
     sim = simulate(snn, layers, fanout_maps(gm, (1, 8, 8)), data, 200, 16, torch.device("cpu"))
-    assert sim.correct[-1] >= 36  # at least 90% agreement with the ANN after 200 steps
-    assert sim.correct[-1] >= sim.correct[4]
+    assert sim.metric[-1] >= 36  # at least 90% agreement with the ANN after 200 steps
+    assert sim.metric[-1] >= sim.metric[4]
