@@ -29,6 +29,7 @@ MAX_PASSES = 10
 SAMPLE_IMAGES = 256  # the first images' positive activations are kept for transfer fits
 SAMPLE_CAP = 400_000
 QUANTILES = 257
+CHANNEL_QUANTILES = 33
 PROFILE_FORMAT = "ann2snn-calibration"
 PROFILE_VERSION = 1
 
@@ -111,13 +112,16 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
     shapes: dict[str, tuple] = {}
     kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     entries = {name: 0 for name in layers}
+    channels: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     seen = {"images": 0, "first_pass": True}
     hooks = []
     for name in layers:
         def hook(_m, _inp, out, name=name):
             shapes[name] = tuple(out.shape[1:])
             if seen["first_pass"] and seen["images"] < SAMPLE_IMAGES:
-                head = out[:SAMPLE_IMAGES - seen["images"]].flatten()
+                head = out[:SAMPLE_IMAGES - seen["images"]]
+                channels[name].append(head.transpose(0, 1).reshape(head.shape[1], -1).float().cpu())
+                head = head.flatten()
                 kept[name].append(head[head > 0].float().cpu())
                 entries[name] += head.numel()
             if not quant[name].done:
@@ -143,8 +147,16 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
     return {name: {"neurons": math.prod(shapes[name]), "shape": list(shapes[name]), "max": q.max,
                    "mean": q.sum / max(q.n, 1), "percentile": q.value, "zero_fraction": q.zeros / max(q.n, 1),
                    "sample": _strided(torch.cat(kept[name]) if kept[name] else torch.zeros(0), SAMPLE_CAP),
-                   "sample_positive_fraction": sum(k.numel() for k in kept[name]) / max(entries[name], 1)}
+                   "sample_positive_fraction": sum(k.numel() for k in kept[name]) / max(entries[name], 1),
+                   "channel_values": _strided_columns(torch.cat(channels[name], 1), SAMPLE_CAP)}
             for name, q in quant.items()}
+
+
+def _strided_columns(values: torch.Tensor, cap: int) -> torch.Tensor:
+    if values.numel() <= cap:
+        return values
+    cols = max(cap // values.shape[0], 1)
+    return values[:, torch.linspace(0, values.shape[1] - 1, cols).long()]
 
 
 def _strided(values: torch.Tensor, cap: int) -> torch.Tensor:
@@ -160,7 +172,10 @@ def make_profile(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, option
     sources = layer_sources(gm)
     layers = [{"name": name, "source": sources[name], "neurons": s["neurons"], "shape": s["shape"],
                "stats": {**{k: s[k] for k in ("max", "mean", "percentile", "zero_fraction", "sample_positive_fraction")},
-                         "positive_quantiles": _quantiles(s["sample"])},
+                         "positive_quantiles": _quantiles(s["sample"]),
+                         "channel_positive_fraction": [float(f"{float((c > 0).float().mean()):.6g}")
+                                                       for c in s["channel_values"]],
+                         "channel_quantiles": [_quantiles(c[c > 0], CHANNEL_QUANTILES) for c in s["channel_values"]]},
                "params": kind.fit(s, options)} for name, s in stats.items()]
     return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "tool": f"ann2snn {__version__}",
             "model": model, "input": input_info, "data": data_info,

@@ -118,3 +118,33 @@ def test_outputs_get_the_usual_permissions(run_cli, tiny_files):
     umask = os.umask(0)
     os.umask(umask)
     assert (snn.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_regression_pipeline_reports_nmse(run_cli, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from ann2snn.zoo import resolve_model
+
+    torch.manual_seed(0)
+    model = resolve_model("regression_mlp", {"in_channels": 3, "num_classes": 1, "input_size": 1, "user": {"hidden": 8}})
+    x = torch.rand(50, 3)
+    with torch.no_grad():
+        y = model(x)[:, 0] + 0.01 * torch.randn(50)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    save_file({"inputs": x, "targets": y.contiguous()}, str(tmp_path / "d.safetensors"))
+    code, out, err = run_cli("calibrate", tmp_path / "m.safetensors", "-m", "regression_mlp", "--model-arg", "hidden=8",
+                             "-d", tmp_path / "d.safetensors", "--neuron", "vsn", "--budget", 10,
+                             "-o", tmp_path / "p.json", "--samples", 50)
+    assert code == 0, err
+    assert "NMSE" in out
+    code, _, err = run_cli("convert", tmp_path / "m.safetensors", "-c", tmp_path / "p.json", "-o", tmp_path / "s.st.safetensors")
+    assert code == 0, err
+    code, out, err = run_cli("evaluate", tmp_path / "s.st.safetensors", "-d", tmp_path / "d.safetensors", "-T", 1,
+                             "-r", tmp_path / "rep", "--sweep", "tradeoff=0")
+    assert code == 0, err
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["metric"] == "nmse" and "accuracy" not in report["snn"]
+    exact = report["variants"][0]["snn"]  # threshold 0 at one step reproduces the ANN
+    assert abs(exact["nmse"] - report["ann"]["nmse"]) < 1e-9
+    assert report["snn"]["synaptic_event_op"] == "MAC" and 0 < report["snn"]["spike_percent"] <= 100
+    assert report["snn"]["spikes_per_sample"] <= exact["spikes_per_sample"]

@@ -89,3 +89,27 @@ def test_normalize_parse_and_apply():
     assert torch.allclose(norm(torch.ones(1, 1, 2, 2)), torch.full((1, 1, 2, 2), 2.0))
     with pytest.raises(UserError, match="--normalize"):
         Normalize.parse("0.5")
+
+
+def test_feynman_sets_follow_their_equations_and_are_fixed():
+    import math
+    a = open_dataset("feynman-i.6.2a", "test")
+    theta = a.inputs[:, 0].double()
+    assert a.task == "regression" and a.sample_shape == (1,) and len(a) == 2000
+    assert torch.allclose(a.targets.double(), torch.exp(-theta ** 2 / 2) / math.sqrt(2 * math.pi), rtol=1e-5)
+    assert 1 <= theta.min() and theta.max() <= 3
+    b = open_dataset("feynman-i.9.18", "train")
+    m1, m2, g, x1, x2, y1, y2, z1, z2 = b.inputs.double().T
+    f = g * m1 * m2 / ((x2 - x1) ** 2 + (y2 - y1) ** 2 + (z2 - z1) ** 2)
+    assert b.sample_shape == (9,) and torch.allclose(b.targets.double(), f, rtol=1e-5)
+    assert torch.equal(open_dataset("feynman-i.9.18", "train").inputs, b.inputs)
+    assert not torch.equal(open_dataset("feynman-i.9.18", "test").inputs[:5], b.inputs[:5])
+
+
+def test_float_targets_make_a_regression_tensor_file(tmp_path):
+    path = tmp_path / "r.safetensors"
+    save_file({"inputs": torch.rand(8, 3), "targets": torch.rand(8)}, str(path))
+    data = open_dataset(str(path))
+    assert data.task == "regression"
+    _, y = next(data.batches(4))
+    assert y.dtype == torch.float32

@@ -71,29 +71,42 @@ class VSNNeuron(nn.Module):
 
 
 # --- converter hooks ---------------------------------------------------------------------
-DEFAULTS = {"beta": 0.9, "threshold": 0.0, "tradeoff": None, "percentile": 99.9}
+DEFAULTS = {"beta": 0.9, "threshold": 0.0, "tradeoff": None, "per_channel": True, "percentile": 99.9}
 DEFAULT_TIMESTEPS = 1
 SPIKE_OP = "mac"  # a graded spike costs a multiply-accumulate per synaptic event
-PRECISION = ("tradeoff", [0.0] + [round(10 ** (k / 4), 6) for k in range(-20, 5)])
+PRECISION = ("tradeoff", [0.0] + [round(10 ** (k / 4), 6) for k in range(-20, 13)])
 
 
-def fit_threshold(sample: torch.Tensor, positive_fraction: float, neurons: int, tradeoff: float) -> float:
-    """T minimising  E[z^2 1(0 < z < T)] / E[z^2 1(z > 0)] + tradeoff x neurons x P(z >= T) / 1000,
-    i.e. relative added error plus the layer's spikes per step (in thousands) priced by the
-    trade-off; exact over every value of the calibration sample."""
+def fit_threshold(sample: torch.Tensor, positive_fraction: float, neurons: float, tradeoff: float,
+                  reference: float | None = None) -> float:
+    """T minimising  E[z^2 1(0 < z < T)] / reference + tradeoff x neurons x P(z >= T) / 1000:
+    added error relative to ``reference`` (default: this sample's E[z^2 1(z > 0)]) plus the
+    spikes per step (in thousands) of ``neurons`` units priced by the trade-off; exact over
+    every value of the calibration sample of positive activations."""
     if sample.numel() == 0 or tradeoff <= 0:
         return 0.0
     z = sample.double().sort().values
     n = z.numel()
-    below = torch.cat([torch.zeros(1, dtype=z.dtype), torch.cumsum(z * z, 0)[:-1]])  # error with T = z[k]
-    rel_err = below / below[-1].clamp_min(1e-30) if n > 1 else below
+    energy = torch.cumsum(z * z, 0) * positive_fraction / n  # E[z^2 1(0 < z <= z_k)]
+    below = torch.cat([torch.zeros(1, dtype=z.dtype), energy[:-1]])  # added error with T = z[k]
+    rel_err = below / max(reference if reference is not None else float(energy[-1]), 1e-30)
     activity = positive_fraction * (n - torch.arange(n, dtype=z.dtype)) / n
     k = int(torch.argmin(rel_err + tradeoff * neurons * activity / 1000.0))
     return float(z[k]) if k > 0 else 0.0
 
 
+def _channel_samples(stats: dict) -> list[tuple[torch.Tensor, float]]:
+    """(positive values, positive fraction) per channel, from the calibration activations or,
+    when re-fitting from a profile, from its per-channel quantile tables."""
+    if "channel_values" in stats:
+        return [(c[c > 0], float((c > 0).float().mean())) for c in stats["channel_values"]]
+    return [(torch.tensor(q, dtype=torch.float32), f)
+            for q, f in zip(stats.get("channel_quantiles", []), stats.get("channel_positive_fraction", []))]
+
+
 def fit(stats: dict, options: dict) -> dict:
-    """Per-layer threshold: ``threshold`` as given, or fitted for ``tradeoff`` (set by --budget)."""
+    """Per-layer threshold: ``threshold`` as given, or fitted for ``tradeoff`` (set by --budget),
+    one per channel when ``per_channel`` (each channel's error counted against the layer's)."""
     beta = float(options["beta"])
     if not 0 <= beta < 1:
         raise UserError(f"--param beta={beta}: must be in [0, 1)")
@@ -101,9 +114,16 @@ def fit(stats: dict, options: dict) -> dict:
         threshold = float(options["threshold"])
         if threshold < 0:
             raise UserError(f"--param threshold={threshold}: must be >= 0")
-    else:
-        threshold = fit_threshold(stats.get("sample", torch.zeros(0)), stats.get("sample_positive_fraction", 1.0),
-                                  int(stats["neurons"]), float(options["tradeoff"]))
+        return {"threshold": threshold, "beta": beta}
+    tradeoff = float(options["tradeoff"])
+    channels = _channel_samples(stats) if options.get("per_channel", True) else []
+    if len(channels) > 1:
+        layer_energy = sum(float((v.double() ** 2).sum()) * f / max(v.numel(), 1) for v, f in channels)
+        per_unit = int(stats["neurons"]) / len(channels)
+        thresholds = [fit_threshold(v, f, per_unit, tradeoff, layer_energy) for v, f in channels]
+        return {"threshold": thresholds, "beta": beta}
+    threshold = fit_threshold(stats.get("sample", torch.zeros(0)), stats.get("sample_positive_fraction", 1.0),
+                              int(stats["neurons"]), tradeoff)
     return {"threshold": threshold, "beta": beta}
 
 
