@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -200,7 +201,11 @@ def fit_stats(layer: dict) -> dict:
 
 
 def save_profile(profile: dict, path: str | Path) -> None:
-    write_text(path, json.dumps(profile, indent=2) + "\n")
+    """Indented JSON with every list of plain values on one line (readable, diffable)."""
+    text = json.dumps(profile, indent=2)
+    text = re.sub(r"\[\n\s+([^\[\]{}]*?)\n\s+\]",
+                  lambda m: "[" + " ".join(line.strip() for line in m.group(1).splitlines()) + "]", text)
+    write_text(path, text + "\n")
 
 
 def load_profile(path: str | Path) -> dict:

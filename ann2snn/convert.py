@@ -212,7 +212,8 @@ def normalize(model: nn.Module, rewrite: bool = True) -> tuple[fx.GraphModule, l
 
 
 def _move_maxpools_after_relu(gm: fx.GraphModule, rows: list[Row]) -> None:
-    """``act(maxpool(x))`` -> ``maxpool(act(x))``; a max pool left on analog values is refused."""
+    """``act(maxpool(x))`` -> ``maxpool(act(x))``; a max pool on anything but spikes (slots, their
+    concatenation or reshaping) is refused."""
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), MAXPOOL):
             continue
@@ -226,9 +227,25 @@ def _move_maxpools_after_relu(gm: fx.GraphModule, rows: list[Row]) -> None:
             _replace(gm, act, node)
             row = next(r for r in rows if r.node == node.name)
             row.detail = "moved after the ReLU (they commute); rate-gated max pool on spikes"
-        elif not (isinstance(node.args[0], fx.Node) and _is_act(gm, node.args[0])):
+        elif not _carries_spikes(gm, node.args[0]):
             row = next(r for r in rows if r.node == node.name)
             row.status, row.detail = "unsupported", "max pool must follow a ReLU (pool spikes, not currents)"
+
+
+def _carries_spikes(gm: fx.GraphModule, node) -> bool:
+    """Whether ``node`` holds spiking-layer outputs: a slot, a max pool of them, or their
+    concatenation or reshaping."""
+    if not isinstance(node, fx.Node):
+        return False
+    if _is_act(gm, node) or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), MAXPOOL)):
+        return True
+    if node.op == "call_function" and node.target is torch.cat:
+        return all(_carries_spikes(gm, n) for n in node.args[0])
+    if (node.op == "call_method" and node.target in RESHAPE_METHODS) or \
+            (node.op == "call_module" and isinstance(gm.get_submodule(node.target), RESHAPE_MODULES)) or \
+            (node.op == "call_function" and node.target is torch.flatten):
+        return _carries_spikes(gm, node.args[0])
+    return False
 
 
 def _is_act(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -142,3 +142,23 @@ def test_every_zoo_model_converts_exactly(name):
 def test_tiny_model_slots_are_in_execution_order():
     gm, _ = normalize(tiny_cnn())
     assert spiking_layers(gm) == ["act0", "act1"]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "squeezenet1_0", "densenet121"])
+def test_torchvision_models_convert_exactly(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = _randomise_bn(getattr(torchvision.models, name)(num_classes=10))
+    gm, rows = normalize(model)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-4)
+    assert len(spiking_layers(gm)) == sum(r.status == "converted" for r in rows)
+
+
+def test_torchvision_relu6_model_is_refused_with_a_hint():
+    import torchvision
+
+    with pytest.raises(UserError, match="ReLU6.*replace ReLU6 by ReLU"):
+        normalize(torchvision.models.mobilenet_v2(num_classes=10))
