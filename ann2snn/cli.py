@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, pipeline
+from .arousal import ArousalPolicy
 from .convert import Row
 from .energy import DEFAULT_PRESET
 from .errors import UserError
@@ -163,6 +164,10 @@ def evaluate(
                                                                "e.g. m_f=0.1,0.2,0.3 (ASN)."),
     compare: Optional[List[str]] = typer.Option(None, "--compare", help="Also run another neuron type on the same "
                                                                         "network and calibration, e.g. if."),
+    arousal: Optional[str] = typer.Option(None, "--arousal", help="Per-input precision control for ASN, e.g. "
+                                                                  "'low=0.3,high=0.1,at=40,threshold=0.5' "
+                                                                  "('' for the defaults); also runs fixed low "
+                                                                  "and fixed high precision."),
     start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
                                                                    "[default: the neuron's: IF 0, ASN 200]."),
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
@@ -173,7 +178,8 @@ def evaluate(
     """
     _evaluate_with_progress(artifact, dataset, timesteps, report, split=split, limit=limit, batch_size=batch_size,
                             device=device, data_dir=data_dir, download=download, preset=energy, start_ms=start_ms,
-                            sweep=_sweep(sweep), compare=compare)
+                            sweep=_sweep(sweep), compare=compare,
+                            arousal=None if arousal is None else ArousalPolicy.parse(arousal))
 
 
 def _sweep(text: str | None) -> list[dict]:
@@ -198,6 +204,9 @@ def _evaluate_with_progress(artifact: Path, dataset: str, timesteps: int, report
 def _print_report(result: dict, report_dir: Path) -> None:
     console.print(layer_table(result))
     console.print(summary_table(result))
+    if "arousal" in result:
+        a = result["arousal"]
+        console.print(f"arousal: {a['description']}; {100 * a['fraction_aroused']:.1f}% of inputs aroused")
     within = result["snn"].get("first_timestep_within_points_of_ann")
     settled = result["snn"].get("settled_timestep_within_points_of_ann")
     if within:

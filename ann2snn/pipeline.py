@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from . import neurons
+from .arousal import ArousalController, ArousalPolicy
 from .artifact import build_neurons, load_artifact, save_artifact, variant
 from .budget import search
 from .calibrate import activation_stats, check_profile, load_profile, make_profile, save_profile
@@ -110,7 +111,7 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
              batch_size: int = 256, device: str = "auto", data_dir: str | Path | None = None,
              download: bool = False, preset: str = DEFAULT_PRESET, start_ms: int | None = None,
              sweep: list[dict] | None = None, compare: list[str] | None = None,
-             report_dir: str | Path | None = None,
+             arousal: ArousalPolicy | None = None, report_dir: str | Path | None = None,
              on_start: Callable[[int], None] | None = None,
              on_batch: Callable[[int], None] | None = None) -> dict:
     """Simulate the artifact on a data set and build (and, given ``report_dir``, write) the report.
@@ -132,10 +133,17 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
     kind = neurons.get(meta["neuron"]["type"])
     knob = getattr(kind, "PRECISION", (None,))[0]
     main_label = meta["neuron"]["type"].upper() + (f" {knob}={meta['neuron']['options'][knob]}" if knob else "")
-    runs = [(main_label, *variant(meta, None, {}))]
-    runs += [(f"{meta['neuron']['type'].upper()} {' '.join(f'{k}={v}' for k, v in o.items())}", *variant(meta, None, o))
-             for o in sweep or []]
-    runs += [(name.upper(), *variant(meta, name, {})) for name in compare or []]
+    runs = [(main_label, *variant(meta, None, {}), None)]
+    if arousal is not None:
+        if meta["neuron"]["type"] != "asn":
+            raise UserError(f"--arousal: needs an ASN artifact, {artifact} is {meta['neuron']['type'].upper()}")
+        controller = ArousalController(arousal)
+        runs = [("ASN arousal", *variant(meta, None, {"m_f": arousal.low}), controller),
+                (f"ASN m_f={arousal.low:g}", *variant(meta, None, {"m_f": arousal.low}), None),
+                (f"ASN m_f={arousal.high:g}", *variant(meta, None, {"m_f": arousal.high}), None)]
+    runs += [(f"{meta['neuron']['type'].upper()} {' '.join(f'{k}={v}' for k, v in o.items())}", *variant(meta, None, o),
+              None) for o in sweep or []]
+    runs += [(name.upper(), *variant(meta, name, {}), None) for name in compare or []]
     norm = Normalize(**meta["input"]["normalize"])
     data = open_dataset(dataset, split, data_dir, download, norm).head(limit)
     shape = tuple(meta["input"]["shape"])
@@ -163,7 +171,7 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         common["ann"]["transfer_accuracy"] = ann_accuracy(with_transfer(ann, kind, meta["layers"]), data,
                                                           batch_size, dev)
     reports, elapsed = [], 0.0
-    for label, neuron_meta, neuron_layers in runs:
+    for label, neuron_meta, neuron_layers, control in runs:
         kind = neurons.get(neuron_meta["type"])
         readout = kind.readout({**kind.DEFAULTS, **neuron_meta["options"],
                                 **({"start_ms": start_ms} if start_ms is not None else {})})
@@ -171,7 +179,7 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
             readout = type(readout)(readout.tau, 0)
         snn = to_snn(ann, build_neurons(neuron_meta, neuron_layers))
         start = time.perf_counter()
-        sim = simulate(snn, layers, fan, data, timesteps, batch_size, dev, readout, on_batch)
+        sim = simulate(snn, layers, fan, data, timesteps, batch_size, dev, readout, on_batch, control)
         elapsed += time.perf_counter() - start
         rep = build_report(sim, {"neuron": neuron_meta, "layers": neuron_layers}, **common)
         rep["readout"] = readout.describe()
@@ -181,6 +189,14 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
     report["artifact"] = {"path": Path(artifact).name, "model": meta["model"]["ref"]}
     report["variants"] = [{k: r[k] for k in ("label", "neuron", "neuron_options", "readout", "snn", "layers", "curve")}
                           for r in reports[1:]]
+    if arousal is not None:
+        pick = lambda r: {"label": r["label"], metric: r["snn"][metric],  # noqa: E731
+                          "spikes_per_sample": r["snn"]["spikes_per_sample"],
+                          "firing_rate_hz": r["snn"]["firing_rate_hz"]}
+        report["arousal"] = {"mechanism": "ASN precision (m_f, theta0, h) per input", "policy": vars(arousal),
+                             "description": arousal.describe(), "fraction_aroused": runs[0][3].fraction(),
+                             "with_arousal": pick(reports[0]), "fixed_low": pick(reports[1]),
+                             "fixed_high": pick(reports[2])}
     timing = {"seconds": round(elapsed, 3),
               "image_steps_per_second": round(len(data) * timesteps * len(runs) / elapsed, 1) if elapsed > 0
               else math.inf}

@@ -69,8 +69,9 @@ class SimulationResult:
 @torch.inference_mode()
 def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Tensor], data: TensorData,
              timesteps: int, batch_size: int, device: torch.device, readout: Readout = Readout(),
-             on_batch: Callable[[int], None] | None = None) -> SimulationResult:
-    """Run every sample of ``data`` through ``snn`` for ``timesteps`` steps."""
+             on_batch: Callable[[int], None] | None = None, controller=None) -> SimulationResult:
+    """Run every sample of ``data`` through ``snn`` for ``timesteps`` steps. A ``controller``
+    (e.g. arousal) is reset per batch and called after each step with the readout score."""
     decay = math.exp(-1.0 / readout.tau) if readout.tau else None
     snn = snn.to(device).eval()
     neurons = spiking_modules(snn, layers)
@@ -84,6 +85,8 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
         x, y = x.to(device), y.to(device)
         for m in resettable:
             m.reset()
+        if controller is not None:
+            controller.reset(len(y), device)
         r = total = None
         for t in range(timesteps):
             out = snn(x)
@@ -98,6 +101,8 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
                 metric[t] += ((score.reshape(len(y), -1)[:, 0].double() - y.double()) ** 2).sum()
             else:
                 metric[t] += (score.argmax(1) == y).sum()
+            if controller is not None:
+                controller(t, score, neurons.values())
             for i, m in enumerate(neurons.values()):
                 per_unit = m.spikes.flatten(1).sum(0)
                 spikes[i, t] += per_unit.sum()

@@ -72,3 +72,30 @@ def test_fitted_scale_beats_the_percentile_mapping():
     lam = asn.fit_scale(a, p, ref)
     loss = lambda s: float(((a - s * asn.measured_f(a / s, p)) ** 2).mean())  # noqa: E731
     assert loss(lam) <= loss(ref) and loss(lam) < 0.05 * float((a ** 2).mean())
+
+
+def test_arousal_switches_only_the_aroused_sample():
+    torch.manual_seed(0)
+    c = torch.rand(1, 3, 4, 4).repeat(2, 1, 1, 1) * 2  # two identical inputs
+    both = asn.ASNNeuron(0.3)
+    spikes = []
+    for t in range(30):
+        if t == 10:
+            both.set_precision(torch.tensor([True, False]), 0.1)
+        both(c)
+        spikes.append(both.spikes.clone())
+    spikes = torch.stack(spikes)
+    alone_low = asn.ASNNeuron(0.3)  # sample 1 by itself, never aroused
+    low = torch.stack([(alone_low(c[1:]), alone_low.spikes.clone())[1] for _ in range(30)])
+    assert torch.equal(spikes[:, 1:], low)
+    switched = asn.ASNNeuron(0.3)  # sample 0 by itself, precision raised at step 10
+    ref = []
+    for t in range(30):
+        if t == 10:
+            switched.p = asn.make_params(0.1)
+        switched(c[:1])
+        ref.append(switched.spikes.clone())
+    assert torch.equal(spikes[:, :1], torch.stack(ref))
+    assert torch.equal(spikes[:10, 0], spikes[:10, 1]) and not torch.equal(spikes[10:, 0], spikes[10:, 1])
+    both.reset()
+    assert both.p == both.base

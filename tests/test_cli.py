@@ -148,3 +148,25 @@ def test_regression_pipeline_reports_nmse(run_cli, tmp_path):
     assert abs(exact["nmse"] - report["ann"]["nmse"]) < 1e-9
     assert report["snn"]["synaptic_event_op"] == "MAC" and 0 < report["snn"]["spike_percent"] <= 100
     assert report["snn"]["spikes_per_sample"] <= exact["spikes_per_sample"]
+
+
+def test_arousal_reports_three_operating_points(run_cli, tiny_files):
+    d = tiny_files["dir"]
+    assert run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                   "--neuron", "asn", "--samples", 40, "-o", d / "asn.json")[0] == 0
+    assert run_cli("convert", tiny_files["checkpoint"], "-c", d / "asn.json", "-o", d / "asn.snn.safetensors")[0] == 0
+    code, out, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r", d / "rep",
+                             "--arousal", "low=0.45,high=0.1,at=10,threshold=1.0")
+    assert code == 0, err
+    a = json.loads((d / "rep" / "report.json").read_text())["arousal"]
+    assert a["fraction_aroused"] == 1.0  # threshold 1 arouses every input
+    assert a["fixed_low"]["spikes_per_sample"] < a["with_arousal"]["spikes_per_sample"]
+    assert "aroused" in out
+    code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep2",
+                           "--arousal", "low=0.45,high=0.1,at=10,threshold=0")
+    a = json.loads((d / "rep2" / "report.json").read_text())["arousal"]
+    assert a["fraction_aroused"] == 0.0
+    assert a["with_arousal"]["spikes_per_sample"] == a["fixed_low"]["spikes_per_sample"]
+    code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep3",
+                           "--arousal", "speed=3")
+    assert code == 2 and "--arousal 'speed=3'" in err

@@ -134,13 +134,28 @@ class ASNNeuron(nn.Module):
 
     def __init__(self, m_f: float, scale: float | list = 1.0, theta0: float | None = None, **taus: float):
         super().__init__()
-        self.p = make_params(m_f, theta0, **taus)
+        self.base = make_params(m_f, theta0, **taus)
+        self.taus = taus
+        self.p = self.base
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
         self.state: ASNState | None = None
         self.spikes: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.state, self.spikes = None, None
+        self.state, self.spikes, self.p = None, None, self.base
+
+    def set_precision(self, samples: torch.Tensor, m_f: float) -> None:
+        """From the next step on, the ``samples`` (a boolean mask over the batch) run with
+        adaptation speed ``m_f``: m_f, theta0 = m_f and h change together, so f stays
+        normalised; the others and every state variable carry on unchanged (arousal)."""
+        if self.state is None:
+            raise RuntimeError("set_precision needs a running simulation")
+        mask = samples.view((-1,) + (1,) * (self.state.s.dim() - 1)).to(self.state.s.device)
+        new = make_params(m_f, None, **self.taus)
+        like = dict(dtype=self.state.s.dtype, device=mask.device)
+        pick = {f: torch.where(mask, torch.as_tensor(getattr(new, f), **like), torch.as_tensor(getattr(self.p, f), **like))
+                for f in ("m_f", "theta0", "h", "h_out")}
+        self.p = self.p._replace(**pick)
 
     def _scale_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale.view((-1,) + (1,) * (x.dim() - 2)) if self.scale.dim() else self.scale

@@ -1,0 +1,80 @@
+"""Arousal: per-input precision control (AdSNN, Zambrano et al. 2019, science.md section 1).
+
+The network runs at low precision (high m_f). At a decision time - and optionally at later
+re-check times - each input whose readout is uncertain (the margin between its two highest
+softmax scores below ``threshold``) is aroused: every ASN layer switches that input to high
+precision (low m_f; theta0 and h follow) for the rest of the presentation, inside the batched
+simulation and without restarting it. Other inputs keep low precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ArousalPolicy:
+    low: float = 0.3  # m_f everyone starts with
+    high: float = 0.1  # m_f of aroused inputs
+    at: int = 40  # decision step (1 step = 1 ms)
+    recheck: tuple[int, ...] = field(default_factory=tuple)
+    threshold: float = 0.5  # arouse when top-1 minus top-2 softmax score is below this
+
+    @classmethod
+    def parse(cls, text: str) -> "ArousalPolicy":
+        """``low=0.3,high=0.1,at=40,threshold=0.5,recheck=80+120``."""
+        values: dict = {}
+        for item in filter(None, text.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or key not in cls.__dataclass_fields__:
+                raise UserError(f"--arousal {item!r}: expected KEY=VALUE with KEY one of "
+                                f"{', '.join(cls.__dataclass_fields__)}")
+            try:
+                values[key] = tuple(int(v) for v in value.split("+")) if key == "recheck" else \
+                    (int(value) if key == "at" else float(value))
+            except ValueError:
+                raise UserError(f"--arousal {item!r}: not a number") from None
+        policy = cls(**values)
+        if not (0 < policy.high <= 2 and 0 < policy.low <= 2 and policy.at >= 1 and 0 <= policy.threshold <= 1):
+            raise UserError(f"--arousal {text!r}: needs 0 < high, low <= 2, at >= 1, 0 <= threshold <= 1")
+        return policy
+
+    def describe(self) -> str:
+        checks = ", ".join(str(t) for t in (self.at, *self.recheck))
+        return (f"run at m_f {self.low:g}; at step(s) {checks}, inputs whose top-1 minus top-2 softmax "
+                f"readout score is below {self.threshold:g} switch every ASN layer to m_f {self.high:g}")
+
+
+class ArousalController:
+    """Called by the simulator after every step with the readout score (see ``simulate``)."""
+
+    def __init__(self, policy: ArousalPolicy):
+        self.policy = policy
+        self.aroused_total = 0
+        self.samples = 0
+        self.aroused: torch.Tensor | None = None
+
+    def reset(self, batch: int, device: torch.device) -> None:
+        if self.aroused is not None:
+            self.aroused_total += int(self.aroused.sum())
+        self.samples += batch
+        self.aroused = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def __call__(self, t: int, score: torch.Tensor, modules) -> None:
+        if t + 1 != self.policy.at and t + 1 not in self.policy.recheck:
+            return
+        top2 = torch.softmax(score.float(), 1).topk(2, dim=1).values
+        new = (top2[:, 0] - top2[:, 1] < self.policy.threshold) & ~self.aroused
+        if new.any():
+            for m in modules:
+                if hasattr(m, "set_precision"):
+                    m.set_precision(new, self.policy.high)
+        self.aroused |= new
+
+    def fraction(self) -> float:
+        total = self.aroused_total + (int(self.aroused.sum()) if self.aroused is not None else 0)
+        return total / max(self.samples, 1)
