@@ -37,9 +37,7 @@ def search(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dic
         opts = {**options, knob: value}
         params = [{"name": name, "params": kind.fit(stats[name], opts)} for name in layers]
         snn = to_snn(gm, build_neurons({"type": neuron, "options": opts}, params))
-        readout = kind.readout({**kind.DEFAULTS, **opts})
-        if readout.start >= timesteps:
-            readout = type(readout)(readout.tau, 0)
+        readout = kind.readout({**kind.DEFAULTS, **opts}).within(timesteps)
         sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout)
         quality = nmse(float(sim.metric[-1]), data) if regression else float(sim.metric[-1]) / len(data)
         tried.append({knob: value, "spikes_per_sample": float(sim.spikes.sum()) / len(data), metric: quality})

@@ -131,19 +131,7 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
     dev = resolve_device(device)
     ann, _, meta = load_artifact(artifact)
     kind = neurons.get(meta["neuron"]["type"])
-    knob = getattr(kind, "PRECISION", (None,))[0]
-    main_label = meta["neuron"]["type"].upper() + (f" {knob}={meta['neuron']['options'][knob]}" if knob else "")
-    runs = [(main_label, *variant(meta, None, {}), None)]
-    if arousal is not None:
-        if meta["neuron"]["type"] != "asn":
-            raise UserError(f"--arousal: needs an ASN artifact, {artifact} is {meta['neuron']['type'].upper()}")
-        controller = ArousalController(arousal)
-        runs = [("ASN arousal", *variant(meta, None, {"m_f": arousal.low}), controller),
-                (f"ASN m_f={arousal.low:g}", *variant(meta, None, {"m_f": arousal.low}), None),
-                (f"ASN m_f={arousal.high:g}", *variant(meta, None, {"m_f": arousal.high}), None)]
-    runs += [(f"{meta['neuron']['type'].upper()} {' '.join(f'{k}={v}' for k, v in o.items())}", *variant(meta, None, o),
-              None) for o in sweep or []]
-    runs += [(name.upper(), *variant(meta, name, {}), None) for name in compare or []]
+    runs = _runs(meta, sweep or [], compare or [], arousal, artifact)
     norm = Normalize(**meta["input"]["normalize"])
     data = open_dataset(dataset, split, data_dir, download, norm).head(limit)
     shape = tuple(meta["input"]["shape"])
@@ -172,11 +160,9 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
                                                           batch_size, dev)
     reports, elapsed = [], 0.0
     for label, neuron_meta, neuron_layers, control in runs:
-        kind = neurons.get(neuron_meta["type"])
-        readout = kind.readout({**kind.DEFAULTS, **neuron_meta["options"],
-                                **({"start_ms": start_ms} if start_ms is not None else {})})
-        if readout.start >= timesteps:
-            readout = type(readout)(readout.tau, 0)
+        run_kind = neurons.get(neuron_meta["type"])
+        readout = run_kind.readout({**run_kind.DEFAULTS, **neuron_meta["options"],
+                                    **({"start_ms": start_ms} if start_ms is not None else {})}).within(timesteps)
         snn = to_snn(ann, build_neurons(neuron_meta, neuron_layers))
         start = time.perf_counter()
         sim = simulate(snn, layers, fan, data, timesteps, batch_size, dev, readout, on_batch, control)
@@ -204,6 +190,26 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         write_report(report, report_dir, timing)
     report["timing"] = timing
     return report
+
+
+def _runs(meta: dict, sweep: list[dict], compare: list[str], arousal: ArousalPolicy | None,
+          artifact: str | Path) -> list[tuple]:
+    """(label, neuron description, layers, controller) of every simulation ``evaluate`` runs:
+    the artifact as converted (or, with arousal, at low precision under arousal control, then
+    fixed low and fixed high precision), then the sweep, then the other neuron types."""
+    base = meta["neuron"]["type"]
+    knob = getattr(neurons.get(base), "PRECISION", (None,))[0]
+    label = base.upper() + (f" {knob}={meta['neuron']['options'][knob]}" if knob else "")
+    runs = [(label, *variant(meta, None, {}), None)]
+    if arousal is not None:
+        if base != "asn":
+            raise UserError(f"--arousal: needs an ASN artifact, {artifact} is {base.upper()}")
+        runs = [("ASN arousal", *variant(meta, None, {"m_f": arousal.low}), ArousalController(arousal)),
+                (f"ASN m_f={arousal.low:g}", *variant(meta, None, {"m_f": arousal.low}), None),
+                (f"ASN m_f={arousal.high:g}", *variant(meta, None, {"m_f": arousal.high}), None)]
+    runs += [(f"{base.upper()} {' '.join(f'{k}={v}' for k, v in o.items())}", *variant(meta, None, o), None)
+             for o in sweep]
+    return runs + [(name.upper(), *variant(meta, name, {}), None) for name in compare]
 
 
 def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, output: str | Path, *, epochs: int = 2,

@@ -49,6 +49,10 @@ class Readout:
     tau: float | None = None
     start: int = 0
 
+    def within(self, timesteps: int) -> "Readout":
+        """This readout, reading from step 0 when ``start`` lies beyond the simulation."""
+        return self if self.start < timesteps else Readout(self.tau, 0)
+
     def describe(self) -> str:
         r = "output" if self.tau is None else f"output filtered with tau {self.tau:g} ms"
         return (f"argmax of the {r} summed over steps {self.start + 1}..t" if self.start
