@@ -24,7 +24,7 @@ from .simulate import ann_accuracy
 def with_transfer(gm: fx.GraphModule, kind, layers: list[dict]) -> fx.GraphModule:
     """A copy of ``gm`` with each ReLU slot replaced by its layer's transfer activation."""
     if not hasattr(kind, "transfer_module"):
-        raise UserError(f"neuron {kind.__name__.rsplit('.', 1)[-1]!r} has no transfer function (use asn)")
+        raise UserError(f"neuron {kind.NAME!r} has no transfer function to train with (use an asn profile)")
     slots = spiking_layers(gm)
     if [layer["name"] for layer in layers] != slots:
         raise UserError("the profile's layers do not match the model's ReLUs")

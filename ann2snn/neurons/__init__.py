@@ -5,7 +5,10 @@ function), a thin ``nn.Module``, and the two hooks the converter calls:
   ``build(params) -> nn.Module``      the spiking layer for those parameters
   ``readout(options) -> Readout``     how the output layer is read
 
-``DEFAULTS`` lists the network-wide options a calibration profile may set.
+``NAME`` is the ``--neuron`` value, ``DEFAULTS`` the network-wide options a calibration
+profile may set. Optional: ``PRECISION`` (knob and values that ``--budget`` searches),
+``DEFAULT_TIMESTEPS`` (steps a budget search simulates), ``SPIKE_OP`` ("ac" or "mac": the
+cost of one synaptic event), ``transfer_module`` (for transfer-aware fine-tuning).
 """
 
 from __future__ import annotations

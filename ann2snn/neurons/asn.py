@@ -175,6 +175,7 @@ from functools import lru_cache  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from ..simulate import Readout  # noqa: E402
 
+NAME = "asn"
 DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "readout_tau": 50.0, "start_ms": 200, "percentile": 99.9,
             "scale": "fit"}
 S_MAX = 16.0

@@ -73,6 +73,7 @@ class IFNeuron(nn.Module):
         return self.spikes * p.threshold
 
 
+NAME = "if"
 DEFAULTS = {"percentile": 99.9, "v_init": 0.5}
 
 

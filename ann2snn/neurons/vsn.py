@@ -71,6 +71,7 @@ class VSNNeuron(nn.Module):
 
 
 # --- converter hooks ---------------------------------------------------------------------
+NAME = "vsn"
 DEFAULTS = {"beta": 0.9, "threshold": 0.0, "tradeoff": None, "per_channel": True, "percentile": 99.9}
 DEFAULT_TIMESTEPS = 1
 SPIKE_OP = "mac"  # a graded spike costs a multiply-accumulate per synaptic event
