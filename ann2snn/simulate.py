@@ -1,10 +1,10 @@
 """Time-stepped simulation of a converted network, with exact spike accounting.
 
-Each step feeds the (constant) analog input to the SNN graph; every spiking layer advances its
-state once and keeps its binary spikes of that step, which are counted here: per layer and
-step, the number of spikes and the synaptic operations they cause (spikes x fan-out). The
-readout accumulates the network output over steps; the prediction at step t is the argmax of
-that sum (equivalently of the mean output so far).
+The input is constant, so everything that depends on it alone (the first layer's current
+W x + b) is computed once per batch (``split_static``); each step runs the rest of the graph,
+in which every spiking layer advances its state once and keeps that step's spikes. They are
+counted here: per layer and step, the spikes and the synaptic operations they cause (spikes x
+fan-out). The readout (``Readout``) turns the output layer into a prediction at every step.
 """
 
 from __future__ import annotations
@@ -85,15 +85,17 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
     regression = data.task == "regression"
     spikes = torch.zeros(len(layers), timesteps, dtype=torch.float64, device=device)
     synops = torch.zeros_like(spikes)
+    static, step = split_static(snn)
     for x, y in data.batches(batch_size):
         x, y = x.to(device), y.to(device)
+        constant = static(x)  # the input is constant: its currents are computed once per batch
         for m in resettable:
             m.reset()
         if controller is not None:
             controller.reset(len(y), device)
         r = total = None
         for t in range(timesteps):
-            out = snn(x)
+            out = step(*constant)
             if decay is None:
                 r = out
             else:
@@ -134,3 +136,31 @@ def nmse(squared_error: float, data: TensorData) -> float:
     """Normalised mean squared error: sum (y_hat - y)^2 / sum (y - mean y)^2."""
     y = data.targets.double()
     return squared_error / max(float(((y - y.mean()) ** 2).sum()), 1e-30)
+
+
+def split_static(snn: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split ``snn`` into (static, dynamic): ``static(x)`` computes once, per sample, every node
+    that depends only on the input (e.g. the first layer's constant current ``W x + b``) and
+    returns those the time-stepped part needs; ``dynamic(*static(x))`` is one time step and
+    equals ``snn(x)``."""
+    stateful = {name for name, m in snn.named_modules() if hasattr(m, "reset")}
+    static: set[fx.Node] = set()
+    for n in snn.graph.nodes:
+        if n.op == "output":
+            continue
+        inputs = n.all_input_nodes
+        if n.op == "placeholder" or (not (n.op == "call_module" and n.target in stateful)
+                                     and all(i in static for i in inputs)):
+            static.add(n)
+    boundary = [n for n in snn.graph.nodes if n in static and any(u not in static for u in n.users)]
+    head, tail = fx.Graph(), fx.Graph()
+    env_head: dict[fx.Node, fx.Node] = {}
+    for n in snn.graph.nodes:
+        if n in static:
+            env_head[n] = head.node_copy(n, lambda a: env_head[a])
+    head.output(tuple(env_head[n] for n in boundary))
+    env_tail = {n: tail.placeholder(f"static_{i}") for i, n in enumerate(boundary)}
+    for n in snn.graph.nodes:
+        if n not in static:
+            env_tail[n] = tail.node_copy(n, lambda a: env_tail[a])
+    return fx.GraphModule(snn, head), fx.GraphModule(snn, tail)

@@ -77,3 +77,20 @@ def test_snn_approaches_ann_with_time():
     sim = simulate(snn, layers, fanout_maps(gm, (1, 8, 8)), data, 200, 16, torch.device("cpu"))
     assert sim.metric[-1] >= 36  # at least 90% agreement with the ANN after 200 steps
     assert sim.metric[-1] >= sim.metric[4]
+
+
+def test_static_split_is_the_same_network():
+    from ann2snn.neurons.asn import ASNNeuron
+    from ann2snn.simulate import split_static
+
+    gm, _ = normalize(tiny_cnn())
+    layers = spiking_layers(gm)
+    x = torch.rand(5, 1, 8, 8)
+    for make in (lambda: IFNeuron(1.0), lambda: ASNNeuron(0.2, scale=0.5)):
+        full, split = to_snn(gm, {n: make() for n in layers}), to_snn(gm, {n: make() for n in layers})
+        static, step = split_static(split)
+        assert sum(1 for n in static.graph.nodes if n.op == "call_module") == 1  # the first conv only
+        constant = static(x)
+        with torch.no_grad():
+            for _ in range(12):
+                assert torch.equal(full(x), step(*constant))
