@@ -142,8 +142,8 @@ def summary_table(report: dict) -> Table:
     fmt = (lambda v: f"{100 * v:.2f}%") if metric == "accuracy" else (lambda v: f"{v:.4g}")  # noqa: E731
     table = Table(title=f"{report['neuron'].upper()} SNN, {report['timesteps']} steps, "
                         f"{report['dataset']['name']} {report['dataset']['split']} ({report['dataset']['samples']})")
-    for col in ("", metric if metric == "accuracy" else "NMSE", "spikes/sample", "spikes %", "SynOps or MACs/sample",
-                "rate (Hz)", "energy (uJ)"):
+    for col in ("", metric if metric == "accuracy" else "NMSE", "spikes/sample", "spikes %", "ops/sample",
+                "rate Hz", "energy uJ"):
         table.add_column(col, justify="right" if col else "left")
     table.add_row("ANN", fmt(ann[metric]), "-", "-", f"{ann['macs_per_sample']:,.0f} MACs", "-",
                   f"{ann['energy_pj_per_sample'] / 1e6:.3f}")
