@@ -230,8 +230,8 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     train = open_dataset(dataset, "train", data_dir, download, norm)
     test = open_dataset(dataset, "test", data_dir, download, norm)
     dev = resolve_device(device)
-    before = ann_accuracy(load_model(profile["model"]["ref"], profile["model"]["kwargs"], checkpoint, trust_pickle),
-                          test, 1000, dev)
+    before = ann_accuracy(model, test, 1000, dev)  # fine-tuning trains a traced copy: model stays as loaded
+    model.cpu()
     history: list[float] = []
 
     def epoch_done(epoch: int, acc: float) -> None:
