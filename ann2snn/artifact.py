@@ -19,6 +19,7 @@ from . import __version__, neurons
 from .calibrate import fit_stats
 from .convert import graph_signature, normalize, to_snn
 from .errors import UserError
+from .export import EXPORT_REF, read_export
 from .files import atomic_path
 from .zoo import resolve_model
 
@@ -68,8 +69,13 @@ def _digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_artifact(path: str | Path, snn: fx.GraphModule, meta: dict) -> None:
+ARCHIVE_KEY = "__export_archive__"  # a torch.export archive the network was converted from, as bytes
+
+
+def save_artifact(path: str | Path, snn: fx.GraphModule, meta: dict, archive: bytes | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in snn.state_dict().items()}
+    if archive is not None:
+        tensors[ARCHIVE_KEY] = torch.frombuffer(bytearray(archive), dtype=torch.uint8)
     meta = {"format": FORMAT, "version": VERSION, "tool": f"ann2snn {__version__}", **meta}
     meta_json = json.dumps(meta, sort_keys=True)
     with atomic_path(path) as tmp:
@@ -106,7 +112,12 @@ def load_artifact(path: str | Path) -> tuple[fx.GraphModule, fx.GraphModule, dic
     architecture it names no longer builds the same graph or the tensors do not fit."""
     meta, tensors = read_artifact(path)
     try:
-        model = resolve_model(meta["model"]["ref"], meta["model"]["kwargs"])
+        if meta["model"]["ref"] == EXPORT_REF:
+            if ARCHIVE_KEY not in tensors:
+                raise UserError("the torch.export archive it was converted from is missing")
+            model = read_export(tensors.pop(ARCHIVE_KEY).numpy().tobytes(), name=f"{path} (embedded archive)")
+        else:
+            model = resolve_model(meta["model"]["ref"], meta["model"]["kwargs"])
     except UserError as exc:
         raise UserError(f"{path}: cannot rebuild the architecture: {exc}") from None
     ann, _ = normalize(model)

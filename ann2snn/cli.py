@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -58,9 +59,10 @@ def _preflight(rows: list[Row]) -> Table:
 
 @app.command()
 def calibrate(
-    checkpoint: Path = typer.Argument(..., help="ANN weights: .safetensors, or a .pt/.pth state dict."),
-    model: str = typer.Option(..., "--model", "-m", help="Zoo name (mlp, lenet5, vgg_small, resnet_small) or "
-                                                       "package.module:callable."),
+    checkpoint: Path = typer.Argument(..., help="ANN weights: .safetensors or a .pt/.pth state dict; or a "
+                                                "torch.export archive (.pt2), which needs no --model."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name (mlp, lenet5, vgg_small, "
+                                                                  "resnet_small) or package.module:callable."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, cifar100, "
                                                            "folder:PATH or a .safetensors/.pt tensor file."),
     output: Path = typer.Option(..., "--output", "-o", help="Calibration profile to write (JSON)."),
@@ -298,12 +300,23 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit()
 
 
+class _Interrupted(Exception):
+    """Ctrl-C, raised past click (which would swallow a KeyboardInterrupt) to ``main``."""
+
+
+def _interrupt(signum, frame):
+    raise _Interrupted
+
+
 def main() -> None:
+    previous = signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except UserError as exc:
         print(f"ann2snn: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("ann2snn: interrupted; no partial output was written", file=sys.stderr)
+    except (_Interrupted, KeyboardInterrupt):
+        print("ann2snn: error: interrupted; no partial output was written", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)

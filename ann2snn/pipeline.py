@@ -20,6 +20,7 @@ from .convert import Row, graph_signature, normalize, spiking_layers, to_snn
 from .data import Normalize, calibration_subset, open_dataset
 from .energy import DEFAULT_PRESET, PRESETS, ann_macs, fanout_maps
 from .errors import UserError
+from .export import EXPORT_REF, SUFFIX, is_archive
 from .finetune import with_transfer
 from .report import build_report, write_report
 from .simulate import ann_accuracy, resolve_device, simulate
@@ -39,7 +40,7 @@ def neuron_options(neuron: str, overrides: dict) -> dict:
     return options
 
 
-def calibrate(checkpoint: str | Path, model_ref: str, dataset: str, output: str | Path | None = None, *, neuron: str = "if", overrides: dict | None = None,
+def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, output: str | Path | None = None, *, neuron: str = "if", overrides: dict | None = None,
               samples: int = 1000, seed: int = 0, split: str = "train", batch_size: int = 256,
               device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
               normalize_spec: str | None = None, user_args: dict | None = None,
@@ -51,10 +52,17 @@ def calibrate(checkpoint: str | Path, model_ref: str, dataset: str, output: str 
     (default: as many as 256,000 image-steps allow, at least 256)."""
     if batch_size <= 0:
         raise UserError(f"--batch-size {batch_size}: must be positive")
+    if budget is not None and not budget > 0:
+        raise UserError(f"--budget {budget:g}: must be a positive number of spikes per sample")
+    if timesteps is not None and timesteps <= 0:
+        raise UserError(f"--timesteps {timesteps}: must be positive")
     options = neuron_options(neuron, overrides or {})
+    model_ref = _model_ref(model_ref, checkpoint)
     norm = Normalize.parse(normalize_spec)
     data = open_dataset(dataset, split, data_dir, download, norm)
     subset = calibration_subset(data, samples, seed)
+    if model_ref == EXPORT_REF and user_args:
+        raise UserError(f"--model-arg: {checkpoint} is a torch.export archive; its architecture takes no arguments")
     kwargs = model_kwargs(model_ref, data.sample_shape, data.num_classes, user_args)
     model = load_model(model_ref, kwargs, checkpoint, trust_pickle)
     gm, rows = normalize(model)
@@ -81,6 +89,19 @@ def calibrate(checkpoint: str | Path, model_ref: str, dataset: str, output: str 
     return profile, rows
 
 
+def _model_ref(model_ref: str | None, checkpoint: str | Path) -> str:
+    """The architecture: given by ``--model``, or carried by a ``torch.export`` archive."""
+    if is_archive(checkpoint):
+        if model_ref not in (None, EXPORT_REF):
+            raise UserError(f"--model {model_ref}: {checkpoint} is a torch.export archive, which carries its own "
+                            "architecture; leave --model out")
+        return EXPORT_REF
+    if model_ref is None:
+        raise UserError(f"--model: required for {checkpoint} (a zoo name or package.module:callable); only "
+                        f"a torch.export archive ({SUFFIX}) carries its own architecture")
+    return model_ref
+
+
 def _check_runs(gm: torch.nn.Module, shape: tuple[int, ...], dataset: str) -> None:
     try:
         with torch.no_grad():
@@ -101,9 +122,10 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
     gm, rows = normalize(model)
     check_profile(profile, gm, file_sha256(checkpoint), calibration)
     snn = to_snn(gm, build_neurons(profile["neuron"], profile["layers"]))
+    archive = Path(checkpoint).read_bytes() if ref == EXPORT_REF else None  # the architecture travels along
     meta = {"model": profile["model"], "graph": graph_signature(gm), "input": profile["input"],
             "neuron": profile["neuron"], "layers": profile["layers"], "calibration": profile["data"]}
-    save_artifact(output, snn, meta)
+    save_artifact(output, snn, meta, archive)
     return meta, rows
 
 
@@ -198,6 +220,8 @@ def _runs(meta: dict, sweep: list[dict], compare: list[str], arousal: ArousalPol
     the artifact as converted (or, with arousal, at low precision under arousal control, then
     fixed low and fixed high precision), then the sweep, then the other neuron types."""
     base = meta["neuron"]["type"]
+    for name in compare:
+        neurons.get(name, "--compare")
     knob = getattr(neurons.get(base), "PRECISION", (None,))[0]
     label = base.upper() + (f" {knob}={meta['neuron']['options'][knob]}" if knob else "")
     runs = [(label, *variant(meta, None, {}), None)]
@@ -224,6 +248,9 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     if lr <= 0:
         raise UserError(f"--lr {lr}: must be positive")
     profile = load_profile(calibration)
+    if profile["model"]["ref"] == EXPORT_REF:
+        raise UserError(f"{checkpoint}: fine-tuning needs the model's code (--model); a torch.export archive "
+                        "holds an inference graph only")
     model = load_model(profile["model"]["ref"], profile["model"]["kwargs"], checkpoint, trust_pickle)
     check_profile(profile, normalize(model)[0], file_sha256(checkpoint), calibration)
     norm = Normalize(**profile["input"]["normalize"])

@@ -3,6 +3,7 @@ summary table. One step is 1 ms, so a rate in Hz is spikes / neuron / step x 100
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -12,7 +13,7 @@ from rich.table import Table
 
 from . import __version__, neurons
 from .energy import PRESETS, ann_energy_pj, snn_energy_pj
-from .files import atomic_path, write_text
+from .files import atomic_path
 from .simulate import SimulationResult
 
 ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real connection. SNN: one AC "
@@ -84,20 +85,24 @@ def within_margin(curve: list[dict], ann_accuracy: float, points: float) -> dict
 
 
 def write_report(report: dict, directory: str | Path, timing: dict | None = None) -> list[Path]:
-    """Write the three report files atomically; returns their paths."""
+    """Write the three report files; all are written to temporary files first and renamed only
+    when all are whole, ``report.json`` last, so an interrupted run leaves no report. Returns
+    their paths."""
     directory = Path(directory)
     paths = [directory / "report.json", directory / "curve.csv", directory / "accuracy_vs_spikes.png"]
-    write_text(paths[0], json.dumps({**report, "timing": timing or {}}, indent=2) + "\n")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(report["curve"][0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(report["curve"])
-    write_text(paths[1], buf.getvalue())
-    series = [(report.get("label", report["neuron"].upper()), report["curve"])]
-    series += [(v["label"], v["curve"]) for v in report.get("variants", [])]
-    plot(series, report["ann"][report.get("metric", "accuracy")], paths[2],
-         f"{report['dataset']['name']} ({report['dataset']['samples']} samples), {report['timesteps']} steps",
-         report.get("metric", "accuracy"))
+    with contextlib.ExitStack() as stack:  # exits in reverse: report.json is renamed last
+        json_tmp, csv_tmp, png_tmp = (stack.enter_context(atomic_path(p)) for p in paths)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(report["curve"][0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(report["curve"])
+        csv_tmp.write_text(buf.getvalue())
+        series = [(report.get("label", report["neuron"].upper()), report["curve"])]
+        series += [(v["label"], v["curve"]) for v in report.get("variants", [])]
+        plot(series, report["ann"][report.get("metric", "accuracy")], png_tmp,
+             f"{report['dataset']['name']} ({report['dataset']['samples']} samples), {report['timesteps']} steps",
+             report.get("metric", "accuracy"))
+        json_tmp.write_text(json.dumps({**report, "timing": timing or {}}, indent=2) + "\n")
     return paths
 
 

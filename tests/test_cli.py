@@ -170,3 +170,27 @@ def test_arousal_reports_three_operating_points(run_cli, tiny_files):
     code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep3",
                            "--arousal", "speed=3")
     assert code == 2 and "--arousal 'speed=3'" in err
+
+
+def test_torch_export_archive_needs_no_model_code(run_cli, tiny_files):
+    import torch
+
+    d = tiny_files["dir"]
+    model = tiny_cnn()
+    archive = d / "tiny.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 1, 8, 8),)), str(archive))
+    code, out, err = run_cli("calibrate", archive, "-d", tiny_files["data"], "--samples", 40, "-o", d / "p.json")
+    assert code == 0, err
+    code, out, err = run_cli("convert", archive, "-c", d / "p.json", "-o", d / "snn.safetensors")
+    assert code == 0, err
+    assert "folded into conv" in out and "spiking layer act1" in out
+    archive.unlink()  # the artifact carries the architecture with it
+    rep = d / "rep"
+    code, out, err = run_cli("evaluate", d / "snn.safetensors", "-d", tiny_files["data"], "-T", 48, "-r", rep,
+                             "--device", "cpu")
+    assert code == 0, err
+    report = json.loads((rep / "report.json").read_text())
+    assert report["ann"]["accuracy"] == 1.0 and report["snn"]["accuracy"] >= 0.85
+    assert [layer["name"] for layer in report["layers"]] == ["act0", "act1"]
+    code, out, _ = run_cli("info", d / "snn.safetensors")
+    assert code == 0 and "pt2" in out

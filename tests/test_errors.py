@@ -210,3 +210,146 @@ def test_not_an_artifact(run_cli, tiny_files):
     rep = f["dir"] / "rep"
     _assert_clean_error(*run_cli("evaluate", f["checkpoint"], "-d", f["data"], "-T", 4, "-r", rep),
                         "not an ann2snn SNN artifact", [rep / "report.json"])
+
+
+def test_infinite_weights(run_cli, tiny_files):
+    f = tiny_files
+    state = tiny_cnn().state_dict()
+    state["fc2.bias"][1] = float("inf")
+    bad = f["dir"] / "inf.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(bad))
+    _assert_clean_error(*run_cli(*_cal(f, ckpt=bad)), "'fc2.bias' holds NaN or infinite", [f["dir"] / "out.json"])
+
+
+def _archive(f, model=None):
+    path = f["dir"] / "model.pt2"
+    torch.export.save(torch.export.export(model or tiny_cnn(), (torch.zeros(2, 1, 8, 8),)), str(path))
+    return path
+
+
+def test_export_archive_with_code_in_a_pickle_is_refused(run_cli, tiny_files, monkeypatch):
+    import zipfile
+
+    f = tiny_files
+    monkeypatch.chdir(f["dir"])
+    good = _archive(f)
+    evil = f["dir"] / "evil.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if "sample_inputs" in item.filename:
+                data = pickle.dumps(Evil())
+            dst.writestr(item, data)
+    _assert_clean_error(*run_cli("calibrate", evil, "-d", f["data"], "-o", f["dir"] / "out.json"),
+                        "evil.pt2: refused to unpickle archive member", [f["dir"] / "out.json"])
+    assert not (f["dir"] / "EVIL_RAN").exists()
+
+
+def test_truncated_export_archive(run_cli, tiny_files):
+    f = tiny_files
+    bad = f["dir"] / "cut.pt2"
+    bad.write_bytes(_archive(f).read_bytes()[:2000])
+    _assert_clean_error(*run_cli("calibrate", bad, "-d", f["data"], "-o", f["dir"] / "out.json"),
+                        "cut.pt2: not a readable torch.export archive", [f["dir"] / "out.json"])
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        return self.fc(x * torch.sigmoid(x))
+
+
+def test_export_archive_with_an_unsupported_operation(run_cli, tiny_files):
+    f = tiny_files
+    path = _archive(f, Gated().eval())
+    _assert_clean_error(*run_cli("calibrate", path, "-d", f["data"], "-o", f["dir"] / "out.json"),
+                        "(Sigmoid): train with ReLU", [f["dir"] / "out.json"])
+
+
+def test_model_option_and_archives(run_cli, tiny_files):
+    f = tiny_files
+    path = _archive(f)
+    _assert_clean_error(*run_cli("calibrate", path, "-d", f["data"], "-o", f["dir"] / "out.json", "-m", "lenet5"),
+                        "model.pt2 is a torch.export archive", [f["dir"] / "out.json"])
+    _assert_clean_error(*run_cli("calibrate", f["checkpoint"], "-d", f["data"], "-o", f["dir"] / "out.json"),
+                        "--model: required for", [f["dir"] / "out.json"])
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--budget", "0", "-T", "4"], "--budget 0"),
+    (["--budget", "-5", "-T", "4"], "--budget -5"),
+    (["--batch-size", "0"], "--batch-size 0: must be positive"),
+])
+def test_zero_or_negative_budget_and_batch(run_cli, tiny_files, extra, match):
+    f = tiny_files
+    _assert_clean_error(*run_cli(*_cal(f, *extra)), match, [f["dir"] / "out.json"])
+
+
+def test_truncated_calibration_profile(run_cli, tiny_files):
+    f = tiny_files
+    _converted(run_cli, f)
+    profile = f["dir"] / "out.json"
+    profile.write_text(profile.read_text()[:200])
+    out = f["dir"] / "snn2.safetensors"
+    _assert_clean_error(*run_cli("convert", f["checkpoint"], "-c", profile, "-o", out), "out.json:", [out])
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--sweep", "tau=1,2"], "--sweep tau: not an option of neuron 'if'"),
+    (["--compare", "lif"], "--compare 'lif'"),
+    (["--arousal", ""], "--arousal: needs an ASN artifact"),
+    (["--start-ms", "9"], "--start-ms 9: must be in [0, timesteps)"),
+])
+def test_evaluation_variants_that_do_not_apply(run_cli, tiny_files, extra, match):
+    f = tiny_files
+    snn = _converted(run_cli, f)
+    rep = f["dir"] / "rep"
+    _assert_clean_error(*run_cli("evaluate", snn, "-d", f["data"], "-r", rep, "-T", 4, *extra), match,
+                        [rep / "report.json"])
+
+
+def test_ctrl_c_mid_evaluation_leaves_no_report(run_cli, tiny_files):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    f = tiny_files
+    snn = _converted(run_cli, f)
+    rep = f["dir"] / "rep"
+    argv = ["ann2snn", "evaluate", str(snn), "-d", str(f["data"]), "-T", "1000000", "-r", str(rep), "--device", "cpu"]
+    script = ("import sys, ann2snn.cli as cli; sys.argv = %r; print('ready', flush=True); cli.main()" % argv)
+    tests = str(Path(__file__).parent)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tests, env={**__import__("os").environ, "PYTHONPATH": tests})
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(2.0)  # inside the simulation: one sample takes far longer than this
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert err.strip() == "ann2snn: error: interrupted; no partial output was written"
+    assert not rep.exists() or not any(rep.iterdir())
+
+
+def test_interrupted_report_writing_leaves_nothing(run_cli, tiny_files, monkeypatch):
+    import ann2snn.report
+
+    f = tiny_files
+    snn = _converted(run_cli, f)
+    rep = f["dir"] / "rep"
+
+    def interrupted(*args, **kwargs):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ann2snn.report, "plot", interrupted)  # Ctrl-C while the plot is drawn
+    code, out, err = run_cli("evaluate", snn, "-d", f["data"], "-r", rep, "-T", 4, "--device", "cpu")
+    assert code == 130 and err.strip() == "ann2snn: error: interrupted; no partial output was written"
+    assert not rep.exists() or not list(rep.iterdir())

@@ -21,7 +21,7 @@ from . import asn, if_neuron, vsn
 NEURONS: dict[str, ModuleType] = {"if": if_neuron, "asn": asn, "vsn": vsn}
 
 
-def get(name: str) -> ModuleType:
+def get(name: str, option: str = "--neuron") -> ModuleType:
     if name not in NEURONS:
-        raise UserError(f"--neuron {name!r}: expected one of {', '.join(NEURONS)}")
+        raise UserError(f"{option} {name!r}: expected one of {', '.join(NEURONS)}")
     return NEURONS[name]
