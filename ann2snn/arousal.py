@@ -58,6 +58,11 @@ class ArousalController:
         self.samples = 0
         self.aroused: torch.Tensor | None = None
 
+    @property
+    def decision_steps(self) -> tuple[int, ...]:
+        """Steps (1-based) after which it may change the network: a chunked simulation ends a chunk there."""
+        return (self.policy.at, *self.policy.recheck)
+
     def reset(self, batch: int, device: torch.device) -> None:
         if self.aroused is not None:
             self.aroused_total += int(self.aroused.sum())

@@ -124,7 +124,7 @@ def load_artifact(path: str | Path) -> tuple[fx.GraphModule, fx.GraphModule, dic
     if graph_signature(ann) != meta["graph"]:
         raise UserError(f"{path}: the architecture {meta['model']['ref']!r} no longer traces to the graph "
                         "this artifact was converted from")
-    snn = to_snn(ann, build_neurons(meta["neuron"], meta["layers"]))
+    snn = to_snn(ann, build_neurons(meta["neuron"], meta["layers"]), meta.get("maxpool", "gated"))
     own = snn.state_dict()
     if set(own) != set(tensors):
         diff = sorted(set(own) ^ set(tensors))[:4]

@@ -136,13 +136,17 @@ def convert(
     calibration: Path = typer.Option(..., "--calibration", "-c", help="Profile written by 'ann2snn calibrate'."),
     output: Path = typer.Option(..., "--output", "-o", help="SNN artifact to write (.safetensors)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture; must match the profile's."),
+    maxpool: str = typer.Option("gated", "--maxpool", help="Max pooling on spikes: gated (pass the unit that "
+                                                           "has fired most so far) or spikes (max of each step's "
+                                                           "spikes: cheaper, over-counts)."),
     trust_pickle: bool = TRUST,
 ):
     """Swap the ANN's ReLUs for spiking neurons and write the SNN artifact.
 
     Example: ann2snn convert lenet5.safetensors -m lenet5 -c lenet5.calib.json -o lenet5.snn.safetensors
     """
-    meta, rows = pipeline.convert(checkpoint, calibration, output, model_ref=model, trust_pickle=trust_pickle)
+    meta, rows = pipeline.convert(checkpoint, calibration, output, model_ref=model, trust_pickle=trust_pickle,
+                                  maxpool=maxpool)
     _print_conversion(meta, rows, output)
 
 
@@ -283,7 +287,7 @@ def info(artifact: Path = typer.Argument(..., help="SNN artifact.")):
     console.print(f"{artifact}: written by {meta['tool']}, format {meta['format']} v{meta['version']}")
     console.print(f"model {meta['model']['ref']} {meta['model']['kwargs']}, checkpoint {meta['model']['checkpoint']}")
     console.print(f"neuron {meta['neuron']['type']} {meta['neuron'].get('options', {})}; input {meta['input']['shape']}"
-                  f"; calibrated on {meta['calibration']}")
+                  f"; calibrated on {meta['calibration']}; max pooling {meta.get('maxpool', 'gated')}")
     table = Table()
     for col in ("layer", "after", "neurons", "parameters"):
         table.add_column(col)

@@ -9,7 +9,7 @@ and that every later stage works on:
     ``clamp_min(0)`` - becomes a call of a ``nn.ReLU`` submodule ``act<i>``: the slots that
     ``to_snn`` fills with spiking neurons.
   * ``maxpool -> relu`` becomes ``relu -> maxpool`` (they commute), so max pooling always acts
-    on spikes; in the SNN it is a rate-gated max pool (see ``GatedMaxPool``).
+    on spikes; in the SNN it is rate-gated (``GatedMaxPool``) or a plain max (``MAXPOOL_MODES``).
 Every node gets a row in the pre-flight table; any unsupported node stops the conversion.
 """
 
@@ -192,7 +192,7 @@ def normalize(model: nn.Module, rewrite: bool = True) -> tuple[fx.GraphModule, l
                 or (node.op == "call_function" and node.target in SHAPE_FUNCTIONS):
             rows.append(Row(node.name, desc, "kept", "reshape"))
         elif isinstance(mod, MAXPOOL):
-            rows.append(Row(node.name, desc, "rewritten", "rate-gated max pool on spikes"))
+            rows.append(Row(node.name, desc, "rewritten", "max pool on spikes"))
         else:
             key = (type(mod).__name__ if mod is not None else getattr(node.target, "__name__", str(node.target))).lower()
             hint = next((h for k, h in HINTS.items() if k in key), "no spiking equivalent")
@@ -226,7 +226,7 @@ def _move_maxpools_after_relu(gm: fx.GraphModule, rows: list[Row]) -> None:
             node.args = (new_act,) + tuple(node.args[1:])
             _replace(gm, act, node)
             row = next(r for r in rows if r.node == node.name)
-            row.detail = "moved after the ReLU (they commute); rate-gated max pool on spikes"
+            row.detail = "moved after the ReLU (they commute); max pool on spikes"
         elif not _carries_spikes(gm, node.args[0]):
             row = next(r for r in rows if r.node == node.name)
             row.status, row.detail = "unsupported", "max pool must follow a ReLU (pool spikes, not currents)"
@@ -293,9 +293,19 @@ class GatedMaxPool(nn.Module):
         return flat.gather(2, idx.flatten(2)).view(idx.shape)
 
 
-def to_snn(gm: fx.GraphModule, neurons: dict[str, nn.Module]) -> fx.GraphModule:
-    """Copy a normalised graph, filling each ReLU slot with its spiking neuron module and each
-    max pool (which now always follows a slot) with a ``GatedMaxPool``."""
+MAXPOOL_MODES = {
+    "gated": "rate-gated: each window passes the unit with the most output so far (Rueckauer et al. 2017)",
+    "spikes": "max of the window's outputs at each step: for binary spikes, a spike when any input spikes",
+}
+
+
+def to_snn(gm: fx.GraphModule, neurons: dict[str, nn.Module], maxpool: str = "gated") -> fx.GraphModule:
+    """Copy a normalised graph, filling each ReLU slot with its spiking neuron module; each max
+    pool (which now always follows a slot) becomes a ``GatedMaxPool`` (``maxpool='gated'``) or
+    stays a plain max over the step's spikes (``'spikes'``: cheaper, over-counts when several
+    inputs of a window spike in turn)."""
+    if maxpool not in MAXPOOL_MODES:
+        raise UserError(f"--maxpool {maxpool!r}: expected one of {', '.join(MAXPOOL_MODES)}")
     snn = copy.deepcopy(gm)
     missing = set(spiking_layers(gm)) - set(neurons)
     if missing:
@@ -303,7 +313,7 @@ def to_snn(gm: fx.GraphModule, neurons: dict[str, nn.Module]) -> fx.GraphModule:
     for name, module in neurons.items():
         snn.add_submodule(name, module)
     for n in snn.graph.nodes:
-        if n.op == "call_module" and isinstance(snn.get_submodule(n.target), MAXPOOL):
+        if maxpool == "gated" and n.op == "call_module" and isinstance(snn.get_submodule(n.target), MAXPOOL):
             snn.add_submodule(n.target, GatedMaxPool(snn.get_submodule(n.target)))
     snn.recompile()
     return snn

@@ -16,7 +16,7 @@ from .artifact import build_neurons, load_artifact, save_artifact, variant
 from .budget import search
 from .calibrate import activation_stats, check_profile, load_profile, make_profile, save_profile
 from .checkpoint import file_sha256, load_model
-from .convert import Row, graph_signature, normalize, spiking_layers, to_snn
+from .convert import MAXPOOL_MODES, Row, graph_signature, normalize, spiking_layers, to_snn
 from .data import Normalize, calibration_subset, open_dataset
 from .energy import DEFAULT_PRESET, PRESETS, ann_macs, fanout_maps
 from .errors import UserError
@@ -112,8 +112,11 @@ def _check_runs(gm: torch.nn.Module, shape: tuple[int, ...], dataset: str) -> No
 
 
 def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path, *, model_ref: str | None = None,
-            trust_pickle: bool = False) -> tuple[dict, list[Row]]:
-    """Swap the ANN's ReLUs for the profile's neurons and write the SNN artifact."""
+            trust_pickle: bool = False, maxpool: str = "gated") -> tuple[dict, list[Row]]:
+    """Swap the ANN's ReLUs for the profile's neurons and write the SNN artifact; ``maxpool``
+    picks how max pooling acts on spikes (``convert.MAXPOOL_MODES``)."""
+    if maxpool not in MAXPOOL_MODES:
+        raise UserError(f"--maxpool {maxpool!r}: expected one of {', '.join(MAXPOOL_MODES)}")
     profile = load_profile(calibration)
     ref = profile["model"]["ref"]
     if model_ref is not None and model_ref != ref:
@@ -121,10 +124,11 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
     model = load_model(ref, profile["model"]["kwargs"], checkpoint, trust_pickle)
     gm, rows = normalize(model)
     check_profile(profile, gm, file_sha256(checkpoint), calibration)
-    snn = to_snn(gm, build_neurons(profile["neuron"], profile["layers"]))
+    snn = to_snn(gm, build_neurons(profile["neuron"], profile["layers"]), maxpool)
     archive = Path(checkpoint).read_bytes() if ref == EXPORT_REF else None  # the architecture travels along
     meta = {"model": profile["model"], "graph": graph_signature(gm), "input": profile["input"],
-            "neuron": profile["neuron"], "layers": profile["layers"], "calibration": profile["data"]}
+            "neuron": profile["neuron"], "layers": profile["layers"], "calibration": profile["data"],
+            "maxpool": maxpool}
     save_artifact(output, snn, meta, archive)
     return meta, rows
 
@@ -185,7 +189,7 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         run_kind = neurons.get(neuron_meta["type"])
         readout = run_kind.readout({**run_kind.DEFAULTS, **neuron_meta["options"],
                                     **({"start_ms": start_ms} if start_ms is not None else {})}).within(timesteps)
-        snn = to_snn(ann, build_neurons(neuron_meta, neuron_layers))
+        snn = to_snn(ann, build_neurons(neuron_meta, neuron_layers), meta.get("maxpool", "gated"))
         start = time.perf_counter()
         sim = simulate(snn, layers, fan, data, timesteps, batch_size, dev, readout, on_batch, control)
         elapsed += time.perf_counter() - start
@@ -194,7 +198,8 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         rep["label"] = label
         reports.append(rep)
     report = reports[0]
-    report["artifact"] = {"path": Path(artifact).name, "model": meta["model"]["ref"]}
+    report["artifact"] = {"path": Path(artifact).name, "model": meta["model"]["ref"],
+                          "maxpool": MAXPOOL_MODES[meta.get("maxpool", "gated")]}
     report["variants"] = [{k: r[k] for k in ("label", "neuron", "neuron_options", "readout", "snn", "layers", "curve")}
                           for r in reports[1:]]
     if arousal is not None:

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from .data import TensorData
+from .engine import chunk_steps, layered, step_counts
 from .errors import UserError
 
 
@@ -73,49 +74,139 @@ class SimulationResult:
 @torch.inference_mode()
 def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Tensor], data: TensorData,
              timesteps: int, batch_size: int, device: torch.device, readout: Readout = Readout(),
-             on_batch: Callable[[int], None] | None = None, controller=None) -> SimulationResult:
-    """Run every sample of ``data`` through ``snn`` for ``timesteps`` steps. A ``controller``
-    (e.g. arousal) is reset per batch and called after each step with the readout score."""
-    decay = math.exp(-1.0 / readout.tau) if readout.tau else None
+             on_batch: Callable[[int], None] | None = None, controller=None, engine: str = "layers",
+             memory_budget: int | None = None, fused: bool = True) -> SimulationResult:
+    """Run every sample of ``data`` through ``snn`` for ``timesteps`` steps. ``engine`` 'layers'
+    runs chunks of steps one layer at a time (``engine.py``; chunks sized to ``memory_budget``
+    bytes, by default 64 MB on CPU and 1 GB on CUDA; ``fused``: neurons' fused scans where they have one), 'steps' the whole network one
+    step at a time (the reference). A ``controller``
+    (e.g. arousal) is reset per batch and called after each step with the readout score; the
+    layered engine ends a chunk at each of its ``decision_steps``. On CUDA, a batch that runs
+    out of memory is retried in halves."""
+    if engine not in ("layers", "steps"):
+        raise UserError(f"--engine {engine!r}: expected layers or steps")
+    if memory_budget is None:  # measured: 64 MB chunks run fastest on a 2-core CPU (cache); GPUs like them large
+        memory_budget = 1 << 30 if device.type == "cuda" else 1 << 26
     snn = snn.to(device).eval()
     neurons = spiking_modules(snn, layers)
     resettable = stateful_modules(snn)
     fan = [fanout[name].to(device).flatten() for name in layers]
-    metric = torch.zeros(timesteps, dtype=torch.float64, device=device)
-    regression = data.task == "regression"
-    spikes = torch.zeros(len(layers), timesteps, dtype=torch.float64, device=device)
-    synops = torch.zeros_like(spikes)
+    acc = _Accumulator(timesteps, len(layers), data.task == "regression", readout, device)
     static, step = split_static(snn)
-    for x, y in data.batches(batch_size):
-        x, y = x.to(device), y.to(device)
-        constant = static(x)  # the input is constant: its currents are computed once per batch
-        for m in resettable:
-            m.reset()
-        if controller is not None:
-            controller.reset(len(y), device)
-        r = total = None
-        for t in range(timesteps):
-            out = step(*constant)
-            if decay is None:
-                r = out
-            else:
-                r = (1 - decay) * out if r is None else decay * r + (1 - decay) * out
-            if t >= readout.start:
-                total = r if total is None else total + r
-            score = total / (t - readout.start + 1) if t >= readout.start else r
-            if regression:
-                metric[t] += ((score.reshape(len(y), -1)[:, 0].double() - y.double()) ** 2).sum()
-            else:
-                metric[t] += (score.argmax(1) == y).sum()
+    if engine == "layers":
+        chunked_step, chunked, scans = layered(step, layers, fan, fused)
+        widest = max(f.numel() for f in fan)
+    todo = list(data.batches(batch_size))
+    while todo:
+        x, y = todo.pop(0)
+        try:
+            x, y = x.to(device), y.to(device)
+            constant = static(x)  # the input is constant: its currents are computed once per batch
+            for m in resettable:
+                m.reset()
             if controller is not None:
-                controller(t, score, neurons.values())
-            for i, m in enumerate(neurons.values()):
-                per_unit = m.spikes.flatten(1).sum(0)
-                spikes[i, t] += per_unit.sum()
-                synops[i, t] += (per_unit * fan[i]).sum()
+                controller.reset(len(y), device)
+            reader = acc.batch(y)
+            if engine == "steps":
+                for t in range(timesteps):
+                    score = reader.update(t, step(*constant))
+                    if controller is not None:
+                        controller(t, score, neurons.values())
+                    for i, m in enumerate(neurons.values()):
+                        acc.count(i, t, step_counts(m.spikes, fan[i]))
+            else:
+                steps = chunk_steps(len(y), widest, timesteps, memory_budget)
+                for t0, k in _chunks(timesteps, steps, getattr(controller, "decision_steps", ())):
+                    for m in chunked:
+                        m.steps, m.batch = k, len(y)
+                    out = chunked_step(*constant).view(k, len(y), -1)
+                    for i, scan in enumerate(scans):
+                        acc.count_chunk(i, t0, scan.counts)
+                    for j in range(k):
+                        score = reader.update(t0 + j, out[j])
+                        if controller is not None:
+                            controller(t0 + j, score, neurons.values())
+            acc.commit(reader)
+        except torch.OutOfMemoryError:
+            if len(y) == 1:
+                raise UserError(f"--batch-size: one sample does not fit in {device} memory") from None
+            torch.cuda.empty_cache()
+            half = len(y) // 2
+            todo[:0] = [(x[:half].cpu(), y[:half].cpu()), (x[half:].cpu(), y[half:].cpu())]
+            continue
         if on_batch:
             on_batch(len(y))
-    return SimulationResult(timesteps, len(data), metric.cpu(), spikes.cpu(), synops.cpu(), list(layers))
+    return SimulationResult(timesteps, len(data), acc.metric.cpu(), acc.spikes.cpu(), acc.synops.cpu(), list(layers))
+
+
+def _chunks(timesteps: int, size: int, decisions) -> list[tuple[int, int]]:
+    """(first step, length) of each chunk; a chunk ends after every decision step (1-based)."""
+    ends = sorted({min(d, timesteps) for d in decisions if d >= 1} | set(range(size, timesteps, size)) | {timesteps})
+    out, t0 = [], 0
+    for end in ends:
+        while end - t0 > size:
+            out.append((t0, size))
+            t0 += size
+        if end > t0:
+            out.append((t0, end - t0))
+            t0 = end
+    return out
+
+
+class _Accumulator:
+    """Per-step totals over the data set: metric (correct count or squared error), spikes and
+    synaptic operations per layer. A batch's counts are kept apart until it completes, so a
+    batch retried after running out of memory is not counted twice."""
+
+    def __init__(self, timesteps: int, n_layers: int, regression: bool, readout: Readout, device):
+        self.regression, self.readout = regression, readout
+        self.metric = torch.zeros(timesteps, dtype=torch.float64, device=device)
+        self.spikes = torch.zeros(n_layers, timesteps, dtype=torch.float64, device=device)
+        self.synops = torch.zeros_like(self.spikes)
+        self._spikes, self._synops = torch.zeros_like(self.spikes), torch.zeros_like(self.spikes)
+
+    def batch(self, y: torch.Tensor) -> "_Reader":
+        self._spikes.zero_()
+        self._synops.zero_()
+        return _Reader(self.readout, y, self.regression, torch.zeros_like(self.metric))
+
+    def count(self, i: int, t: int, counts: torch.Tensor) -> None:
+        self._spikes[i, t] += counts[0]
+        self._synops[i, t] += counts[1]
+
+    def count_chunk(self, i: int, t0: int, counts: torch.Tensor) -> None:
+        self._spikes[i, t0:t0 + len(counts)] += counts[:, 0]
+        self._synops[i, t0:t0 + len(counts)] += counts[:, 1]
+
+    def commit(self, reader: "_Reader") -> None:
+        self.metric += reader.metric
+        self.spikes += self._spikes
+        self.synops += self._synops
+
+
+class _Reader:
+    """The readout of one batch, step by step (see ``Readout``)."""
+
+    def __init__(self, readout: Readout, y: torch.Tensor, regression: bool, metric: torch.Tensor):
+        self.readout, self.y, self.regression, self.metric = readout, y, regression, metric
+        self.decay = math.exp(-1.0 / readout.tau) if readout.tau else None
+        self.r = self.total = None
+
+    def update(self, t: int, out: torch.Tensor) -> torch.Tensor:
+        d, start = self.decay, self.readout.start
+        if d is None:
+            self.r = out
+        else:
+            self.r = (1 - d) * out if self.r is None else d * self.r + (1 - d) * out
+        if t >= start:
+            self.total = self.r if self.total is None else self.total + self.r
+        score = self.total / (t - start + 1) if t >= start else self.r
+        y = self.y
+        if self.regression:
+            self.metric[t] += ((score.reshape(len(y), -1)[:, 0].double() - y.double()) ** 2).sum()
+        else:
+            self.metric[t] += (score.reshape(len(y), -1).argmax(1) == y).sum()
+        return score
 
 
 @torch.inference_mode()

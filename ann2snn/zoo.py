@@ -104,11 +104,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNetSmall(nn.Module):
-    """A small ResNet (three stages of basic blocks, batch norm, global average pooling)."""
+    """A small ResNet (three stages of basic blocks, batch norm, global average pooling); with
+    ``maxpool`` the stem ends in a 2x2 max pool, as torchvision's ResNets do (3x3, stride 2)."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 16, blocks: int = 1):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, blocks: int = 1, maxpool: bool = False):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        stem = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        self.stem = nn.Sequential(*stem, *([nn.MaxPool2d(2)] if maxpool else []))
         stages, c_in = [], width
         for i, mult in enumerate((1, 2, 4)):
             for b in range(blocks):
@@ -125,8 +127,8 @@ class ResNetSmall(nn.Module):
 
 @register("resnet_small")
 def resnet_small(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: int = 16,
-                 blocks: int = 1) -> nn.Module:
-    return ResNetSmall(in_channels, num_classes, width, blocks)
+                 blocks: int = 1, maxpool: bool = False) -> nn.Module:
+    return ResNetSmall(in_channels, num_classes, width, blocks, maxpool)
 
 
 def resolve_model(ref: str, kwargs: dict | None = None) -> nn.Module:

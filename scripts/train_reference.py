@@ -31,7 +31,9 @@ def train(args: argparse.Namespace) -> dict:
     norm = Normalize.parse(args.normalize)
     train_set = open_dataset(args.dataset, "train", args.data_dir, False, norm)
     test_set = open_dataset(args.dataset, "test", args.data_dir, False, norm)
-    kwargs = model_kwargs(args.model, train_set.sample_shape, train_set.num_classes)
+    user = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v
+            for k, _, v in (item.partition("=") for item in args.model_arg)}
+    kwargs = model_kwargs(args.model, train_set.sample_shape, train_set.num_classes, user)
     model = resolve_model(args.model, kwargs).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * ((len(train_set) + args.batch_size - 1) // args.batch_size)
@@ -78,6 +80,8 @@ def test_metric(summary: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor argument, as for 'ann2snn calibrate --model-arg'")
     p.add_argument("--dataset", required=True)
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--epochs", type=int, default=6)

@@ -114,6 +114,11 @@ def test_to_snn_fills_slots_with_neurons_and_gates_max_pools():
     assert isinstance(gm.get_submodule(layers[0]), Slot)
     assert isinstance(snn.get_submodule(layers[0]), IFNeuron)
     assert any(isinstance(m, GatedMaxPool) for m in snn.modules())
+    plain = to_snn(gm, {name: IFNeuron(1.0) for name in layers}, maxpool="spikes")
+    assert not any(isinstance(m, GatedMaxPool) for m in plain.modules())
+    assert any(isinstance(m, nn.MaxPool2d) for m in plain.modules())
+    with pytest.raises(UserError, match="--maxpool 'avg'"):
+        to_snn(gm, {name: IFNeuron(1.0) for name in layers}, maxpool="avg")
 
 
 def test_gated_max_pool_passes_the_most_active_unit():
@@ -162,3 +167,17 @@ def test_torchvision_relu6_model_is_refused_with_a_hint():
 
     with pytest.raises(UserError, match="ReLU6.*replace ReLU6 by ReLU"):
         normalize(torchvision.models.mobilenet_v2(num_classes=10))
+
+
+def test_residual_network_with_batch_norm_and_max_pooling_converts_exactly():
+    torch.manual_seed(0)
+    model = _randomise_bn(resolve_model("resnet_small", {"in_channels": 1, "num_classes": 10, "input_size": 28,
+                                                         "maxpool": True}))
+    gm, rows = normalize(model)
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-4)
+    assert any(r.status == "rewritten" and "max pool on spikes" in r.detail for r in rows)
+    assert sum(r.detail.startswith("folded into") for r in rows) == 9  # every BN, shortcuts included
+    snn = to_snn(gm, {name: IFNeuron(1.0) for name in spiking_layers(gm)})
+    assert sum(isinstance(m, GatedMaxPool) for m in snn.modules()) == 1

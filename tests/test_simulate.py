@@ -94,3 +94,107 @@ def test_static_split_is_the_same_network():
         with torch.no_grad():
             for _ in range(12):
                 assert torch.equal(full(x), step(*constant))
+
+
+class _ResidualPool(nn.Module):
+    """Max pool after a ReLU, a residual add that meets the static input current, avg pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(1, 4, 1)
+        self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        b = torch.relu(self.c2(a) + self.c3(x))  # c3(x) is static: it meets time-varying values
+        return self.fc(torch.flatten(self.pool(b), 1))
+
+
+def _engines_agree(snn_of, gm, data, timesteps, **kwargs):
+    layers = spiking_layers(gm)
+    fan = fanout_maps(gm, data.sample_shape)
+    runs = [simulate(snn_of(), layers, fan, data, timesteps, 7, torch.device("cpu"), engine=e, **kwargs)
+            for e in ("steps", "layers")]
+    for a, b in zip(runs, runs[1:]):
+        assert torch.equal(a.metric, b.metric) and torch.equal(a.spikes, b.spikes) and torch.equal(a.synops, b.synops)
+    return runs[0]
+
+
+def test_layered_engine_equals_the_step_by_step_reference():
+    from ann2snn.neurons.asn import ASNNeuron
+    from ann2snn.neurons.vsn import VSNNeuron
+    from ann2snn.simulate import Readout
+
+    torch.manual_seed(0)
+    gm, _ = normalize(_ResidualPool().eval())
+    x = torch.rand(20, 1, 8, 8)
+    data = TensorData("t", "file", x, gm(x).argmax(1), 3)
+    layers = spiking_layers(gm)
+    for make, readout in ((lambda: IFNeuron(0.5), Readout()), (lambda: ASNNeuron(0.2, scale=0.5), Readout(50.0, 5)),
+                          (lambda: VSNNeuron(0.1), Readout())):
+        sim = _engines_agree(lambda: to_snn(gm, {n: make() for n in layers}), gm, data, 23, readout=readout,
+                             memory_budget=20_000)  # a few steps per chunk: state crosses chunk borders
+        assert sim.spikes.sum() > 0
+    # plain max pooling on spikes too
+    _engines_agree(lambda: to_snn(gm, {n: IFNeuron(0.5) for n in layers}, maxpool="spikes"), gm, data, 9)
+
+
+def test_arousal_runs_the_same_in_both_engines():
+    from ann2snn.arousal import ArousalController, ArousalPolicy
+    from ann2snn.neurons.asn import ASNNeuron
+
+    gm, _ = normalize(tiny_cnn())
+    x = torch.rand(16, 1, 8, 8)
+    data = TensorData("t", "file", x, gm(x).argmax(1), 3)
+    layers = spiking_layers(gm)
+    policy = ArousalPolicy(low=0.3, high=0.1, at=6, threshold=0.9, recheck=(11,))
+    fan = fanout_maps(gm, data.sample_shape)
+    runs, fractions = [], []
+    for engine in ("steps", "layers"):
+        control = ArousalController(policy)
+        snn = to_snn(gm, {n: ASNNeuron(0.3, scale=0.5) for n in layers})
+        runs.append(simulate(snn, layers, fan, data, 20, 5, torch.device("cpu"), controller=control, engine=engine))
+        fractions.append(control.fraction())
+    assert torch.equal(runs[0].spikes, runs[1].spikes) and torch.equal(runs[0].metric, runs[1].metric)
+    assert fractions[0] == fractions[1] > 0
+
+
+def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(monkeypatch):
+    import ann2snn.engine
+
+    gm, _ = normalize(tiny_cnn())
+    x = torch.rand(12, 1, 8, 8)
+    data = TensorData("t", "file", x, gm(x).argmax(1), 3)
+    layers = spiking_layers(gm)
+    fan = fanout_maps(gm, data.sample_shape)
+    reference = simulate(to_snn(gm, {n: IFNeuron(0.5) for n in layers}), layers, fan, data, 10, 12,
+                         torch.device("cpu"))
+    original = ann2snn.engine.TimeScan.forward
+    seen = []
+
+    def forward(self, x):  # as if the device could hold only 6 samples
+        seen.append(self.batch)
+        if self.batch > 6:
+            raise torch.OutOfMemoryError("out of memory")
+        return original(self, x)
+
+    monkeypatch.setattr(ann2snn.engine.TimeScan, "forward", forward)
+    sim = simulate(to_snn(gm, {n: IFNeuron(0.5) for n in layers}), layers, fan, data, 10, 12, torch.device("cpu"))
+    assert 12 in seen and max(b for b in seen if b <= 6) == 6
+    assert torch.equal(sim.spikes, reference.spikes) and torch.equal(sim.metric, reference.metric)
+
+
+def test_cuda_fused_engine_equals_the_cpu_reference():
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gm, _ = normalize(_ResidualPool().eval())
+    x = torch.rand(40, 1, 8, 8)
+    data = TensorData("t", "file", x, gm(x).argmax(1), 3)
+    layers = spiking_layers(gm)
+    fan = fanout_maps(gm, data.sample_shape)
+    ref = simulate(to_snn(gm, {n: IFNeuron(0.5) for n in layers}), layers, fan, data, 30, 16, torch.device("cpu"),
+                   engine="steps")
+    gpu = simulate(to_snn(gm, {n: IFNeuron(0.5) for n in layers}), layers, fan, data, 30, 16, torch.device("cuda"))
+    assert torch.equal(ref.spikes, gpu.spikes) and torch.equal(ref.metric, gpu.metric)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..kernels import if_scan
 from ..simulate import Readout
 
 
@@ -71,6 +72,18 @@ class IFNeuron(nn.Module):
             self.state = if_init(current, p)
         self.spikes, self.state = if_step(current, self.state, p)
         return self.spikes * p.threshold
+
+    def scan(self, current: torch.Tensor, steps: int, batch: int, fan: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``steps`` calls of ``forward`` at once (``kernels.if_scan``): outputs as steps x batch
+        time-major rows, and per-step [spikes, synaptic operations] counts."""
+        p = self.params
+        if self.state is None:
+            self.state = if_init(current[:batch], p)
+        v = self.state.v.contiguous().clone()
+        out, counts = if_scan(current, steps, batch, v, float(p.threshold), fan)
+        self.state, self.spikes = IFState(v), None
+        return out, counts
 
 
 NAME = "if"

@@ -1,0 +1,58 @@
+"""The fused IF scan against ``if_step``, step by step: the PyTorch path here, the Triton kernel
+through Triton's interpreter (``TRITON_INTERPRET=1``) in a subprocess, so no GPU is needed."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ann2snn.kernels import if_scan
+from ann2snn.neurons.if_neuron import IFParams, if_init, if_step
+
+SCRIPT = r"""
+import torch
+from ann2snn.kernels import _if_scan_triton, if_scan
+torch.manual_seed(0)
+for constant in (False, True):
+    x = torch.rand(5 if constant else 7 * 5, 3, 4) * 0.9
+    fan = torch.randint(0, 9, (12,)).float()
+    v1, v2 = torch.full((5, 3, 4), 0.35), torch.full((5, 3, 4), 0.35)
+    a, ca = if_scan(x, 7, 5, v1, 0.7, fan)
+    b, cb = _if_scan_triton(x, 7, 5, v2, 0.7, fan)
+    assert torch.equal(a, b) and torch.equal(ca, cb) and torch.equal(v1, v2), (constant, ca, cb)
+print("ok")
+"""
+
+
+def _reference(x, steps, batch, threshold, fan):
+    p = IFParams(torch.tensor(threshold), 0.5)
+    state = if_init(x[:batch], p)
+    outs, counts = [], []
+    for t in range(steps):
+        xt = x if x.shape[0] == batch else x[t * batch:(t + 1) * batch]
+        s, state = if_step(xt, state, p)
+        outs.append(s * p.threshold)
+        per_unit = s.flatten(1).sum(0).double()
+        counts.append([per_unit.sum(), (per_unit * fan.double()).sum()])
+    return torch.cat(outs), torch.tensor(counts, dtype=torch.float64), state.v
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_torch_scan_equals_if_step(constant):
+    torch.manual_seed(1)
+    steps, batch = 9, 4
+    x = torch.rand(batch if constant else steps * batch, 2, 3) * 1.3 - 0.2
+    fan = torch.randint(0, 5, (6,)).float()
+    out, counts, v = _reference(x, steps, batch, 0.8, fan)
+    v_scan = torch.full((batch, 2, 3), 0.5 * 0.8)
+    got, got_counts = if_scan(x, steps, batch, v_scan, 0.8, fan)
+    assert torch.equal(got, out) and torch.equal(got_counts, counts) and torch.equal(v_scan, v)
+    assert counts[:, 0].sum() > 0
+
+
+def test_triton_kernel_in_the_interpreter_equals_the_torch_scan():
+    pytest.importorskip("triton")
+    env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
