@@ -150,7 +150,7 @@ def main() -> None:
     ann_row = base["ANN x T forward passes"]
     print(f"\n{args.model} on {args.dataset}, {len(data)} images, T={T}, batch {B}, device {device} "
           f"({torch.get_num_threads()} CPU threads)")
-    print(f"| run | accuracy | image-steps/s | vs SpikingJelly | vs T ANN passes | peak memory MB |")
+    print("| run | accuracy | image-steps/s | vs SpikingJelly | vs T ANN passes | peak memory MB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "note" in r:
