@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+from .engine import step_counts
+
 def if_scan(x: torch.Tensor, steps: int, batch: int, v: torch.Tensor, threshold: float,
             fan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Advance membranes ``v`` ([B, ...], updated in place) over ``steps`` steps of input ``x``
@@ -26,16 +28,13 @@ def if_scan(x: torch.Tensor, steps: int, batch: int, v: torch.Tensor, threshold:
     out = x.new_empty((steps * batch, *v.shape[1:]))
     fired = torch.empty_like(v)  # 0/1 as floats: comparisons into a float tensor are the fast path on CPUs
     counts = torch.empty(steps, 2, dtype=torch.float64, device=v.device)
-    fan64 = fan.double()
     for t in range(steps):
         v.add_(x if constant else x[t * batch:(t + 1) * batch])
         torch.ge(v, threshold, out=fired)
         o = out[t * batch:(t + 1) * batch]
         torch.mul(fired, threshold, out=o)
         v.sub_(o)
-        per_unit = fired.flatten(1).sum(0).double()  # exact: whole numbers below 2^24
-        counts[t, 0] = per_unit.sum()
-        counts[t, 1] = (per_unit * fan64).sum()
+        counts[t] = step_counts(fired, fan)
     return out, counts
 
 
