@@ -33,7 +33,8 @@ TRUST = typer.Option(False, "--trust-pickle", help="Allow a .pt checkpoint to ru
                                                      "Only for files you trust.")
 
 
-def _key_values(items: list[str] | None, option: str) -> dict:
+def key_values(items: list[str] | None, option: str) -> dict:
+    """``KEY=VALUE`` options as a dict, each value read as JSON where it parses (1, true, [2, 3])."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -89,11 +90,11 @@ def calibrate(
 
     Example: ann2snn calibrate lenet5.safetensors -m lenet5 -d mnist -o lenet5.calib.json
     """
-    overrides = {"percentile": percentile, **_key_values(param, "--param")}
+    overrides = {"percentile": percentile, **key_values(param, "--param")}
     profile, _ = pipeline.calibrate(
         checkpoint, model, dataset, output, neuron=neuron, overrides=overrides, samples=samples, seed=seed,
         split=split, batch_size=batch_size, device=device, data_dir=data_dir, download=download,
-        normalize_spec=normalize, user_args=_key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle,
+        normalize_spec=normalize, user_args=key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle,
         budget=budget, timesteps=timesteps)
     _print_calibration(profile, output)
 
@@ -194,7 +195,7 @@ def _sweep(text: str | None) -> list[dict]:
     key, sep, values = text.partition("=")
     if not sep or not key or not values:
         raise UserError(f"--sweep {text!r}: expected KEY=V1,V2,..., e.g. m_f=0.1,0.2,0.3")
-    return [_key_values([f"{key}={v}"], "--sweep") for v in values.split(",")]
+    return [key_values([f"{key}={v}"], "--sweep") for v in values.split(",")]
 
 
 def _evaluate_with_progress(artifact: Path, dataset: str, timesteps: int, report: Path, **kwargs) -> None:

@@ -7,9 +7,10 @@ product instead of K small ones - and every stateful layer (a neuron, a gated ma
 its K steps in order, carrying its state into the next chunk. The arithmetic of each step is
 the step-by-step simulation's, so spikes and accuracy are the same (tests compare).
 
-A neuron may provide ``scan(x, steps, batch, fan)`` - a fused kernel for the whole chunk that also
-counts spikes and synaptic operations (``kernels.py``: Triton on CUDA, in-place PyTorch elsewhere); otherwise ``TimeScan`` calls its
-one-step ``forward`` K times and counts after each step.
+A neuron may provide ``scan(x, steps, batch, fan)``: a fused kernel for the whole chunk that
+also counts spikes and synaptic operations (``kernels.py``: Triton on CUDA, in-place PyTorch
+elsewhere); otherwise ``TimeScan`` calls its one-step ``forward`` K times and counts after
+each step.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import torch
 
 from .engine import step_counts
 
+
 def if_scan(x: torch.Tensor, steps: int, batch: int, v: torch.Tensor, threshold: float,
             fan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Advance membranes ``v`` ([B, ...], updated in place) over ``steps`` steps of input ``x``
@@ -78,5 +79,6 @@ def _if_scan_triton(x, steps, batch, v, threshold, fan):
     counts = torch.zeros(steps, 2, dtype=torch.float64, device=x.device)
     block = 1024
     _triton_kernel()[((n + block - 1) // block,)](x.contiguous(), out, v, fan.double().contiguous(), counts, n,
-                                         fan.numel(), float(threshold), steps, CONSTANT=constant, BLOCK=block)
+                                                  fan.numel(), float(threshold), steps, CONSTANT=constant,
+                                                  BLOCK=block)
     return out, counts

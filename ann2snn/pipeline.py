@@ -40,7 +40,8 @@ def neuron_options(neuron: str, overrides: dict) -> dict:
     return options
 
 
-def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, output: str | Path | None = None, *, neuron: str = "if", overrides: dict | None = None,
+def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, output: str | Path | None = None, *,
+              neuron: str = "if", overrides: dict | None = None,
               samples: int = 1000, seed: int = 0, split: str = "train", batch_size: int = 256,
               device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
               normalize_spec: str | None = None, user_args: dict | None = None,

@@ -78,11 +78,11 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
              memory_budget: int | None = None, fused: bool = True) -> SimulationResult:
     """Run every sample of ``data`` through ``snn`` for ``timesteps`` steps. ``engine`` 'layers'
     runs chunks of steps one layer at a time (``engine.py``; chunks sized to ``memory_budget``
-    bytes, by default 64 MB on CPU and 1 GB on CUDA; ``fused``: neurons' fused scans where they have one), 'steps' the whole network one
-    step at a time (the reference). A ``controller``
-    (e.g. arousal) is reset per batch and called after each step with the readout score; the
-    layered engine ends a chunk at each of its ``decision_steps``. On CUDA, a batch that runs
-    out of memory is retried in halves."""
+    bytes, by default 64 MB on CPU and 1 GB on CUDA; ``fused``: the neurons' fused scans where
+    they have one), 'steps' the whole network one step at a time (the reference). A
+    ``controller`` (e.g. arousal) is reset per batch and called after each step with the readout
+    score; the layered engine ends a chunk at each of its ``decision_steps``. A batch that runs
+    out of device memory is retried in halves."""
     if engine not in ("layers", "steps"):
         raise UserError(f"--engine {engine!r}: expected layers or steps")
     if memory_budget is None:  # measured: 64 MB chunks run fastest on a 2-core CPU (cache); GPUs like them large
@@ -96,9 +96,9 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
     if engine == "layers":
         chunked_step, chunked, scans = layered(step, layers, fan, fused)
         widest = max(f.numel() for f in fan)
-    todo = list(data.batches(batch_size))
-    while todo:
-        x, y = todo.pop(0)
+    batches, retry = data.batches(batch_size), []  # retry: halves of a batch that ran out of memory
+    while (item := retry.pop(0) if retry else next(batches, None)) is not None:
+        x, y = item
         try:
             x, y = x.to(device), y.to(device)
             constant = static(x)  # the input is constant: its currents are computed once per batch
@@ -132,7 +132,7 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
                 raise UserError(f"--batch-size: one sample does not fit in {device} memory") from None
             torch.cuda.empty_cache()
             half = len(y) // 2
-            todo[:0] = [(x[:half].cpu(), y[:half].cpu()), (x[half:].cpu(), y[half:].cpu())]
+            retry[:0] = [(x[:half].cpu(), y[:half].cpu()), (x[half:].cpu(), y[half:].cpu())]  # free the device
             continue
         if on_batch:
             on_batch(len(y))
@@ -201,11 +201,7 @@ class _Reader:
         if t >= start:
             self.total = self.r if self.total is None else self.total + self.r
         score = self.total / (t - start + 1) if t >= start else self.r
-        y = self.y
-        if self.regression:
-            self.metric[t] += ((score.reshape(len(y), -1)[:, 0].double() - y.double()) ** 2).sum()
-        else:
-            self.metric[t] += (score.reshape(len(y), -1).argmax(1) == y).sum()
+        self.metric[t] += batch_metric(score, self.y, self.regression)
         return score
 
 
@@ -215,12 +211,16 @@ def ann_accuracy(ann: nn.Module, data: TensorData, batch_size: int, device: torc
     ann = ann.to(device).eval()
     total = 0.0
     for x, y in data.batches(batch_size):
-        out, y = ann(x.to(device)), y.to(device)
-        if data.task == "regression":
-            total += float(((out.reshape(len(y), -1)[:, 0].double() - y.double()) ** 2).sum())
-        else:
-            total += int((out.argmax(1) == y).sum())
+        total += float(batch_metric(ann(x.to(device)), y.to(device), data.task == "regression"))
     return nmse(total, data) if data.task == "regression" else total / max(len(data), 1)
+
+
+def batch_metric(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Summed over the batch: squared error of the first output (regression), else correct argmaxes."""
+    out = out.reshape(len(y), -1)
+    if regression:
+        return ((out[:, 0].double() - y.double()) ** 2).sum()
+    return (out.argmax(1) == y).sum()
 
 
 def nmse(squared_error: float, data: TensorData) -> float:

@@ -25,6 +25,7 @@ import torch
 
 from ann2snn import pipeline
 from ann2snn.artifact import load_artifact
+from ann2snn.cli import key_values
 from ann2snn.data import Normalize, open_dataset
 from ann2snn.energy import fanout_maps
 from ann2snn.files import write_text
@@ -107,7 +108,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench_sim"))
     args = p.parse_args()
     device = resolve_device(args.device)
-    user = {k: json.loads(v) for k, _, v in (a.partition("=") for a in args.model_arg)}
+    user = key_values(args.model_arg, "--model-arg")
     T, B = args.timesteps, args.batch_size
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +132,8 @@ def main() -> None:
         from ann2snn.zoo import model_kwargs
         model = load_model(args.model, model_kwargs(args.model, data.sample_shape, data.num_classes, user),
                            args.checkpoint)
-        runs.append(("SpikingJelly IF (RateCodingRecipe 99.9%)", lambda: spikingjelly(model, calib, data, T, B, device)))
+        runs.append(("SpikingJelly IF (RateCodingRecipe 99.9%)",
+                     lambda: spikingjelly(model, calib, data, T, B, device)))
         skip = {s.strip() for s in args.skip.split(",") if s.strip()}
         for name, run in runs:
             if any(s in name for s in skip):
@@ -143,7 +145,8 @@ def main() -> None:
                 continue
             acc, seconds, peak = result
             rows.append({"run": name, "accuracy": acc, "seconds": round(seconds, 3),
-                         "image_steps_per_second": round(len(data) * T / seconds, 1), "peak_memory_mb": round(peak / 2**20, 1)})
+                         "image_steps_per_second": round(len(data) * T / seconds, 1),
+                         "peak_memory_mb": round(peak / 2**20, 1)})
             print(f"{name}: {rows[-1]['image_steps_per_second']:,.0f} image-steps/s", flush=True)
     base = {r["run"]: r for r in rows if "image_steps_per_second" in r}
     sj = next((r for r in rows if r["run"].startswith("SpikingJelly") and "image_steps_per_second" in r), None)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ann2snn.cli import key_values
 from ann2snn.data import Normalize, open_dataset
 from ann2snn.files import atomic_path, write_text
 from ann2snn.simulate import ann_accuracy, resolve_device
@@ -31,8 +32,7 @@ def train(args: argparse.Namespace) -> dict:
     norm = Normalize.parse(args.normalize)
     train_set = open_dataset(args.dataset, "train", args.data_dir, False, norm)
     test_set = open_dataset(args.dataset, "test", args.data_dir, False, norm)
-    user = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v
-            for k, _, v in (item.partition("=") for item in args.model_arg)}
+    user = key_values(args.model_arg, "--model-arg")
     kwargs = model_kwargs(args.model, train_set.sample_shape, train_set.num_classes, user)
     model = resolve_model(args.model, kwargs).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -80,7 +80,7 @@ class IFNeuron(nn.Module):
         p = self.params
         if self.state is None:
             self.state = if_init(current[:batch], p)
-        v = self.state.v.contiguous().clone()
+        v = self.state.v.contiguous()  # the layer's own membrane: advanced in place
         out, counts = if_scan(current, steps, batch, v, float(p.threshold), fan)
         self.state, self.spikes = IFState(v), None
         return out, counts
