@@ -25,9 +25,10 @@ class ArousalPolicy:
     threshold: float = 0.5  # arouse when top-1 minus top-2 softmax score is below this
 
     @classmethod
-    def parse(cls, text: str) -> "ArousalPolicy":
-        """``low=0.3,high=0.1,at=40,threshold=0.5,recheck=80+120``."""
-        values: dict = {}
+    def parse(cls, text: str, base: dict | None = None) -> "ArousalPolicy":
+        """``low=0.3,high=0.1,at=40,threshold=0.5,recheck=80+120``; keys not given come from
+        ``base`` (e.g. the policy a budget search stored in the artifact), then the defaults."""
+        values: dict = {k: tuple(v) if k == "recheck" else v for k, v in (base or {}).items()}
         for item in filter(None, text.split(",")):
             key, sep, value = item.partition("=")
             if not sep or key not in cls.__dataclass_fields__:

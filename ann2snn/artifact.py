@@ -39,7 +39,8 @@ def build_neurons(profile_neuron: dict, layers: list[dict]) -> dict[str, torch.n
 def variant(meta: dict, neuron: str | None, overrides: dict) -> tuple[dict, list[dict]]:
     """(neuron description, layers) for the artifact's network run with changed options of its
     own neuron type, or with another type fitted to the stored calibration statistics. Options
-    that are per-layer parameters (ASN m_f) replace them; others (VSN tradeoff) are re-fitted."""
+    that are per-layer parameters (ASN m_f) replace them, readout options (``READOUT_OPTIONS``) change
+    the readout only; others (VSN tradeoff) are re-fitted."""
     base = meta["neuron"]["type"]
     neuron = neuron or base
     kind = neurons.get(neuron)
@@ -49,7 +50,8 @@ def variant(meta: dict, neuron: str | None, overrides: dict) -> tuple[dict, list
                         f"(options: {', '.join(kind.DEFAULTS)})")
     if neuron == base:
         options = {**meta["neuron"].get("options", {}), **overrides}
-        if all(k in layer["params"] for k in overrides for layer in meta["layers"]):  # e.g. m_f: keep the fit
+        fitted = [k for k in overrides if k not in getattr(kind, "READOUT_OPTIONS", ())]  # readout_tau: no refit
+        if all(k in layer["params"] for k in fitted for layer in meta["layers"]):  # e.g. m_f: keep the fit
             return {"type": neuron, "options": options}, \
                 [{**layer, "params": {**layer["params"], **overrides}} for layer in meta["layers"]]
     else:

@@ -15,7 +15,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, pipeline
-from .arousal import ArousalPolicy
 from .convert import Row
 from .energy import DEFAULT_PRESET
 from .errors import UserError
@@ -78,6 +77,8 @@ def calibrate(
                                                                   "simulating calibration images."),
     timesteps: Optional[int] = typer.Option(None, "--timesteps", "-T", help="Steps per sample for --budget "
                                                                           "[default: ASN 200, VSN 1]."),
+    arousal: Optional[str] = typer.Option(None, "--arousal", help="ASN arousal policy to store, e.g. "
+                                          "'low=0.3,high=0.1,at=40'; with --budget, search its threshold."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
     split: str = typer.Option("train", "--split", help="Split of a named data set to calibrate on."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Input normalisation 'MEAN;STD' per "
@@ -95,7 +96,7 @@ def calibrate(
         checkpoint, model, dataset, output, neuron=neuron, overrides=overrides, samples=samples, seed=seed,
         split=split, batch_size=batch_size, device=device, data_dir=data_dir, download=download,
         normalize_spec=normalize, user_args=key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle,
-        budget=budget, timesteps=timesteps)
+        budget=budget, timesteps=timesteps, arousal=arousal)
     _print_calibration(profile, output)
 
 
@@ -118,7 +119,9 @@ def _print_calibration(profile: dict, output: Path) -> None:
                       _fmt({k: v for k, v in layer["params"].items() if options.get(k, object()) != v}))
     console.print(table)
     console.print(f"options: {_fmt(options)}")
-    search = profile.get("budget_search")
+    search = profile.get("budget_search") or profile.get("arousal", {}).get("search")
+    if "arousal" in profile:
+        console.print(f"arousal policy: {_fmt(profile['arousal']['policy'])}")
     if search:
         knob = search["knob"]
         for c in search["candidates"]:
@@ -186,7 +189,7 @@ def evaluate(
     _evaluate_with_progress(artifact, dataset, timesteps, report, split=split, limit=limit, batch_size=batch_size,
                             device=device, data_dir=data_dir, download=download, preset=energy, start_ms=start_ms,
                             sweep=_sweep(sweep), compare=compare,
-                            arousal=None if arousal is None else ArousalPolicy.parse(arousal))
+                            arousal=arousal)
 
 
 def _sweep(text: str | None) -> list[dict]:
@@ -256,6 +259,8 @@ def finetune(
                                                                      "function (asn)."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Named data set or file to train on (train split)."),
     output: Path = typer.Option(..., "--output", "-o", help="New checkpoint (.safetensors)."),
+    profile_output: Optional[Path] = typer.Option(None, "--profile-output", help="Its calibration profile, with "
+                                                  "the trained layer parameters [default: OUTPUT.calib.json]."),
     epochs: int = typer.Option(2, "--epochs"),
     lr: float = typer.Option(1e-4, "--lr"),
     batch_size: int = typer.Option(128, "--batch-size"),
@@ -264,16 +269,18 @@ def finetune(
 ):
     """Train the ANN a few epochs with the spiking layers' transfer function in place of ReLU.
 
-    Calibrate the new checkpoint again before converting it.
+    Also writes the new checkpoint's profile, keeping the layer parameters it was trained with;
+    convert with that profile.
     Example: ann2snn finetune lenet5.safetensors -c lenet5.asn.json -d mnist --epochs 2 -o lenet5_ft.safetensors
     """
     result = pipeline.finetune(checkpoint, calibration, dataset, output, epochs=epochs, lr=lr, batch_size=batch_size,
                                seed=seed, device=device, data_dir=data_dir, download=download,
-                               trust_pickle=trust_pickle,
+                               trust_pickle=trust_pickle, profile_output=profile_output,
                                on_epoch=lambda e, a: console.print(f"epoch {e}/{epochs}: test accuracy with the "
                                                                    f"transfer function {100 * a:.2f}%"))
     console.print(f"ReLU network test accuracy: before {100 * result['relu_accuracy_before']:.2f}%, after "
-                  f"{100 * result['relu_accuracy_after']:.2f}%; wrote {output}. Next: ann2snn calibrate {output} ...")
+                  f"{100 * result['relu_accuracy_after']:.2f}%; wrote {output} and {result['profile']}. "
+                  f"Next: ann2snn convert {output} -c {result['profile']} -o ...")
 
 
 @app.command()

@@ -2,8 +2,9 @@
 spike and synaptic-operation counts of every step computed alongside (no second pass).
 
 On CUDA it is one Triton kernel: each program holds a block of neurons' membranes in registers
-for all K steps and adds its per-step counts atomically (float64 sums of 0/1 spikes and integer
-fan-outs, so the order does not change them). Elsewhere it is the same arithmetic as in-place
+for all K steps and writes its per-step counts to its own slot (float64 sums of 0/1 spikes and
+integer fan-outs), summed over programs afterwards - exact in any order, and free of the
+contention of every program adding to one counter. Elsewhere it is the same arithmetic as in-place
 PyTorch operations. Both do exactly what ``if_step`` does - ``v += I; s = v >= theta;
 v -= s theta`` - so spikes are bit-identical to the reference (tests, and ``TRITON_INTERPRET=1``
 runs the kernel on the CPU).
@@ -49,7 +50,7 @@ def _triton_kernel():
         return None
 
     @triton.jit
-    def if_kernel(x_ptr, out_ptr, v_ptr, fan_ptr, counts_ptr, n, units, threshold, steps,
+    def if_kernel(x_ptr, out_ptr, v_ptr, fan_ptr, partial_ptr, n, units, threshold, steps,
                   CONSTANT: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -65,8 +66,9 @@ def _triton_kernel():
             v = v - o
             tl.store(out_ptr + t * n + offs, o, mask=mask)
             s = fired.to(tl.float64)
-            tl.atomic_add(counts_ptr + 2 * t, tl.sum(s, axis=0))
-            tl.atomic_add(counts_ptr + 2 * t + 1, tl.sum(s * fan, axis=0))
+            slot = partial_ptr + 2 * (t * tl.num_programs(0) + tl.program_id(0))
+            tl.store(slot, tl.sum(s, axis=0))
+            tl.store(slot + 1, tl.sum(s * fan, axis=0))
         tl.store(v_ptr + offs, v, mask=mask)
 
     return if_kernel
@@ -76,9 +78,9 @@ def _if_scan_triton(x, steps, batch, v, threshold, fan):
     n = v.numel()
     constant = x.shape[0] != steps * batch
     out = torch.empty((steps * batch, *v.shape[1:]), dtype=x.dtype, device=x.device)
-    counts = torch.zeros(steps, 2, dtype=torch.float64, device=x.device)
     block = 1024
-    _triton_kernel()[((n + block - 1) // block,)](x.contiguous(), out, v, fan.double().contiguous(), counts, n,
-                                                  fan.numel(), float(threshold), steps, CONSTANT=constant,
-                                                  BLOCK=block)
-    return out, counts
+    programs = (n + block - 1) // block
+    partial = torch.empty(steps, programs, 2, dtype=torch.float64, device=x.device)
+    _triton_kernel()[(programs,)](x.contiguous(), out, v, fan.double().contiguous(), partial, n, fan.numel(),
+                                  float(threshold), steps, CONSTANT=constant, BLOCK=block)
+    return out, partial.sum(1)  # sums of whole numbers below 2^53: exact in any order

@@ -13,7 +13,7 @@ import torch
 from . import neurons
 from .arousal import ArousalController, ArousalPolicy
 from .artifact import build_neurons, load_artifact, save_artifact, variant
-from .budget import search
+from .budget import policy_record, search, search_arousal
 from .calibrate import activation_stats, check_profile, load_profile, make_profile, save_profile
 from .checkpoint import file_sha256, load_model
 from .convert import MAXPOOL_MODES, Row, graph_signature, normalize, spiking_layers, to_snn
@@ -46,11 +46,12 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
               device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
               normalize_spec: str | None = None, user_args: dict | None = None,
               trust_pickle: bool = False, budget: float | None = None, timesteps: int | None = None,
-              search_samples: int | None = None) -> tuple[dict, list[Row]]:
+              search_samples: int | None = None, arousal: str | None = None) -> tuple[dict, list[Row]]:
     """Fit per-layer operating points on a calibration subset, write the profile to ``output``
     (when given) and return (profile, pre-flight rows). With ``budget`` (spikes per sample over
     ``timesteps`` steps) the neuron's precision knob is searched on ``search_samples`` images
-    (default: as many as 256,000 image-steps allow, at least 256)."""
+    (default: as many as 256,000 image-steps allow, at least 256) - or, given an ``arousal``
+    policy (ASN), the arousal threshold; the policy is stored for ``evaluate --arousal``."""
     if batch_size <= 0:
         raise UserError(f"--batch-size {batch_size}: must be positive")
     if budget is not None and not budget > 0:
@@ -58,6 +59,9 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     if timesteps is not None and timesteps <= 0:
         raise UserError(f"--timesteps {timesteps}: must be positive")
     options = neuron_options(neuron, overrides or {})
+    policy = None if arousal is None else ArousalPolicy.parse(arousal)
+    if policy is not None and neuron != "asn":
+        raise UserError(f"--arousal: controls ASN precision; --neuron is {neuron!r}")
     model_ref = _model_ref(model_ref, checkpoint)
     norm = Normalize.parse(normalize_spec)
     data = open_dataset(dataset, split, data_dir, download, norm)
@@ -72,11 +76,15 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     _check_runs(gm, subset.sample_shape, dataset)
     dev = resolve_device(device)
     stats = activation_stats(gm, subset, float(options.get("percentile", 100.0)), batch_size, str(dev))
-    record = None
+    record = arousal_record = None
     if budget is not None:
         steps = timesteps or getattr(neurons.get(neuron), "DEFAULT_TIMESTEPS", 200)
         n = search_samples or max(256, 256_000 // steps)
-        options, record = search(gm, stats, neuron, options, subset.head(n), budget, steps, batch_size, dev)
+        if policy is not None:
+            policy, arousal_record = search_arousal(gm, stats, options, policy, subset.head(n), budget, steps,
+                                                    batch_size, dev)
+        else:
+            options, record = search(gm, stats, neuron, options, subset.head(n), budget, steps, batch_size, dev)
     model_info = {"ref": model_ref, "kwargs": kwargs, "checkpoint": str(checkpoint),
                   "checkpoint_sha256": file_sha256(checkpoint)}
     input_info = {"shape": list(data.sample_shape), "normalize": {"mean": norm.mean, "std": norm.std},
@@ -85,6 +93,8 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     profile = make_profile(gm, stats, neuron, options, model_info, input_info, data_info)
     if record is not None:
         profile["budget_search"] = record
+    if policy is not None:
+        profile["arousal"] = {"policy": policy_record(policy), **({"search": arousal_record} if arousal_record else {})}
     if output is not None:
         save_profile(profile, output)
     return profile, rows
@@ -129,7 +139,7 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
     archive = Path(checkpoint).read_bytes() if ref == EXPORT_REF else None  # the architecture travels along
     meta = {"model": profile["model"], "graph": graph_signature(gm), "input": profile["input"],
             "neuron": profile["neuron"], "layers": profile["layers"], "calibration": profile["data"],
-            "maxpool": maxpool}
+            "maxpool": maxpool, **({"arousal": profile["arousal"]} if "arousal" in profile else {})}
     save_artifact(output, snn, meta, archive)
     return meta, rows
 
@@ -138,7 +148,7 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
              batch_size: int = 256, device: str = "auto", data_dir: str | Path | None = None,
              download: bool = False, preset: str = DEFAULT_PRESET, start_ms: int | None = None,
              sweep: list[dict] | None = None, compare: list[str] | None = None,
-             arousal: ArousalPolicy | None = None, report_dir: str | Path | None = None,
+             arousal: str | ArousalPolicy | None = None, report_dir: str | Path | None = None,
              on_start: Callable[[int], None] | None = None,
              on_batch: Callable[[int], None] | None = None) -> dict:
     """Simulate the artifact on a data set and build (and, given ``report_dir``, write) the report.
@@ -158,6 +168,9 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
     dev = resolve_device(device)
     ann, _, meta = load_artifact(artifact)
     kind = neurons.get(meta["neuron"]["type"])
+    stored = meta.get("arousal", {}).get("policy")
+    if isinstance(arousal, str):  # keys not given: the artifact's policy (calibrate --arousal), then defaults
+        arousal = ArousalPolicy.parse(arousal, stored)
     runs = _runs(meta, sweep or [], compare or [], arousal, artifact)
     norm = Normalize(**meta["input"]["normalize"])
     data = open_dataset(dataset, split, data_dir, download, norm).head(limit)
@@ -207,7 +220,10 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         pick = lambda r: {"label": r["label"], metric: r["snn"][metric],  # noqa: E731
                           "spikes_per_sample": r["snn"]["spikes_per_sample"],
                           "firing_rate_hz": r["snn"]["firing_rate_hz"]}
-        report["arousal"] = {"mechanism": "ASN precision (m_f, theta0, h) per input", "policy": vars(arousal),
+        report["arousal"] = {"mechanism": "ASN precision (m_f, theta0, h) per input", "policy": policy_record(arousal),
+                             "policy_source": "the artifact's (calibrate --arousal), with --arousal's keys over it"
+                             if stored else "--arousal's keys over the defaults",
+                             "calibration_search": meta.get("arousal", {}).get("search"),
                              "description": arousal.describe(), "fraction_aroused": runs[0][3].fraction(),
                              "with_arousal": pick(reports[0]), "fixed_low": pick(reports[1]),
                              "fixed_high": pick(reports[2])}
@@ -245,8 +261,12 @@ def _runs(meta: dict, sweep: list[dict], compare: list[str], arousal: ArousalPol
 def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, output: str | Path, *, epochs: int = 2,
              lr: float = 1e-4, batch_size: int = 128, seed: int = 0, device: str = "auto",
              data_dir: str | Path | None = None, download: bool = False, trust_pickle: bool = False,
+             profile_output: str | Path | None = None,
              on_epoch: Callable[[int, float], None] | None = None) -> dict:
-    """Transfer-aware fine-tuning with the profile's neuron; writes a new checkpoint."""
+    """Transfer-aware fine-tuning with the profile's neuron; writes a new checkpoint and its
+    profile (``profile_output``, default OUTPUT with suffix ``.calib.json``): statistics measured
+    on the new weights, layer parameters (the ASN scales) those it was trained with, since the
+    network has learnt lambda f(x / lambda) for those lambda and a re-fit would move them."""
     from .finetune import finetune as run, save_checkpoint  # noqa: I001
 
     if epochs <= 0:
@@ -274,6 +294,19 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
 
     state = run(model, profile, train, test, epochs, lr, batch_size, seed, dev, epoch_done)
     save_checkpoint(state, output, {"finetuned_from": Path(checkpoint).name, "neuron": profile["neuron"]["type"]})
+    profile_output = Path(profile_output) if profile_output else Path(output).with_suffix(".calib.json")
+    info = {"from_checkpoint": Path(checkpoint).name, "from_profile": Path(calibration).name, "epochs": epochs,
+            "lr": lr, "seed": seed, "layer_params": "as trained (not re-fitted)"}
+    mean, std = profile["input"]["normalize"]["mean"], profile["input"]["normalize"]["std"]
+    tuned_profile, _ = calibrate(output, profile["model"]["ref"], dataset, None, neuron=profile["neuron"]["type"],
+                                 overrides={k: v for k, v in profile["neuron"]["options"].items()},
+                                 samples=profile["data"]["samples"], seed=profile["data"]["seed"],
+                                 split=profile["data"]["split"], device=device, data_dir=data_dir,
+                                 normalize_spec=f"{','.join(map(str, mean))};{','.join(map(str, std))}" if mean
+                                 else None, user_args=profile["model"]["kwargs"].get("user"))
+    for layer, trained in zip(tuned_profile["layers"], profile["layers"]):
+        layer["params"] = trained["params"]
+    save_profile({**tuned_profile, "finetune": info}, profile_output)
     tuned = load_model(profile["model"]["ref"], profile["model"]["kwargs"], output)
     return {"relu_accuracy_before": before, "transfer_accuracy": history, "relu_accuracy_after":
-            ann_accuracy(tuned, test, 1000, dev)}
+            ann_accuracy(tuned, test, 1000, dev), "profile": str(profile_output)}

@@ -36,6 +36,7 @@ def rows_of(report: dict, method: str, reference: float | None = None) -> list[d
     for label, snn, curve in [(report["label"], report["snn"], report["curve"])] + \
             [(v["label"], v["snn"], v["curve"]) for v in report["variants"]]:
         row = {"method": method, "setting": label, "accuracy": snn["accuracy"], "ann_accuracy": ann,
+               "own_ann_accuracy": report["ann"]["accuracy"], "transfer_accuracy": report["ann"].get("transfer_accuracy"),
                "spikes_per_sample": snn["spikes_per_sample"], "energy_pj_per_sample": snn["energy_pj_per_sample"],
                "timesteps": report["timesteps"], "curve": curve}
         for m in MARGINS:
@@ -51,10 +52,13 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--train-epochs", type=int, default=8, help="if the checkpoint is missing")
     p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--start-ms", type=int, default=0, help="ASN readout start (0: curves from the first step)")
     p.add_argument("--mf", default="0.1,0.15,0.2,0.3")
     p.add_argument("--timesteps", type=int, default=200, help="ASN steps")
     p.add_argument("--if-timesteps", type=int, default=64)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=Path("runs/bench_asn_vs_if"))
@@ -64,7 +68,7 @@ def main() -> None:
         subprocess.run([sys.executable, str(Path(__file__).with_name("train_reference.py")), "--model", a.model,
                         "--dataset", a.dataset, "--epochs", str(a.train_epochs), "-o", str(a.checkpoint)]
                        + (["--data-dir", a.data_dir] if a.data_dir else []), check=True)
-    common = dict(limit=a.limit, device=a.device, data_dir=a.data_dir)
+    common = dict(limit=a.limit, device=a.device, data_dir=a.data_dir, batch_size=a.batch_size)
     mfs = [float(v) for v in a.mf.split(",")]
     rows = []
 
@@ -78,25 +82,30 @@ def main() -> None:
                            device=a.device, overrides={"m_f": mfs[0]})
         ft = out / "finetuned.safetensors"
         result = pipeline.finetune(a.checkpoint, out / "asn.json", a.dataset, ft, epochs=a.finetune_epochs,
-                                   data_dir=a.data_dir, device=a.device)
+                                   lr=a.finetune_lr, data_dir=a.data_dir, device=a.device)
         print(f"fine-tuned: {json.dumps(result)}")
         checkpoints.append(("ASN fine-tuned", ft))
     for method, ckpt in checkpoints:
         tag = method.replace(" ", "_").lower()
-        pipeline.calibrate(ckpt, a.model, a.dataset, out / f"{tag}.json", neuron="asn", data_dir=a.data_dir,
-                           device=a.device, overrides={"m_f": mfs[0]})
-        pipeline.convert(ckpt, out / f"{tag}.json", out / f"{tag}.snn.safetensors")
+        profile = ckpt.with_suffix(".calib.json")  # fine-tuned: the profile it was trained with
+        if ckpt == a.checkpoint:
+            profile = out / f"{tag}.json"
+            pipeline.calibrate(ckpt, a.model, a.dataset, profile, neuron="asn", data_dir=a.data_dir,
+                               device=a.device, overrides={"m_f": mfs[0]})
+        pipeline.convert(ckpt, profile, out / f"{tag}.snn.safetensors")
         report = pipeline.evaluate(out / f"{tag}.snn.safetensors", a.dataset, a.timesteps,
-                                   sweep=[{"m_f": m} for m in mfs[1:]], start_ms=0, **common)
+                                   sweep=[{"m_f": m} for m in mfs[1:]], start_ms=a.start_ms, **common)
         rows += rows_of(report, method, reference=rows[0]["ann_accuracy"])
 
     table = Table(title=f"{a.model} on {a.dataset} ({rows[0]['curve'] and a.limit or 'full'} test images)")
-    for col in ("method", "setting", "ANN", "SNN final", "spikes final",
+    for col in ("method", "setting", "ANN", "its ANN / with f", "SNN final", "spikes final",
                 *(f"first within {m} (step/spikes)" for m in MARGINS), *(f"stays within {m} from" for m in MARGINS)):
         table.add_column(col, justify="left" if col in ("method", "setting") else "right")
     fmt = lambda w, k: f"{w[k]} / {w[k + '_spikes']:,.0f}" if w[k] else "-"  # noqa: E731
     for r in rows:
-        table.add_row(r["method"], r["setting"], f"{100 * r['ann_accuracy']:.2f}%", f"{100 * r['accuracy']:.2f}%",
+        own = f"{100 * r['own_ann_accuracy']:.2f}%" + (f" / {100 * r['transfer_accuracy']:.2f}%"
+                                                        if r["transfer_accuracy"] is not None else "")
+        table.add_row(r["method"], r["setting"], f"{100 * r['ann_accuracy']:.2f}%", own, f"{100 * r['accuracy']:.2f}%",
                       f"{r['spikes_per_sample']:,.0f}", *(fmt(r[f"within_{m}"], "first") for m in MARGINS),
                       *(fmt(r[f"within_{m}"], "settled") for m in MARGINS))
     Console(width=200).print(table)

@@ -8,7 +8,8 @@ same images, time steps and device. Prints a table and writes JSON.
       --checkpoint checkpoints/lenet5_mnist.safetensors --timesteps 64 --images 2048 --out runs/bench_sim
 
 Image-steps per second = images x T / wall time of the simulation (data already in memory,
-calibration and conversion not timed). Peak memory: CUDA allocator peak on a GPU; on the CPU
+calibration and conversion not timed; on CUDA after an untimed warm-up run, so Triton's
+one-time kernel compilation, about a second per process, is left out). Peak memory: CUDA allocator peak on a GPU; on the CPU
 the growth of the process's resident set (ru_maxrss) during the run, a coarse figure.
 """
 
@@ -74,8 +75,8 @@ def spikingjelly(model, calib, data, T: int, batch: int, device: torch.device) -
     try:
         from spikingjelly.activation_based import functional
         from spikingjelly.activation_based.ann2snn import Converter, RateCodingRecipe
-    except ImportError:
-        return "not installed (pip install -e '.[bench]')"
+    except ImportError as exc:
+        return f"not importable ({exc}; pip install -e '.[bench]')"
     loader = [x for x, _ in calib.batches(batch)]
     snn = Converter(RateCodingRecipe(loader, mode="99.9%"), device=device).convert(model.to(device).eval())
 
@@ -123,22 +124,25 @@ def main() -> None:
         norm = Normalize(**meta["input"]["normalize"])
         data = open_dataset(args.dataset, "test", args.data_dir, False, norm).head(args.images)
         calib = open_dataset(args.dataset, "train", args.data_dir, False, norm).head(1024)
-        runs = [("ANN x T forward passes", lambda: ann_passes(artifacts["if"], data, T, B, device))]
+        runs = [("ANN x T forward passes", lambda d: ann_passes(artifacts["if"], d, T, B, device))]
         for neuron in ("if", "asn"):
             for engine in ("layers", "steps"):
                 runs.append((f"ann2snn {neuron.upper()} {engine}",
-                             lambda n=neuron, e=engine: ours(artifacts[n], data, T, B, device, e)))
+                             lambda d, n=neuron, e=engine: ours(artifacts[n], d, T, B, device, e)))
         from ann2snn.checkpoint import load_model
         from ann2snn.zoo import model_kwargs
         model = load_model(args.model, model_kwargs(args.model, data.sample_shape, data.num_classes, user),
                            args.checkpoint)
         runs.append(("SpikingJelly IF (RateCodingRecipe 99.9%)",
-                     lambda: spikingjelly(model, calib, data, T, B, device)))
+                     lambda d: spikingjelly(model, calib, d, T, B, device)))
         skip = {s.strip() for s in args.skip.split(",") if s.strip()}
         for name, run in runs:
             if any(s in name for s in skip):
                 continue
-            result = run()
+            if device.type == "cuda":  # untimed warm-up: kernel compilation and cuDNN set-up happen once
+                run(data.head(min(len(data), B)))
+                run(data.head(len(data) % B or B))  # the last batch's size may compile its own variant
+            result = run(data)
             if isinstance(result, str):
                 rows.append({"run": name, "note": result})
                 print(f"{name}: {result}", flush=True)

@@ -107,9 +107,15 @@ def test_asn_budget_search_sweep_compare_and_finetune(run_cli, tiny_files):
     before, after = load_file(str(tiny_files["checkpoint"])), load_file(str(d / "ft.safetensors"))
     assert before.keys() == after.keys()
     assert any(not (before[k] == after[k]).all() for k in before if before[k].is_floating_point())
-    code, _, err = run_cli("calibrate", d / "ft.safetensors", "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
-                           "--neuron", "asn", "--samples", 40, "-o", d / "asn_ft.json")
+    # its profile: the scales it was trained with, statistics of the new weights, the new checkpoint's hash
+    tuned = json.loads((d / "ft.calib.json").read_text())
+    assert [la["params"] for la in tuned["layers"]] == [la["params"] for la in profile["layers"]]
+    assert [la["stats"] for la in tuned["layers"]] != [la["stats"] for la in profile["layers"]]
+    assert tuned["finetune"]["from_checkpoint"] == tiny_files["checkpoint"].name
+    code, _, err = run_cli("convert", d / "ft.safetensors", "-c", d / "ft.calib.json", "-o", d / "ft.snn.safetensors")
     assert code == 0, err
+    code, _, err = run_cli("convert", tiny_files["checkpoint"], "-c", d / "ft.calib.json", "-o", d / "x.safetensors")
+    assert code == 2 and "another checkpoint" in err
 
 
 def test_outputs_get_the_usual_permissions(run_cli, tiny_files):
@@ -194,3 +200,46 @@ def test_torch_export_archive_needs_no_model_code(run_cli, tiny_files):
     assert [layer["name"] for layer in report["layers"]] == ["act0", "act1"]
     code, out, _ = run_cli("info", d / "snn.safetensors")
     assert code == 0 and "pt2" in out
+
+
+def test_calibrate_searches_the_arousal_threshold_for_a_budget(run_cli, tiny_files):
+    d, f = tiny_files["dir"], tiny_files
+    common = ("-m", "conftest:tiny_cnn", "-d", f["data"], "--neuron", "asn", "--samples", 40, "-T", 30,
+              "--arousal", "low=0.45,high=0.1,at=8")
+
+    def search(budget, name):
+        code, out, err = run_cli("calibrate", f["checkpoint"], *common, "--budget", budget, "-o", d / name)
+        assert code == 0, err
+        return json.loads((d / name).read_text())["arousal"]
+
+    generous = search(1e9, "all.json")["search"]
+    by = {c["threshold"]: c for c in generous["candidates"]}
+    assert generous["chosen"]["threshold"] == 1.0 and by[1.0]["fraction_aroused"] == 1.0
+    assert by[0.0]["fraction_aroused"] == 0.0 and by[0.0]["spikes_per_sample"] < by[1.0]["spikes_per_sample"]
+    assert not search(1.0, "none.json")["search"]["budget_met"]
+
+    budget = (by[0.0]["spikes_per_sample"] + by[1.0]["spikes_per_sample"]) / 2
+    stored = search(budget, "mid.json")
+    s = stored["search"]
+    assert s["budget_met"] and s["chosen"]["spikes_per_sample"] <= budget
+    assert 0.0 <= s["chosen"]["threshold"] < 1.0 and len(s["candidates"]) == 8  # 0, 1 and six bisections
+    spikes = [c["spikes_per_sample"] for c in s["candidates"]]  # sorted by threshold
+    assert spikes == sorted(spikes)  # a higher threshold arouses more inputs
+    above = [c for c in s["candidates"] if c["threshold"] > s["chosen"]["threshold"]]
+    assert all(c["spikes_per_sample"] > budget for c in above)
+
+    # the policy travels with the artifact; evaluate --arousal '' runs it, given keys override it
+    assert run_cli("convert", f["checkpoint"], "-c", d / "mid.json", "-o", d / "a.snn.safetensors")[0] == 0
+    code, out, err = run_cli("evaluate", d / "a.snn.safetensors", "-d", f["data"], "-T", 30, "-r", d / "rep",
+                             "--arousal", "")
+    assert code == 0, err
+    a = json.loads((d / "rep" / "report.json").read_text())["arousal"]
+    assert a["policy"]["threshold"] == s["chosen"]["threshold"] and a["policy"]["at"] == 8
+    assert "artifact" in a["policy_source"] and a["calibration_search"]["chosen"] == s["chosen"]
+    code, out, err = run_cli("evaluate", d / "a.snn.safetensors", "-d", f["data"], "-T", 30, "-r", d / "rep2",
+                             "--arousal", "threshold=0")
+    a = json.loads((d / "rep2" / "report.json").read_text())["arousal"]
+    assert a["policy"]["threshold"] == 0 and a["policy"]["low"] == 0.45 and a["fraction_aroused"] == 0.0
+    code, _, err = run_cli("calibrate", f["checkpoint"], "-m", "conftest:tiny_cnn", "-d", f["data"], "--arousal", "at=5",
+                           "-o", d / "x.json")
+    assert code == 2 and "--arousal" in err and "'if'" in err

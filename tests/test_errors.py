@@ -313,6 +313,7 @@ def test_evaluation_variants_that_do_not_apply(run_cli, tiny_files, extra, match
 
 
 def test_ctrl_c_mid_evaluation_leaves_no_report(run_cli, tiny_files):
+    import os
     import signal
     import subprocess
     import sys
@@ -325,8 +326,9 @@ def test_ctrl_c_mid_evaluation_leaves_no_report(run_cli, tiny_files):
     argv = ["ann2snn", "evaluate", str(snn), "-d", str(f["data"]), "-T", "1000000", "-r", str(rep), "--device", "cpu"]
     script = ("import sys, ann2snn.cli as cli; sys.argv = %r; print('ready', flush=True); cli.main()" % argv)
     tests = str(Path(__file__).parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=tests, env={**__import__("os").environ, "PYTHONPATH": tests})
+                            text=True, cwd=tests, env={**os.environ, "PYTHONPATH": path})
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(2.0)  # inside the simulation: one sample takes far longer than this
     proc.send_signal(signal.SIGINT)

@@ -1,6 +1,7 @@
 """The fused IF scan against ``if_step``, step by step: the PyTorch path here, the Triton kernel
 through Triton's interpreter (``TRITON_INTERPRET=1``) in a subprocess, so no GPU is needed."""
 
+import os
 import subprocess
 import sys
 
@@ -53,6 +54,21 @@ def test_torch_scan_equals_if_step(constant):
 
 def test_triton_kernel_in_the_interpreter_equals_the_torch_scan():
     pytest.importorskip("triton")
-    env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}
+    env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin",
+           **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_triton_kernel_on_cuda_equals_the_torch_scan(constant):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(2)
+    steps, batch = 11, 64
+    x = torch.rand(batch if constant else steps * batch, 8, 9, 9) * 1.3 - 0.2
+    fan = torch.randint(0, 9, (8 * 9 * 9,)).float()
+    v_cpu, v_gpu = torch.full((batch, 8, 9, 9), 0.4), torch.full((batch, 8, 9, 9), 0.4, device="cuda")
+    out, counts = if_scan(x, steps, batch, v_cpu, 0.8, fan)
+    out_g, counts_g = if_scan(x.cuda(), steps, batch, v_gpu, 0.8, fan.cuda())  # the Triton kernel
+    assert torch.equal(out, out_g.cpu()) and torch.equal(counts, counts_g.cpu()) and torch.equal(v_cpu, v_gpu.cpu())

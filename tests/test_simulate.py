@@ -184,7 +184,10 @@ def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(monkeypatch):
     assert torch.equal(sim.spikes, reference.spikes) and torch.equal(sim.metric, reference.metric)
 
 
-def test_cuda_fused_engine_equals_the_cpu_reference():
+def test_cuda_fused_engine_equals_the_unfused_one_and_agrees_with_the_cpu():
+    """On CUDA the Triton IF kernel must reproduce the PyTorch scan bit for bit; against the CPU
+    only up to rounding, since cuDNN sums convolutions in another order (a current at threshold
+    can flip a spike)."""
     import pytest
 
     if not torch.cuda.is_available():
@@ -194,7 +197,10 @@ def test_cuda_fused_engine_equals_the_cpu_reference():
     data = TensorData("t", "file", x, gm(x).argmax(1), 3)
     layers = spiking_layers(gm)
     fan = fanout_maps(gm, data.sample_shape)
-    ref = simulate(to_snn(gm, {n: IFNeuron(0.5) for n in layers}), layers, fan, data, 30, 16, torch.device("cpu"),
-                   engine="steps")
-    gpu = simulate(to_snn(gm, {n: IFNeuron(0.5) for n in layers}), layers, fan, data, 30, 16, torch.device("cuda"))
-    assert torch.equal(ref.spikes, gpu.spikes) and torch.equal(ref.metric, gpu.metric)
+    run = lambda dev, **kw: simulate(to_snn(gm, {n: IFNeuron(0.5) for n in layers}), layers, fan, data, 30, 16,  # noqa
+                                     torch.device(dev), **kw)
+    fused, unfused, cpu = run("cuda"), run("cuda", fused=False), run("cpu", engine="steps")
+    assert torch.equal(fused.spikes, unfused.spikes) and torch.equal(fused.metric, unfused.metric)
+    assert torch.equal(fused.synops, unfused.synops)
+    assert abs(float(fused.spikes.sum() / cpu.spikes.sum()) - 1) < 0.01
+    assert (fused.metric[-1] - cpu.metric[-1]).abs() <= 2

@@ -178,6 +178,7 @@ from ..simulate import Readout  # noqa: E402
 NAME = "asn"
 DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "readout_tau": 50.0, "start_ms": 200, "percentile": 99.9,
             "scale": "fit"}
+READOUT_OPTIONS = ("readout_tau", "start_ms")  # change how the output is read, not the layers' fit
 S_MAX = 16.0
 
 
