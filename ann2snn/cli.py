@@ -100,6 +100,10 @@ def calibrate(
     _print_calibration(profile, output)
 
 
+def _metric(value: float, metric: str) -> str:
+    return f"accuracy {100 * value:.2f}%" if metric == "accuracy" else f"NMSE {value:.4g}"
+
+
 def _fmt(values: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
@@ -263,6 +267,10 @@ def finetune(
                                                   "the trained layer parameters [default: OUTPUT.calib.json]."),
     epochs: int = typer.Option(2, "--epochs"),
     lr: float = typer.Option(1e-4, "--lr"),
+    spike_penalty: float = typer.Option(0.0, "--spike-penalty", help="Weight of spikes per sample / 1000 in the "
+                                        "loss (VSN: trains thresholds and weights toward fewer spikes)."),
+    threshold_lr: Optional[float] = typer.Option(None, "--threshold-lr", help="Learning rate of VSN thresholds "
+                                                 "[default: --lr]."),
     batch_size: int = typer.Option(128, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
@@ -276,10 +284,12 @@ def finetune(
     result = pipeline.finetune(checkpoint, calibration, dataset, output, epochs=epochs, lr=lr, batch_size=batch_size,
                                seed=seed, device=device, data_dir=data_dir, download=download,
                                trust_pickle=trust_pickle, profile_output=profile_output,
-                               on_epoch=lambda e, a: console.print(f"epoch {e}/{epochs}: test accuracy with the "
-                                                                   f"transfer function {100 * a:.2f}%"))
-    console.print(f"ReLU network test accuracy: before {100 * result['relu_accuracy_before']:.2f}%, after "
-                  f"{100 * result['relu_accuracy_after']:.2f}%; wrote {output} and {result['profile']}. "
+                               spike_penalty=spike_penalty, threshold_lr=threshold_lr,
+                               on_epoch=lambda e, v, m: console.print(f"epoch {e}/{epochs}: test {_metric(v, m)} with "
+                                                                      "the spiking layers' transfer function"))
+    m = result["metric"]
+    console.print(f"ReLU network test {_metric(result['relu_accuracy_before'], m)} before, "
+                  f"{_metric(result['relu_accuracy_after'], m)} after; wrote {output} and {result['profile']}. "
                   f"Next: ann2snn convert {output} -c {result['profile']} -o ...")
 
 

@@ -261,18 +261,23 @@ def _runs(meta: dict, sweep: list[dict], compare: list[str], arousal: ArousalPol
 def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, output: str | Path, *, epochs: int = 2,
              lr: float = 1e-4, batch_size: int = 128, seed: int = 0, device: str = "auto",
              data_dir: str | Path | None = None, download: bool = False, trust_pickle: bool = False,
-             profile_output: str | Path | None = None,
-             on_epoch: Callable[[int, float], None] | None = None) -> dict:
+             profile_output: str | Path | None = None, spike_penalty: float = 0.0,
+             threshold_lr: float | None = None,
+             on_epoch: Callable[[int, float, str], None] | None = None) -> dict:
     """Transfer-aware fine-tuning with the profile's neuron; writes a new checkpoint and its
     profile (``profile_output``, default OUTPUT with suffix ``.calib.json``): statistics measured
-    on the new weights, layer parameters (the ASN scales) those it was trained with, since the
-    network has learnt lambda f(x / lambda) for those lambda and a re-fit would move them."""
+    on the new weights, layer parameters as trained - ASN scales kept (the network has learnt
+    lambda f(x / lambda) for those lambda; a re-fit would move them), VSN thresholds learnt."""
     from .finetune import finetune as run, save_checkpoint  # noqa: I001
 
     if epochs <= 0:
         raise UserError(f"--epochs {epochs}: must be positive")
     if lr <= 0:
         raise UserError(f"--lr {lr}: must be positive")
+    if threshold_lr is not None and threshold_lr <= 0:
+        raise UserError(f"--threshold-lr {threshold_lr}: must be positive")
+    if spike_penalty < 0:
+        raise UserError(f"--spike-penalty {spike_penalty}: must be >= 0")
     profile = load_profile(calibration)
     if profile["model"]["ref"] == EXPORT_REF:
         raise UserError(f"{checkpoint}: fine-tuning needs the model's code (--model); a torch.export archive "
@@ -290,13 +295,14 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     def epoch_done(epoch: int, acc: float) -> None:
         history.append(acc)
         if on_epoch:
-            on_epoch(epoch, acc)
+            on_epoch(epoch, acc, "nmse" if test.task == "regression" else "accuracy")
 
-    state = run(model, profile, train, test, epochs, lr, batch_size, seed, dev, epoch_done)
+    state, trained_layers = run(model, profile, train, test, epochs, lr, batch_size, seed, dev, spike_penalty,
+                                threshold_lr, epoch_done)
     save_checkpoint(state, output, {"finetuned_from": Path(checkpoint).name, "neuron": profile["neuron"]["type"]})
     profile_output = Path(profile_output) if profile_output else Path(output).with_suffix(".calib.json")
     info = {"from_checkpoint": Path(checkpoint).name, "from_profile": Path(calibration).name, "epochs": epochs,
-            "lr": lr, "seed": seed, "layer_params": "as trained (not re-fitted)"}
+            "lr": lr, "threshold_lr": threshold_lr or lr, "seed": seed, "spike_penalty": spike_penalty, "layer_params": "as trained (not re-fitted)"}
     mean, std = profile["input"]["normalize"]["mean"], profile["input"]["normalize"]["std"]
     tuned_profile, _ = calibrate(output, profile["model"]["ref"], dataset, None, neuron=profile["neuron"]["type"],
                                  overrides={k: v for k, v in profile["neuron"]["options"].items()},
@@ -304,9 +310,10 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
                                  split=profile["data"]["split"], device=device, data_dir=data_dir,
                                  normalize_spec=f"{','.join(map(str, mean))};{','.join(map(str, std))}" if mean
                                  else None, user_args=profile["model"]["kwargs"].get("user"))
-    for layer, trained in zip(tuned_profile["layers"], profile["layers"]):
+    for layer, trained in zip(tuned_profile["layers"], trained_layers):
         layer["params"] = trained["params"]
     save_profile({**tuned_profile, "finetune": info}, profile_output)
     tuned = load_model(profile["model"]["ref"], profile["model"]["kwargs"], output)
     return {"relu_accuracy_before": before, "transfer_accuracy": history, "relu_accuracy_after":
-            ann_accuracy(tuned, test, 1000, dev), "profile": str(profile_output)}
+            ann_accuracy(tuned, test, 1000, dev), "profile": str(profile_output),
+            "metric": "nmse" if test.task == "regression" else "accuracy"}

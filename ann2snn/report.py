@@ -119,7 +119,7 @@ def plot(series: list[tuple[str, list[dict]]], ann_value: float, path: Path, tit
     scale = 100.0 if metric == "accuracy" else 1.0
     for label, curve in series:
         ax.plot([c["spikes_per_sample"] for c in curve], [scale * c[metric] for c in curve],
-                label=label, marker="o" if len(curve) == 1 else None)
+                label=label, marker="o" if len(curve) < 16 else None)  # short series: points, e.g. a sweep
     ref = f"{100 * ann_value:.2f}%" if metric == "accuracy" else f"{ann_value:.3g}"
     ax.axhline(scale * ann_value, color="k", ls="--", lw=1, label=f"ANN {ref}")
     if metric == "accuracy":

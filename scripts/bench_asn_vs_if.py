@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Accuracy versus spikes: ASN (a sweep of m_f) against the IF rate-coding baseline, on one
-network, from the checkpoint (trained first if missing) to a table, a JSON file and a plot.
+"""Accuracy versus spikes: ASN (a sweep of m_f) and VSN (one step, a sweep of error/spike
+trade-offs, optionally surrogate-gradient fine-tuned with spike penalties) against the IF
+rate-coding baseline, on one network, from the checkpoint (trained first if missing) to a
+table, a JSON file and one plot.
 
   python scripts/bench_asn_vs_if.py --model lenet5 --dataset mnist \
       --checkpoint checkpoints/lenet5_mnist.safetensors --finetune-epochs 2 --out runs/bench_lenet5_mnist
@@ -57,6 +59,12 @@ def main() -> None:
     p.add_argument("--mf", default="0.1,0.15,0.2,0.3")
     p.add_argument("--timesteps", type=int, default=200, help="ASN steps")
     p.add_argument("--if-timesteps", type=int, default=64)
+    p.add_argument("--vsn-tradeoffs", default="0,0.01,0.03,0.1,0.3,1", help="'' to leave VSN out")
+    p.add_argument("--vsn-penalties", default="", help="spike penalties of VSN fine-tuning runs, e.g. 3,10")
+    p.add_argument("--vsn-epochs", type=int, default=2)
+    p.add_argument("--vsn-start", type=float, default=0.01, help="trade-off of the thresholds fine-tuning starts from")
+    p.add_argument("--vsn-lr", type=float, default=1e-4)
+    p.add_argument("--vsn-threshold-lr", type=float, default=3e-3)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
@@ -97,7 +105,17 @@ def main() -> None:
                                    sweep=[{"m_f": m} for m in mfs[1:]], start_ms=a.start_ms, **common)
         rows += rows_of(report, method, reference=rows[0]["ann_accuracy"])
 
-    table = Table(title=f"{a.model} on {a.dataset} ({rows[0]['curve'] and a.limit or 'full'} test images)")
+    series = [(f"{r['method']} {r['setting']}", r["curve"]) for r in rows]
+    tradeoffs = [float(v) for v in a.vsn_tradeoffs.split(",") if v.strip()]
+    if tradeoffs:
+        vsn_rows = vsn(a, out, tradeoffs, common, rows[0]["ann_accuracy"])
+        rows += vsn_rows
+        for method in dict.fromkeys(r["method"] for r in vsn_rows):  # one line of points per method
+            points = sorted((r["curve"][-1] for r in vsn_rows if r["method"] == method),
+                            key=lambda c: c["spikes_per_sample"])
+            series.append((method, points))
+
+    table = Table(title=f"{a.model} on {a.dataset} ({a.limit or 'full'} test images)")
     for col in ("method", "setting", "ANN", "its ANN / with f", "SNN final", "spikes final",
                 *(f"first within {m} (step/spikes)" for m in MARGINS), *(f"stays within {m} from" for m in MARGINS)):
         table.add_column(col, justify="left" if col in ("method", "setting") else "right")
@@ -110,9 +128,34 @@ def main() -> None:
                       *(fmt(r[f"within_{m}"], "settled") for m in MARGINS))
     Console(width=200).print(table)
     write_text(out / "bench.json", json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=1))
-    plot([(f"{r['method']} {r['setting']}", r["curve"]) for r in rows], rows[0]["ann_accuracy"],
-         out / "accuracy_vs_spikes.png", f"{a.model} on {a.dataset}: ASN vs IF")
+    plot(series, rows[0]["ann_accuracy"], out / "accuracy_vs_spikes.png", f"{a.model} on {a.dataset}: IF, ASN, VSN")
     print(f"wrote {out}/bench.json and {out}/accuracy_vs_spikes.png")
+
+
+def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) -> list[dict]:
+    """VSN at Ts = 1: converted with thresholds fitted for each trade-off, then (optionally)
+    fine-tuned from the ``--vsn-start`` trade-off's thresholds with each spike penalty."""
+    first = {"tradeoff": tradeoffs[0]} if tradeoffs[0] > 0 else {}
+    pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn.json", neuron="vsn", data_dir=a.data_dir,
+                       device=a.device, overrides=first)
+    pipeline.convert(a.checkpoint, out / "vsn.json", out / "vsn.snn.safetensors")
+    report = pipeline.evaluate(out / "vsn.snn.safetensors", a.dataset, 1,
+                               sweep=[{"tradeoff": t} for t in tradeoffs[1:]], **common)
+    rows = rows_of(report, "VSN Ts=1", reference)
+    penalties = [float(v) for v in a.vsn_penalties.split(",") if v.strip()]
+    if penalties:
+        pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn_start.json", neuron="vsn",
+                           data_dir=a.data_dir, device=a.device, overrides={"tradeoff": a.vsn_start})
+    for penalty in penalties:
+        ft = out / f"vsn_ft{penalty:g}.safetensors"
+        pipeline.finetune(a.checkpoint, out / "vsn_start.json", a.dataset, ft, epochs=a.vsn_epochs, lr=a.vsn_lr,
+                          threshold_lr=a.vsn_threshold_lr, spike_penalty=penalty, data_dir=a.data_dir,
+                          device=a.device)
+        pipeline.convert(ft, ft.with_suffix(".calib.json"), ft.with_suffix(".snn.safetensors"))
+        tuned = pipeline.evaluate(ft.with_suffix(".snn.safetensors"), a.dataset, 1, **common)
+        tuned["label"] = f"penalty {penalty:g}"
+        rows += rows_of(tuned, "VSN Ts=1 fine-tuned", reference)
+    return rows
 
 
 if __name__ == "__main__":

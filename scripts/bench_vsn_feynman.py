@@ -5,8 +5,10 @@
 
 For I.9.18 and I.6.2a: trains a regression MLP if its checkpoint is missing, then reports the
 ANN's NMSE, the one-step VSN conversion at several error/spike trade-offs (thresholds fitted
-per channel on calibration data, no VSN training), and IF rate coding at several lengths,
-with NMSE, spikes per sample and % spikes (spikes / (neurons x steps)).
+per channel on calibration data, no VSN training), the VSN after surrogate-gradient
+fine-tuning (weights and thresholds, fast sigmoid, a penalty on spikes; ``ann2snn finetune``)
+and IF rate coding at several lengths, with NMSE, spikes per sample and % spikes
+(spikes / (neurons x steps)).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def main() -> None:
     p.add_argument("--tradeoffs", default="0.1,0.3,1,3,10")
     p.add_argument("--if-timesteps", default="64,256")
     p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--penalties", default="0.0005,0.001,0.003", help="spike penalties of VSN fine-tuning runs")
+    p.add_argument("--finetune-epochs", type=int, default=200)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
     a = p.parse_args()
     rows = []
     for ds in SETS:
@@ -49,12 +54,20 @@ def main() -> None:
         rows.append({"dataset": ds, "method": "ANN", "setting": "", "nmse": rep["ann"]["nmse"]})
         for label, snn in [("T=0 (exact ReLU)", rep["snn"])] + [(v["label"][4:], v["snn"]) for v in rep["variants"]]:
             rows.append({"dataset": ds, "method": "VSN Ts=1", "setting": label, **_summary(snn)})
+        for penalty in (float(v) for v in a.penalties.split(",") if v.strip()):
+            ft = out / f"vsn_ft{penalty:g}.safetensors"
+            pipeline.finetune(ckpt, out / "vsn.json", ds, ft, epochs=a.finetune_epochs, lr=a.finetune_lr,
+                              batch_size=256, spike_penalty=penalty, device="cpu")
+            pipeline.convert(ft, ft.with_suffix(".calib.json"), ft.with_suffix(".snn.safetensors"))
+            snn = pipeline.evaluate(ft.with_suffix(".snn.safetensors"), ds, 1, device="cpu")["snn"]
+            rows.append({"dataset": ds, "method": "VSN Ts=1 fine-tuned", "setting": f"penalty {penalty:g}",
+                         **_summary(snn)})
         pipeline.calibrate(ckpt, "regression_mlp", ds, out / "if.json")
         pipeline.convert(ckpt, out / "if.json", out / "if.snn.safetensors")
         for steps in (int(t) for t in a.if_timesteps.split(",")):
             snn = pipeline.evaluate(out / "if.snn.safetensors", ds, steps, device="cpu")["snn"]
             rows.append({"dataset": ds, "method": "IF", "setting": f"T={steps}", **_summary(snn)})
-    table = Table(title="Feynman regression: ANN, VSN (converted, not trained as VSN), IF")
+    table = Table(title="Feynman regression: ANN, VSN (converted; fine-tuned with spike penalties), IF")
     for col in ("data set", "method", "setting", "NMSE", "spikes/sample", "spikes %", "energy (nJ)"):
         table.add_column(col, justify="left" if col in ("data set", "method", "setting") else "right")
     for r in rows:

@@ -53,3 +53,40 @@ def test_threshold_fit_trades_error_for_spikes():
     for T in t[1:]:  # the fit is the exact argmin over the sample
         err = lambda x: float((sample.double() ** 2 * (sample < x)).sum() / (sample.double() ** 2).sum())  # noqa
         assert err(T) < 1.0
+
+
+def test_surrogate_layer_computes_the_one_step_vsn_and_trains_its_thresholds():
+    torch.manual_seed(0)
+    z = torch.randn(8, 3, 4, 4)
+    layer = vsn.SurrogateVSN([0.2, 0.5, 0.0])
+    y = layer(z)
+    t = torch.tensor([0.2, 0.5, 0.0]).view(1, 3, 1, 1)
+    assert torch.equal(y, vsn.vsn_transfer_one_step(z, t))
+    assert float(layer.spikes.detach()) == float(((z >= t) & (z > 0)).flatten(1).sum(1).float().mean())
+    (y.sum() + layer.spikes).backward()
+    assert layer.threshold.grad is not None and bool((layer.threshold.grad != 0).all())  # fast-sigmoid surrogate
+    layer.threshold.data[0] = -1.0  # a threshold pushed below 0 acts as, and is stored as, 0
+    assert layer.trained_params({"threshold": None, "beta": 0.9})["threshold"] == [0.0, 0.5, 0.0]
+
+
+def test_vsn_finetune_learns_thresholds_and_the_spike_penalty_cuts_spikes(run_cli, tiny_files):
+    import json
+
+    d, f = tiny_files["dir"], tiny_files
+    assert run_cli("calibrate", f["checkpoint"], "-m", "conftest:tiny_cnn", "-d", f["data"], "--neuron", "vsn",
+                   "--samples", 60, "--param", "tradeoff=0.1", "-o", d / "v.json")[0] == 0
+    before = json.loads((d / "v.json").read_text())
+    spikes = {}
+    for penalty in (0, 300):
+        out = d / f"ft{penalty}.safetensors"
+        code, _, err = run_cli("finetune", f["checkpoint"], "-c", d / "v.json", "-d", f["data"], "--epochs", 10,
+                               "--lr", 3e-3, "--spike-penalty", penalty, "--batch-size", 20, "--device", "cpu", "-o", out)
+        assert code == 0, err
+        after = json.loads(out.with_suffix(".calib.json").read_text())
+        assert [la["params"]["threshold"] for la in after["layers"]] != [la["params"]["threshold"] for la in before["layers"]]
+        assert after["finetune"]["spike_penalty"] == penalty
+        assert run_cli("convert", out, "-c", out.with_suffix(".calib.json"), "-o", d / "a.snn.safetensors")[0] == 0
+        code, _, err = run_cli("evaluate", d / "a.snn.safetensors", "-d", f["data"], "-T", 1, "-r", d / f"r{penalty}")
+        assert code == 0, err
+        spikes[penalty] = json.loads((d / f"r{penalty}" / "report.json").read_text())["snn"]["spikes_per_sample"]
+    assert spikes[300] < 0.9 * spikes[0]  # same training, the penalty alone makes the difference

@@ -49,6 +49,52 @@ def vsn_transfer_one_step(z: torch.Tensor, threshold: torch.Tensor) -> torch.Ten
     return torch.where(z >= threshold, z.clamp(min=0), torch.zeros_like(z))
 
 
+class FastSigmoidStep(torch.autograd.Function):
+    """H(x) forward; backward the fast-sigmoid surrogate dH/dx ~ 1 / (1 + k|x|)^2 (k = 25 as is
+    usual for VSNs, science.md section 2; Zenke & Ganguli 2018)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.k = k
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad / (1.0 + ctx.k * x.abs()) ** 2, None
+
+
+def vsn_surrogate_one_step(z: torch.Tensor, threshold: torch.Tensor, k: float = 25.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable Ts = 1 VSN: (relu(z) H(z - T), H), H's gradient the fast sigmoid; its
+    forward value equals ``vsn_transfer_one_step``."""
+    spikes = FastSigmoidStep.apply(z - threshold, k)
+    return z.clamp(min=0) * spikes, spikes
+
+
+class SurrogateVSN(nn.Module):
+    """A Ts = 1 VSN layer for surrogate-gradient fine-tuning: thresholds (per channel or one)
+    are trained with the weights, kept >= 0; ``spikes`` holds the last batch's spike count per
+    sample (differentiable, for a spike penalty)."""
+
+    def __init__(self, threshold: float | list, k: float = 25.0):
+        super().__init__()
+        self.threshold = nn.Parameter(torch.as_tensor(threshold, dtype=torch.float32))
+        self.k = k
+        self.spikes: torch.Tensor | None = None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        t = self.threshold + (self.threshold.clamp(min=0) - self.threshold).detach()  # >= 0, gradient kept at 0
+        t = t.view((-1,) + (1,) * (z.dim() - 2)) if t.dim() else t
+        y, s = vsn_surrogate_one_step(z, t, self.k)
+        self.spikes = (s * (z > 0)).flatten(1).sum(1).mean()  # events carry a non-zero value
+        return y
+
+    def trained_params(self, params: dict) -> dict:
+        t = self.threshold.detach().clamp(min=0).cpu()
+        return {**params, "threshold": t.tolist() if t.dim() else float(t)}
+
+
 class VSNNeuron(nn.Module):
     """Stateful wrapper of ``vsn_step``; keeps the last step's events for accounting."""
 
@@ -130,6 +176,11 @@ def fit(stats: dict, options: dict) -> dict:
 
 def build(params: dict) -> VSNNeuron:
     return VSNNeuron(params["threshold"], params.get("beta", DEFAULTS["beta"]))
+
+
+def transfer_module(params: dict) -> SurrogateVSN:
+    """The trainable stand-in used by ``ann2snn finetune`` (surrogate gradients, Ts = 1)."""
+    return SurrogateVSN(params["threshold"])
 
 
 def readout(options: dict) -> Readout:
