@@ -105,7 +105,7 @@ def main() -> None:
                                    sweep=[{"m_f": m} for m in mfs[1:]], start_ms=a.start_ms, **common)
         rows += rows_of(report, method, reference=rows[0]["ann_accuracy"])
 
-    series = [(f"{r['method']} {r['setting']}", r["curve"]) for r in rows]
+    series = [(label_of(r), r["curve"]) for r in rows]
     tradeoffs = [float(v) for v in a.vsn_tradeoffs.split(",") if v.strip()]
     if tradeoffs:
         vsn_rows = vsn(a, out, tradeoffs, common, rows[0]["ann_accuracy"])
@@ -130,6 +130,13 @@ def main() -> None:
     write_text(out / "bench.json", json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=1))
     plot(series, rows[0]["ann_accuracy"], out / "accuracy_vs_spikes.png", f"{a.model} on {a.dataset}: IF, ASN, VSN")
     print(f"wrote {out}/bench.json and {out}/accuracy_vs_spikes.png")
+
+
+def label_of(row: dict) -> str:
+    """'IF', 'ASN m_f=0.1', 'ASN fine-tuned m_f=0.1': the method, then the setting without repeating it."""
+    if row["setting"] == row["method"]:
+        return row["method"]
+    return f"{row['method']} {row['setting'].removeprefix(row['method'].split()[0] + ' ')}"
 
 
 def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) -> list[dict]:
