@@ -1,10 +1,12 @@
 """Arousal: per-input precision control (AdSNN, Zambrano et al. 2019, science.md section 1).
 
-The network runs at low precision (high m_f). At a decision time - and optionally at later
-re-check times - each input whose readout is uncertain (the margin between its two highest
-softmax scores below ``threshold``) is aroused: every ASN layer switches that input to high
-precision (low m_f; theta0 and h follow) for the rest of the presentation, inside the batched
-simulation and without restarting it. Other inputs keep low precision.
+The network runs at low precision (ASN: high m_f; VSN with Ts > 1: its calibrated thresholds).
+At a decision time - and optionally at later re-check times - each input whose readout is
+uncertain (the margin between its two highest softmax scores below ``threshold``) is aroused:
+every ASN layer switches that input to high precision (low m_f; theta0 and h follow), every
+VSN layer to thresholds x ``threshold_scale``, for the rest of the presentation, inside the
+batched simulation and without restarting it. Other inputs keep low precision. Each neuron
+names the policy field its ``set_precision`` takes (``AROUSAL``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class ArousalPolicy:
     at: int = 40  # decision step (1 step = 1 ms)
     recheck: tuple[int, ...] = field(default_factory=tuple)
     threshold: float = 0.5  # arouse when top-1 minus top-2 softmax score is below this
+    threshold_scale: float = 0.0  # VSN (Ts > 1): aroused inputs fire against thresholds x this
 
     @classmethod
     def parse(cls, text: str, base: dict | None = None) -> "ArousalPolicy":
@@ -40,14 +43,18 @@ class ArousalPolicy:
             except ValueError:
                 raise UserError(f"--arousal {item!r}: not a number") from None
         policy = cls(**values)
-        if not (0 < policy.high <= 2 and 0 < policy.low <= 2 and policy.at >= 1 and 0 <= policy.threshold <= 1):
-            raise UserError(f"--arousal {text!r}: needs 0 < high, low <= 2, at >= 1, 0 <= threshold <= 1")
+        if not (0 < policy.high <= 2 and 0 < policy.low <= 2 and policy.at >= 1 and 0 <= policy.threshold <= 1
+                and 0 <= policy.threshold_scale <= 1):
+            raise UserError(f"--arousal {text!r}: needs 0 < high, low <= 2, at >= 1, 0 <= threshold <= 1, "
+                            "0 <= threshold_scale <= 1")
         return policy
 
-    def describe(self) -> str:
+    def describe(self, neuron: str = "asn") -> str:
         checks = ", ".join(str(t) for t in (self.at, *self.recheck))
-        return (f"run at m_f {self.low:g}; at step(s) {checks}, inputs whose top-1 minus top-2 softmax "
-                f"readout score is below {self.threshold:g} switch every ASN layer to m_f {self.high:g}")
+        switch = (f"run at m_f {self.low:g}", f"switch every ASN layer to m_f {self.high:g}") if neuron == "asn" else \
+            ("run at the calibrated thresholds", f"fire against thresholds x {self.threshold_scale:g} in every VSN layer")
+        return (f"{switch[0]}; at step(s) {checks}, inputs whose top-1 minus top-2 softmax readout score is "
+                f"below {self.threshold:g} {switch[1]}")
 
 
 class ArousalController:
@@ -78,7 +85,7 @@ class ArousalController:
         if new.any():
             for m in modules:
                 if hasattr(m, "set_precision"):
-                    m.set_precision(new, self.policy.high)
+                    m.set_precision(new, getattr(self.policy, m.AROUSAL))
         self.aroused |= new
 
     def fraction(self) -> float:

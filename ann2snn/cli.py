@@ -178,10 +178,10 @@ def evaluate(
                                                                "e.g. m_f=0.1,0.2,0.3 (ASN)."),
     compare: Optional[List[str]] = typer.Option(None, "--compare", help="Also run another neuron type on the same "
                                                                         "network and calibration, e.g. if."),
-    arousal: Optional[str] = typer.Option(None, "--arousal", help="Per-input precision control for ASN, e.g. "
-                                                                  "'low=0.3,high=0.1,at=40,threshold=0.5' "
-                                                                  "('' for the defaults); also runs fixed low "
-                                                                  "and fixed high precision."),
+    arousal: Optional[str] = typer.Option(None, "--arousal", help="Per-input precision control, e.g. ASN "
+                                          "'low=0.3,high=0.1,at=40,threshold=0.5', VSN (-T > 1) "
+                                          "'at=2,threshold=0.5,threshold_scale=0' ('' for the artifact's "
+                                          "policy or the defaults); also runs fixed low and high precision."),
     start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
                                                                    "[default: the neuron's: IF 0, ASN 200]."),
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,

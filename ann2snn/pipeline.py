@@ -172,6 +172,9 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
     if isinstance(arousal, str):  # keys not given: the artifact's policy (calibrate --arousal), then defaults
         arousal = ArousalPolicy.parse(arousal, stored)
     runs = _runs(meta, sweep or [], compare or [], arousal, artifact)
+    if arousal is not None and arousal.at >= timesteps:
+        raise UserError(f"--arousal at={arousal.at}: the decision must come before the last of the "
+                        f"{timesteps} steps")
     norm = Normalize(**meta["input"]["normalize"])
     data = open_dataset(dataset, split, data_dir, download, norm).head(limit)
     shape = tuple(meta["input"]["shape"])
@@ -220,11 +223,11 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         pick = lambda r: {"label": r["label"], metric: r["snn"][metric],  # noqa: E731
                           "spikes_per_sample": r["snn"]["spikes_per_sample"],
                           "firing_rate_hz": r["snn"]["firing_rate_hz"]}
-        report["arousal"] = {"mechanism": "ASN precision (m_f, theta0, h) per input", "policy": policy_record(arousal),
+        report["arousal"] = {"mechanism": AROUSAL_MECHANISMS[meta["neuron"]["type"]], "policy": policy_record(arousal),
                              "policy_source": "the artifact's (calibrate --arousal), with --arousal's keys over it"
                              if stored else "--arousal's keys over the defaults",
                              "calibration_search": meta.get("arousal", {}).get("search"),
-                             "description": arousal.describe(), "fraction_aroused": runs[0][3].fraction(),
+                             "description": arousal.describe(meta["neuron"]["type"]), "fraction_aroused": runs[0][3].fraction(),
                              "with_arousal": pick(reports[0]), "fixed_low": pick(reports[1]),
                              "fixed_high": pick(reports[2])}
     timing = {"seconds": round(elapsed, 3),
@@ -234,6 +237,10 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         write_report(report, report_dir, timing)
     report["timing"] = timing
     return report
+
+
+AROUSAL_MECHANISMS = {"asn": "ASN precision per input: m_f, theta0 and h switched together",
+                      "vsn": "VSN thresholds per input: multiplied by threshold_scale"}
 
 
 def _runs(meta: dict, sweep: list[dict], compare: list[str], arousal: ArousalPolicy | None,
@@ -247,15 +254,27 @@ def _runs(meta: dict, sweep: list[dict], compare: list[str], arousal: ArousalPol
     knob = getattr(neurons.get(base), "PRECISION", (None,))[0]
     label = base.upper() + (f" {knob}={meta['neuron']['options'][knob]}" if knob else "")
     runs = [(label, *variant(meta, None, {}), None)]
-    if arousal is not None:
-        if base != "asn":
-            raise UserError(f"--arousal: needs an ASN artifact, {artifact} is {base.upper()}")
+    if arousal is not None and base == "asn":
         runs = [("ASN arousal", *variant(meta, None, {"m_f": arousal.low}), ArousalController(arousal)),
                 (f"ASN m_f={arousal.low:g}", *variant(meta, None, {"m_f": arousal.low}), None),
                 (f"ASN m_f={arousal.high:g}", *variant(meta, None, {"m_f": arousal.high}), None)]
+    elif arousal is not None and base == "vsn":
+        neuron, layers = variant(meta, None, {})
+        scale = arousal.threshold_scale
+        scaled = [{**la, "params": {**la["params"], "threshold": _scaled(la["params"]["threshold"], scale)}}
+                  for la in layers]
+        runs = [("VSN arousal", neuron, layers, ArousalController(arousal)),
+                ("VSN calibrated thresholds", neuron, layers, None),
+                (f"VSN thresholds x {scale:g}", neuron, scaled, None)]
+    elif arousal is not None:
+        raise UserError(f"--arousal: needs an ASN or VSN artifact, {artifact} is {base.upper()}")
     runs += [(f"{base.upper()} {' '.join(f'{k}={v}' for k, v in o.items())}", *variant(meta, None, o), None)
              for o in sweep]
     return runs + [(name.upper(), *variant(meta, name, {}), None) for name in compare]
+
+
+def _scaled(threshold: float | list, scale: float) -> float | list:
+    return [t * scale for t in threshold] if isinstance(threshold, list) else threshold * scale
 
 
 def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, output: str | Path, *, epochs: int = 2,

@@ -90,3 +90,40 @@ def test_vsn_finetune_learns_thresholds_and_the_spike_penalty_cuts_spikes(run_cl
         assert code == 0, err
         spikes[penalty] = json.loads((d / f"r{penalty}" / "report.json").read_text())["snn"]["spikes_per_sample"]
     assert spikes[300] < 0.9 * spikes[0]  # same training, the penalty alone makes the difference
+
+
+def test_aroused_sample_fires_against_scaled_thresholds_and_the_other_is_unchanged():
+    torch.manual_seed(3)
+    z = torch.rand(6, 2, 5) * 1.2  # steps x batch x units
+    both, lone_low, lone_high = vsn.VSNNeuron(0.7, 0.8), vsn.VSNNeuron(0.7, 0.8), vsn.VSNNeuron(0.7, 0.8)
+    outs = []
+    for t in range(6):
+        if t == 3:
+            both.set_precision(torch.tensor([True, False]), 0.25)
+            lone_high.threshold = torch.tensor(0.7 * 0.25)  # from step 3 on, the memory carried over
+        outs.append((both(z[t]), lone_low(z[t, 1:]), lone_high(z[t, :1])))
+    for t, (y, low, high) in enumerate(outs):
+        assert torch.equal(y[1:], low)  # the sample left alone is unchanged
+        assert torch.equal(y[:1], high)  # the aroused one follows the lower threshold from step 3
+    assert any(not torch.equal(y[:1], vsn.vsn_transfer_one_step(z[t, :1], torch.tensor(0.7))) for t, (y, _, _) in
+               enumerate(outs) if t >= 3)
+
+
+def test_vsn_arousal_in_evaluate(run_cli, tiny_files):
+    import json
+
+    d, f = tiny_files["dir"], tiny_files
+    assert run_cli("calibrate", f["checkpoint"], "-m", "conftest:tiny_cnn", "-d", f["data"], "--neuron", "vsn",
+                   "--samples", 60, "--param", "tradeoff=1", "-o", d / "v.json")[0] == 0
+    assert run_cli("convert", f["checkpoint"], "-c", d / "v.json", "-o", d / "v.snn.safetensors")[0] == 0
+    code, out, err = run_cli("evaluate", d / "v.snn.safetensors", "-d", f["data"], "-T", 6, "-r", d / "rep",
+                             "--arousal", "at=2,threshold=1,threshold_scale=0")
+    assert code == 0, err
+    a = json.loads((d / "rep" / "report.json").read_text())["arousal"]
+    assert a["mechanism"].startswith("VSN thresholds") and "VSN layer" in a["description"]
+    assert a["fraction_aroused"] == 1.0
+    low, high, mixed = (a[k]["spikes_per_sample"] for k in ("fixed_low", "fixed_high", "with_arousal"))
+    assert low < mixed < high  # aroused from step 3: between the two fixed settings
+    code, _, err = run_cli("evaluate", d / "v.snn.safetensors", "-d", f["data"], "-T", 2, "-r", d / "rep2",
+                           "--arousal", "at=2")
+    assert code == 2 and "--arousal at=2" in err

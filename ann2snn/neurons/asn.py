@@ -144,6 +144,8 @@ class ASNNeuron(nn.Module):
     def reset(self) -> None:
         self.state, self.spikes, self.p = None, None, self.base
 
+    AROUSAL = "high"  # the arousal policy's field that set_precision takes
+
     def set_precision(self, samples: torch.Tensor, m_f: float) -> None:
         """From the next step on, the ``samples`` (a boolean mask over the batch) run with
         adaptation speed ``m_f``: m_f, theta0 = m_f and h change together, so f stays

@@ -104,12 +104,28 @@ class VSNNeuron(nn.Module):
         self.beta = float(beta)
         self.state: VSNState | None = None
         self.spikes: torch.Tensor | None = None
+        self.factor: torch.Tensor | None = None  # per-sample threshold factor set by arousal
+
+    AROUSAL = "threshold_scale"  # the arousal policy's field that set_precision takes
 
     def reset(self) -> None:
-        self.state, self.spikes = None, None
+        self.state, self.spikes, self.factor = None, None, None
+
+    def set_precision(self, samples: torch.Tensor, scale: float) -> None:
+        """From the next step on, the ``samples`` (a boolean mask over the batch) fire against
+        thresholds x ``scale`` (arousal: a lower threshold lets smaller values through, more
+        precise and more spikes); other samples and every memory carry on unchanged."""
+        if self.state is None:
+            raise RuntimeError("set_precision needs a running simulation")
+        mask = samples.view((-1,) + (1,) * (self.state.m.dim() - 1)).to(self.state.m.device)
+        base = self.factor if self.factor is not None else torch.ones(mask.shape, dtype=self.state.m.dtype,
+                                                                      device=mask.device)
+        self.factor = torch.where(mask, torch.full_like(base, float(scale)), base)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         t = self.threshold.view((-1,) + (1,) * (z.dim() - 2)) if self.threshold.dim() else self.threshold
+        if self.factor is not None:
+            t = t * self.factor
         if self.state is None:
             self.state = vsn_init(z)
         self.spikes, y, self.state = vsn_step(z, self.state, VSNParams(self.beta, t))
