@@ -51,8 +51,9 @@ class ArousalPolicy:
 
     def describe(self, neuron: str = "asn") -> str:
         checks = ", ".join(str(t) for t in (self.at, *self.recheck))
-        switch = (f"run at m_f {self.low:g}", f"switch every ASN layer to m_f {self.high:g}") if neuron == "asn" else \
-            ("run at the calibrated thresholds", f"fire against thresholds x {self.threshold_scale:g} in every VSN layer")
+        switch = (f"run at m_f {self.low:g}", f"switch every ASN layer to m_f {self.high:g}") if neuron == "asn" \
+            else ("run at the calibrated thresholds",
+                  f"fire against thresholds x {self.threshold_scale:g} in every VSN layer")
         return (f"{switch[0]}; at step(s) {checks}, inputs whose top-1 minus top-2 softmax readout score is "
                 f"below {self.threshold:g} {switch[1]}")
 

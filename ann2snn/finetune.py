@@ -27,7 +27,8 @@ from .simulate import ann_accuracy
 def with_transfer(gm: fx.GraphModule, kind, layers: list[dict]) -> fx.GraphModule:
     """A copy of ``gm`` with each ReLU slot replaced by its layer's transfer activation."""
     if not hasattr(kind, "transfer_module"):
-        raise UserError(f"neuron {kind.NAME!r} has no transfer function to train with (use an asn or vsn profile)")
+        raise UserError(f"neuron {kind.NAME!r} has no transfer function to train with "
+                        "(use an asn or vsn profile)")
     slots = spiking_layers(gm)
     if [layer["name"] for layer in layers] != slots:
         raise UserError("the profile's layers do not match the model's ReLUs")
@@ -60,7 +61,8 @@ def _deterministic_cudnn():
 @_deterministic_cudnn()
 def finetune(model: nn.Module, profile: dict, train: TensorData, test: TensorData, epochs: int, lr: float,
              batch_size: int, seed: int, device: torch.device, spike_penalty: float = 0.0,
-             threshold_lr: float | None = None, on_epoch: Callable[[int, float], None] | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+             threshold_lr: float | None = None, on_epoch: Callable[[int, float], None] | None = None
+             ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train ``model`` with transfer activations on cross-entropy (classification) or squared
     error (regression) + ``spike_penalty`` x spikes per sample / 1000 (layers that count spikes),
     learnt thresholds at ``threshold_lr`` (default ``lr``: Adam moves a parameter about lr per

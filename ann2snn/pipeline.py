@@ -61,7 +61,8 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     options = neuron_options(neuron, overrides or {})
     policy = None if arousal is None else ArousalPolicy.parse(arousal)
     if policy is not None and neuron != "asn":
-        raise UserError(f"--arousal: controls ASN precision; --neuron is {neuron!r}")
+        raise UserError(f"--arousal: calibrate stores and searches ASN policies; --neuron is {neuron!r} "
+                        "(a VSN artifact takes --arousal in evaluate)")
     model_ref = _model_ref(model_ref, checkpoint)
     norm = Normalize.parse(normalize_spec)
     data = open_dataset(dataset, split, data_dir, download, norm)
@@ -94,7 +95,8 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     if record is not None:
         profile["budget_search"] = record
     if policy is not None:
-        profile["arousal"] = {"policy": policy_record(policy), **({"search": arousal_record} if arousal_record else {})}
+        profile["arousal"] = {"policy": policy_record(policy),
+                              **({"search": arousal_record} if arousal_record else {})}
     if output is not None:
         save_profile(profile, output)
     return profile, rows
@@ -223,11 +225,13 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         pick = lambda r: {"label": r["label"], metric: r["snn"][metric],  # noqa: E731
                           "spikes_per_sample": r["snn"]["spikes_per_sample"],
                           "firing_rate_hz": r["snn"]["firing_rate_hz"]}
-        report["arousal"] = {"mechanism": AROUSAL_MECHANISMS[meta["neuron"]["type"]], "policy": policy_record(arousal),
+        report["arousal"] = {"mechanism": AROUSAL_MECHANISMS[meta["neuron"]["type"]],
+                             "policy": policy_record(arousal),
                              "policy_source": "the artifact's (calibrate --arousal), with --arousal's keys over it"
                              if stored else "--arousal's keys over the defaults",
                              "calibration_search": meta.get("arousal", {}).get("search"),
-                             "description": arousal.describe(meta["neuron"]["type"]), "fraction_aroused": runs[0][3].fraction(),
+                             "description": arousal.describe(meta["neuron"]["type"]),
+                             "fraction_aroused": runs[0][3].fraction(),
                              "with_arousal": pick(reports[0]), "fixed_low": pick(reports[1]),
                              "fixed_high": pick(reports[2])}
     timing = {"seconds": round(elapsed, 3),
@@ -321,7 +325,8 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     save_checkpoint(state, output, {"finetuned_from": Path(checkpoint).name, "neuron": profile["neuron"]["type"]})
     profile_output = Path(profile_output) if profile_output else Path(output).with_suffix(".calib.json")
     info = {"from_checkpoint": Path(checkpoint).name, "from_profile": Path(calibration).name, "epochs": epochs,
-            "lr": lr, "threshold_lr": threshold_lr or lr, "seed": seed, "spike_penalty": spike_penalty, "layer_params": "as trained (not re-fitted)"}
+            "lr": lr, "threshold_lr": threshold_lr or lr, "seed": seed, "spike_penalty": spike_penalty,
+            "layer_params": "as trained (not re-fitted)"}
     mean, std = profile["input"]["normalize"]["mean"], profile["input"]["normalize"]["std"]
     tuned_profile, _ = calibrate(output, profile["model"]["ref"], dataset, None, neuron=profile["neuron"]["type"],
                                  overrides={k: v for k, v in profile["neuron"]["options"].items()},
@@ -331,6 +336,8 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
                                  else None, user_args=profile["model"]["kwargs"].get("user"))
     for layer, trained in zip(tuned_profile["layers"], trained_layers):
         layer["params"] = trained["params"]
+    if "arousal" in profile:  # the policy carries over; its threshold search was for the old weights
+        tuned_profile["arousal"] = {"policy": profile["arousal"]["policy"]}
     save_profile({**tuned_profile, "finetune": info}, profile_output)
     tuned = load_model(profile["model"]["ref"], profile["model"]["kwargs"], output)
     return {"relu_accuracy_before": before, "transfer_accuracy": history, "relu_accuracy_after":

@@ -38,7 +38,8 @@ def rows_of(report: dict, method: str, reference: float | None = None) -> list[d
     for label, snn, curve in [(report["label"], report["snn"], report["curve"])] + \
             [(v["label"], v["snn"], v["curve"]) for v in report["variants"]]:
         row = {"method": method, "setting": label, "accuracy": snn["accuracy"], "ann_accuracy": ann,
-               "own_ann_accuracy": report["ann"]["accuracy"], "transfer_accuracy": report["ann"].get("transfer_accuracy"),
+               "own_ann_accuracy": report["ann"]["accuracy"],
+               "transfer_accuracy": report["ann"].get("transfer_accuracy"),
                "spikes_per_sample": snn["spikes_per_sample"], "energy_pj_per_sample": snn["energy_pj_per_sample"],
                "timesteps": report["timesteps"], "curve": curve}
         for m in MARGINS:

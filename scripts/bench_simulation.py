@@ -9,8 +9,9 @@ same images, time steps and device. Prints a table and writes JSON.
 
 Image-steps per second = images x T / wall time of the simulation (data already in memory,
 calibration and conversion not timed; on CUDA after an untimed warm-up run, so Triton's
-one-time kernel compilation, about a second per process, is left out). Peak memory: CUDA allocator peak on a GPU; on the CPU
-the growth of the process's resident set (ru_maxrss) during the run, a coarse figure.
+one-time kernel compilation, about a second per process, is left out). Peak memory: CUDA
+allocator peak on a GPU; on the CPU the growth of the process's resident set (ru_maxrss)
+during the run, a coarse figure.
 """
 
 from __future__ import annotations

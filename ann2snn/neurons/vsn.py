@@ -65,9 +65,11 @@ class FastSigmoidStep(torch.autograd.Function):
         return grad / (1.0 + ctx.k * x.abs()) ** 2, None
 
 
-def vsn_surrogate_one_step(z: torch.Tensor, threshold: torch.Tensor, k: float = 25.0) -> tuple[torch.Tensor, torch.Tensor]:
+def vsn_surrogate_one_step(z: torch.Tensor, threshold: torch.Tensor,
+                           k: float = 25.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable Ts = 1 VSN: (relu(z) H(z - T), H), H's gradient the fast sigmoid; its
-    forward value equals ``vsn_transfer_one_step``."""
+    forward value equals ``vsn_transfer_one_step``. Fine-tuning trains this one-step behaviour
+    (the usual VSN setting); with Ts > 1 the memory and beta are not trained."""
     spikes = FastSigmoidStep.apply(z - threshold, k)
     return z.clamp(min=0) * spikes, spikes
 
