@@ -71,6 +71,9 @@ def finetune(model: nn.Module, profile: dict, train: TensorData, test: TensorDat
     torch.manual_seed(seed)
     net = transfer_network(model, profile).to(device).train()
     counters = [m for m in net.modules() if hasattr(m, "trained_params")]
+    if spike_penalty and not counters:
+        raise UserError(f"--spike-penalty: the {profile['neuron']['type']} transfer function counts no spikes "
+                        "(a vsn profile does)")
     regression = train.task == "regression"
     learnt = {id(m.threshold) for m in counters if isinstance(getattr(m, "threshold", None), nn.Parameter)}
     groups = [{"params": [q for q in net.parameters() if id(q) not in learnt]},
@@ -85,7 +88,7 @@ def finetune(model: nn.Module, profile: dict, train: TensorData, test: TensorDat
             out, y = net(x.to(device)), y.to(device)
             loss = nn.functional.mse_loss(out[:, 0], y.to(out.dtype)) if regression else \
                 nn.functional.cross_entropy(out, y)
-            if spike_penalty and counters:
+            if spike_penalty:
                 loss = loss + spike_penalty * sum(m.spikes for m in counters) / 1000.0
             opt.zero_grad()
             loss.backward()

@@ -100,6 +100,12 @@ def test_asn_budget_search_sweep_compare_and_finetune(run_cli, tiny_files):
     assert by_label["ASN m_f=0.45"] < by_label["ASN m_f=0.2"]
     assert "SNN IF" in out
 
+    for bad, message in ((("--spike-penalty", 1), "counts no spikes"), (("--spike-penalty", -1), "must be >= 0"),
+                         (("--threshold-lr", 0), "--threshold-lr 0.0: must be positive")):
+        code, _, err = run_cli("finetune", tiny_files["checkpoint"], "-c", d / "asn.json", "-d", tiny_files["data"],
+                               "--epochs", 1, "-o", d / "bad.safetensors", "--device", "cpu", *bad)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert not (d / "bad.safetensors").exists() and not (d / "bad.calib.json").exists()
     code, out, err = run_cli("finetune", tiny_files["checkpoint"], "-c", d / "asn.json", "-d", tiny_files["data"],
                              "--epochs", 1, "-o", d / "ft.safetensors", "--device", "cpu")
     assert code == 0, err
