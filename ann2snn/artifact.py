@@ -17,7 +17,7 @@ from torch import fx
 
 from . import __version__, neurons
 from .calibrate import fit_stats
-from .convert import graph_signature, normalize, to_snn
+from .convert import check_activations, graph_signature, normalize, to_snn
 from .errors import UserError
 from .export import EXPORT_REF, read_export
 from .files import atomic_path
@@ -30,6 +30,8 @@ VERSION = 1
 def build_neurons(profile_neuron: dict, layers: list[dict]) -> dict[str, torch.nn.Module]:
     """One spiking module per layer from the profile's per-layer parameters."""
     kind = neurons.get(profile_neuron["type"])
+    check_activations({layer["name"]: layer.get("activation", "relu") for layer in layers}, kind.NAME,
+                      getattr(kind, "ACTIVATIONS", ("relu",)))
     try:
         return {layer["name"]: kind.build(layer["params"]) for layer in layers}
     except (KeyError, TypeError, ValueError) as exc:

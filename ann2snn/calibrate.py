@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from . import __version__, neurons
-from .convert import Slot, layer_sources, spiking_layers
+from .convert import Slot, layer_sources, slot_activations, spiking_layers
 from .data import TensorData
 from .errors import UserError
 from .files import write_text
@@ -106,13 +106,16 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
     """Run ``data`` through the normalised ANN; per ReLU slot: neurons, max, mean, exact percentile,
     and ``sample``, the positive activations of the first ``SAMPLE_IMAGES`` images (strided down
     to ``SAMPLE_CAP`` values) that transfer-function and threshold fits use, with
-    ``sample_positive_fraction``, the fraction of those images' activations that are positive."""
+    ``sample_positive_fraction``, the fraction of those images' activations that are positive, and
+    ``negative_energy_fraction``, the share of sum(out^2) below zero (GELU, SiLU: what a gate
+    that passes positive values only drops)."""
     gm = gm.to(device).eval()
     layers = spiking_layers(gm)
     quant = {name: ExactQuantile(percentile) for name in layers}
     shapes: dict[str, tuple] = {}
     kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     entries = {name: 0 for name in layers}
+    energy = {name: torch.zeros(2, dtype=torch.float64) for name in layers}  # sum out^2 below 0, sum out^2
     channels: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     seen = {"images": 0, "first_pass": True}
     hooks = []
@@ -125,6 +128,8 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
                 head = head.flatten()
                 kept[name].append(head[head > 0].float().cpu())
                 entries[name] += head.numel()
+                sq = head.double() ** 2
+                energy[name] += torch.stack([sq[head < 0].sum(), sq.sum()]).cpu()
             if not quant[name].done:
                 quant[name].update(out)
         module = gm.get_submodule(name)
@@ -145,7 +150,10 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
     finally:
         for h in hooks:
             h.remove()
-    return {name: {"neurons": math.prod(shapes[name]), "shape": list(shapes[name]), "max": q.max,
+    acts = slot_activations(gm)
+    return {name: {"activation": acts[name], "neurons": math.prod(shapes[name]), "shape": list(shapes[name]),
+                   "max": q.max,
+                   "negative_energy_fraction": float(energy[name][0] / energy[name][1].clamp(min=1e-300)),
                    "mean": q.sum / max(q.n, 1), "percentile": q.value, "zero_fraction": q.zeros / max(q.n, 1),
                    "sample": _strided(torch.cat(kept[name]) if kept[name] else torch.zeros(0), SAMPLE_CAP),
                    "sample_positive_fraction": sum(k.numel() for k in kept[name]) / max(entries[name], 1),
@@ -171,8 +179,10 @@ def make_profile(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, option
     """The calibration profile: per-layer statistics and the neuron parameters fitted to them."""
     kind = neurons.get(neuron)
     sources = layer_sources(gm)
-    layers = [{"name": name, "source": sources[name], "neurons": s["neurons"], "shape": s["shape"],
-               "stats": {**{k: s[k] for k in ("max", "mean", "percentile", "zero_fraction", "sample_positive_fraction")},
+    layers = [{"name": name, "source": sources[name], "activation": s["activation"], "neurons": s["neurons"],
+               "shape": s["shape"],
+               "stats": {**{k: s[k] for k in ("max", "mean", "percentile", "zero_fraction", "sample_positive_fraction",
+                                              "negative_energy_fraction")},
                          "positive_quantiles": _quantiles(s["sample"]),
                          "channel_positive_fraction": [float(f"{float((c > 0).float().mean()):.6g}")
                                                        for c in s["channel_values"]],
@@ -196,7 +206,7 @@ def _quantiles(sample: torch.Tensor, n: int = QUANTILES) -> list[float]:
 def fit_stats(layer: dict) -> dict:
     """Statistics for a neuron's ``fit`` from a profile layer: the quantile table stands in for
     the calibration sample."""
-    return {**layer["stats"], "neurons": layer["neurons"],
+    return {**layer["stats"], "neurons": layer["neurons"], "activation": layer.get("activation", "relu"),
             "sample": torch.tensor(layer["stats"].get("positive_quantiles", []), dtype=torch.float32)}
 
 

@@ -7,7 +7,9 @@ and that every later stage works on:
     ``W' = W * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``.
   * Every ReLU - ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu``, ``clamp(min=0)``,
     ``clamp_min(0)`` - becomes a call of a ``nn.ReLU`` submodule ``act<i>``: the slots that
-    ``to_snn`` fills with spiking neurons.
+    ``to_snn`` fills with spiking neurons. GELU and SiLU (``nn.GELU``, ``F.gelu``, ``nn.SiLU``,
+    ``F.silu``) become slots too, computing the same function (``GELUSlot``, ``SiLUSlot``); only
+    neurons that list them in ``ACTIVATIONS`` (VSN) accept such a slot (``check_activations``).
   * ``maxpool -> relu`` becomes ``relu -> maxpool`` (they commute), so max pooling always acts
     on spikes; in the SNN it is rate-gated (``GatedMaxPool``) or a plain max (``MAXPOOL_MODES``).
 Every node gets a row in the pre-flight table; any unsupported node stops the conversion.
@@ -43,12 +45,34 @@ RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "size", "squeeze"
 LINEAR_METHODS = {"add", "add_"}
 SOFTMAX_METHODS = {"softmax", "log_softmax"}
 HINTS = {"relu6": "replace ReLU6 by ReLU and fine-tune", "hardtanh": "replace Hardtanh by ReLU",
-         "gelu": "train with ReLU (the VSN neuron will handle GELU)", "sigmoid": "train with ReLU",
-         "tanh": "train with ReLU", "mul": "only additive merges are supported"}
+         "sigmoid": "train with ReLU", "tanh": "train with ReLU", "mul": "only additive merges are supported"}
 
 
 class Slot(nn.ReLU):
     """A ReLU that ``to_snn`` will replace by a spiking layer (its type marks the slot)."""
+
+    activation = "relu"
+
+
+class GELUSlot(Slot):
+    """A GELU slot: computes GELU (``approximate`` as the model had it); only VSN fills it."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+        self.activation = "gelu" if approximate == "none" else "gelu_tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)
+
+
+class SiLUSlot(Slot):
+    """A SiLU slot: computes x sigmoid(x); only VSN fills it."""
+
+    activation = "silu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x)
 
 
 @dataclass
@@ -95,6 +119,20 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
         if node.target in ("clamp", "clamp_", "clamp_min", "clamp_min_"):
             return _clamps_at_zero(node)
     return False
+
+
+def _smooth_slot(gm: fx.GraphModule, node: fx.Node) -> Slot | None:
+    """The slot for a GELU or SiLU node, else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if type(mod) is nn.GELU:
+            return GELUSlot(mod.approximate)
+        return SiLUSlot() if type(mod) is nn.SiLU else None
+    if node.op == "call_function" and node.target is F.gelu:
+        return GELUSlot(node.kwargs.get("approximate", "none"))
+    if node.op == "call_function" and node.target is F.silu:
+        return SiLUSlot()
+    return None
 
 
 def _clamps_at_zero(node: fx.Node) -> bool:
@@ -148,19 +186,22 @@ def normalize(model: nn.Module, rewrite: bool = True) -> tuple[fx.GraphModule, l
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     for node in list(gm.graph.nodes):
         desc, mod = _describe(gm, node), (gm.get_submodule(node.target) if node.op == "call_module" else None)
-        if not rewrite and not _is_relu(gm, node):
+        smooth = _smooth_slot(gm, node)
+        if not rewrite and not _is_relu(gm, node) and smooth is None:
             continue
         if node.op in ("placeholder", "output", "get_attr"):
             rows.append(Row(node.name, desc, "input" if node.op == "placeholder" else
                             ("output" if node.op == "output" else "kept"), ""))
-        elif _is_relu(gm, node):
+        elif _is_relu(gm, node) or smooth is not None:
             name = _unused_name(gm, f"act{n_act}")
             n_act += 1
-            gm.add_submodule(name, Slot())
+            gm.add_submodule(name, smooth or Slot())
             with gm.graph.inserting_after(node):
                 new = gm.graph.call_module(name, (node.args[0],))
             _replace(gm, node, new)
-            rows.append(Row(node.name, desc, "converted", f"spiking layer {name}"))
+            rows.append(Row(node.name, desc, "converted", f"spiking layer {name}" + (
+                f" ({smooth.activation.upper()}: VSN only; its gate z >= T >= 0 drops the negative part)"
+                if smooth is not None else "")))
         elif isinstance(mod, REMOVED_MODULES) or (node.op == "call_function" and node.target in REMOVED_FUNCTIONS):
             _replace(gm, node, node.args[0])
             rows.append(Row(node.name, desc, "removed", "no-op at inference"))
@@ -218,7 +259,7 @@ def _move_maxpools_after_relu(gm: fx.GraphModule, rows: list[Row]) -> None:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), MAXPOOL):
             continue
         users = list(node.users)
-        if len(users) == 1 and _is_act(gm, users[0]):
+        if len(users) == 1 and _is_act(gm, users[0]) and type(gm.get_submodule(users[0].target)) is Slot:
             act = users[0]
             x = node.args[0]
             with gm.graph.inserting_before(node):
@@ -229,7 +270,8 @@ def _move_maxpools_after_relu(gm: fx.GraphModule, rows: list[Row]) -> None:
             row.detail = "moved after the ReLU (they commute); max pool on spikes"
         elif not _carries_spikes(gm, node.args[0]):
             row = next(r for r in rows if r.node == node.name)
-            row.status, row.detail = "unsupported", "max pool must follow a ReLU (pool spikes, not currents)"
+            row.status, row.detail = "unsupported", "max pool must follow a ReLU (pool spikes, not currents; " \
+                "GELU and SiLU do not commute with max)"
 
 
 def _carries_spikes(gm: fx.GraphModule, node) -> bool:
@@ -255,6 +297,20 @@ def _is_act(gm: fx.GraphModule, node: fx.Node) -> bool:
 def spiking_layers(gm: fx.GraphModule) -> list[str]:
     """Names of the ReLU slots of a normalised graph, in execution order."""
     return [str(n.target) for n in gm.graph.nodes if _is_act(gm, n)]
+
+
+def slot_activations(gm: fx.GraphModule) -> dict[str, str]:
+    """For each slot, the activation it computes: relu, gelu or silu."""
+    return {str(n.target): gm.get_submodule(n.target).activation for n in gm.graph.nodes if _is_act(gm, n)}
+
+
+def check_activations(activations: dict[str, str], neuron: str, accepted: tuple[str, ...]) -> None:
+    """Refuse a slot whose activation the neuron type cannot stand in for, naming it."""
+    bad = [(name, act) for name, act in activations.items() if act not in accepted]
+    if bad:
+        name, act = bad[0]
+        raise UserError(f"layer {name} is {act.upper()}: {neuron.upper()} neurons replace "
+                        f"{', '.join(a.upper() for a in accepted)} only (use --neuron vsn, or train with ReLU)")
 
 
 def layer_sources(gm: fx.GraphModule) -> dict[str, str]:

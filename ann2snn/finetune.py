@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from . import neurons
-from .convert import normalize, spiking_layers
+from .convert import check_activations, normalize, slot_activations, spiking_layers
 from .data import TensorData
 from .errors import UserError
 from .files import atomic_path
@@ -32,6 +32,7 @@ def with_transfer(gm: fx.GraphModule, kind, layers: list[dict]) -> fx.GraphModul
     slots = spiking_layers(gm)
     if [layer["name"] for layer in layers] != slots:
         raise UserError("the profile's layers do not match the model's ReLUs")
+    check_activations(slot_activations(gm), kind.NAME, getattr(kind, "ACTIVATIONS", ("relu",)))
     gm = copy.deepcopy(gm)
     for layer in layers:
         gm.add_submodule(layer["name"], kind.transfer_module(layer["params"]))

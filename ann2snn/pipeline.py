@@ -16,7 +16,8 @@ from .artifact import build_neurons, load_artifact, save_artifact, variant
 from .budget import policy_record, search, search_arousal
 from .calibrate import activation_stats, check_profile, load_profile, make_profile, save_profile
 from .checkpoint import file_sha256, load_model
-from .convert import MAXPOOL_MODES, Row, graph_signature, normalize, spiking_layers, to_snn
+from .convert import (MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations,
+                      spiking_layers, to_snn)
 from .data import Normalize, calibration_subset, open_dataset
 from .energy import DEFAULT_PRESET, PRESETS, ann_macs, fanout_maps
 from .errors import UserError
@@ -74,6 +75,7 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     gm, rows = normalize(model)
     if not spiking_layers(gm):
         raise UserError(f"--model {model_ref}: the network has no ReLU to turn into spiking neurons")
+    check_activations(slot_activations(gm), neuron, getattr(neurons.get(neuron), "ACTIVATIONS", ("relu",)))
     _check_runs(gm, subset.sample_shape, dataset)
     dev = resolve_device(device)
     stats = activation_stats(gm, subset, float(options.get("percentile", 100.0)), batch_size, str(dev))

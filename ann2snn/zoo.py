@@ -53,16 +53,23 @@ def regression_mlp(in_channels: int = 1, num_classes: int = 1, input_size: int =
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
 @register("lenet5")
-def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Module:
-    """LeNet-5 with ReLU and average pooling: conv6-pool-conv16-pool-fc120-fc84-fc."""
+def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, activation: str = "relu") -> nn.Module:
+    """LeNet-5 with average pooling: conv6-pool-conv16-pool-fc120-fc84-fc; ReLU, or GELU/SiLU
+    (``--model-arg activation=gelu``: a network only VSN converts)."""
+    if activation not in ACTIVATIONS:
+        raise UserError(f"--model-arg activation={activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+    act = ACTIVATIONS[activation]
     side = ((input_size + 4 - 4) // 2 - 4) // 2
     return nn.Sequential(
-        nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(in_channels, 6, 5, padding=2), act(), nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, 5), act(), nn.AvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(16 * side * side, 120), nn.ReLU(),
-        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(16 * side * side, 120), act(),
+        nn.Linear(120, 84), act(),
         nn.Linear(84, num_classes),
     )
 

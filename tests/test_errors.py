@@ -116,12 +116,24 @@ def test_bad_model_reference(run_cli, tiny_files, model, match):
     _assert_clean_error(*run_cli(*_cal(f, model=model)), match, [f["dir"] / "out.json"])
 
 
+def tanh_model():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
 def test_unsupported_operation_is_named(run_cli, tiny_files):
+    f = tiny_files
+    ckpt = f["dir"] / "tanh.safetensors"
+    save_file({k: v.contiguous() for k, v in tanh_model().state_dict().items()}, str(ckpt))
+    _assert_clean_error(*run_cli(*_cal(f, ckpt=ckpt, model="test_errors:tanh_model")),
+                        "node '_2' 2 (Tanh): train with ReLU", [f["dir"] / "out.json"])
+
+
+def test_gelu_layer_is_refused_for_if_with_its_name(run_cli, tiny_files):
     f = tiny_files
     ckpt = f["dir"] / "gelu.safetensors"
     save_file({k: v.contiguous() for k, v in gelu_model().state_dict().items()}, str(ckpt))
     _assert_clean_error(*run_cli(*_cal(f, ckpt=ckpt, model="test_errors:gelu_model")),
-                        "node '_2' 2 (GELU)", [f["dir"] / "out.json"])
+                        "layer act0 is GELU: IF neurons replace RELU only (use --neuron vsn", [f["dir"] / "out.json"])
 
 
 @pytest.mark.parametrize("extra,match", [

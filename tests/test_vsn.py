@@ -127,3 +127,76 @@ def test_vsn_arousal_in_evaluate(run_cli, tiny_files):
     code, _, err = run_cli("evaluate", d / "v.snn.safetensors", "-d", f["data"], "-T", 2, "-r", d / "rep2",
                            "--arousal", "at=2")
     assert code == 2 and "--arousal at=2" in err
+
+
+class _Smooth(torch.nn.Module):
+    """conv -> GELU -> pool -> linear -> SiLU -> linear, with the functional forms."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(36, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.nn.functional.avg_pool2d(torch.nn.functional.gelu(self.conv(x)), 2)
+        return self.fc2(torch.nn.functional.silu(self.fc1(x.flatten(1))))
+
+
+def test_gelu_and_silu_slots_compute_the_ann_and_a_one_step_vsn_gates_them():
+    from ann2snn.calibrate import activation_stats
+    from ann2snn.convert import slot_activations
+    from ann2snn.data import TensorData
+
+    torch.manual_seed(4)
+    model = _Smooth().eval()
+    gm, rows = normalize(model)
+    assert slot_activations(gm) == {"act0": "gelu", "act1": "silu"}
+    assert sum("GELU: VSN only" in r.detail for r in rows) == 1 and sum("SILU" in r.detail for r in rows) == 1
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))  # the slots compute GELU and SiLU
+        snn = to_snn(gm, {"act0": vsn.VSNNeuron(0.0, sigma="gelu"), "act1": vsn.VSNNeuron(0.0, sigma="silu")})
+        F = torch.nn.functional
+        gated = F.avg_pool2d(F.gelu(model.conv(x)) * (model.conv(x) > 0), 2).flatten(1)
+        ref = model.fc2(F.silu(model.fc1(gated)) * (model.fc1(gated) > 0))
+        assert torch.allclose(snn(x), ref, atol=1e-6)  # T = 0: the gate drops only the negative part
+    stats = activation_stats(gm, TensorData("t", "file", x, torch.zeros(16, dtype=torch.long), 3), 99.9)
+    assert stats["act0"]["activation"] == "gelu" and 0 < stats["act0"]["negative_energy_fraction"] < 1
+    for sigma in ("gelu", "silu"):
+        t = torch.tensor([0.0, 0.05, 0.7, 3.0])
+        assert torch.allclose(vsn.SIGMAS[sigma](vsn.input_threshold(t, sigma)), t, atol=1e-5)
+        y = vsn.VSNNeuron(t.tolist(), sigma=sigma)(torch.linspace(-1, 4, 40).view(10, 4))
+        z = torch.linspace(-1, 4, 40).view(10, 4)
+        a = vsn.SIGMAS[sigma](z)
+        assert torch.allclose(y, a * ((a >= t - 1e-5) & (z > 0)))  # thresholds act in output units
+
+
+def test_vsn_converts_a_gelu_network_and_if_is_refused(run_cli, tiny_files):
+    import json
+    from safetensors.torch import save_file
+
+    d, f = tiny_files["dir"], tiny_files
+    torch.manual_seed(0)
+    model = _Smooth()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "s.safetensors"))
+    with torch.no_grad():
+        x = torch.rand(60, 1, 8, 8)
+        F = torch.nn.functional
+        c = model.conv(x)
+        h = model.fc1(F.avg_pool2d(F.gelu(c) * (c > 0), 2).flatten(1))
+        gated = model.fc2(F.silu(h) * (h > 0))  # what a one-step VSN with T = 0 computes
+        save_file({"inputs": x, "targets": gated.argmax(1)}, str(d / "sd.safetensors"))
+    args = ("-m", "test_vsn:_Smooth", "-d", d / "sd.safetensors", "--samples", 60)
+    assert run_cli("calibrate", d / "s.safetensors", *args, "--neuron", "vsn", "-o", d / "v.json")[0] == 0
+    layers = json.loads((d / "v.json").read_text())["layers"]
+    assert [la["activation"] for la in layers] == ["gelu", "silu"] and layers[0]["params"]["sigma"] == "gelu"
+    code, out, err = run_cli("convert", d / "s.safetensors", "-c", d / "v.json", "-o", d / "v.snn.safetensors")
+    assert code == 0 and "GELU: VSN only" in out, err
+    code, _, err = run_cli("evaluate", d / "v.snn.safetensors", "-d", d / "sd.safetensors", "-T", 1, "-r", d / "r")
+    assert code == 0, err
+    report = json.loads((d / "r" / "report.json").read_text())
+    assert report["snn"]["accuracy"] == 1.0 == report["ann"]["transfer_accuracy"]
+    code, _, err = run_cli("evaluate", d / "v.snn.safetensors", "-d", d / "sd.safetensors", "-T", 1, "-r", d / "r2",
+                           "--compare", "if")
+    assert code == 2 and "layer act0 is GELU: IF neurons" in err and err.count("\n") == 1
+    code, _, err = run_cli("calibrate", d / "s.safetensors", *args, "--neuron", "asn", "-o", d / "a.json")
+    assert code == 2 and "layer act0 is GELU: ASN neurons" in err

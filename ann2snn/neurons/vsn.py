@@ -6,8 +6,10 @@ in science.md section 2. One step, for input z(t):
     y(t) = sigma(z(t) s(t))            graded spike: it carries the value z(t)
     M(t) = 0 where s(t) = 1            reset
 
-sigma is ReLU for a ReLU network (identity on the positive values that pass the gate). The
-spike is graded, so each synaptic event downstream is a multiply-accumulate. With Ts time
+sigma is the activation the layer replaces: ReLU (identity on the positive values that pass
+the gate), GELU or SiLU; the gate z >= T >= 0 drops their small negative part (the calibration
+reports its share of the output energy). Thresholds are stored in output units (the fit works on
+the ANN's activations) and turned into input units by inverting sigma on z > 0. The spike is graded, so each synaptic event downstream is a multiply-accumulate. With Ts time
 steps the input is repeated and the output averaged (the readout sums the output). At Ts = 1,
 y = z [z >= T]: exactly ReLU outside (0, T), 0 inside; T = 0 reproduces the ReLU layer.
 """
@@ -17,15 +19,35 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 from ..simulate import Readout
 
 
+SIGMAS = {"relu": lambda z: z.clamp(min=0), "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+          "silu": F.silu}
+
+
+def input_threshold(threshold: torch.Tensor, sigma: str) -> torch.Tensor:
+    """The z at which sigma(z) reaches ``threshold`` (>= 0) on z > 0, where every sigma here is
+    increasing (bisection; identity for ReLU)."""
+    if sigma == "relu":
+        return threshold
+    f = SIGMAS[sigma]
+    lo, hi = torch.zeros_like(threshold), 2 * threshold + 1  # sigma(z) >= z / 2 - 0.3 on z > 0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        below = f(mid) < threshold
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return torch.where(threshold > 0, hi, torch.zeros_like(threshold))
+
+
 class VSNParams(NamedTuple):
     beta: float
-    threshold: torch.Tensor  # scalar or per channel
+    threshold: torch.Tensor  # scalar or per channel, in input units
+    sigma: str = "relu"
 
 
 class VSNState(NamedTuple):
@@ -40,7 +62,7 @@ def vsn_step(z: torch.Tensor, state: VSNState, p: VSNParams) -> tuple[torch.Tens
     """Advance one step; returns (events: spikes that carry a non-zero value, output y, state)."""
     m = p.beta * state.m + z
     fired = m >= p.threshold
-    y = torch.where(fired, z.clamp(min=0), torch.zeros_like(z))
+    y = torch.where(fired & (z > 0), SIGMAS[p.sigma](z), torch.zeros_like(z))
     return (y > 0).to(z.dtype), y, VSNState(torch.where(fired, torch.zeros_like(m), m))
 
 
@@ -65,13 +87,15 @@ class FastSigmoidStep(torch.autograd.Function):
         return grad / (1.0 + ctx.k * x.abs()) ** 2, None
 
 
-def vsn_surrogate_one_step(z: torch.Tensor, threshold: torch.Tensor,
-                           k: float = 25.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable Ts = 1 VSN: (relu(z) H(z - T), H), H's gradient the fast sigmoid; its
-    forward value equals ``vsn_transfer_one_step``. Fine-tuning trains this one-step behaviour
-    (the usual VSN setting); with Ts > 1 the memory and beta are not trained."""
-    spikes = FastSigmoidStep.apply(z - threshold, k)
-    return z.clamp(min=0) * spikes, spikes
+def vsn_surrogate_one_step(z: torch.Tensor, threshold: torch.Tensor, k: float = 25.0,
+                           sigma: str = "relu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable Ts = 1 VSN: (sigma(z) H(sigma(z) - T) [z > 0], H), H's gradient the fast
+    sigmoid, T in output units; its forward value is the VSN's at one step (for ReLU:
+    ``vsn_transfer_one_step``). Fine-tuning trains this one-step behaviour (the usual VSN
+    setting); with Ts > 1 the memory and beta are not trained."""
+    a = SIGMAS[sigma](z)
+    spikes = FastSigmoidStep.apply(a - threshold, k) * (z > 0)
+    return a * spikes, spikes
 
 
 class SurrogateVSN(nn.Module):
@@ -79,17 +103,17 @@ class SurrogateVSN(nn.Module):
     are trained with the weights, kept >= 0; ``spikes`` holds the last batch's spike count per
     sample (differentiable, for a spike penalty)."""
 
-    def __init__(self, threshold: float | list, k: float = 25.0):
+    def __init__(self, threshold: float | list, k: float = 25.0, sigma: str = "relu"):
         super().__init__()
         self.threshold = nn.Parameter(torch.as_tensor(threshold, dtype=torch.float32))
-        self.k = k
+        self.k, self.sigma = k, sigma
         self.spikes: torch.Tensor | None = None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         t = self.threshold + (self.threshold.clamp(min=0) - self.threshold).detach()  # >= 0, gradient kept at 0
         t = t.view((-1,) + (1,) * (z.dim() - 2)) if t.dim() else t
-        y, s = vsn_surrogate_one_step(z, t, self.k)
-        self.spikes = (s * (z > 0)).flatten(1).sum(1).mean()  # events carry a non-zero value
+        y, s = vsn_surrogate_one_step(z, t, self.k, self.sigma)
+        self.spikes = s.flatten(1).sum(1).mean()  # events: spikes that carry a non-zero value
         return y
 
     def trained_params(self, params: dict) -> dict:
@@ -100,9 +124,10 @@ class SurrogateVSN(nn.Module):
 class VSNNeuron(nn.Module):
     """Stateful wrapper of ``vsn_step``; keeps the last step's events for accounting."""
 
-    def __init__(self, threshold: float | list, beta: float = 0.9):
+    def __init__(self, threshold: float | list, beta: float = 0.9, sigma: str = "relu"):
         super().__init__()
-        self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32))
+        self.sigma = sigma  # threshold: in output units, as stored in profiles; the test uses input units
+        self.register_buffer("threshold", input_threshold(torch.as_tensor(threshold, dtype=torch.float32), sigma))
         self.beta = float(beta)
         self.state: VSNState | None = None
         self.spikes: torch.Tensor | None = None
@@ -130,13 +155,14 @@ class VSNNeuron(nn.Module):
             t = t * self.factor
         if self.state is None:
             self.state = vsn_init(z)
-        self.spikes, y, self.state = vsn_step(z, self.state, VSNParams(self.beta, t))
+        self.spikes, y, self.state = vsn_step(z, self.state, VSNParams(self.beta, t, self.sigma))
         return y
 
 
 # --- converter hooks ---------------------------------------------------------------------
 NAME = "vsn"
 DEFAULTS = {"beta": 0.9, "threshold": 0.0, "tradeoff": None, "per_channel": True, "percentile": 99.9}
+ACTIVATIONS = tuple(SIGMAS)  # the ANN activations a VSN layer stands in for
 DEFAULT_TIMESTEPS = 1
 SPIKE_OP = "mac"  # a graded spike costs a multiply-accumulate per synaptic event
 PRECISION = ("tradeoff", [0.0] + [round(10 ** (k / 4), 6) for k in range(-20, 13)])
@@ -179,26 +205,32 @@ def fit(stats: dict, options: dict) -> dict:
         threshold = float(options["threshold"])
         if threshold < 0:
             raise UserError(f"--param threshold={threshold}: must be >= 0")
-        return {"threshold": threshold, "beta": beta}
+        return {"threshold": threshold, "beta": beta, **_sigma(stats)}
     tradeoff = float(options["tradeoff"])
     channels = _channel_samples(stats) if options.get("per_channel", True) else []
     if len(channels) > 1:
         layer_energy = sum(float((v.double() ** 2).sum()) * f / max(v.numel(), 1) for v, f in channels)
         per_unit = int(stats["neurons"]) / len(channels)
         thresholds = [fit_threshold(v, f, per_unit, tradeoff, layer_energy) for v, f in channels]
-        return {"threshold": thresholds, "beta": beta}
+        return {"threshold": thresholds, "beta": beta, **_sigma(stats)}
     threshold = fit_threshold(stats.get("sample", torch.zeros(0)), stats.get("sample_positive_fraction", 1.0),
                               int(stats["neurons"]), tradeoff)
-    return {"threshold": threshold, "beta": beta}
+    return {"threshold": threshold, "beta": beta, **_sigma(stats)}
+
+
+def _sigma(stats: dict) -> dict:
+    """The activation the layer replaces, recorded when it is not ReLU (thresholds in its output units)."""
+    act = stats.get("activation", "relu")
+    return {} if act == "relu" else {"sigma": act}
 
 
 def build(params: dict) -> VSNNeuron:
-    return VSNNeuron(params["threshold"], params.get("beta", DEFAULTS["beta"]))
+    return VSNNeuron(params["threshold"], params.get("beta", DEFAULTS["beta"]), params.get("sigma", "relu"))
 
 
 def transfer_module(params: dict) -> SurrogateVSN:
     """The trainable stand-in used by ``ann2snn finetune`` (surrogate gradients, Ts = 1)."""
-    return SurrogateVSN(params["threshold"])
+    return SurrogateVSN(params["threshold"], sigma=params.get("sigma", "relu"))
 
 
 def readout(options: dict) -> Readout:
