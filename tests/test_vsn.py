@@ -200,3 +200,16 @@ def test_vsn_converts_a_gelu_network_and_if_is_refused(run_cli, tiny_files):
     assert code == 2 and "layer act0 is GELU: IF neurons" in err and err.count("\n") == 1
     code, _, err = run_cli("calibrate", d / "s.safetensors", *args, "--neuron", "asn", "-o", d / "a.json")
     assert code == 2 and "layer act0 is GELU: ASN neurons" in err
+
+
+def test_zoo_lenet5_takes_the_activation_as_a_model_argument():
+    import pytest
+
+    from ann2snn.convert import slot_activations
+    from ann2snn.errors import UserError
+    from ann2snn.zoo import resolve_model
+
+    gm, _ = normalize(resolve_model("lenet5", {"activation": "silu", "user": {}}))
+    assert set(slot_activations(gm).values()) == {"silu"} and len(slot_activations(gm)) == 4
+    with pytest.raises(UserError, match="activation='tanh'"):
+        resolve_model("lenet5", {"activation": "tanh", "user": {}})
