@@ -9,8 +9,9 @@ in science.md section 2. One step, for input z(t):
 sigma is the activation the layer replaces: ReLU (identity on the positive values that pass
 the gate), GELU or SiLU; the gate z >= T >= 0 drops their small negative part (the calibration
 reports its share of the output energy). Thresholds are stored in output units (the fit works on
-the ANN's activations) and turned into input units by inverting sigma on z > 0. The spike is graded, so each synaptic event downstream is a multiply-accumulate. With Ts time
-steps the input is repeated and the output averaged (the readout sums the output). At Ts = 1,
+the ANN's activations) and turned into input units by inverting sigma on z > 0. The spike is
+graded, so each synaptic event downstream is a multiply-accumulate. With Ts time steps the
+input is repeated and the output averaged (the readout sums the output). At Ts = 1,
 y = z [z >= T]: exactly ReLU outside (0, T), 0 inside; T = 0 reproduces the ReLU layer.
 """
 
@@ -26,8 +27,8 @@ from ..errors import UserError
 from ..simulate import Readout
 
 
-SIGMAS = {"relu": lambda z: z.clamp(min=0), "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-          "silu": F.silu}
+SIGMAS = {"relu": lambda z: z.clamp(min=0), "gelu": F.gelu, "silu": F.silu,
+          "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}
 
 
 def input_threshold(threshold: torch.Tensor, sigma: str) -> torch.Tensor:
@@ -127,7 +128,8 @@ class VSNNeuron(nn.Module):
     def __init__(self, threshold: float | list, beta: float = 0.9, sigma: str = "relu"):
         super().__init__()
         self.sigma = sigma  # threshold: in output units, as stored in profiles; the test uses input units
-        self.register_buffer("threshold", input_threshold(torch.as_tensor(threshold, dtype=torch.float32), sigma))
+        self.register_buffer("threshold",
+                             input_threshold(torch.as_tensor(threshold, dtype=torch.float32), sigma))
         self.beta = float(beta)
         self.state: VSNState | None = None
         self.spikes: torch.Tensor | None = None
