@@ -131,7 +131,9 @@ def _print_calibration(profile: dict, output: Path) -> None:
         for c in search["candidates"]:
             mark = " <- chosen" if c == search["chosen"] else ""
             quality = f"{100 * c['accuracy']:6.2f}%" if "accuracy" in c else f"NMSE {c['nmse']:.4g}"
-            console.print(f"  {knob}={c[knob]:<9g} {c['spikes_per_sample']:>10,.0f} spikes/sample {quality}{mark}")
+            if "output_error" in c:
+                quality += f"  error vs ANN {c['output_error']:<7.2g}"
+            console.print(f"  {knob}={c[knob]:<9g}{c['spikes_per_sample']:>9,.0f} spikes {quality}{mark}")
         if not search["budget_met"]:
             console.print(f"[yellow]no setting met {search['budget_spikes_per_sample']:,.0f} spikes per sample; "
                           "kept the sparsest[/]")

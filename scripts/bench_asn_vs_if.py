@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--timesteps", type=int, default=200, help="ASN steps")
     p.add_argument("--if-timesteps", type=int, default=64)
     p.add_argument("--vsn-tradeoffs", default="0,0.01,0.03,0.1,0.3,1", help="'' to leave VSN out")
+    p.add_argument("--vsn-budgets", default="", help="spike budgets for `calibrate --budget` (VSN, Ts = 1), e.g. 1500,2500")
     p.add_argument("--vsn-penalties", default="", help="spike penalties of VSN fine-tuning runs, e.g. 3,10")
     p.add_argument("--vsn-epochs", type=int, default=2)
     p.add_argument("--vsn-start", type=float, default=0.01, help="trade-off of the thresholds fine-tuning starts from")
@@ -108,7 +109,7 @@ def main() -> None:
 
     series = [(label_of(r), r["curve"]) for r in rows]
     tradeoffs = [float(v) for v in a.vsn_tradeoffs.split(",") if v.strip()]
-    if tradeoffs:
+    if tradeoffs or a.vsn_budgets.strip():
         vsn_rows = vsn(a, out, tradeoffs, common, rows[0]["ann_accuracy"])
         rows += vsn_rows
         for method in dict.fromkeys(r["method"] for r in vsn_rows):  # one line of points per method
@@ -141,15 +142,25 @@ def label_of(row: dict) -> str:
 
 
 def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) -> list[dict]:
-    """VSN at Ts = 1: converted with thresholds fitted for each trade-off, then (optionally)
-    fine-tuned from the ``--vsn-start`` trade-off's thresholds with each spike penalty."""
-    first = {"tradeoff": tradeoffs[0]} if tradeoffs[0] > 0 else {}
-    pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn.json", neuron="vsn", data_dir=a.data_dir,
-                       device=a.device, overrides=first)
-    pipeline.convert(a.checkpoint, out / "vsn.json", out / "vsn.snn.safetensors")
-    report = pipeline.evaluate(out / "vsn.snn.safetensors", a.dataset, 1,
-                               sweep=[{"tradeoff": t} for t in tradeoffs[1:]], **common)
-    rows = rows_of(report, "VSN Ts=1", reference)
+    """VSN at Ts = 1: converted with thresholds fitted for each trade-off and searched for each
+    spike budget (`calibrate --budget`), then (optionally) fine-tuned from the ``--vsn-start`` trade-off's thresholds with each spike penalty."""
+    rows = []
+    if tradeoffs:
+        first = {"tradeoff": tradeoffs[0]} if tradeoffs[0] > 0 else {}
+        pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn.json", neuron="vsn", data_dir=a.data_dir,
+                           device=a.device, overrides=first)
+        pipeline.convert(a.checkpoint, out / "vsn.json", out / "vsn.snn.safetensors")
+        report = pipeline.evaluate(out / "vsn.snn.safetensors", a.dataset, 1,
+                                   sweep=[{"tradeoff": t} for t in tradeoffs[1:]], **common)
+        rows += rows_of(report, "VSN Ts=1", reference)
+    for budget in [float(v) for v in a.vsn_budgets.split(",") if v.strip()]:
+        profile = out / f"vsn_budget{budget:g}.json"  # thresholds searched on training images
+        pipeline.calibrate(a.checkpoint, a.model, a.dataset, profile, neuron="vsn", data_dir=a.data_dir,
+                           device=a.device, budget=budget, timesteps=1)
+        pipeline.convert(a.checkpoint, profile, profile.with_suffix(".snn.safetensors"))
+        report = pipeline.evaluate(profile.with_suffix(".snn.safetensors"), a.dataset, 1, **common)
+        report["label"] = f"budget {budget:g}"
+        rows += rows_of(report, "VSN Ts=1 budget", reference)
     penalties = [float(v) for v in a.vsn_penalties.split(",") if v.strip()]
     if penalties:
         pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn_start.json", neuron="vsn",

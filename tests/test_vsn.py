@@ -1,3 +1,4 @@
+import json
 import math
 
 import torch
@@ -213,3 +214,22 @@ def test_zoo_lenet5_takes_the_activation_as_a_model_argument():
     assert set(slot_activations(gm).values()) == {"silu"} and len(slot_activations(gm)) == 4
     with pytest.raises(UserError, match="activation='tanh'"):
         resolve_model("lenet5", {"activation": "tanh", "user": {}})
+
+
+def test_vsn_budget_search_spends_more_of_a_larger_budget_for_a_closer_output(run_cli, tiny_files):
+    """The search ranks candidates by output error against the ANN, not by accuracy on the
+    search images (which ties near 100% and made every budget pick the sparsest setting)."""
+    d, f = tiny_files["dir"], tiny_files
+    chosen = []
+    for budget in (40, 1e9):
+        code, out, err = run_cli("calibrate", f["checkpoint"], "-m", "conftest:tiny_cnn", "-d", f["data"],
+                                 "--neuron", "vsn", "--budget", budget, "-T", 1, "-o", d / f"b{budget:g}.json")
+        assert code == 0, err
+        search = json.loads((d / f"b{budget:g}.json").read_text())["budget_search"]
+        within = [c for c in search["candidates"] if c["spikes_per_sample"] <= budget]
+        assert search["chosen"] == min(within, key=lambda c: (c["output_error"], c["spikes_per_sample"]))
+        assert "error vs ANN" in out
+        chosen.append(search["chosen"])
+    assert chosen[1]["output_error"] < 1e-9 and chosen[1]["tradeoff"] == 0  # unlimited: the exact ANN
+    assert chosen[0]["spikes_per_sample"] <= 40 < chosen[1]["spikes_per_sample"]
+    assert chosen[0]["output_error"] > chosen[1]["output_error"]
