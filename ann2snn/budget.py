@@ -6,8 +6,8 @@ ANN's: the least relative output error sum ||a y_snn - y_ann||^2 / sum ||y_ann -
 over the search images, after the best single gain a on y_snn (``OutputError``; regression:
 the least NMSE against the targets). Accuracy on a few hundred training images saturates (most
 candidates tie near 100%), so ranking by it picked the sparsest setting whatever the budget;
-the output error is continuous and falls as the SNN gets closer to the ANN. Per-layer scales are refitted for every candidate, since the
-measured transfer function depends on the knob.
+the output error is continuous and falls as the SNN gets closer to the ANN. Per-layer scales are
+refitted for every candidate, since the measured transfer function depends on the knob.
 
 ``search_arousal``: the arousal threshold. Raising it arouses more inputs, so spikes (and
 accuracy) grow with it; bisection finds the largest threshold within the budget."""

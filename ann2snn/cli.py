@@ -24,8 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Convert trained PyTorch networks into spiking networks and measure accuracy per spike.")
 console = Console()
 
-DATA_DIR = typer.Option(None, "--data-dir", help="Where named data sets live [default: $ANN2SNN_DATA or "
-                                                  "~/.cache/ann2snn/data].")
+DATA_DIR = typer.Option(None, "--data-dir", help="Where named data sets live (default: $ANN2SNN_DATA or "
+                                                  "~/.cache/ann2snn/data).")
 DOWNLOAD = typer.Option(False, "--download", help="Let torchvision download a missing named data set (online only).")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
 TRUST = typer.Option(False, "--trust-pickle", help="Allow a .pt checkpoint to run pickle code on load. "
@@ -62,7 +62,8 @@ def calibrate(
     checkpoint: Path = typer.Argument(..., help="ANN weights: .safetensors or a .pt/.pth state dict; or a "
                                                 "torch.export archive (.pt2), which needs no --model."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name (mlp, lenet5, vgg_small, "
-                                                                  "resnet_small) or package.module:callable."),
+                                                                  "resnet_small, regression_mlp) or "
+                                                                  "package.module:callable."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, cifar100, "
                                                            "folder:PATH or a .safetensors/.pt tensor file."),
     output: Path = typer.Option(..., "--output", "-o", help="Calibration profile to write (JSON)."),
@@ -76,7 +77,7 @@ def calibrate(
                                                                   "precision (ASN m_f, VSN thresholds) by "
                                                                   "simulating calibration images."),
     timesteps: Optional[int] = typer.Option(None, "--timesteps", "-T", help="Steps per sample for --budget "
-                                                                          "[default: ASN 200, VSN 1]."),
+                                                                          "(default: ASN 200, VSN 1)."),
     arousal: Optional[str] = typer.Option(None, "--arousal", help="ASN arousal policy to store, e.g. "
                                           "'low=0.3,high=0.1,at=40'; with --budget, search its threshold."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
@@ -104,8 +105,17 @@ def _metric(value: float, metric: str) -> str:
     return f"accuracy {100 * value:.2f}%" if metric == "accuracy" else f"NMSE {value:.4g}"
 
 
+def _fmt_value(v) -> str:
+    """A number as 4 significant digits; a per-channel list as its range and length."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list) and len(v) > 1 and all(isinstance(x, (int, float)) for x in v):
+        return f"{min(v):.4g}..{max(v):.4g} ({len(v)} channels)"
+    return str(v)
+
+
 def _fmt(values: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    return ", ".join(f"{k}={_fmt_value(v)}" for k, v in values.items())
 
 
 def _print_calibration(profile: dict, output: Path) -> None:
@@ -185,7 +195,7 @@ def evaluate(
                                           "'at=2,threshold=0.5,threshold_scale=0' ('' for the artifact's "
                                           "policy or the defaults); also runs fixed low and high precision."),
     start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
-                                                                   "[default: the neuron's: IF 0, ASN 200]."),
+                                                                   "(default: the neuron's: IF 0, ASN 200)."),
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
 ):
     """Simulate the SNN and report accuracy versus spikes, per layer and per time step.
@@ -266,13 +276,13 @@ def finetune(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Named data set or file to train on (train split)."),
     output: Path = typer.Option(..., "--output", "-o", help="New checkpoint (.safetensors)."),
     profile_output: Optional[Path] = typer.Option(None, "--profile-output", help="Its calibration profile, with "
-                                                  "the trained layer parameters [default: OUTPUT.calib.json]."),
+                                                  "the trained layer parameters (default: OUTPUT.calib.json)."),
     epochs: int = typer.Option(2, "--epochs"),
     lr: float = typer.Option(1e-4, "--lr"),
     spike_penalty: float = typer.Option(0.0, "--spike-penalty", help="Weight of spikes per sample / 1000 in the "
                                         "loss (VSN: trains thresholds and weights toward fewer spikes)."),
     threshold_lr: Optional[float] = typer.Option(None, "--threshold-lr", help="Learning rate of VSN thresholds "
-                                                 "[default: --lr]."),
+                                                 "(default: --lr)."),
     batch_size: int = typer.Option(128, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,

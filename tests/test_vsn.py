@@ -229,6 +229,7 @@ def test_vsn_budget_search_spends_more_of_a_larger_budget_for_a_closer_output(ru
         within = [c for c in search["candidates"] if c["spikes_per_sample"] <= budget]
         assert search["chosen"] == min(within, key=lambda c: (c["output_error"], c["spikes_per_sample"]))
         assert "error vs ANN" in out
+        assert "channels)" in out and "threshold=[" not in out  # per-channel thresholds as a range
         chosen.append(search["chosen"])
     assert chosen[1]["output_error"] < 1e-9 and chosen[1]["tradeoff"] == 0  # unlimited: the exact ANN
     assert chosen[0]["spikes_per_sample"] <= 40 < chosen[1]["spikes_per_sample"]
