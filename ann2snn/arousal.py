@@ -3,10 +3,10 @@
 The network runs at low precision (ASN: high m_f; VSN with Ts > 1: its calibrated thresholds).
 At a decision time - and optionally at later re-check times - each input whose readout is
 uncertain (the margin between its two highest softmax scores below ``threshold``) is aroused:
-every ASN layer switches that input to high precision (low m_f; theta0 and h follow), every
-VSN layer to thresholds x ``threshold_scale``, for the rest of the presentation, inside the
-batched simulation and without restarting it. Other inputs keep low precision. Each neuron
-names the policy field its ``set_precision`` takes (``AROUSAL``).
+every ASN layer (or each of ``layers``, when named) switches that input to high precision (low
+m_f; theta0 and h follow), every VSN layer to thresholds x ``threshold_scale``, for the rest of
+the presentation, inside the batched simulation and without restarting it. Other inputs keep
+low precision. Each neuron names the policy field its ``set_precision`` takes (``AROUSAL``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import torch
 from .errors import UserError
 
 
+_LISTS = ("recheck", "layers")
+
+
 @dataclass(frozen=True)
 class ArousalPolicy:
     low: float = 0.3  # m_f everyone starts with
@@ -26,17 +29,22 @@ class ArousalPolicy:
     recheck: tuple[int, ...] = field(default_factory=tuple)
     threshold: float = 0.5  # arouse when top-1 minus top-2 softmax score is below this
     threshold_scale: float = 0.0  # VSN (Ts > 1): aroused inputs fire against thresholds x this
+    layers: tuple[str, ...] = ()  # spiking layers whose precision arousal raises; () = all
 
     @classmethod
     def parse(cls, text: str, base: dict | None = None) -> "ArousalPolicy":
-        """``low=0.3,high=0.1,at=40,threshold=0.5,recheck=80+120``; keys not given come from
-        ``base`` (e.g. the policy a budget search stored in the artifact), then the defaults."""
-        values: dict = {k: tuple(v) if k == "recheck" else v for k, v in (base or {}).items()}
+        """``low=0.3,high=0.1,at=40,threshold=0.5,recheck=80+120,layers=act2+act3``; keys not
+        given come from ``base`` (e.g. the policy a budget search stored in the artifact), then
+        the defaults."""
+        values: dict = {k: tuple(v) if k in _LISTS else v for k, v in (base or {}).items()}
         for item in filter(None, text.split(",")):
             key, sep, value = item.partition("=")
             if not sep or key not in cls.__dataclass_fields__:
                 raise UserError(f"--arousal {item!r}: expected KEY=VALUE with KEY one of "
                                 f"{', '.join(cls.__dataclass_fields__)}")
+            if key == "layers":
+                values[key] = tuple(filter(None, value.split("+")))
+                continue
             try:
                 values[key] = tuple(int(v) for v in value.split("+")) if key == "recheck" else \
                     (int(value) if key == "at" else float(value))
@@ -49,11 +57,22 @@ class ArousalPolicy:
                             "0 <= threshold_scale <= 1")
         return policy
 
+    def check_layers(self, names: list[str]) -> None:
+        unknown = [n for n in self.layers if n not in names]
+        if unknown:
+            raise UserError(f"--arousal layers: {unknown[0]} is not a spiking layer of this network "
+                            f"(layers: {', '.join(names)})")
+
+    def raises(self, layer: str) -> bool:
+        """Whether arousal changes the precision of ``layer``."""
+        return not self.layers or layer in self.layers
+
     def describe(self, neuron: str = "asn") -> str:
         checks = ", ".join(str(t) for t in (self.at, *self.recheck))
-        switch = (f"run at m_f {self.low:g}", f"switch every ASN layer to m_f {self.high:g}") if neuron == "asn" \
-            else ("run at the calibrated thresholds",
-                  f"fire against thresholds x {self.threshold_scale:g} in every VSN layer")
+        kind = neuron.upper()
+        which = f"{kind} layers {', '.join(self.layers)}" if self.layers else f"every {kind} layer"
+        switch = (f"run at m_f {self.low:g}", f"switch {which} to m_f {self.high:g}") if neuron == "asn" \
+            else ("run at the calibrated thresholds", f"fire against thresholds x {self.threshold_scale:g} in {which}")
         return (f"{switch[0]}; at step(s) {checks}, inputs whose top-1 minus top-2 softmax readout score is "
                 f"below {self.threshold:g} {switch[1]}")
 
@@ -78,14 +97,14 @@ class ArousalController:
         self.samples += batch
         self.aroused = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    def __call__(self, t: int, score: torch.Tensor, modules) -> None:
+    def __call__(self, t: int, score: torch.Tensor, modules: dict) -> None:
         if t + 1 != self.policy.at and t + 1 not in self.policy.recheck:
             return
         top2 = torch.softmax(score.float(), 1).topk(2, dim=1).values
         new = (top2[:, 0] - top2[:, 1] < self.policy.threshold) & ~self.aroused
         if new.any():
-            for m in modules:
-                if hasattr(m, "set_precision"):
+            for name, m in modules.items():
+                if hasattr(m, "set_precision") and self.policy.raises(name):
                     m.set_precision(new, getattr(self.policy, m.AROUSAL))
         self.aroused |= new
 

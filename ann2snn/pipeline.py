@@ -78,6 +78,8 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     check_activations(slot_activations(gm), neuron, getattr(neurons.get(neuron), "ACTIVATIONS", ("relu",)))
     _check_runs(gm, subset.sample_shape, dataset)
     dev = resolve_device(device)
+    if policy is not None:
+        policy.check_layers(spiking_layers(gm))
     stats = activation_stats(gm, subset, float(options.get("percentile", 100.0)), batch_size, str(dev))
     record = arousal_record = None
     if budget is not None:
@@ -175,6 +177,8 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
     stored = meta.get("arousal", {}).get("policy")
     if isinstance(arousal, str):  # keys not given: the artifact's policy (calibrate --arousal), then defaults
         arousal = ArousalPolicy.parse(arousal, stored)
+    if arousal is not None:
+        arousal.check_layers([layer["name"] for layer in meta["layers"]])
     runs = _runs(meta, sweep or [], compare or [], arousal, artifact)
     if arousal is not None and arousal.at >= timesteps:
         raise UserError(f"--arousal at={arousal.at}: the decision must come before the last of the "
@@ -260,18 +264,23 @@ def _runs(meta: dict, sweep: list[dict], compare: list[str], arousal: ArousalPol
     knob = getattr(neurons.get(base), "PRECISION", (None,))[0]
     label = base.upper() + (f" {knob}={meta['neuron']['options'][knob]}" if knob else "")
     runs = [(label, *variant(meta, None, {}), None)]
+    where = f" in {'+'.join(arousal.layers)}" if arousal is not None and arousal.layers else ""
     if arousal is not None and base == "asn":
-        runs = [("ASN arousal", *variant(meta, None, {"m_f": arousal.low}), ArousalController(arousal)),
-                (f"ASN m_f={arousal.low:g}", *variant(meta, None, {"m_f": arousal.low}), None),
-                (f"ASN m_f={arousal.high:g}", *variant(meta, None, {"m_f": arousal.high}), None)]
+        neuron, low = variant(meta, None, {"m_f": arousal.low})
+        neuron_high, high = variant(meta, None, {"m_f": arousal.high})
+        if arousal.layers:  # fixed high precision in the named layers only, as arousal gives it
+            neuron_high, high = neuron, [h if arousal.raises(h["name"]) else lo for lo, h in zip(low, high)]
+        runs = [("ASN arousal", neuron, low, ArousalController(arousal)),
+                (f"ASN m_f={arousal.low:g}", neuron, low, None),
+                (f"ASN m_f={arousal.high:g}{where}", neuron_high, high, None)]
     elif arousal is not None and base == "vsn":
         neuron, layers = variant(meta, None, {})
         scale = arousal.threshold_scale
         scaled = [{**la, "params": {**la["params"], "threshold": _scaled(la["params"]["threshold"], scale)}}
-                  for la in layers]
+                  if arousal.raises(la["name"]) else la for la in layers]
         runs = [("VSN arousal", neuron, layers, ArousalController(arousal)),
                 ("VSN calibrated thresholds", neuron, layers, None),
-                (f"VSN thresholds x {scale:g}", neuron, scaled, None)]
+                (f"VSN thresholds x {scale:g}{where}", neuron, scaled, None)]
     elif arousal is not None:
         raise UserError(f"--arousal: needs an ASN or VSN artifact, {artifact} is {base.upper()}")
     runs += [(f"{base.upper()} {' '.join(f'{k}={v}' for k, v in o.items())}", *variant(meta, None, o), None)

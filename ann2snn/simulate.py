@@ -130,7 +130,7 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
                 for t in range(timesteps):
                     score = reader.update(t, step(*constant))
                     if controller is not None:
-                        controller(t, score, neurons.values())
+                        controller(t, score, neurons)
                     for i, m in enumerate(neurons.values()):
                         acc.count(i, t, step_counts(m.spikes, fan[i]))
             else:
@@ -144,7 +144,7 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
                     for j in range(k):
                         score = reader.update(t0 + j, out[j])
                         if controller is not None:
-                            controller(t0 + j, score, neurons.values())
+                            controller(t0 + j, score, neurons)
             acc.commit(reader)
         except torch.OutOfMemoryError:
             if len(y) == 1:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from ann2snn.errors import UserError
 from ann2snn.neurons import asn
 
 
@@ -99,3 +100,24 @@ def test_arousal_switches_only_the_aroused_sample():
     assert torch.equal(spikes[:10, 0], spikes[:10, 1]) and not torch.equal(spikes[10:, 0], spikes[10:, 1])
     both.reset()
     assert both.p == both.base
+
+
+def test_arousal_of_named_layers_leaves_the_others_at_low_precision():
+    from ann2snn.arousal import ArousalController, ArousalPolicy
+
+    policy = ArousalPolicy.parse("low=0.3,high=0.1,at=3,threshold=0.5,layers=act1")
+    assert policy.layers == ("act1",) and "ASN layers act1" in policy.describe("asn")
+    layers = {"act0": asn.ASNNeuron(0.3), "act1": asn.ASNNeuron(0.3)}
+    control = ArousalController(policy)
+    control.reset(2, torch.device("cpu"))
+    for m in layers.values():
+        m(torch.ones(2, 4))
+    score = torch.tensor([[5.0, 0.0], [1.0, 1.0]])  # sample 0 certain, sample 1 uncertain
+    control(2, score, layers)  # after step 3
+    assert control.aroused.tolist() == [False, True]
+    high = asn.make_params(0.1)
+    assert layers["act1"].p.m_f.flatten().tolist() == pytest.approx([0.3, 0.1])
+    assert layers["act1"].p.h.flatten()[1].item() == pytest.approx(high.h)
+    assert layers["act0"].p == layers["act0"].base  # not named: unchanged for both samples
+    with pytest.raises(UserError, match="act7 is not a spiking layer"):
+        ArousalPolicy.parse("layers=act7").check_layers(["act0", "act1"])

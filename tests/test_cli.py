@@ -174,6 +174,17 @@ def test_arousal_reports_three_operating_points(run_cli, tiny_files):
     assert a["fraction_aroused"] == 1.0  # threshold 1 arouses every input
     assert a["fixed_low"]["spikes_per_sample"] < a["with_arousal"]["spikes_per_sample"]
     assert "aroused" in out
+    code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r",
+                           d / "rep1", "--arousal", "low=0.45,high=0.1,at=10,threshold=1.0,layers=act1")
+    assert code == 0, err
+    one = json.loads((d / "rep1" / "report.json").read_text())["arousal"]
+    assert one["policy"]["layers"] == ["act1"] and one["fixed_high"]["label"].endswith("in act1")
+    assert one["fixed_low"] == a["fixed_low"]  # same low-precision run
+    assert a["fixed_low"]["spikes_per_sample"] < one["with_arousal"]["spikes_per_sample"] \
+        < a["with_arousal"]["spikes_per_sample"]  # act0 stays at low precision
+    code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r",
+                           d / "rep9", "--arousal", "layers=act9")
+    assert code == 2 and "act9 is not a spiking layer" in err and not (d / "rep9").exists()
     code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep2",
                            "--arousal", "low=0.45,high=0.1,at=10,threshold=0")
     a = json.loads((d / "rep2" / "report.json").read_text())["arousal"]
