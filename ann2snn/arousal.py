@@ -2,8 +2,9 @@
 
 The network runs at low precision (ASN: high m_f; VSN with Ts > 1: its calibrated thresholds).
 At a decision time - and optionally at later re-check times - each input whose readout is
-uncertain (the margin between its two highest softmax scores below ``threshold``) is aroused:
-every ASN layer (or each of ``layers``, when named) switches that input to high precision (low
+uncertain is aroused: its certainty c, from its two highest softmax scores p1 >= p2, is below
+``threshold``, with c = p1 - p2 (``test=margin``, default) or c = 1 - p2 / p1 (``test=ratio``);
+then every ASN layer (or each of ``layers``, when named) switches that input to high precision (low
 m_f; theta0 and h follow), every VSN layer to thresholds x ``threshold_scale``, for the rest of
 the presentation, inside the batched simulation and without restarting it. Other inputs keep
 low precision. Each neuron names the policy field its ``set_precision`` takes (``AROUSAL``).
@@ -19,6 +20,14 @@ from .errors import UserError
 
 
 _LISTS = ("recheck", "layers")
+TESTS = ("margin", "ratio")
+
+
+def certainty(score: torch.Tensor, test: str = "margin") -> torch.Tensor:
+    """Per-input certainty in [0, 1] of readout scores (batch, classes): with p1 >= p2 the two
+    highest softmax scores, ``margin`` = p1 - p2, ``ratio`` = 1 - p2 / p1; 0 is a tie."""
+    top2 = torch.softmax(score.float(), 1).topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1] if test == "margin" else 1 - top2[:, 1] / top2[:, 0]
 
 
 @dataclass(frozen=True)
@@ -27,13 +36,14 @@ class ArousalPolicy:
     high: float = 0.1  # m_f of aroused inputs
     at: int = 40  # decision step (1 step = 1 ms)
     recheck: tuple[int, ...] = field(default_factory=tuple)
-    threshold: float = 0.5  # arouse when top-1 minus top-2 softmax score is below this
+    threshold: float = 0.5  # arouse when the certainty (``test``) is below this
+    test: str = "margin"  # certainty of the readout: margin or ratio (see ``certainty``)
     threshold_scale: float = 0.0  # VSN (Ts > 1): aroused inputs fire against thresholds x this
     layers: tuple[str, ...] = ()  # spiking layers whose precision arousal raises; () = all
 
     @classmethod
     def parse(cls, text: str, base: dict | None = None) -> "ArousalPolicy":
-        """``low=0.3,high=0.1,at=40,threshold=0.5,recheck=80+120,layers=act2+act3``; keys not
+        """``low=0.3,high=0.1,at=40,threshold=0.5,test=ratio,recheck=80+120,layers=act2+act3``; keys not
         given come from ``base`` (e.g. the policy a budget search stored in the artifact), then
         the defaults."""
         values: dict = {k: tuple(v) if k in _LISTS else v for k, v in (base or {}).items()}
@@ -44,6 +54,11 @@ class ArousalPolicy:
                                 f"{', '.join(cls.__dataclass_fields__)}")
             if key == "layers":
                 values[key] = tuple(filter(None, value.split("+")))
+                continue
+            if key == "test":
+                if value not in TESTS:
+                    raise UserError(f"--arousal {item!r}: the test is one of {', '.join(TESTS)}")
+                values[key] = value
                 continue
             try:
                 values[key] = tuple(int(v) for v in value.split("+")) if key == "recheck" else \
@@ -73,8 +88,9 @@ class ArousalPolicy:
         which = f"{kind} layers {', '.join(self.layers)}" if self.layers else f"every {kind} layer"
         switch = (f"run at m_f {self.low:g}", f"switch {which} to m_f {self.high:g}") if neuron == "asn" \
             else ("run at the calibrated thresholds", f"fire against thresholds x {self.threshold_scale:g} in {which}")
-        return (f"{switch[0]}; at step(s) {checks}, inputs whose top-1 minus top-2 softmax readout score is "
-                f"below {self.threshold:g} {switch[1]}")
+        measure = "top-1 minus top-2 softmax readout score" if self.test == "margin" else \
+            "1 - top-2 / top-1 softmax readout score"
+        return f"{switch[0]}; at step(s) {checks}, inputs whose {measure} is below {self.threshold:g} {switch[1]}"
 
 
 class ArousalController:
@@ -100,8 +116,7 @@ class ArousalController:
     def __call__(self, t: int, score: torch.Tensor, modules: dict) -> None:
         if t + 1 != self.policy.at and t + 1 not in self.policy.recheck:
             return
-        top2 = torch.softmax(score.float(), 1).topk(2, dim=1).values
-        new = (top2[:, 0] - top2[:, 1] < self.policy.threshold) & ~self.aroused
+        new = (certainty(score, self.policy.test) < self.policy.threshold) & ~self.aroused
         if new.any():
             for name, m in modules.items():
                 if hasattr(m, "set_precision") and self.policy.raises(name):

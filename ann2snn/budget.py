@@ -128,7 +128,7 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, dict], options: dict, po
                       "accuracy": float(sim.metric[-1]) / len(data), "fraction_aroused": control.fraction()})
         return tried[-1]
 
-    none, every = run(0.0), run(1.0)  # margin < 0: nobody aroused; margin < 1: (nearly) everybody
+    none, every = run(0.0), run(1.0)  # certainty < 0: nobody aroused; < 1: (nearly) everybody
     chosen = every if every["spikes_per_sample"] <= budget else none
     if none["spikes_per_sample"] <= budget < every["spikes_per_sample"]:
         lo, hi = 0.0, 1.0

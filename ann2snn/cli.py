@@ -192,7 +192,8 @@ def evaluate(
                                                                         "network and calibration, e.g. if."),
     arousal: Optional[str] = typer.Option(None, "--arousal", help="Per-input precision control, e.g. ASN "
                                           "'low=0.3,high=0.1,at=40,threshold=0.5', VSN (-T > 1) "
-                                          "'at=2,threshold=0.5,threshold_scale=0'; recheck=60+90 adds decision steps, "
+                                          "'at=2,threshold=0.5,threshold_scale=0'; test=ratio tests 1 - p2/p1 instead of the "
+                                          "softmax margin p1 - p2, recheck=60+90 adds decision steps, "
                                           "layers=act2+act3 limits it to those layers ('' for the artifact's "
                                           "policy or the defaults); also runs fixed low and high precision."),
     start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "

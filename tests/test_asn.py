@@ -121,3 +121,25 @@ def test_arousal_of_named_layers_leaves_the_others_at_low_precision():
     assert layers["act0"].p == layers["act0"].base  # not named: unchanged for both samples
     with pytest.raises(UserError, match="act7 is not a spiking layer"):
         ArousalPolicy.parse("layers=act7").check_layers(["act0", "act1"])
+
+
+def test_arousal_tests_margin_or_ratio_of_the_top_two_softmax_scores():
+    from ann2snn.arousal import ArousalController, ArousalPolicy, certainty
+
+    # softmax of log-probabilities gives back p: sample 0 has p1 = 0.6, p2 = 0.3 (margin 0.3,
+    # ratio 1 - 0.5 = 0.5); sample 1 has p1 = 0.5, p2 = 0.45 (margin 0.05, ratio 0.1).
+    score = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.45, 0.05]]).log()
+    assert certainty(score, "margin").tolist() == pytest.approx([0.3, 0.05], abs=1e-6)
+    assert certainty(score, "ratio").tolist() == pytest.approx([0.5, 0.1], abs=1e-6)
+    aroused = {}
+    for test in ("margin", "ratio"):
+        control = ArousalController(ArousalPolicy.parse(f"at=1,threshold=0.4,test={test}"))
+        control.reset(2, torch.device("cpu"))
+        neuron = asn.ASNNeuron(0.3)
+        neuron(torch.ones(2, 4))
+        control(0, score, {"act0": neuron})
+        aroused[test] = control.aroused.tolist()
+    assert aroused == {"margin": [True, True], "ratio": [False, True]}
+    assert "1 - top-2 / top-1" in ArousalPolicy.parse("test=ratio").describe()
+    with pytest.raises(UserError, match="the test is one of margin, ratio"):
+        ArousalPolicy.parse("test=entropy")

@@ -186,9 +186,9 @@ def test_arousal_reports_three_operating_points(run_cli, tiny_files):
                            d / "rep9", "--arousal", "layers=act9")
     assert code == 2 and "act9 is not a spiking layer" in err and not (d / "rep9").exists()
     code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep2",
-                           "--arousal", "low=0.45,high=0.1,at=10,threshold=0")
+                           "--arousal", "low=0.45,high=0.1,at=10,threshold=0,test=ratio")
     a = json.loads((d / "rep2" / "report.json").read_text())["arousal"]
-    assert a["fraction_aroused"] == 0.0
+    assert a["fraction_aroused"] == 0.0 and a["policy"]["test"] == "ratio"
     assert a["with_arousal"]["spikes_per_sample"] == a["fixed_low"]["spikes_per_sample"]
     code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep3",
                            "--arousal", "speed=3")
