@@ -30,6 +30,14 @@ def certainty(score: torch.Tensor, test: str = "margin") -> torch.Tensor:
     return top2[:, 0] - top2[:, 1] if test == "margin" else 1 - top2[:, 1] / top2[:, 0]
 
 
+def check_class_scores(dataset: str, task: str, outputs: int) -> None:
+    """Arousal tests the readout's two highest class scores: refuse regression and one-output networks."""
+    if task != "classification" or outputs < 2:
+        what = "a regression data set" if task != "classification" else f"read out by {outputs} output"
+        raise UserError(f"--arousal: the uncertainty test compares the two highest class scores; "
+                        f"--dataset {dataset} is {what}")
+
+
 @dataclass(frozen=True)
 class ArousalPolicy:
     low: float = 0.3  # m_f everyone starts with

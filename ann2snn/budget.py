@@ -110,9 +110,7 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, dict], options: dict, po
                    bisections: int = 6) -> tuple[ArousalPolicy, dict]:
     """Returns (``policy`` with the chosen threshold, a record of every threshold tried). The
     network is built as ``evaluate --arousal`` builds it: scales fitted with ``options``, every
-    layer started at m_f = ``policy.low``."""
-    if data.task != "classification":
-        raise UserError("--arousal: the uncertainty test needs class scores (a classification data set)")
+    layer started at m_f = ``policy.low``. Needs class scores (``arousal.check_class_scores``)."""
     kind = neurons.get("asn")
     layers = list(stats)
     params = [{"name": name, "params": {**kind.fit(stats[name], options), "m_f": policy.low}} for name in layers]

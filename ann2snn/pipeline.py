@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from . import neurons
-from .arousal import ArousalController, ArousalPolicy
+from .arousal import ArousalController, ArousalPolicy, check_class_scores
 from .artifact import build_neurons, load_artifact, save_artifact, variant
 from .budget import policy_record, search, search_arousal
 from .calibrate import activation_stats, check_profile, load_profile, make_profile, save_profile
@@ -76,10 +76,11 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     if not spiking_layers(gm):
         raise UserError(f"--model {model_ref}: the network has no ReLU to turn into spiking neurons")
     check_activations(slot_activations(gm), neuron, getattr(neurons.get(neuron), "ACTIVATIONS", ("relu",)))
-    _check_runs(gm, subset.sample_shape, dataset)
+    outputs = _check_runs(gm, subset.sample_shape, dataset)
     dev = resolve_device(device)
     if policy is not None:
         policy.check_layers(spiking_layers(gm))
+        check_class_scores(dataset, data.task, outputs)
     stats = activation_stats(gm, subset, float(options.get("percentile", 100.0)), batch_size, str(dev))
     record = arousal_record = None
     if budget is not None:
@@ -119,10 +120,11 @@ def _model_ref(model_ref: str | None, checkpoint: str | Path) -> str:
     return model_ref
 
 
-def _check_runs(gm: torch.nn.Module, shape: tuple[int, ...], dataset: str) -> None:
+def _check_runs(gm: torch.nn.Module, shape: tuple[int, ...], dataset: str) -> int:
+    """Run one blank input through the network; returns its number of outputs."""
     try:
         with torch.no_grad():
-            gm(torch.zeros((1, *shape)))
+            return gm(torch.zeros((1, *shape))).shape[-1]
     except Exception as exc:
         raise UserError(f"--dataset {dataset}: the model does not accept inputs of shape {shape} "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
@@ -192,6 +194,8 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
         classes = ann(torch.zeros((1, *shape))).shape[-1]
     if data.task == "classification" and int(data.targets.max()) >= classes:
         raise UserError(f"--dataset {dataset}: has class {int(data.targets.max())}, the network outputs {classes}")
+    if arousal is not None:
+        check_class_scores(dataset, data.task, classes)
     metric = "nmse" if data.task == "regression" else "accuracy"
     layers = [layer["name"] for layer in meta["layers"]]
     fan = fanout_maps(ann, shape)

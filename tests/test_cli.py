@@ -160,6 +160,14 @@ def test_regression_pipeline_reports_nmse(run_cli, tmp_path):
     assert abs(exact["nmse"] - report["ann"]["nmse"]) < 1e-9
     assert report["snn"]["synaptic_event_op"] == "MAC" and 0 < report["snn"]["spike_percent"] <= 100
     assert report["snn"]["spikes_per_sample"] <= exact["spikes_per_sample"]
+    code, _, err = run_cli("evaluate", tmp_path / "s.st.safetensors", "-d", tmp_path / "d.safetensors", "-T", 4,
+                           "-r", tmp_path / "rep4", "--arousal", "at=2")  # no class scores to test
+    assert code == 2 and "d.safetensors is a regression data set" in err and "Traceback" not in err
+    assert not (tmp_path / "rep4").exists()
+    code, _, err = run_cli("calibrate", tmp_path / "m.safetensors", "-m", "regression_mlp", "--model-arg", "hidden=8",
+                           "-d", tmp_path / "d.safetensors", "--neuron", "asn", "--arousal", "",
+                           "-o", tmp_path / "a.json")
+    assert code == 2 and "the uncertainty test compares" in err and not (tmp_path / "a.json").exists()
 
 
 def test_arousal_reports_three_operating_points(run_cli, tiny_files):
