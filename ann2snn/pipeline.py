@@ -190,8 +190,7 @@ def evaluate(artifact: str | Path, dataset: str, timesteps: int, *, split: str =
     shape = tuple(meta["input"]["shape"])
     if data.sample_shape != shape:
         raise UserError(f"--dataset {dataset}: samples have shape {data.sample_shape}, the artifact expects {shape}")
-    with torch.no_grad():
-        classes = ann(torch.zeros((1, *shape))).shape[-1]
+    classes = _check_runs(ann, shape, dataset)
     if data.task == "classification" and int(data.targets.max()) >= classes:
         raise UserError(f"--dataset {dataset}: has class {int(data.targets.max())}, the network outputs {classes}")
     if arousal is not None:
