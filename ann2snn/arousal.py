@@ -7,19 +7,27 @@ uncertain is aroused: its certainty c, from its two highest softmax scores p1 >=
 then every ASN layer (or each of ``layers``, when named) switches that input to high precision (low
 m_f; theta0 and h follow), every VSN layer to thresholds x ``threshold_scale``, for the rest of
 the presentation, inside the batched simulation and without restarting it. Other inputs keep
-low precision. Each neuron names the policy field its ``set_precision`` takes (``AROUSAL``).
+low precision. What "precision" means is the neuron's (``Neuron.precision_control``): the
+policy field its modules' ``set_precision`` takes, the start and raised parameters, the labels.
+``plan_runs`` lays out the three simulations ``evaluate --arousal`` makes: under arousal control,
+fixed low and fixed high precision.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import UserError
+from .errors import OptionError
+from .simulate import Run
+
+if TYPE_CHECKING:
+    from .neurons import Neuron, PrecisionControl
+    from .profile import NeuronSpec, ProfileLayer
 
 
-_LISTS = ("recheck", "layers")
 TESTS = ("margin", "ratio")
 
 
@@ -34,7 +42,7 @@ def check_class_scores(dataset: str, task: str, outputs: int) -> None:
     """Arousal tests the readout's two highest class scores: refuse regression and one-output networks."""
     if task != "classification" or outputs < 2:
         what = "a regression data set" if task != "classification" else f"read out by {outputs} output"
-        raise UserError(f"--arousal: the uncertainty test compares the two highest class scores; "
+        raise OptionError("arousal", f": the uncertainty test compares the two highest class scores; "
                         f"--dataset {dataset} is {what}")
 
 
@@ -49,63 +57,67 @@ class ArousalPolicy:
     threshold_scale: float = 0.0  # VSN (Ts > 1): aroused inputs fire against thresholds x this
     layers: tuple[str, ...] = ()  # spiking layers whose precision arousal raises; () = all
 
+    def __post_init__(self):
+        if not (0 < self.high <= 2 and 0 < self.low <= 2 and self.at >= 1 and 0 <= self.threshold <= 1
+                and 0 <= self.threshold_scale <= 1):
+            raise ValueError("needs 0 < high, low <= 2, at >= 1, 0 <= threshold <= 1, 0 <= threshold_scale <= 1")
+        if self.test not in TESTS:
+            raise ValueError(f"the test is one of {', '.join(TESTS)}")
+
     @classmethod
-    def parse(cls, text: str, base: dict | None = None) -> "ArousalPolicy":
+    def parse(cls, text: str, base: "ArousalPolicy | None" = None) -> "ArousalPolicy":
         """``low=0.3,high=0.1,at=40,threshold=0.5,test=ratio,recheck=80+120,layers=act2+act3``; keys not
         given come from ``base`` (e.g. the policy a budget search stored in the artifact), then
         the defaults."""
-        values: dict = {k: tuple(v) if k in _LISTS else v for k, v in (base or {}).items()}
+        values: dict = asdict(base) if base is not None else {}
         for item in filter(None, text.split(",")):
             key, sep, value = item.partition("=")
             if not sep or key not in cls.__dataclass_fields__:
-                raise UserError(f"--arousal {item!r}: expected KEY=VALUE with KEY one of "
+                raise OptionError("arousal", f"{item!r}: expected KEY=VALUE with KEY one of "
                                 f"{', '.join(cls.__dataclass_fields__)}")
             if key == "layers":
                 values[key] = tuple(filter(None, value.split("+")))
                 continue
             if key == "test":
                 if value not in TESTS:
-                    raise UserError(f"--arousal {item!r}: the test is one of {', '.join(TESTS)}")
+                    raise OptionError("arousal", f"{item!r}: the test is one of {', '.join(TESTS)}")
                 values[key] = value
                 continue
             try:
                 values[key] = tuple(int(v) for v in value.split("+")) if key == "recheck" else \
                     (int(value) if key == "at" else float(value))
             except ValueError:
-                raise UserError(f"--arousal {item!r}: not a number") from None
-        policy = cls(**values)
-        if not (0 < policy.high <= 2 and 0 < policy.low <= 2 and policy.at >= 1 and 0 <= policy.threshold <= 1
-                and 0 <= policy.threshold_scale <= 1):
-            raise UserError(f"--arousal {text!r}: needs 0 < high, low <= 2, at >= 1, 0 <= threshold <= 1, "
-                            "0 <= threshold_scale <= 1")
-        return policy
+                raise OptionError("arousal", f"{item!r}: not a number") from None
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            raise OptionError("arousal", f"{text!r}: {exc}") from None
 
     def check_layers(self, names: list[str]) -> None:
         unknown = [n for n in self.layers if n not in names]
         if unknown:
-            raise UserError(f"--arousal layers: {unknown[0]} is not a spiking layer of this network "
+            raise OptionError("arousal", f"layers: {unknown[0]} is not a spiking layer of this network "
                             f"(layers: {', '.join(names)})")
 
     def raises(self, layer: str) -> bool:
         """Whether arousal changes the precision of ``layer``."""
         return not self.layers or layer in self.layers
 
-    def describe(self, neuron: str = "asn") -> str:
+    def describe(self, neuron: "Neuron") -> str:
         checks = ", ".join(str(t) for t in (self.at, *self.recheck))
-        kind = neuron.upper()
-        which = f"{kind} layers {', '.join(self.layers)}" if self.layers else f"every {kind} layer"
-        switch = (f"run at m_f {self.low:g}", f"switch {which} to m_f {self.high:g}") if neuron == "asn" \
-            else ("run at the calibrated thresholds", f"fire against thresholds x {self.threshold_scale:g} in {which}")
+        which = f"{neuron.label} layers {', '.join(self.layers)}" if self.layers else f"every {neuron.label} layer"
+        control = neuron.precision_control
         measure = "top-1 minus top-2 softmax readout score" if self.test == "margin" else \
             "1 - top-2 / top-1 softmax readout score"
-        return f"{switch[0]}; at step(s) {checks}, inputs whose {measure} is below {self.threshold:g} {switch[1]}"
+        return (f"{control.start_text(self)}; at step(s) {checks}, inputs whose {measure} is below "
+                f"{self.threshold:g} {control.switch_text(self, which)}")
 
 
 class ArousalController:
     """Called by the simulator after every step with the readout score (see ``simulate``)."""
 
-    def __init__(self, policy: ArousalPolicy):
-        self.policy = policy
+    def __init__(self, policy: ArousalPolicy, control: "PrecisionControl"):
+        self.policy, self.value = policy, getattr(policy, control.policy_field)
         self.aroused_total = 0
         self.samples = 0
         self.aroused: torch.Tensor | None = None
@@ -128,9 +140,31 @@ class ArousalController:
         if new.any():
             for name, m in modules.items():
                 if hasattr(m, "set_precision") and self.policy.raises(name):
-                    m.set_precision(new, getattr(self.policy, m.AROUSAL))
+                    m.set_precision(new, self.value)
         self.aroused |= new
 
     def fraction(self) -> float:
         total = self.aroused_total + (int(self.aroused.sum()) if self.aroused is not None else 0)
         return total / max(self.samples, 1)
+
+
+def start_layers(control: "PrecisionControl", policy: ArousalPolicy, layers: list["ProfileLayer"]
+                 ) -> list["ProfileLayer"]:
+    """The layers as an arousal run starts them (e.g. ASN at m_f = low)."""
+    return [replace(layer, params={**layer.params, **control.start(policy)}) for layer in layers]
+
+
+def plan_runs(neuron: "Neuron", policy: ArousalPolicy, spec: "NeuronSpec", layers: list["ProfileLayer"]
+              ) -> list[Run]:
+    """The three runs of ``evaluate --arousal``, from the network at its start precision (``spec``,
+    ``layers``; ``artifact.variant`` with ``control.start(policy)``): under arousal control, fixed
+    at the start precision, and fixed at the raised precision in the layers arousal raises."""
+    control = neuron.precision_control
+    if control is None:
+        raise OptionError("arousal", f": needs a neuron type with precision control, this network is {neuron.label}")
+    raised = [replace(layer, params=control.raised(layer.params, policy)) if policy.raises(layer.name) else layer
+              for layer in layers]
+    raised_spec = spec if policy.layers else replace(spec, options=control.raised_options(spec.options, policy))
+    return [Run(f"{neuron.label} arousal", neuron, spec, layers, ArousalController(policy, control)),
+            Run(control.start_label(policy), neuron, spec, layers),
+            Run(control.raised_label(policy), neuron, raised_spec, raised)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,51 +17,74 @@ from safetensors.torch import save_file
 from torch import fx
 
 from . import __version__, neurons
-from .calibrate import fit_stats
 from .convert import check_activations, graph_signature, normalize, to_snn
-from .errors import UserError
-from .export import EXPORT_REF, read_export
+from .errors import OptionError, UserError
 from .files import atomic_path
+from .neurons import Neuron
+from .profile import ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, ProfileLayer
+from .records import from_json, to_json
+from .torch_export import EXPORT_REF, read_export
 from .zoo import resolve_model
 
 FORMAT = "ann2snn-snn"
 VERSION = 1
 
 
-def build_neurons(profile_neuron: dict, layers: list[dict]) -> dict[str, torch.nn.Module]:
-    """One spiking module per layer from the profile's per-layer parameters."""
-    kind = neurons.get(profile_neuron["type"])
-    check_activations({layer["name"]: layer.get("activation", "relu") for layer in layers}, kind.NAME,
-                      getattr(kind, "ACTIVATIONS", ("relu",)))
+@dataclass(kw_only=True)
+class ArtifactMeta:
+    """What an artifact says about its network: how to rebuild it (architecture, normalised
+    graph signature, neuron type and per-layer parameters), its input and where its calibration
+    came from."""
+
+    format: str = FORMAT
+    version: int = VERSION
+    tool: str = f"ann2snn {__version__}"
+    model: ModelInfo
+    graph: list[str]
+    input: InputInfo
+    neuron: NeuronSpec
+    layers: list[ProfileLayer]
+    calibration: DataInfo
+    maxpool: str = "gated"
+    arousal: ArousalRecord | None = None
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+
+def build_neurons(neuron: Neuron, layers: list[ProfileLayer]) -> dict[str, torch.nn.Module]:
+    """One spiking module per layer from its parameters."""
+    check_activations({layer.name: layer.activation or "relu" for layer in layers}, neuron.name,
+                      neuron.activations)
     try:
-        return {layer["name"]: kind.build(layer["params"]) for layer in layers}
+        return {layer.name: neuron.build(layer.params) for layer in layers}
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"bad neuron parameters in profile ({type(exc).__name__}: {exc})") from None
 
 
-def variant(meta: dict, neuron: str | None, overrides: dict) -> tuple[dict, list[dict]]:
-    """(neuron description, layers) for the artifact's network run with changed options of its
-    own neuron type, or with another type fitted to the stored calibration statistics. Options
-    that are per-layer parameters (ASN m_f) replace them, readout options (``READOUT_OPTIONS``) change
-    the readout only; others (VSN tradeoff) are re-fitted."""
-    base = meta["neuron"]["type"]
+def variant(meta: ArtifactMeta, base: Neuron, neuron: Neuron | None, overrides: dict
+            ) -> tuple[NeuronSpec, list[ProfileLayer]]:
+    """(neuron description, layers) for the artifact's network (of type ``base``) run with
+    changed options of its own neuron type, or with another type fitted to the stored
+    calibration statistics. Options that are per-layer parameters (ASN m_f) replace them, readout
+    options (``Neuron.readout_options``) change the readout only; others (VSN tradeoff) are re-fitted."""
     neuron = neuron or base
-    kind = neurons.get(neuron)
-    unknown = set(overrides) - set(kind.DEFAULTS)
+    unknown = set(overrides) - set(neuron.defaults)
     if unknown:
-        raise UserError(f"--sweep {sorted(unknown)[0]}: not an option of neuron {neuron!r} "
-                        f"(options: {', '.join(kind.DEFAULTS)})")
-    if neuron == base:
-        options = {**meta["neuron"].get("options", {}), **overrides}
-        fitted = [k for k in overrides if k not in getattr(kind, "READOUT_OPTIONS", ())]  # readout_tau: no refit
-        if all(k in layer["params"] for k in fitted for layer in meta["layers"]):  # e.g. m_f: keep the fit
-            return {"type": neuron, "options": options}, \
-                [{**layer, "params": {**layer["params"], **overrides}} for layer in meta["layers"]]
+        raise OptionError("sweep", f"{sorted(unknown)[0]}: not an option of neuron {neuron.name!r} "
+                                   f"(options: {', '.join(neuron.defaults)})")
+    if neuron is base:
+        options = {**meta.neuron.options, **overrides}
+        fitted = [k for k in overrides if k not in neuron.readout_options]  # readout_tau: no refit
+        if all(k in layer.params for k in fitted for layer in meta.layers):  # e.g. m_f: keep the fit
+            return NeuronSpec(type=neuron.name, options=options), \
+                [replace(layer, params={**layer.params, **overrides}) for layer in meta.layers]
     else:
-        options = {**kind.DEFAULTS, **overrides}
+        options = {**neuron.defaults, **overrides}
     # refit from the stored statistics (their quantile table stands in for the calibration sample)
-    layers = [{**layer, "params": kind.fit(fit_stats(layer), options)} for layer in meta["layers"]]
-    return {"type": neuron, "options": options}, layers
+    layers = [replace(layer, params=neuron.fit(layer.fit_stats(), options)) for layer in meta.layers]
+    return NeuronSpec(type=neuron.name, options=options), layers
 
 
 def _digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -76,17 +100,16 @@ def _digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
 ARCHIVE_KEY = "__export_archive__"  # a torch.export archive the network was converted from, as bytes
 
 
-def save_artifact(path: str | Path, snn: fx.GraphModule, meta: dict, archive: bytes | None = None) -> None:
+def save_artifact(path: str | Path, snn: fx.GraphModule, meta: ArtifactMeta, archive: bytes | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in snn.state_dict().items()}
     if archive is not None:
         tensors[ARCHIVE_KEY] = torch.frombuffer(bytearray(archive), dtype=torch.uint8)
-    meta = {"format": FORMAT, "version": VERSION, "tool": f"ann2snn {__version__}", **meta}
-    meta_json = json.dumps(meta, sort_keys=True)
+    meta_json = json.dumps(to_json(meta), sort_keys=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"ann2snn": meta_json, "sha256": _digest(meta_json, tensors)})
 
 
-def read_artifact(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_artifact(path: str | Path) -> tuple[ArtifactMeta, dict[str, torch.Tensor]]:
     """Metadata and tensors of an artifact, verified against its checksum."""
     path = Path(path)
     if not path.is_file():
@@ -105,30 +128,46 @@ def read_artifact(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = json.loads(header["ann2snn"])
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: artifact metadata is not JSON ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise UserError(f"{path}: artifact format {meta.get('format')} v{meta.get('version')}, "
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        found = meta if isinstance(meta, dict) else {}
+        raise UserError(f"{path}: artifact format {found.get('format')} v{found.get('version')}, "
                         f"this tool reads {FORMAT} v{VERSION}")
-    return meta, tensors
+    return from_json(ArtifactMeta, meta, f"{path}: artifact metadata"), tensors
 
 
-def load_artifact(path: str | Path) -> tuple[fx.GraphModule, fx.GraphModule, dict]:
-    """Rebuild (normalised ANN, SNN, metadata) from an artifact; refuse, saying why, if the
-    architecture it names no longer builds the same graph or the tensors do not fit."""
+@dataclass
+class Artifact:
+    """A loaded artifact: the normalised ANN and the SNN built from it, its metadata and its
+    neuron type."""
+
+    ann: fx.GraphModule
+    snn: fx.GraphModule
+    meta: ArtifactMeta
+    neuron: Neuron
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Rebuild an artifact's networks; refuse, saying why, if the architecture it names no
+    longer builds the same graph or the tensors do not fit."""
     meta, tensors = read_artifact(path)
     try:
-        if meta["model"]["ref"] == EXPORT_REF:
+        neuron = neurons.get(meta.neuron.type)
+    except UserError as exc:
+        raise exc.within(f"{path}: ") from None
+    try:
+        if meta.model.ref == EXPORT_REF:
             if ARCHIVE_KEY not in tensors:
                 raise UserError("the torch.export archive it was converted from is missing")
             model = read_export(tensors.pop(ARCHIVE_KEY).numpy().tobytes(), name=f"{path} (embedded archive)")
         else:
-            model = resolve_model(meta["model"]["ref"], meta["model"]["kwargs"])
+            model = resolve_model(meta.model.ref, meta.model.kwargs)
     except UserError as exc:
-        raise UserError(f"{path}: cannot rebuild the architecture: {exc}") from None
+        raise exc.within(f"{path}: cannot rebuild the architecture: ") from None
     ann, _ = normalize(model)
-    if graph_signature(ann) != meta["graph"]:
-        raise UserError(f"{path}: the architecture {meta['model']['ref']!r} no longer traces to the graph "
+    if graph_signature(ann) != meta.graph:
+        raise UserError(f"{path}: the architecture {meta.model.ref!r} no longer traces to the graph "
                         "this artifact was converted from")
-    snn = to_snn(ann, build_neurons(meta["neuron"], meta["layers"]), meta.get("maxpool", "gated"))
+    snn = to_snn(ann, build_neurons(neuron, meta.layers), meta.maxpool)
     own = snn.state_dict()
     if set(own) != set(tensors):
         diff = sorted(set(own) ^ set(tensors))[:4]
@@ -139,4 +178,4 @@ def load_artifact(path: str | Path) -> tuple[fx.GraphModule, fx.GraphModule, dic
                             f"the network needs {tuple(value.shape)}")
     snn.load_state_dict(tensors)
     ann.load_state_dict({k: tensors[k] for k in ann.state_dict()})
-    return ann.eval(), snn.eval(), meta
+    return Artifact(ann.eval(), snn.eval(), meta, neuron)

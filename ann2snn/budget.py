@@ -14,32 +14,39 @@ accuracy) grow with it; bisection finds the largest threshold within the budget.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 from torch import fx
 
-from . import neurons
-from .arousal import ArousalController, ArousalPolicy
+from .arousal import ArousalController, ArousalPolicy, start_layers
 from .artifact import build_neurons
+from .calibrate import LayerStats
 from .convert import to_snn
 from .data import TensorData
 from .energy import fanout_maps
-from .errors import UserError
+from .errors import OptionError
+from .neurons import Neuron
+from .profile import ProfileLayer, SearchRecord
 from .simulate import ieee_float32, nmse, simulate
 
 
-def search(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dict, data: TensorData,
-           budget: float, timesteps: int, batch_size: int, device: torch.device) -> tuple[dict, dict]:
+def _layers(stats: dict[str, LayerStats], neuron: Neuron, options: dict) -> list[ProfileLayer]:
+    """The layers fitted to ``stats`` with ``options`` (as a profile would hold them)."""
+    return [ProfileLayer(name=name, activation=s.activation, neurons=s.neurons, params=neuron.fit(s, options))
+            for name, s in stats.items()]
+
+
+def search(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict, data: TensorData,
+           budget: float, timesteps: int, batch_size: int, device: torch.device) -> tuple[dict, SearchRecord]:
     """Returns (options with the chosen knob value, a record of every candidate)."""
-    kind = neurons.get(neuron)
-    if not hasattr(kind, "PRECISION"):
-        raise UserError(f"--budget: neuron {neuron!r} has no precision knob to search (use asn)")
+    if neuron.precision is None:
+        raise OptionError("budget", f": neuron {neuron.name!r} has no precision knob to search (use asn)")
     if budget <= 0:
-        raise UserError(f"--budget {budget}: must be positive")
+        raise OptionError("budget", f"{budget}: must be positive")
     if timesteps <= 0:
-        raise UserError(f"--timesteps {timesteps}: must be positive")
-    knob, values = kind.PRECISION
+        raise OptionError("timesteps", f"{timesteps}: must be positive")
+    knob, values = neuron.precision.knob, neuron.precision.values
     regression = data.task == "regression"
     metric = "nmse" if regression else "accuracy"
     layers = list(stats)
@@ -48,9 +55,8 @@ def search(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dic
     tried = []
     for value in values:
         opts = {**options, knob: value}
-        params = [{"name": name, "params": kind.fit(stats[name], opts)} for name in layers]
-        snn = to_snn(gm, build_neurons({"type": neuron, "options": opts}, params))
-        readout = kind.readout({**kind.DEFAULTS, **opts}).within(timesteps)
+        snn = to_snn(gm, build_neurons(neuron, _layers(stats, neuron, opts)))
+        readout = neuron.readout_for(opts, timesteps)
         observer = None if regression else OutputError(reference, timesteps)
         sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=observer)
         quality = nmse(float(sim.metric[-1]), data) if regression else float(sim.metric[-1]) / len(data)
@@ -60,8 +66,8 @@ def search(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dic
     error = "nmse" if regression else "output_error"
     chosen = min(within, key=lambda t: (t[error], t["spikes_per_sample"])) if within else \
         min(tried, key=lambda t: t["spikes_per_sample"])
-    record = {"budget_spikes_per_sample": budget, "timesteps": timesteps, "samples": len(data), "knob": knob,
-              "candidates": tried, "chosen": chosen, "budget_met": bool(within)}
+    record = SearchRecord(budget_spikes_per_sample=budget, timesteps=timesteps, samples=len(data), knob=knob,
+                          candidates=tried, chosen=chosen, budget_met=bool(within))
     return {**options, knob: chosen[knob]}, record
 
 
@@ -105,25 +111,26 @@ class OutputError:
         return max(residual, 0.0) / max(float(((r - r.mean(0)) ** 2).sum()), 1e-30)
 
 
-def search_arousal(gm: fx.GraphModule, stats: dict[str, dict], options: dict, policy: ArousalPolicy,
-                   data: TensorData, budget: float, timesteps: int, batch_size: int, device: torch.device,
-                   bisections: int = 6) -> tuple[ArousalPolicy, dict]:
+def search_arousal(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict,
+                   policy: ArousalPolicy, data: TensorData, budget: float, timesteps: int, batch_size: int,
+                   device: torch.device, bisections: int = 6) -> tuple[ArousalPolicy, SearchRecord]:
     """Returns (``policy`` with the chosen threshold, a record of every threshold tried). The
-    network is built as ``evaluate --arousal`` builds it: scales fitted with ``options``, every
-    layer started at m_f = ``policy.low``. Needs class scores (``arousal.check_class_scores``)."""
-    kind = neurons.get("asn")
+    network is built as ``evaluate --arousal`` builds it: layers fitted with ``options``, then
+    started at the policy's start precision (ASN: m_f = ``policy.low``). Needs class scores
+    (``arousal.check_class_scores``) and a neuron with ``precision_control``."""
+    control = neuron.precision_control
     layers = list(stats)
-    params = [{"name": name, "params": {**kind.fit(stats[name], options), "m_f": policy.low}} for name in layers]
+    params = start_layers(control, policy, _layers(stats, neuron, options))
     fan = fanout_maps(gm, data.sample_shape)
-    readout = kind.readout({**kind.DEFAULTS, **options}).within(timesteps)
+    readout = neuron.readout_for(options, timesteps)
     tried: list[dict] = []
 
     def run(threshold: float) -> dict:
-        control = ArousalController(replace(policy, threshold=threshold))
-        snn = to_snn(gm, build_neurons({"type": "asn", "options": {**options, "m_f": policy.low}}, params))
-        sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=control)
+        controller = ArousalController(replace(policy, threshold=threshold), control)
+        snn = to_snn(gm, build_neurons(neuron, params))
+        sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=controller)
         tried.append({"threshold": threshold, "spikes_per_sample": float(sim.spikes.sum()) / len(data),
-                      "accuracy": float(sim.metric[-1]) / len(data), "fraction_aroused": control.fraction()})
+                      "accuracy": float(sim.metric[-1]) / len(data), "fraction_aroused": controller.fraction()})
         return tried[-1]
 
     none, every = run(0.0), run(1.0)  # certainty < 0: nobody aroused; < 1: (nearly) everybody
@@ -136,11 +143,7 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, dict], options: dict, po
                 lo, chosen = mid["threshold"], mid
             else:
                 hi = mid["threshold"]
-    record = {"budget_spikes_per_sample": budget, "timesteps": timesteps, "samples": len(data),
-              "knob": "threshold", "candidates": sorted(tried, key=lambda t: t["threshold"]), "chosen": chosen,
-              "budget_met": chosen["spikes_per_sample"] <= budget}
+    record = SearchRecord(budget_spikes_per_sample=budget, timesteps=timesteps, samples=len(data), knob="threshold",
+                          candidates=sorted(tried, key=lambda t: t["threshold"]), chosen=chosen,
+                          budget_met=chosen["spikes_per_sample"] <= budget)
     return replace(policy, threshold=chosen["threshold"]), record
-
-
-def policy_record(policy: ArousalPolicy) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(policy).items()}

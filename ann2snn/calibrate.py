@@ -1,4 +1,4 @@
-"""Calibration: exact activation statistics of every ReLU slot, and the calibration profile.
+"""Calibration statistics: exact activation statistics of every ReLU slot (``LayerStats``).
 
 Percentiles are exact order statistics of all activations of a layer over the calibration
 set (nearest rank: the smallest value v with at least q% of the activations <= v), found in a
@@ -10,19 +10,14 @@ bounded whatever the size of the set.
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-from . import __version__, neurons
-from .convert import Slot, layer_sources, slot_activations, spiking_layers
+from .convert import Slot, slot_activations, spiking_layers
 from .data import TensorData
-from .errors import UserError
-from .files import write_text
 
 BINS = 4096
 COLLECT_CAP = 2_000_000
@@ -31,8 +26,28 @@ SAMPLE_IMAGES = 256  # the first images' positive activations are kept for trans
 SAMPLE_CAP = 400_000
 QUANTILES = 257
 CHANNEL_QUANTILES = 33
-PROFILE_FORMAT = "ann2snn-calibration"
-PROFILE_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class LayerStats:
+    """What a neuron's ``fit`` sees of one spiking layer: its activation, size and statistics,
+    and ``sample``, positive activations of the first calibration images (from a profile: its
+    quantile table of them); per channel, the activations (``channel_values``) or, from a
+    profile, quantile tables and positive fractions."""
+
+    activation: str = "relu"
+    neurons: int
+    shape: list[int] = field(default_factory=list)
+    max: float
+    mean: float = 0.0
+    percentile: float
+    zero_fraction: float = 0.0
+    sample: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    sample_positive_fraction: float = 1.0
+    negative_energy_fraction: float = 0.0
+    channel_values: torch.Tensor | None = None  # [channels, values], calibration activations
+    channel_quantiles: list[list[float]] | None = None
+    channel_positive_fraction: list[float] | None = None
 
 
 class ExactQuantile:
@@ -102,7 +117,7 @@ class ExactQuantile:
 
 
 def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, batch_size: int = 256,
-                     device: str = "cpu") -> dict[str, dict]:
+                     device: str = "cpu") -> dict[str, LayerStats]:
     """Run ``data`` through the normalised ANN; per ReLU slot: neurons, max, mean, exact percentile,
     and ``sample``, the positive activations of the first ``SAMPLE_IMAGES`` images (strided down
     to ``SAMPLE_CAP`` values) that transfer-function and threshold fits use, with
@@ -151,14 +166,13 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
         for h in hooks:
             h.remove()
     acts = slot_activations(gm)
-    return {name: {"activation": acts[name], "neurons": math.prod(shapes[name]), "shape": list(shapes[name]),
-                   "max": q.max,
-                   "negative_energy_fraction": float(energy[name][0] / energy[name][1].clamp(min=1e-300)),
-                   "mean": q.sum / max(q.n, 1), "percentile": q.value, "zero_fraction": q.zeros / max(q.n, 1),
-                   "sample": _strided(torch.cat(kept[name]) if kept[name] else torch.zeros(0), SAMPLE_CAP),
-                   "sample_positive_fraction": sum(k.numel() for k in kept[name]) / max(entries[name], 1),
-                   "channel_values": _strided_columns(torch.cat(channels[name], 1), SAMPLE_CAP)}
-            for name, q in quant.items()}
+    return {name: LayerStats(
+        activation=acts[name], neurons=math.prod(shapes[name]), shape=list(shapes[name]), max=q.max,
+        negative_energy_fraction=float(energy[name][0] / energy[name][1].clamp(min=1e-300)),
+        mean=q.sum / max(q.n, 1), percentile=q.value, zero_fraction=q.zeros / max(q.n, 1),
+        sample=_strided(torch.cat(kept[name]) if kept[name] else torch.zeros(0), SAMPLE_CAP),
+        sample_positive_fraction=sum(k.numel() for k in kept[name]) / max(entries[name], 1),
+        channel_values=_strided_columns(torch.cat(channels[name], 1), SAMPLE_CAP)) for name, q in quant.items()}
 
 
 def _strided_columns(values: torch.Tensor, cap: int) -> torch.Tensor:
@@ -174,26 +188,7 @@ def _strided(values: torch.Tensor, cap: int) -> torch.Tensor:
     return values[torch.linspace(0, values.numel() - 1, cap).long()]
 
 
-def make_profile(gm: fx.GraphModule, stats: dict[str, dict], neuron: str, options: dict, model: dict,
-                 input_info: dict, data_info: dict) -> dict:
-    """The calibration profile: per-layer statistics and the neuron parameters fitted to them."""
-    kind = neurons.get(neuron)
-    sources = layer_sources(gm)
-    layers = [{"name": name, "source": sources[name], "activation": s["activation"], "neurons": s["neurons"],
-               "shape": s["shape"],
-               "stats": {**{k: s[k] for k in ("max", "mean", "percentile", "zero_fraction", "sample_positive_fraction",
-                                              "negative_energy_fraction")},
-                         "positive_quantiles": _quantiles(s["sample"]),
-                         "channel_positive_fraction": [float(f"{float((c > 0).float().mean()):.6g}")
-                                                       for c in s["channel_values"]],
-                         "channel_quantiles": [_quantiles(c[c > 0], CHANNEL_QUANTILES) for c in s["channel_values"]]},
-               "params": kind.fit(s, options)} for name, s in stats.items()]
-    return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "tool": f"ann2snn {__version__}",
-            "model": model, "input": input_info, "data": data_info,
-            "neuron": {"type": neuron, "options": options}, "layers": layers}
-
-
-def _quantiles(sample: torch.Tensor, n: int = QUANTILES) -> list[float]:
+def quantile_table(sample: torch.Tensor, n: int = QUANTILES) -> list[float]:
     """An evenly spaced quantile table of the positive activations (kept in profiles so that
     options can be re-fitted later without the calibration data)."""
     if sample.numel() == 0:
@@ -201,54 +196,3 @@ def _quantiles(sample: torch.Tensor, n: int = QUANTILES) -> list[float]:
     q = torch.quantile(sample.double()[torch.linspace(0, sample.numel() - 1, min(sample.numel(), 1 << 24)).long()],
                        torch.linspace(0, 1, n, dtype=torch.float64))
     return [float(f"{v:.6g}") for v in q.tolist()]
-
-
-def fit_stats(layer: dict) -> dict:
-    """Statistics for a neuron's ``fit`` from a profile layer: the quantile table stands in for
-    the calibration sample."""
-    return {**layer["stats"], "neurons": layer["neurons"], "activation": layer.get("activation", "relu"),
-            "sample": torch.tensor(layer["stats"].get("positive_quantiles", []), dtype=torch.float32)}
-
-
-def save_profile(profile: dict, path: str | Path) -> None:
-    """Indented JSON with every list of plain values on one line (readable, diffable)."""
-    text = json.dumps(profile, indent=2)
-    text = re.sub(r"\[\n\s+([^\[\]{}]*?)\n\s+\]",
-                  lambda m: "[" + " ".join(line.strip() for line in m.group(1).splitlines()) + "]", text)
-    write_text(path, text + "\n")
-
-
-def load_profile(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        profile = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: calibration profile not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a JSON calibration profile ({exc})") from None
-    if not isinstance(profile, dict) or profile.get("format") != PROFILE_FORMAT:
-        raise UserError(f"{path}: not an ann2snn calibration profile (no \"format\": \"{PROFILE_FORMAT}\")")
-    if profile.get("version") != PROFILE_VERSION:
-        raise UserError(f"{path}: profile version {profile.get('version')!r}, this tool reads {PROFILE_VERSION}")
-    try:
-        neurons.get(profile["neuron"]["type"])
-        for key in ("model", "input", "layers"):
-            profile[key]
-        for layer in profile["layers"]:
-            layer["name"], layer["neurons"], layer["params"]
-    except (KeyError, TypeError) as exc:
-        raise UserError(f"{path}: calibration profile is missing field {exc}") from None
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
-    return profile
-
-
-def check_profile(profile: dict, gm: fx.GraphModule, checkpoint_sha: str, path: str | Path) -> None:
-    """Refuse a profile made for another model or checkpoint, naming what differs."""
-    if profile["model"].get("checkpoint_sha256") not in (None, checkpoint_sha):
-        raise UserError(f"{path}: calibration profile was made for another checkpoint "
-                        f"({profile['model'].get('checkpoint')})")
-    layers = spiking_layers(gm)
-    names = [layer["name"] for layer in profile["layers"]]
-    if names != layers:
-        raise UserError(f"{path}: profile layers {names} do not match the model's spiking layers {layers}")

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import UserError
+from .torch_export import EXPORT_REF, read_export
+from .zoo import resolve_model
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
@@ -89,9 +91,6 @@ def load_weights(model: nn.Module, path: str | Path, trust_pickle: bool = False)
 def load_model(ref: str, kwargs: dict, path: str | Path, trust_pickle: bool = False) -> nn.Module:
     """Build the architecture ``ref`` (zoo name or ``module:callable``) and load its weights;
     a ``torch.export`` archive (``ref`` 'pt2') carries both."""
-    from .export import EXPORT_REF, read_export
-    from .zoo import resolve_model
-
     if ref == EXPORT_REF:
         return read_export(path, trust_pickle)
     return load_weights(resolve_model(ref, kwargs), path, trust_pickle)

@@ -15,14 +15,27 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, pipeline
+from .arousal import ArousalPolicy
+from .artifact import ArtifactMeta, read_artifact
 from .convert import Row
+from .data import Normalize
 from .energy import DEFAULT_PRESET
-from .errors import UserError
-from .report import layer_table, summary_table
+from .errors import OptionError, UserError
+from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
+from .profile import Profile
+from .records import to_json
+from .report import Report, layer_table, summary_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert trained PyTorch networks into spiking networks and measure accuracy per spike.")
 console = Console()
+
+FLAGS = {"preset": "--energy", "neuron_options": "--param", "model_args": "--model-arg", "model_ref": "--model"}
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a library parameter named in an ``OptionError``."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
 
 DATA_DIR = typer.Option(None, "--data-dir", help="Where named data sets live (default: $ANN2SNN_DATA or "
                                                   "~/.cache/ann2snn/data).")
@@ -93,11 +106,13 @@ def calibrate(
     Example: ann2snn calibrate lenet5.safetensors -m lenet5 -d mnist -o lenet5.calib.json
     """
     overrides = {"percentile": percentile, **key_values(param, "--param")}
+    options = CalibrationOptions(samples=samples, seed=seed, split=split, batch_size=batch_size, budget=budget,
+                                 timesteps=timesteps)
     profile, _ = pipeline.calibrate(
-        checkpoint, model, dataset, output, neuron=neuron, overrides=overrides, samples=samples, seed=seed,
-        split=split, batch_size=batch_size, device=device, data_dir=data_dir, download=download,
-        normalize_spec=normalize, user_args=key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle,
-        budget=budget, timesteps=timesteps, arousal=arousal)
+        checkpoint, model, dataset, output, neuron=neuron, overrides=overrides, options=options,
+        source=DataSource(data_dir, download), device=device, normalize=Normalize.parse(normalize),
+        model_args=key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle,
+        arousal=None if arousal is None else ArousalPolicy.parse(arousal))
     _print_calibration(profile, output)
 
 
@@ -118,34 +133,34 @@ def _fmt(values: dict) -> str:
     return ", ".join(f"{k}={_fmt_value(v)}" for k, v in values.items())
 
 
-def _print_calibration(profile: dict, output: Path) -> None:
-    options = profile["neuron"]["options"]
+def _print_calibration(profile: Profile, output: Path) -> None:
+    options = profile.neuron.options
     q = options.get("percentile", 100)
-    data = profile["data"]
-    table = Table(title=f"Calibration: {profile['neuron']['type'].upper()}, {data['samples']} images of "
-                        f"{data['dataset']} {data['split']}, p{q:g}")
+    data = profile.data
+    table = Table(title=f"Calibration: {profile.neuron.type.upper()}, {data.samples} images of "
+                        f"{data.dataset} {data.split}, p{q:g}")
     for col in ("layer", "after", "neurons", "max", f"p{q:g}", "zeros", "layer parameters"):
         table.add_column(col, justify="left" if col in ("layer", "after", "layer parameters") else "right")
-    for layer in profile["layers"]:
-        s = layer["stats"]
-        table.add_row(layer["name"], layer["source"], f"{layer['neurons']:,}", f"{s['max']:.4g}",
-                      f"{s['percentile']:.4g}", f"{100 * s['zero_fraction']:.1f}%",
-                      _fmt({k: v for k, v in layer["params"].items() if options.get(k, object()) != v}))
+    for layer in profile.layers:
+        s = layer.stats
+        table.add_row(layer.name, layer.source, f"{layer.neurons:,}", f"{s.max:.4g}", f"{s.percentile:.4g}",
+                      f"{100 * s.zero_fraction:.1f}%",
+                      _fmt({k: v for k, v in layer.params.items() if options.get(k, object()) != v}))
     console.print(table)
     console.print(f"options: {_fmt(options)}")
-    search = profile.get("budget_search") or profile.get("arousal", {}).get("search")
-    if "arousal" in profile:
-        console.print(f"arousal policy: {_fmt(profile['arousal']['policy'])}")
+    search = profile.budget_search or (profile.arousal.search if profile.arousal else None)
+    if profile.arousal:
+        console.print(f"arousal policy: {_fmt(to_json(profile.arousal.policy))}")
     if search:
-        knob = search["knob"]
-        for c in search["candidates"]:
-            mark = " <- chosen" if c == search["chosen"] else ""
+        knob = search.knob
+        for c in search.candidates:
+            mark = " <- chosen" if c == search.chosen else ""
             quality = f"{100 * c['accuracy']:6.2f}%" if "accuracy" in c else f"NMSE {c['nmse']:.4g}"
             if "output_error" in c:
                 quality += f"  error vs ANN {c['output_error']:<7.2g}"
             console.print(f"  {knob}={c[knob]:<9g}{c['spikes_per_sample']:>9,.0f} spikes {quality}{mark}")
-        if not search["budget_met"]:
-            console.print(f"[yellow]no setting met {search['budget_spikes_per_sample']:,.0f} spikes per sample; "
+        if not search.budget_met:
+            console.print(f"[yellow]no setting met {search.budget_spikes_per_sample:,.0f} spikes per sample; "
                           "kept the sparsest[/]")
     console.print(f"wrote {output}")
 
@@ -170,10 +185,10 @@ def convert(
     _print_conversion(meta, rows, output)
 
 
-def _print_conversion(meta: dict, rows: list[Row], output: Path) -> None:
+def _print_conversion(meta: ArtifactMeta, rows: list[Row], output: Path) -> None:
     console.print(_preflight(rows))
-    console.print(f"{len(meta['layers'])} spiking layers ({meta['neuron']['type'].upper()}), "
-                  f"{sum(layer['neurons'] for layer in meta['layers']):,} neurons; wrote {output}")
+    console.print(f"{len(meta.layers)} spiking layers ({meta.neuron.type.upper()}), "
+                  f"{sum(layer.neurons for layer in meta.layers):,} neurons; wrote {output}")
 
 
 @app.command()
@@ -204,10 +219,10 @@ def evaluate(
 
     Example: ann2snn evaluate lenet5.snn.safetensors -d mnist -T 64 -r runs/lenet5
     """
-    _evaluate_with_progress(artifact, dataset, timesteps, report, split=split, limit=limit, batch_size=batch_size,
-                            device=device, data_dir=data_dir, download=download, preset=energy, start_ms=start_ms,
-                            sweep=_sweep(sweep), compare=compare,
-                            arousal=arousal)
+    run = RunOptions(timesteps=timesteps, split=split, limit=limit, batch_size=batch_size, preset=energy,
+                     start_ms=start_ms)
+    _evaluate_with_progress(artifact, dataset, run, report, device=device, source=DataSource(data_dir, download),
+                            sweep=_sweep(sweep), compare=compare, arousal=arousal)
 
 
 def _sweep(text: str | None) -> list[dict]:
@@ -219,30 +234,30 @@ def _sweep(text: str | None) -> list[dict]:
     return [key_values([f"{key}={v}"], "--sweep") for v in values.split(",")]
 
 
-def _evaluate_with_progress(artifact: Path, dataset: str, timesteps: int, report: Path, **kwargs) -> None:
+def _evaluate_with_progress(artifact: Path, dataset: str, run: RunOptions, report: Path, **kwargs) -> None:
     with Progress(TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("sim", total=None)
-        result = pipeline.evaluate(artifact, dataset, timesteps, report_dir=report,
+        result = pipeline.evaluate(artifact, dataset, run, report_dir=report,
                                    on_start=lambda n: progress.update(task, total=n),
                                    on_batch=lambda n: progress.advance(task, n), **kwargs)
     _print_report(result, report)
 
 
-def _print_report(result: dict, report_dir: Path) -> None:
+def _print_report(result: Report, report_dir: Path) -> None:
     console.print(layer_table(result))
     console.print(summary_table(result))
-    if "arousal" in result:
-        a = result["arousal"]
-        console.print(f"arousal: {a['description']}; {100 * a['fraction_aroused']:.1f}% of inputs aroused")
-    within = result["snn"].get("first_timestep_within_points_of_ann")
-    settled = result["snn"].get("settled_timestep_within_points_of_ann")
+    if result.arousal:
+        a = result.arousal
+        console.print(f"arousal: {a.description}; {100 * a.fraction_aroused:.1f}% of inputs aroused")
+    within = result.snn.get("first_timestep_within_points_of_ann")
+    settled = result.snn.get("settled_timestep_within_points_of_ann")
     if within:
         console.print("steps to come within 0.1 / 0.2 / 0.5 / 1 points of the ANN: "
                       + " / ".join(str(within[k]) if within[k] else "not reached" for k in ("0.1", "0.2", "0.5", "1.0"))
                       + "; to stay within: "
                       + " / ".join(str(settled[k]) if settled[k] else "no" for k in ("0.1", "0.2", "0.5", "1.0")))
-    console.print(f"device {result['device']}, {result['timing']['image_steps_per_second']:,.0f} image-steps/s; "
+    console.print(f"device {result.device}, {result.timing['image_steps_per_second']:,.0f} image-steps/s; "
                   f"wrote {report_dir}/report.json, curve.csv, accuracy_vs_spikes.png")
 
 
@@ -267,7 +282,7 @@ def demo(
     meta, rows = pipeline.convert(ckpt, profile_path, snn_path)
     _print_conversion(meta, rows, snn_path)
     console.rule(f"3/3 ann2snn evaluate {snn_path} -d {test.name} -T {timesteps} -r {out / 'report'}")
-    _evaluate_with_progress(snn_path, str(test), timesteps, out / "report", device=device)
+    _evaluate_with_progress(snn_path, str(test), RunOptions(timesteps=timesteps), out / "report", device=device)
 
 
 @app.command()
@@ -295,16 +310,17 @@ def finetune(
     convert with that profile.
     Example: ann2snn finetune lenet5.safetensors -c lenet5.asn.json -d mnist --epochs 2 -o lenet5_ft.safetensors
     """
-    result = pipeline.finetune(checkpoint, calibration, dataset, output, epochs=epochs, lr=lr, batch_size=batch_size,
-                               seed=seed, device=device, data_dir=data_dir, download=download,
-                               trust_pickle=trust_pickle, profile_output=profile_output,
-                               spike_penalty=spike_penalty, threshold_lr=threshold_lr,
+    options = FinetuneOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, spike_penalty=spike_penalty,
+                              threshold_lr=threshold_lr)
+    result = pipeline.finetune(checkpoint, calibration, dataset, output, options=options, device=device,
+                               source=DataSource(data_dir, download), trust_pickle=trust_pickle,
+                               profile_output=profile_output,
                                on_epoch=lambda e, v, m: console.print(f"epoch {e}/{epochs}: test {_metric(v, m)} with "
                                                                       "the spiking layers' transfer function"))
-    m = result["metric"]
-    console.print(f"ReLU network test {_metric(result['relu_accuracy_before'], m)} before, "
-                  f"{_metric(result['relu_accuracy_after'], m)} after; wrote {output} and {result['profile']}. "
-                  f"Next: ann2snn convert {output} -c {result['profile']} -o ...")
+    m = result.metric
+    console.print(f"ReLU network test {_metric(result.before, m)} before, "
+                  f"{_metric(result.after, m)} after; wrote {output} and {result.profile}. "
+                  f"Next: ann2snn convert {output} -c {result.profile} -o ...")
 
 
 @app.command()
@@ -313,18 +329,16 @@ def info(artifact: Path = typer.Argument(..., help="SNN artifact.")):
 
     Example: ann2snn info lenet5.snn.safetensors
     """
-    from .artifact import read_artifact
-
     meta, tensors = read_artifact(artifact)
-    console.print(f"{artifact}: written by {meta['tool']}, format {meta['format']} v{meta['version']}")
-    console.print(f"model {meta['model']['ref']} {meta['model']['kwargs']}, checkpoint {meta['model']['checkpoint']}")
-    console.print(f"neuron {meta['neuron']['type']} {meta['neuron'].get('options', {})}; input {meta['input']['shape']}"
-                  f"; calibrated on {meta['calibration']}; max pooling {meta.get('maxpool', 'gated')}")
+    console.print(f"{artifact}: written by {meta.tool}, format {meta.format} v{meta.version}")
+    console.print(f"model {meta.model.ref} {meta.model.kwargs}, checkpoint {meta.model.checkpoint}")
+    console.print(f"neuron {meta.neuron.type} {meta.neuron.options}; input {meta.input.shape}"
+                  f"; calibrated on {to_json(meta.calibration)}; max pooling {meta.maxpool}")
     table = Table()
     for col in ("layer", "after", "neurons", "parameters"):
         table.add_column(col)
-    for layer in meta["layers"]:
-        table.add_row(layer["name"], layer.get("source", ""), f"{layer['neurons']:,}", json.dumps(layer["params"]))
+    for layer in meta.layers:
+        table.add_row(layer.name, layer.source, f"{layer.neurons:,}", json.dumps(layer.params))
     console.print(table)
     console.print(f"{len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} values")
 
@@ -349,7 +363,8 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        print(f"ann2snn: error: {exc}", file=sys.stderr)
+        message = exc.renamed(flag(exc.option)) if isinstance(exc, OptionError) else str(exc)
+        print(f"ann2snn: error: {message}", file=sys.stderr)
         sys.exit(2)
     except (_Interrupted, KeyboardInterrupt):
         print("ann2snn: error: interrupted; no partial output was written", file=sys.stderr)

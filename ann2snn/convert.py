@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import UserError
+from .errors import OptionError, UserError
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -361,7 +361,7 @@ def to_snn(gm: fx.GraphModule, neurons: dict[str, nn.Module], maxpool: str = "ga
     stays a plain max over the step's spikes (``'spikes'``: cheaper, over-counts when several
     inputs of a window spike in turn)."""
     if maxpool not in MAXPOOL_MODES:
-        raise UserError(f"--maxpool {maxpool!r}: expected one of {', '.join(MAXPOOL_MODES)}")
+        raise OptionError("maxpool", f"{maxpool!r}: expected one of {', '.join(MAXPOOL_MODES)}")
     snn = copy.deepcopy(gm)
     missing = set(spiking_layers(gm)) - set(neurons)
     if missing:

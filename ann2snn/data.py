@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import UserError
+from .errors import OptionError, UserError
 
 NAMED = {  # spec -> (torchvision class, folder torchvision reads, classes)
     "mnist": ("MNIST", "MNIST", 10),
@@ -56,9 +56,9 @@ class Normalize:
             mean = [float(v) for v in mean_s.split(",")]
             std = [float(v) for v in std_s.split(",")]
         except ValueError:
-            raise UserError(f"--normalize {text!r}: expected 'MEAN;STD', e.g. '0.1307;0.3081'") from None
+            raise OptionError("normalize", f"{text!r}: expected 'MEAN;STD', e.g. '0.1307;0.3081'") from None
         if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise UserError(f"--normalize {text!r}: as many means as stds, and every std > 0")
+            raise OptionError("normalize", f"{text!r}: as many means as stds, and every std > 0")
         return cls(mean, std)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,7 @@ def _missing(spec: str, root: Path) -> UserError:
     folder = NAMED[spec][1]
     offline = (f"python scripts/fetch_data.py {spec} --data-dir {root}" if spec in ("mnist", "fashion-mnist")
                else f"extract the python-version archive into {root / folder}")
-    return UserError(f"--dataset {spec}: not found under {root}. Offline: {offline}; online: add --download")
+    return OptionError("dataset", f"{spec}: not found under {root}. Offline: {offline}; online: add --download")
 
 
 def _load_named(spec: str, split: str, root: Path, download: bool) -> TensorData:
@@ -121,7 +121,7 @@ def _load_named(spec: str, split: str, root: Path, download: bool) -> TensorData
     except RuntimeError:
         raise _missing(spec, root) from None
     except Exception as exc:  # network errors when --download is given offline
-        raise UserError(f"--dataset {spec}: could not load or download into {root} "
+        raise OptionError("dataset", f"{spec}: could not load or download into {root} "
                         f"({type(exc).__name__}: {exc})") from None
     data = torch.as_tensor(ds.data)
     inputs = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
@@ -132,23 +132,23 @@ def _load_tensor_file(spec: str, path: Path) -> TensorData:
     from .checkpoint import read_state_dict
 
     if not path.is_file():
-        raise UserError(f"--dataset {spec}: file not found")
+        raise OptionError("dataset", f"{spec}: file not found")
     tensors = read_state_dict(path)
     if "inputs" not in tensors or "targets" not in tensors:
-        raise UserError(f"--dataset {spec}: a tensor file needs tensors 'inputs' and 'targets', "
+        raise OptionError("dataset", f"{spec}: a tensor file needs tensors 'inputs' and 'targets', "
                         f"found {sorted(tensors)[:6]}")
     inputs, targets = tensors["inputs"], tensors["targets"]
     if inputs.dim() < 2 or targets.dim() != 1 or len(inputs) != len(targets) or len(targets) == 0:
-        raise UserError(f"--dataset {spec}: 'inputs' must be [N, ...] and 'targets' [N] with N > 0, "
+        raise OptionError("dataset", f"{spec}: 'inputs' must be [N, ...] and 'targets' [N] with N > 0, "
                         f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-        raise UserError(f"--dataset {spec}: 'inputs' holds NaN or infinite values")
+        raise OptionError("dataset", f"{spec}: 'inputs' holds NaN or infinite values")
     if targets.is_floating_point():
         if not torch.isfinite(targets).all():
-            raise UserError(f"--dataset {spec}: 'targets' holds NaN or infinite values")
+            raise OptionError("dataset", f"{spec}: 'targets' holds NaN or infinite values")
         return TensorData(path.name, "file", inputs, targets.float(), 1, task="regression")
     if targets.min() < 0:
-        raise UserError(f"--dataset {spec}: 'targets' must be non-negative class indices or real values")
+        raise OptionError("dataset", f"{spec}: 'targets' must be non-negative class indices or real values")
     return TensorData(path.name, "file", inputs, targets.long(), int(targets.max()) + 1)
 
 
@@ -157,14 +157,14 @@ def _load_folder(spec: str, path: Path) -> TensorData:
     from torchvision.transforms.functional import pil_to_tensor
 
     if not path.is_dir():
-        raise UserError(f"--dataset {spec}: folder not found")
+        raise OptionError("dataset", f"{spec}: folder not found")
     try:
         ds = torchvision.datasets.ImageFolder(str(path))
     except Exception as exc:
-        raise UserError(f"--dataset {spec}: not an image folder ({exc})") from None
+        raise OptionError("dataset", f"{spec}: not an image folder ({exc})") from None
     images = [pil_to_tensor(ds.loader(p)) for p, _ in ds.samples]
     if len({tuple(im.shape) for im in images}) != 1:
-        raise UserError(f"--dataset {spec}: images differ in size or channels; resize them first")
+        raise OptionError("dataset", f"{spec}: images differ in size or channels; resize them first")
     return TensorData(path.name, "folder", torch.stack(images), torch.tensor(ds.targets), len(ds.classes))
 
 
@@ -193,7 +193,7 @@ def open_dataset(spec: str, split: str = "test", root: str | Path | None = None,
                  normalize: Normalize | None = None) -> TensorData:
     """Open a data set by spec; ``split`` applies to named sets only."""
     if split not in SPLITS:
-        raise UserError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+        raise OptionError("split", f"{split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(root) if root else default_data_dir()
     if spec in NAMED:
         data = _load_named(spec, split, root, download)
@@ -204,11 +204,11 @@ def open_dataset(spec: str, split: str = "test", root: str | Path | None = None,
     elif spec.endswith((".safetensors", ".pt", ".pth")):
         data = _load_tensor_file(spec, Path(spec))
     else:
-        raise UserError(f"--dataset {spec!r}: expected one of {', '.join((*NAMED, *FEYNMAN))}, folder:PATH, "
+        raise OptionError("dataset", f"{spec!r}: expected one of {', '.join((*NAMED, *FEYNMAN))}, folder:PATH, "
                         "or a .safetensors/.pt tensor file")
     data.normalize = normalize or Normalize()
     if data.normalize.mean and len(data.normalize.mean) not in (1, data.sample_shape[0]):
-        raise UserError(f"--normalize: {len(data.normalize.mean)} channels given, the data has "
+        raise OptionError("normalize", f": {len(data.normalize.mean)} channels given, the data has "
                         f"{data.sample_shape[0]}")
     return data
 
@@ -216,7 +216,7 @@ def open_dataset(spec: str, split: str = "test", root: str | Path | None = None,
 def calibration_subset(data: TensorData, samples: int, seed: int) -> TensorData:
     """A fixed random subset: the same ``seed`` always draws the same images."""
     if samples <= 0:
-        raise UserError(f"--samples {samples}: must be positive")
+        raise OptionError("samples", f"{samples}: must be positive")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data), generator=gen)[:samples]
     return data.subset(idx.sort().values)

@@ -7,14 +7,21 @@ import contextlib
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.table import Table
 
-from . import __version__, neurons
-from .energy import PRESETS, ann_energy_pj, snn_energy_pj
+from . import __version__
+from .data import TensorData
+from .energy import PRESETS, ann_energy_pj, ann_macs, snn_energy_pj
 from .files import atomic_path
-from .simulate import SimulationResult
+from .neurons import Neuron
+from .profile import SearchRecord
+from .readout import Readout
+from .records import field, to_json
+from .simulate import Run, SimulationResult
 
 ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real connection. SNN: one AC "
                  "per synaptic event of a binary spike (IF, ASN), one MAC per event of a graded spike "
@@ -23,54 +30,156 @@ ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real conn
 MARGINS = (0.1, 0.2, 0.5, 1.0)
 
 
-def build_report(sim: SimulationResult, meta: dict, units: dict[str, int], ann: dict, dataset: dict,
-                 device: str, input_macs: float, analog_macs_per_step: float, preset: str,
-                 metric_norm: float | None = None) -> dict:
-    """The report of one simulation. ``ann`` holds the ANN's ``accuracy`` (or ``nmse`` for a
-    regression data set, whose ``metric_norm`` is sum (y - mean y)^2) and ``macs_per_sample``."""
-    n, steps = max(sim.samples, 1), sim.timesteps
-    metric = "nmse" if dataset.get("task") == "regression" else "accuracy"
+@dataclass(kw_only=True)
+class LayerReport:
+    name: str
+    source: str
+    neurons: int
+    spikes_per_sample: float
+    firing_rate_hz: float
+    synops_per_sample: float
+
+
+@dataclass(kw_only=True)
+class Variant:
+    """Another run on the same network and data (a sweep value, another neuron type, an arousal
+    baseline), as ``Report.variants`` lists it."""
+
+    label: str
+    neuron: str
+    neuron_options: dict
+    readout: str
+    snn: dict
+    layers: list[LayerReport]
+    curve: list[dict]
+
+
+@dataclass(kw_only=True)
+class ArousalReport:
+    mechanism: str
+    policy: dict
+    policy_source: str
+    calibration_search: SearchRecord | None = field(None, keep_none=True)
+    description: str
+    fraction_aroused: float
+    with_arousal: dict
+    fixed_low: dict
+    fixed_high: dict
+
+
+@dataclass(kw_only=True)
+class Report:
+    """``report.json``: the main run (the artifact as converted, or under arousal control) with
+    the ANN's figures, per-layer and per-step results, energy, and the other runs as variants.
+    ``snn`` and ``ann`` hold the metric (``accuracy``, or ``nmse`` for regression) under its name."""
+
+    tool: str = f"ann2snn {__version__}"
+    dataset: dict
+    metric: str
+    neuron: str
+    neuron_options: dict
+    timesteps: int
+    step_ms: float = 1.0
+    device: str
+    ann: dict
+    snn: dict
+    energy: dict
+    layers: list[LayerReport]
+    curve: list[dict]
+    readout: str | None = None
+    label: str | None = None
+    artifact: dict | None = None
+    variants: list[Variant] | None = None
+    arousal: ArousalReport | None = None
+    timing: dict | None = None
+
+    def as_variant(self) -> Variant:
+        return Variant(label=self.label, neuron=self.neuron, neuron_options=self.neuron_options,
+                       readout=self.readout, snn=self.snn, layers=self.layers, curve=self.curve)
+
+    def to_json(self) -> dict:
+        return to_json(self)
+
+
+@dataclass(kw_only=True)
+class ReportContext:
+    """What every run's report shares: the data set, the ANN's figures, the units per spiking
+    layer and the analog operation counts (``context`` computes it)."""
+
+    metric: str
+    dataset: dict
+    ann: dict
+    units: dict[str, int]
+    sources: dict[str, str]
+    device: str
+    input_macs: float
+    analog_macs_per_step: float
+    preset: str
+    metric_norm: float | None = None
+
+
+def context(ann: torch.nn.Module, data: TensorData, fan: dict[str, torch.Tensor], layers: list[str],
+            sources: dict[str, str], dataset: str, device: str, preset: str) -> ReportContext:
+    """The shared part of the reports of ``data`` run through ``ann``'s spiking versions; ``fan``
+    is ``energy.fanout_maps(ann, ...)``. The ANN's metric is filled in later (``ann[metric]``)."""
+    metric = "nmse" if data.task == "regression" else "accuracy"
+    shape = data.sample_shape
+    return ReportContext(
+        metric=metric, units={name: int(fan[name].numel()) for name in layers}, sources=sources,
+        ann={metric: None, "macs_per_sample": ann_macs(ann, shape)},
+        dataset={"name": Path(dataset).name if Path(dataset).exists() else dataset, "split": data.split,
+                 "samples": len(data), "task": data.task},
+        metric_norm=float(((data.targets.double() - data.targets.double().mean()) ** 2).sum()),
+        device=device, input_macs=float(fan["input"].sum()),
+        analog_macs_per_step=float(sum(f.sum() for k, f in fan.items() if k.endswith(":out"))), preset=preset)
+
+
+def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportContext) -> Report:
+    """The report of one simulation."""
+    n, steps, metric, units = max(sim.samples, 1), sim.timesteps, ctx.metric, ctx.units
     total_units = sum(units.values())
     layer_spikes = sim.spikes.sum(1)
     spikes = float(layer_spikes.sum()) / n
     synops = float(sim.synops.sum()) / n
-    values = (sim.metric.double() / (metric_norm if metric == "nmse" else n)).tolist()
+    values = (sim.metric.double() / (ctx.metric_norm if metric == "nmse" else n)).tolist()
     cum_spikes = (sim.spikes.sum(0).cumsum(0) / n).tolist()
     cum_synops = (sim.synops.sum(0).cumsum(0) / n).tolist()
-    spike_op = getattr(neurons.get(meta["neuron"]["type"]), "SPIKE_OP", "ac")
-    energy = snn_energy_pj(synops, input_macs, analog_macs_per_step, steps, preset, spike_op)
+    spike_op = run.neuron.spike_op
+    energy = snn_energy_pj(synops, ctx.input_macs, ctx.analog_macs_per_step, steps, ctx.preset, spike_op)
     rate = lambda s, count: s / max(count, 1) / steps * 1000.0  # noqa: E731
-    sources = {layer["name"]: layer.get("source", "") for layer in meta["layers"]}
-    layers = [{"name": name, "source": sources.get(name, ""), "neurons": units[name],
-               "spikes_per_sample": float(layer_spikes[i]) / n,
-               "firing_rate_hz": rate(float(layer_spikes[i]) / n, units[name]),
-               "synops_per_sample": float(sim.synops[i].sum()) / n} for i, name in enumerate(sim.layers)]
+    layers = [LayerReport(name=name, source=ctx.sources.get(name, ""), neurons=units[name],
+                          spikes_per_sample=float(layer_spikes[i]) / n,
+                          firing_rate_hz=rate(float(layer_spikes[i]) / n, units[name]),
+                          synops_per_sample=float(sim.synops[i].sum()) / n) for i, name in enumerate(sim.layers)]
     curve = [{"timestep": t + 1, metric: values[t], "spikes_per_sample": cum_spikes[t],
               "synops_per_sample": cum_synops[t]} for t in range(steps)]
     snn = {metric: values[-1], "spikes_per_sample": spikes, "synops_per_sample": synops,
            "firing_rate_hz": rate(spikes, total_units),
            "spike_percent": 100.0 * spikes / max(total_units * steps, 1), "neurons": total_units,
-           "synaptic_event_op": spike_op.upper(), "input_macs_per_sample": input_macs,
-           "analog_macs_per_step": analog_macs_per_step, "energy_pj_per_sample": energy}
+           "synaptic_event_op": spike_op.upper(), "input_macs_per_sample": ctx.input_macs,
+           "analog_macs_per_step": ctx.analog_macs_per_step, "energy_pj_per_sample": energy}
     if metric == "accuracy":
-        within = {f"{m}": within_margin(curve, ann["accuracy"], m) for m in MARGINS}
+        within = {f"{m}": within_margin(curve, ctx.ann["accuracy"], m) for m in MARGINS}
         snn["first_timestep_within_points_of_ann"] = {m: w["first"] for m, w in within.items()}
         snn["settled_timestep_within_points_of_ann"] = {m: w["settled"] for m, w in within.items()}
-    return {
-        "tool": f"ann2snn {__version__}",
-        "dataset": dataset,
-        "metric": metric,
-        "neuron": meta["neuron"]["type"],
-        "neuron_options": meta["neuron"].get("options", {}),
-        "timesteps": steps,
-        "step_ms": 1.0,
-        "device": device,
-        "ann": {**ann, "energy_pj_per_sample": ann_energy_pj(ann["macs_per_sample"], preset)},
-        "snn": snn,
-        "energy": {"preset": preset, **PRESETS[preset], "regime": ENERGY_REGIME},
-        "layers": layers,
-        "curve": curve,
-    }
+    return Report(dataset=ctx.dataset, metric=metric, neuron=run.spec.type, neuron_options=run.spec.options,
+                  timesteps=steps, device=ctx.device,
+                  ann={**ctx.ann, "energy_pj_per_sample": ann_energy_pj(ctx.ann["macs_per_sample"], ctx.preset)},
+                  snn=snn, energy={"preset": ctx.preset, **PRESETS[ctx.preset], "regime": ENERGY_REGIME},
+                  layers=layers, curve=curve, readout=readout.describe(), label=run.label)
+
+
+def arousal_report(neuron: Neuron, policy, stored_policy: bool, search: SearchRecord | None,
+                   reports: list[Report], fraction: float) -> ArousalReport:
+    """The arousal section: the policy, where it came from, and the three runs side by side."""
+    pick = lambda r: {"label": r.label, r.metric: r.snn[r.metric],  # noqa: E731
+                      "spikes_per_sample": r.snn["spikes_per_sample"], "firing_rate_hz": r.snn["firing_rate_hz"]}
+    return ArousalReport(
+        mechanism=neuron.precision_control.mechanism, policy=to_json(policy),
+        policy_source="the artifact's (calibrate --arousal), with --arousal's keys over it" if stored_policy
+        else "--arousal's keys over the defaults",
+        calibration_search=search, description=policy.describe(neuron), fraction_aroused=fraction,
+        with_arousal=pick(reports[0]), fixed_low=pick(reports[1]), fixed_high=pick(reports[2]))
 
 
 def within_margin(curve: list[dict], ann_accuracy: float, points: float) -> dict:
@@ -84,7 +193,7 @@ def within_margin(curve: list[dict], ann_accuracy: float, points: float) -> dict
             "settled_spikes": at(settled)[1]}
 
 
-def write_report(report: dict, directory: str | Path, timing: dict | None = None) -> list[Path]:
+def write_report(report: Report, directory: str | Path) -> list[Path]:
     """Write the three report files; all are written to temporary files first and renamed only
     when all are whole, ``report.json`` last, so an interrupted run leaves no report. Returns
     their paths."""
@@ -93,16 +202,16 @@ def write_report(report: dict, directory: str | Path, timing: dict | None = None
     with contextlib.ExitStack() as stack:  # exits in reverse: report.json is renamed last
         json_tmp, csv_tmp, png_tmp = (stack.enter_context(atomic_path(p)) for p in paths)
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(report["curve"][0]), lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=list(report.curve[0]), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(report["curve"])
+        writer.writerows(report.curve)
         csv_tmp.write_text(buf.getvalue())
-        series = [(report.get("label", report["neuron"].upper()), report["curve"])]
-        series += [(v["label"], v["curve"]) for v in report.get("variants", [])]
-        plot(series, report["ann"][report.get("metric", "accuracy")], png_tmp,
-             f"{report['dataset']['name']} ({report['dataset']['samples']} samples), {report['timesteps']} steps",
-             report.get("metric", "accuracy"))
-        json_tmp.write_text(json.dumps({**report, "timing": timing or {}}, indent=2) + "\n")
+        series = [(report.label or report.neuron.upper(), report.curve)]
+        series += [(v.label, v.curve) for v in report.variants or []]
+        plot(series, report.ann[report.metric], png_tmp,
+             f"{report.dataset['name']} ({report.dataset['samples']} samples), {report.timesteps} steps",
+             report.metric)
+        json_tmp.write_text(json.dumps({**report.to_json(), "timing": report.timing or {}}, indent=2) + "\n")
     return paths
 
 
@@ -142,11 +251,11 @@ def plot(series: list[tuple[str, list[dict]]], ann_value: float, path: Path, tit
     plt.close(fig)
 
 
-def summary_table(report: dict) -> Table:
-    ann, snn, metric = report["ann"], report["snn"], report.get("metric", "accuracy")
+def summary_table(report: Report) -> Table:
+    ann, snn, metric = report.ann, report.snn, report.metric
     fmt = (lambda v: f"{100 * v:.2f}%") if metric == "accuracy" else (lambda v: f"{v:.4g}")  # noqa: E731
-    table = Table(title=f"{report['neuron'].upper()} SNN, {report['timesteps']} steps, "
-                        f"{report['dataset']['name']} {report['dataset']['split']} ({report['dataset']['samples']})")
+    table = Table(title=f"{report.neuron.upper()} SNN, {report.timesteps} steps, "
+                        f"{report.dataset['name']} {report.dataset['split']} ({report.dataset['samples']})")
     for col in ("", metric if metric == "accuracy" else "NMSE", "spikes/sample", "spikes %", "ops/sample",
                 "rate Hz", "energy uJ"):
         table.add_column(col, justify="right" if col else "left")
@@ -154,18 +263,18 @@ def summary_table(report: dict) -> Table:
                   f"{ann['energy_pj_per_sample'] / 1e6:.3f}")
     if "transfer_accuracy" in ann:
         table.add_row("ANN, ReLU -> f", fmt(ann["transfer_accuracy"]), "-", "-", "-", "-", "-")
-    for label, s in [(report.get("label", "SNN"), snn)] + [(v["label"], v["snn"]) for v in report.get("variants", [])]:
+    for label, s in [(report.label or "SNN", snn)] + [(v.label, v.snn) for v in report.variants or []]:
         table.add_row(f"SNN {label}", fmt(s[metric]), f"{s['spikes_per_sample']:,.0f}", f"{s['spike_percent']:.1f}",
                       f"{s['synops_per_sample']:,.0f} {'SynOps' if s['synaptic_event_op'] == 'AC' else 'MACs'}",
                       f"{s['firing_rate_hz']:.1f}", f"{s['energy_pj_per_sample'] / 1e6:.3f}")
     return table
 
 
-def layer_table(report: dict) -> Table:
+def layer_table(report: Report) -> Table:
     table = Table(title="Spiking layers")
     for col in ("layer", "after", "neurons", "spikes/sample", "rate (Hz)", "SynOps/sample"):
         table.add_column(col, justify="left" if col in ("layer", "after") else "right")
-    for layer in report["layers"]:
-        table.add_row(layer["name"], layer["source"], f"{layer['neurons']:,}", f"{layer['spikes_per_sample']:,.0f}",
-                      f"{layer['firing_rate_hz']:.1f}", f"{layer['synops_per_sample']:,.0f}")
+    for layer in report.layers:
+        table.add_row(layer.name, layer.source, f"{layer.neurons:,}", f"{layer.spikes_per_sample:,.0f}",
+                      f"{layer.firing_rate_hz:.1f}", f"{layer.synops_per_sample:,.0f}")
     return table

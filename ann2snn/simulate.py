@@ -13,14 +13,19 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import fx, nn
 
 from .data import TensorData
 from .engine import chunk_steps, layered, step_counts
-from .errors import UserError
+from .errors import OptionError, UserError
+from .readout import Readout
+
+if TYPE_CHECKING:
+    from .neurons import Neuron
+    from .profile import NeuronSpec, ProfileLayer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,9 +34,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        raise OptionError("device", f"{name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
+        raise OptionError("device", f"{name}: CUDA is not available on this machine")
     return device
 
 
@@ -43,24 +48,17 @@ def spiking_modules(snn: fx.GraphModule, names: list[str]) -> dict[str, nn.Modul
     return {name: snn.get_submodule(name) for name in names}
 
 
-@dataclass(frozen=True)
-class Readout:
-    """How class scores are read from the output layer, which never spikes: r(t) is the output,
-    or its exponential filter r(t) = d r(t-1) + (1 - d) out(t) when ``tau`` is set; the
-    prediction at step t >= ``start`` is argmax of sum_{k=start..t} r(k), before it argmax r(t)."""
+@dataclass
+class Run:
+    """One simulation ``evaluate`` makes of an artifact's network: its label in the report, the
+    neuron type, options and per-layer parameters to build it with, and an optional controller
+    called after every step (arousal)."""
 
-    tau: float | None = None
-    start: int = 0
-
-    def within(self, timesteps: int) -> "Readout":
-        """This readout, reading from step 0 when ``start`` lies beyond the simulation."""
-        return self if self.start < timesteps else Readout(self.tau, 0)
-
-    def describe(self) -> str:
-        r = "output" if self.tau is None else f"output filtered with tau {self.tau:g} ms"
-        return (f"argmax of the {r} summed over steps {self.start + 1}..t" if self.start
-                else f"argmax of the {r} summed over all steps so far") + \
-            (f"; before step {self.start + 1}, of the {r} at t" if self.start else "")
+    label: str
+    neuron: "Neuron"
+    spec: "NeuronSpec"
+    layers: list["ProfileLayer"]
+    controller: Any = None
 
 
 @dataclass
@@ -103,7 +101,7 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
     score; the layered engine ends a chunk at each of its ``decision_steps``. A batch that runs
     out of device memory is retried in halves."""
     if engine not in ("layers", "steps"):
-        raise UserError(f"--engine {engine!r}: expected layers or steps")
+        raise OptionError("engine", f"{engine!r}: expected layers or steps")
     if memory_budget is None:  # measured: 64 MB chunks run fastest on a 2-core CPU (cache); GPUs like them large
         memory_budget = 1 << 30 if device.type == "cuda" else 1 << 26
     snn = snn.to(device).eval()
@@ -148,7 +146,7 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
             acc.commit(reader)
         except torch.OutOfMemoryError:
             if len(y) == 1:
-                raise UserError(f"--batch-size: one sample does not fit in {device} memory") from None
+                raise OptionError("batch_size", f": one sample does not fit in {device} memory") from None
             torch.cuda.empty_cache()
             half = len(y) // 2
             retry[:0] = [(x[:half].cpu(), y[:half].cpu()), (x[half:].cpu(), y[half:].cpu())]  # free the device

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import OptionError, UserError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -61,7 +61,7 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, ac
     """LeNet-5 with average pooling: conv6-pool-conv16-pool-fc120-fc84-fc; ReLU, or GELU/SiLU
     (``--model-arg activation=gelu``: a network only VSN converts)."""
     if activation not in ACTIVATIONS:
-        raise UserError(f"--model-arg activation={activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+        raise OptionError("model_args", f"activation={activation!r}: expected one of {', '.join(ACTIVATIONS)}")
     act = ACTIVATIONS[activation]
     side = ((input_size + 4 - 4) // 2 - 4) // 2
     return nn.Sequential(
@@ -150,28 +150,28 @@ def resolve_model(ref: str, kwargs: dict | None = None) -> nn.Module:
         try:
             return _REGISTRY[ref](**kwargs, **user)
         except TypeError as exc:
-            raise UserError(f"--model {ref}: bad model argument ({exc})") from None
+            raise OptionError("model", f"{ref}: bad model argument ({exc})") from None
     if ":" not in ref:
-        raise UserError(f"--model {ref!r}: not a zoo model ({', '.join(list_models())}) "
+        raise OptionError("model", f"{ref!r}: not a zoo model ({', '.join(list_models())}) "
                         "nor 'package.module:callable'")
     module_name, _, attr = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import failure is the user's module, not ours
-        raise UserError(f"--model {ref}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+        raise OptionError("model", f"{ref}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise UserError(f"--model {ref}: module {module_name!r} has no attribute {attr!r}")
+            raise OptionError("model", f"{ref}: module {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
-        raise UserError(f"--model {ref}: {attr!r} is not callable")
+        raise OptionError("model", f"{ref}: {attr!r} is not callable")
     try:
         model = fn(**kwargs.get("user", {}))
     except Exception as exc:
-        raise UserError(f"--model {ref}: calling {attr}() failed ({type(exc).__name__}: {exc})") from None
+        raise OptionError("model", f"{ref}: calling {attr}() failed ({type(exc).__name__}: {exc})") from None
     if not isinstance(model, nn.Module):
-        raise UserError(f"--model {ref}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise OptionError("model", f"{ref}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -182,7 +182,7 @@ def model_kwargs(ref: str, sample_shape: tuple[int, ...], num_classes: int, user
         if len(sample_shape) == 1:  # vectors: features as channels
             sample_shape = (sample_shape[0], 1, 1)
         if len(sample_shape) == 3 and sample_shape[1] != sample_shape[2]:
-            raise UserError(f"--model {ref}: zoo models take square images, the data is {sample_shape}")
+            raise OptionError("model", f"{ref}: zoo models take square images, the data is {sample_shape}")
         kwargs.update(in_channels=int(sample_shape[0]), num_classes=int(num_classes),
                       input_size=int(sample_shape[-1]))
     return kwargs

@@ -106,9 +106,9 @@ def test_arousal_of_named_layers_leaves_the_others_at_low_precision():
     from ann2snn.arousal import ArousalController, ArousalPolicy
 
     policy = ArousalPolicy.parse("low=0.3,high=0.1,at=3,threshold=0.5,layers=act1")
-    assert policy.layers == ("act1",) and "ASN layers act1" in policy.describe("asn")
+    assert policy.layers == ("act1",) and "ASN layers act1" in policy.describe(asn.NEURON)
     layers = {"act0": asn.ASNNeuron(0.3), "act1": asn.ASNNeuron(0.3)}
-    control = ArousalController(policy)
+    control = ArousalController(policy, asn.NEURON.precision_control)
     control.reset(2, torch.device("cpu"))
     for m in layers.values():
         m(torch.ones(2, 4))
@@ -133,13 +133,14 @@ def test_arousal_tests_margin_or_ratio_of_the_top_two_softmax_scores():
     assert certainty(score, "ratio").tolist() == pytest.approx([0.5, 0.1], abs=1e-6)
     aroused = {}
     for test in ("margin", "ratio"):
-        control = ArousalController(ArousalPolicy.parse(f"at=1,threshold=0.4,test={test}"))
+        control = ArousalController(ArousalPolicy.parse(f"at=1,threshold=0.4,test={test}"),
+                                    asn.NEURON.precision_control)
         control.reset(2, torch.device("cpu"))
         neuron = asn.ASNNeuron(0.3)
         neuron(torch.ones(2, 4))
         control(0, score, {"act0": neuron})
         aroused[test] = control.aroused.tolist()
     assert aroused == {"margin": [True, True], "ratio": [False, True]}
-    assert "1 - top-2 / top-1" in ArousalPolicy.parse("test=ratio").describe()
+    assert "1 - top-2 / top-1" in ArousalPolicy.parse("test=ratio").describe(asn.NEURON)
     with pytest.raises(UserError, match="the test is one of margin, ratio"):
         ArousalPolicy.parse("test=entropy")

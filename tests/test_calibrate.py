@@ -63,10 +63,10 @@ def test_activation_stats_exact_and_batch_size_independent():
         h.remove()
     for name, s in s_small.items():
         ref = acts[name].flatten().numpy()
-        assert math.isclose(s["percentile"], _exact(ref, 99.9), rel_tol=1e-5)
-        assert math.isclose(s["percentile"], s_big[name]["percentile"], rel_tol=1e-5)
-        assert math.isclose(s["max"], float(ref.max()), rel_tol=1e-5)
-        assert s["neurons"] == acts[name][0].numel()
+        assert math.isclose(s.percentile, _exact(ref, 99.9), rel_tol=1e-5)
+        assert math.isclose(s.percentile, s_big[name].percentile, rel_tol=1e-5)
+        assert math.isclose(s.max, float(ref.max()), rel_tol=1e-5)
+        assert s.neurons == acts[name][0].numel()
 
 
 def test_output_error_ignores_gain_follows_batches_and_survives_a_retry():

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ann2snn.convert import GatedMaxPool, Slot, normalize, spiking_layers, to_snn
-from ann2snn.errors import UserError
+from ann2snn.errors import OptionError, UserError
 from ann2snn.neurons.if_neuron import IFNeuron
 from ann2snn.zoo import list_models, resolve_model
 
@@ -117,7 +117,7 @@ def test_to_snn_fills_slots_with_neurons_and_gates_max_pools():
     plain = to_snn(gm, {name: IFNeuron(1.0) for name in layers}, maxpool="spikes")
     assert not any(isinstance(m, GatedMaxPool) for m in plain.modules())
     assert any(isinstance(m, nn.MaxPool2d) for m in plain.modules())
-    with pytest.raises(UserError, match="--maxpool 'avg'"):
+    with pytest.raises(OptionError, match="^maxpool 'avg'"):
         to_snn(gm, {name: IFNeuron(1.0) for name in layers}, maxpool="avg")
 
 

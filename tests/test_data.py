@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ann2snn.data import Normalize, calibration_subset, open_dataset
-from ann2snn.errors import UserError
+from ann2snn.errors import OptionError, UserError
 
 
 def _write_idx(path, array: np.ndarray, magic: int):
@@ -87,7 +87,7 @@ def test_calibration_subset_is_deterministic(fake_mnist):
 def test_normalize_parse_and_apply():
     norm = Normalize.parse("0.5;0.25")
     assert torch.allclose(norm(torch.ones(1, 1, 2, 2)), torch.full((1, 1, 2, 2), 2.0))
-    with pytest.raises(UserError, match="--normalize"):
+    with pytest.raises(OptionError, match="^normalize"):
         Normalize.parse("0.5")
 
 

@@ -5,8 +5,11 @@ from ann2snn.convert import normalize, spiking_layers, to_snn
 from ann2snn.data import TensorData
 from ann2snn.energy import ann_macs, fanout_maps
 from ann2snn.neurons.if_neuron import IFNeuron
-from ann2snn.report import build_report
-from ann2snn.simulate import simulate
+from ann2snn.neurons import if_neuron
+from ann2snn.profile import NeuronSpec
+from ann2snn.readout import Readout
+from ann2snn.report import build_report, context
+from ann2snn.simulate import Run, simulate
 
 from conftest import tiny_cnn
 
@@ -34,17 +37,17 @@ def test_spike_accounting_on_a_hand_computed_case():
     sim = simulate(snn, ["act0"], fan, data, timesteps=4, batch_size=2, device=torch.device("cpu"))
     assert sim.spikes[0].tolist() == [3.0, 3.0, 3.0, 0.0]  # three samples, one spike per step
     assert sim.synops[0].tolist() == [3.0, 3.0, 3.0, 0.0]
-    report = build_report(sim, {"layers": [{"name": "act0", "source": "0"}], "neuron": {"type": "if"}},
-                          {"act0": 2}, {"accuracy": 1.0, "macs_per_sample": ann_macs(gm, (2,))},
-                          {"name": "hand", "split": "file", "samples": 3}, "cpu",
-                          input_macs=float(fan["input"].sum()), analog_macs_per_step=0.0, preset="45nm-fp32")
-    assert report["snn"]["spikes_per_sample"] == 3.0
-    assert report["snn"]["synops_per_sample"] == 3.0
-    assert report["snn"]["firing_rate_hz"] == 3.0 / 2 / 4 * 1000
-    assert report["ann"]["macs_per_sample"] == 4
-    assert report["snn"]["energy_pj_per_sample"] == 3 * 0.9 + 2 * 4.6
-    assert [c["spikes_per_sample"] for c in report["curve"]] == [1.0, 2.0, 3.0, 3.0]
-    assert report["layers"][0]["firing_rate_hz"] == 375.0
+    ctx = context(gm, data, fan, ["act0"], {"act0": "0"}, "hand", "cpu", "45nm-fp32")
+    ctx.ann["accuracy"] = 1.0
+    run = Run("IF", if_neuron.NEURON, NeuronSpec(type="if", options={}), [])
+    report = build_report(sim, run, Readout(), ctx)
+    assert report.snn["spikes_per_sample"] == 3.0
+    assert report.snn["synops_per_sample"] == 3.0
+    assert report.snn["firing_rate_hz"] == 3.0 / 2 / 4 * 1000
+    assert report.ann["macs_per_sample"] == 4 == ann_macs(gm, (2,))
+    assert report.snn["energy_pj_per_sample"] == 3 * 0.9 + 2 * 4.6
+    assert [c["spikes_per_sample"] for c in report.curve] == [1.0, 2.0, 3.0, 3.0]
+    assert report.layers[0].firing_rate_hz == 375.0 and report.layers[0].source == "0"
 
 
 def test_fanout_through_pooling_matches_brute_force_jacobian():
@@ -123,7 +126,7 @@ def _engines_agree(snn_of, gm, data, timesteps, **kwargs):
 def test_layered_engine_equals_the_step_by_step_reference():
     from ann2snn.neurons.asn import ASNNeuron
     from ann2snn.neurons.vsn import VSNNeuron
-    from ann2snn.simulate import Readout
+    from ann2snn.readout import Readout
 
     torch.manual_seed(0)
     gm, _ = normalize(_ResidualPool().eval())
@@ -141,7 +144,7 @@ def test_layered_engine_equals_the_step_by_step_reference():
 
 def test_arousal_runs_the_same_in_both_engines():
     from ann2snn.arousal import ArousalController, ArousalPolicy
-    from ann2snn.neurons.asn import ASNNeuron
+    from ann2snn.neurons.asn import NEURON, ASNNeuron
 
     gm, _ = normalize(tiny_cnn())
     x = torch.rand(16, 1, 8, 8)
@@ -151,7 +154,7 @@ def test_arousal_runs_the_same_in_both_engines():
     fan = fanout_maps(gm, data.sample_shape)
     runs, fractions = [], []
     for engine in ("steps", "layers"):
-        control = ArousalController(policy)
+        control = ArousalController(policy, NEURON.precision_control)
         snn = to_snn(gm, {n: ASNNeuron(0.3, scale=0.5) for n in layers})
         runs.append(simulate(snn, layers, fan, data, 20, 5, torch.device("cpu"), controller=control, engine=engine))
         fractions.append(control.fraction())

@@ -161,7 +161,7 @@ def test_gelu_and_silu_slots_compute_the_ann_and_a_one_step_vsn_gates_them():
         ref = model.fc2(F.silu(model.fc1(gated)) * (model.fc1(gated) > 0))
         assert torch.allclose(snn(x), ref, atol=1e-6)  # T = 0: the gate drops only the negative part
     stats = activation_stats(gm, TensorData("t", "file", x, torch.zeros(16, dtype=torch.long), 3), 99.9)
-    assert stats["act0"]["activation"] == "gelu" and 0 < stats["act0"]["negative_energy_fraction"] < 1
+    assert stats["act0"].activation == "gelu" and 0 < stats["act0"].negative_energy_fraction < 1
     for sigma in ("gelu", "silu"):
         t = torch.tensor([0.0, 0.05, 0.7, 3.0])
         assert torch.allclose(vsn.SIGMAS[sigma](vsn.input_threshold(t, sigma)), t, atol=1e-5)

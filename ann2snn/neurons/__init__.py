@@ -1,27 +1,20 @@
-"""Neuron types. Each module holds the functional core (params, state, ``*_step``, transfer
-function), a thin ``nn.Module``, and the two hooks the converter calls:
-
-  ``fit(stats, options) -> params``   per-layer parameters from calibration statistics
-  ``build(params) -> nn.Module``      the spiking layer for those parameters
-  ``readout(options) -> Readout``     how the output layer is read
-
-``NAME`` is the ``--neuron`` value, ``DEFAULTS`` the network-wide options a calibration
-profile may set. Optional: ``PRECISION`` (knob and values that ``--budget`` searches),
-``DEFAULT_TIMESTEPS`` (steps a budget search simulates), ``SPIKE_OP`` ("ac" or "mac": the
-cost of one synaptic event), ``transfer_module`` (for transfer-aware fine-tuning).
-"""
+"""Neuron types: one module each (functional core, thin ``nn.Module``, and a ``NEURON``
+description - the contract in ``neuron.py``), registered here by name (the ``--neuron`` value).
+``get`` resolves a name once, at the edge; everything downstream takes the ``Neuron``."""
 
 from __future__ import annotations
 
-from types import ModuleType
-
-from ..errors import UserError
+from ..errors import OptionError
 from . import asn, if_neuron, vsn
+from .neuron import Neuron, Precision, PrecisionControl
 
-NEURONS: dict[str, ModuleType] = {"if": if_neuron, "asn": asn, "vsn": vsn}
+NEURONS: dict[str, Neuron] = {n.name: n for n in (if_neuron.NEURON, asn.NEURON, vsn.NEURON)}
+
+__all__ = ["NEURONS", "Neuron", "Precision", "PrecisionControl", "get"]
 
 
-def get(name: str, option: str = "--neuron") -> ModuleType:
+def get(name: str, option: str = "neuron") -> Neuron:
+    """The neuron type called ``name``; ``option`` names the parameter that gave it, for errors."""
     if name not in NEURONS:
-        raise UserError(f"{option} {name!r}: expected one of {', '.join(NEURONS)}")
+        raise OptionError(option, f"{name!r}: expected one of {', '.join(NEURONS)}")
     return NEURONS[name]

@@ -1,6 +1,6 @@
 """Adaptive spiking neuron (ASN) of AdSNN: Zambrano, Nusselder, Scholte & Bohte 2019
 (Front. Neurosci. 12:987; arXiv 1710.04838), update order and transfer function as in
-science.md section 1 and the public ``asn`` code.
+docs/science.md section 1 and the public ``asn`` code.
 
 One step, with decay factors d_x = exp(-1/tau_x), for input current c(t) (in units of S):
 
@@ -24,10 +24,16 @@ S = c / lambda and emits lambda * psc, so lambda f(c / lambda) stands in for rel
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from ..calibrate import LayerStats
+from ..errors import OptionError
+from ..readout import Readout
+from .neuron import Neuron, Precision, PrecisionControl
 
 TAU = {"tau_phi": 2.5, "tau_gamma": 15.0, "tau_eta": 50.0, "tau_beta": 50.0}
 
@@ -66,7 +72,7 @@ def asn_init(current: torch.Tensor, p: ASNParams) -> ASNState:
 
 
 def asn_step(current: torch.Tensor, state: ASNState, p: ASNParams) -> tuple[torch.Tensor, ASNState]:
-    """Advance one time step (order of science.md section 1); returns binary spikes and state."""
+    """Advance one time step (order of docs/science.md section 1); returns binary spikes and state."""
     s = (1.0 - p.d_phi) * current + p.d_phi * state.s
     s_hat = state.s_hat * p.d_eta
     spikes = (s - s_hat > 0.5 * state.theta).to(current.dtype)
@@ -77,7 +83,7 @@ def asn_step(current: torch.Tensor, state: ASNState, p: ASNParams) -> tuple[torc
 
 
 def _raw_transfer(S, m_f: float, theta0: float, tau_gamma: float, tau_eta: float):
-    """f(S) / h of the closed form (science.md section 1); S may be a float or a tensor."""
+    """f(S) / h of the closed form (docs/science.md section 1); S may be a float or a tensor."""
     c1 = 2 * m_f * tau_gamma ** 2
     c2 = 2 * theta0 * tau_eta * tau_gamma
     c3 = tau_gamma * (m_f * tau_gamma + 2 * (m_f + 1) * tau_eta)
@@ -144,8 +150,6 @@ class ASNNeuron(nn.Module):
     def reset(self) -> None:
         self.state, self.spikes, self.p = None, None, self.base
 
-    AROUSAL = "high"  # the arousal policy's field that set_precision takes
-
     def set_precision(self, samples: torch.Tensor, m_f: float) -> None:
         """From the next step on, the ``samples`` (a boolean mask over the batch) run with
         adaptation speed ``m_f``: m_f, theta0 = m_f and h change together, so f stays
@@ -171,16 +175,6 @@ class ASNNeuron(nn.Module):
         return self.state.psc * scale
 
 
-# --- converter hooks ---------------------------------------------------------------------
-from functools import lru_cache  # noqa: E402
-
-from ..errors import UserError  # noqa: E402
-from ..simulate import Readout  # noqa: E402
-
-NAME = "asn"
-DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "readout_tau": 50.0, "start_ms": 200, "percentile": 99.9,
-            "scale": "fit"}
-READOUT_OPTIONS = ("readout_tau", "start_ms")  # change how the output is read, not the layers' fit
 S_MAX = 16.0
 
 
@@ -218,23 +212,23 @@ def fit_scale(sample: torch.Tensor, p: ASNParams, reference: float) -> float:
 
 def _params(options: dict) -> ASNParams:
     if not 0 < float(options["m_f"]) <= 2:
-        raise UserError(f"--param m_f={options['m_f']}: must be in (0, 2]")
+        raise OptionError("neuron_options", f"m_f={options['m_f']}: must be in (0, 2]")
     return make_params(float(options["m_f"]), options.get("theta0"),
                        **{k: float(options[k]) for k in TAU})
 
 
-def fit(stats: dict, options: dict) -> dict:
+def fit(stats: LayerStats, options: dict) -> dict:
     """Per-layer ASN parameters: the options, and the scale lambda (fitted, or set so that the
     layer's percentile activation maps to S = ``scale`` when ``scale`` is a number)."""
     p = _params(options)
-    ref = stats["percentile"] if stats["percentile"] > 0 else max(stats["max"], 1e-6)
+    ref = stats.percentile if stats.percentile > 0 else max(stats.max, 1e-6)
     if options["scale"] == "fit":
-        scale = fit_scale(stats.get("sample", torch.zeros(0)), p, ref)
+        scale = fit_scale(stats.sample, p, ref)
     else:
         try:
             scale = ref / float(options["scale"])
         except (TypeError, ValueError, ZeroDivisionError):
-            raise UserError(f"--param scale={options['scale']!r}: 'fit' or a positive number") from None
+            raise OptionError("neuron_options", f"scale={options['scale']!r}: 'fit' or a positive number") from None
     return {"m_f": p.m_f, "theta0": options.get("theta0"), **{k: float(options[k]) for k in TAU},
             "scale": float(scale)}
 
@@ -257,5 +251,29 @@ def transfer_module(params: dict) -> TransferActivation:
     return TransferActivation(p, params["scale"])
 
 
-PRECISION = ("m_f", [0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6])  # searched by calibrate --budget
-DEFAULT_TIMESTEPS = 200  # steps a --budget search simulates
+DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "readout_tau": 50.0, "start_ms": 200, "percentile": 99.9,
+            "scale": "fit"}
+
+
+def _where(policy) -> str:
+    return f" in {'+'.join(policy.layers)}" if policy.layers else ""
+
+
+AROUSAL = PrecisionControl(
+    policy_field="high",
+    mechanism="ASN precision per input: m_f, theta0 and h switched together",
+    start=lambda policy: {"m_f": policy.low},
+    raised=lambda params, policy: {**params, "m_f": policy.high},
+    raised_options=lambda options, policy: {**options, "m_f": policy.high},
+    start_label=lambda policy: f"ASN m_f={policy.low:g}",
+    raised_label=lambda policy: f"ASN m_f={policy.high:g}{_where(policy)}",
+    start_text=lambda policy: f"run at m_f {policy.low:g}",
+    switch_text=lambda policy, which: f"switch {which} to m_f {policy.high:g}",
+)
+
+NEURON = Neuron(
+    name="asn", defaults=DEFAULTS, fit=fit, build=build, readout=readout,
+    precision=Precision("m_f", (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6)),
+    default_timesteps=200, readout_options=("readout_tau", "start_ms"),
+    transfer_module=transfer_module, precision_control=AROUSAL,
+)

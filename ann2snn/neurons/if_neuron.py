@@ -10,7 +10,7 @@ SNN Toolbox. One step, for input current I[t]:
 with v[0] = v_init * theta. The layer emits ``theta * s[t]`` (spike height theta; on hardware
 the height is folded into the next layer's weights). Its rate transfer function, the mean
 output as T -> inf, is ``clamp(I, 0, theta)``; theta is the layer's 99.9th-percentile ANN
-activation (science.md section 3).
+activation (docs/science.md section 3).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..calibrate import LayerStats
 from ..kernels import if_scan
-from ..simulate import Readout
+from ..readout import Readout
+from .neuron import Neuron
 
 
 class IFParams(NamedTuple):
@@ -86,14 +88,13 @@ class IFNeuron(nn.Module):
         return out, counts
 
 
-NAME = "if"
 DEFAULTS = {"percentile": 99.9, "v_init": 0.5}
 
 
-def fit(stats: dict, options: dict) -> dict:
+def fit(stats: LayerStats, options: dict) -> dict:
     """Per-layer parameters from calibration statistics: theta = the chosen percentile
     (the maximum if the percentile is 0; 1.0 for a layer that never activates)."""
-    threshold = stats["percentile"] if stats["percentile"] > 0 else stats["max"]
+    threshold = stats.percentile if stats.percentile > 0 else stats.max
     return {"threshold": float(threshold) if threshold > 0 else 1.0, "v_init": float(options["v_init"])}
 
 
@@ -104,3 +105,6 @@ def build(params: dict) -> IFNeuron:
 def readout(options: dict) -> Readout:
     """The accumulated output: the rate code's estimate of the ANN output."""
     return Readout(tau=None, start=int(options.get("start_ms", 0)))
+
+
+NEURON = Neuron(name="if", defaults=DEFAULTS, fit=fit, build=build, readout=readout)

@@ -1,5 +1,5 @@
 """Variable spiking neuron (VSN): Garg & Chakraborty, arXiv 2311.09267; equations as restated
-in science.md section 2. One step, for input z(t):
+in docs/science.md section 2. One step, for input z(t):
 
     M(t) = beta M(t-1) + z(t)          memory, M(0) = 0
     s(t) = H(M(t) - T)                 spike test against the threshold T
@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
-from ..simulate import Readout
+from ..calibrate import LayerStats
+from ..errors import OptionError
+from ..readout import Readout
+from .neuron import Neuron, Precision, PrecisionControl
 
 
 SIGMAS = {"relu": lambda z: z.clamp(min=0), "gelu": F.gelu, "silu": F.silu,
@@ -74,7 +76,7 @@ def vsn_transfer_one_step(z: torch.Tensor, threshold: torch.Tensor) -> torch.Ten
 
 class FastSigmoidStep(torch.autograd.Function):
     """H(x) forward; backward the fast-sigmoid surrogate dH/dx ~ 1 / (1 + k|x|)^2 (k = 25 as is
-    usual for VSNs, science.md section 2; Zenke & Ganguli 2018)."""
+    usual for VSNs, docs/science.md section 2; Zenke & Ganguli 2018)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: float) -> torch.Tensor:
@@ -135,8 +137,6 @@ class VSNNeuron(nn.Module):
         self.spikes: torch.Tensor | None = None
         self.factor: torch.Tensor | None = None  # per-sample threshold factor set by arousal
 
-    AROUSAL = "threshold_scale"  # the arousal policy's field that set_precision takes
-
     def reset(self) -> None:
         self.state, self.spikes, self.factor = None, None, None
 
@@ -161,13 +161,7 @@ class VSNNeuron(nn.Module):
         return y
 
 
-# --- converter hooks ---------------------------------------------------------------------
-NAME = "vsn"
 DEFAULTS = {"beta": 0.9, "threshold": 0.0, "tradeoff": None, "per_channel": True, "percentile": 99.9}
-ACTIVATIONS = tuple(SIGMAS)  # the ANN activations a VSN layer stands in for
-DEFAULT_TIMESTEPS = 1
-SPIKE_OP = "mac"  # a graded spike costs a multiply-accumulate per synaptic event
-PRECISION = ("tradeoff", [0.0] + [round(10 ** (k / 4), 6) for k in range(-20, 13)])
 
 
 def fit_threshold(sample: torch.Tensor, positive_fraction: float, neurons: float, tradeoff: float,
@@ -188,41 +182,40 @@ def fit_threshold(sample: torch.Tensor, positive_fraction: float, neurons: float
     return float(z[k]) if k > 0 else 0.0
 
 
-def _channel_samples(stats: dict) -> list[tuple[torch.Tensor, float]]:
+def _channel_samples(stats: LayerStats) -> list[tuple[torch.Tensor, float]]:
     """(positive values, positive fraction) per channel, from the calibration activations or,
     when re-fitting from a profile, from its per-channel quantile tables."""
-    if "channel_values" in stats:
-        return [(c[c > 0], float((c > 0).float().mean())) for c in stats["channel_values"]]
+    if stats.channel_values is not None:
+        return [(c[c > 0], float((c > 0).float().mean())) for c in stats.channel_values]
     return [(torch.tensor(q, dtype=torch.float32), f)
-            for q, f in zip(stats.get("channel_quantiles", []), stats.get("channel_positive_fraction", []))]
+            for q, f in zip(stats.channel_quantiles or [], stats.channel_positive_fraction or [])]
 
 
-def fit(stats: dict, options: dict) -> dict:
+def fit(stats: LayerStats, options: dict) -> dict:
     """Per-layer threshold: ``threshold`` as given, or fitted for ``tradeoff`` (set by --budget),
     one per channel when ``per_channel`` (each channel's error counted against the layer's)."""
     beta = float(options["beta"])
     if not 0 <= beta < 1:
-        raise UserError(f"--param beta={beta}: must be in [0, 1)")
+        raise OptionError("neuron_options", f"beta={beta}: must be in [0, 1)")
     if options.get("tradeoff") is None:
         threshold = float(options["threshold"])
         if threshold < 0:
-            raise UserError(f"--param threshold={threshold}: must be >= 0")
+            raise OptionError("neuron_options", f"threshold={threshold}: must be >= 0")
         return {"threshold": threshold, "beta": beta, **_sigma(stats)}
     tradeoff = float(options["tradeoff"])
     channels = _channel_samples(stats) if options.get("per_channel", True) else []
     if len(channels) > 1:
         layer_energy = sum(float((v.double() ** 2).sum()) * f / max(v.numel(), 1) for v, f in channels)
-        per_unit = int(stats["neurons"]) / len(channels)
+        per_unit = int(stats.neurons) / len(channels)
         thresholds = [fit_threshold(v, f, per_unit, tradeoff, layer_energy) for v, f in channels]
         return {"threshold": thresholds, "beta": beta, **_sigma(stats)}
-    threshold = fit_threshold(stats.get("sample", torch.zeros(0)), stats.get("sample_positive_fraction", 1.0),
-                              int(stats["neurons"]), tradeoff)
+    threshold = fit_threshold(stats.sample, stats.sample_positive_fraction, int(stats.neurons), tradeoff)
     return {"threshold": threshold, "beta": beta, **_sigma(stats)}
 
 
-def _sigma(stats: dict) -> dict:
+def _sigma(stats: LayerStats) -> dict:
     """The activation the layer replaces, recorded when it is not ReLU (thresholds in its output units)."""
-    act = stats.get("activation", "relu")
+    act = stats.activation
     return {} if act == "relu" else {"sigma": act}
 
 
@@ -238,3 +231,31 @@ def transfer_module(params: dict) -> SurrogateVSN:
 def readout(options: dict) -> Readout:
     """The output summed (averaged) over the Ts steps."""
     return Readout(tau=None, start=int(options.get("start_ms", 0)))
+
+
+def _scaled(threshold: float | list, scale: float) -> float | list:
+    return [t * scale for t in threshold] if isinstance(threshold, list) else threshold * scale
+
+
+def _where(policy) -> str:
+    return f" in {'+'.join(policy.layers)}" if policy.layers else ""
+
+
+AROUSAL = PrecisionControl(
+    policy_field="threshold_scale",
+    mechanism="VSN thresholds per input: multiplied by threshold_scale",
+    start=lambda policy: {},
+    raised=lambda params, policy: {**params, "threshold": _scaled(params["threshold"], policy.threshold_scale)},
+    raised_options=lambda options, policy: options,
+    start_label=lambda policy: "VSN calibrated thresholds",
+    raised_label=lambda policy: f"VSN thresholds x {policy.threshold_scale:g}{_where(policy)}",
+    start_text=lambda policy: "run at the calibrated thresholds",
+    switch_text=lambda policy, which: f"fire against thresholds x {policy.threshold_scale:g} in {which}",
+)
+
+NEURON = Neuron(
+    name="vsn", defaults=DEFAULTS, fit=fit, build=build, readout=readout,
+    activations=tuple(SIGMAS), spike_op="mac", default_timesteps=1,
+    precision=Precision("tradeoff", (0.0, *(round(10 ** (k / 4), 6) for k in range(-20, 13)))),
+    transfer_module=transfer_module, precision_control=AROUSAL,
+)

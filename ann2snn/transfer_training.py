@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,35 +17,36 @@ import torch
 from safetensors.torch import save_file
 from torch import fx, nn
 
-from . import neurons
 from .convert import check_activations, normalize, slot_activations, spiking_layers
 from .data import TensorData
-from .errors import UserError
+from .errors import OptionError, UserError
 from .files import atomic_path
+from .neurons import Neuron
+from .profile import ProfileLayer
 from .simulate import ann_accuracy
 
 
-def with_transfer(gm: fx.GraphModule, kind, layers: list[dict]) -> fx.GraphModule:
+def with_transfer(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer]) -> fx.GraphModule:
     """A copy of ``gm`` with each ReLU slot replaced by its layer's transfer activation."""
-    if not hasattr(kind, "transfer_module"):
-        raise UserError(f"neuron {kind.NAME!r} has no transfer function to train with "
+    if neuron.transfer_module is None:
+        raise UserError(f"neuron {neuron.name!r} has no transfer function to train with "
                         "(use an asn or vsn profile)")
     slots = spiking_layers(gm)
-    if [layer["name"] for layer in layers] != slots:
+    if [layer.name for layer in layers] != slots:
         raise UserError("the profile's layers do not match the model's ReLUs")
-    check_activations(slot_activations(gm), kind.NAME, getattr(kind, "ACTIVATIONS", ("relu",)))
+    check_activations(slot_activations(gm), neuron.name, neuron.activations)
     gm = copy.deepcopy(gm)
     for layer in layers:
-        gm.add_submodule(layer["name"], kind.transfer_module(layer["params"]))
+        gm.add_submodule(layer.name, neuron.transfer_module(layer.params))
     gm.recompile()
     return gm
 
 
-def transfer_network(model: nn.Module, profile: dict) -> nn.Module:
-    """``model`` traced (batch norm kept), each ReLU replaced by the profile neuron's transfer
-    activation; its parameters keep the model's names."""
+def transfer_network(model: nn.Module, neuron: Neuron, layers: list[ProfileLayer]) -> nn.Module:
+    """``model`` traced (batch norm kept), each ReLU replaced by ``neuron``'s transfer
+    activation with the layers' parameters; its parameters keep the model's names."""
     gm, _ = normalize(model, rewrite=False)
-    return with_transfer(gm, neurons.get(profile["neuron"]["type"]), profile["layers"])
+    return with_transfer(gm, neuron, layers)
 
 
 @contextlib.contextmanager
@@ -60,20 +62,21 @@ def _deterministic_cudnn():
 
 
 @_deterministic_cudnn()
-def finetune(model: nn.Module, profile: dict, train: TensorData, test: TensorData, epochs: int, lr: float,
-             batch_size: int, seed: int, device: torch.device, spike_penalty: float = 0.0,
-             threshold_lr: float | None = None, on_epoch: Callable[[int, float], None] | None = None
-             ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def train_with_transfer(model: nn.Module, neuron: Neuron, layers: list[ProfileLayer], train: TensorData,
+                        test: TensorData, epochs: int, lr: float, batch_size: int, seed: int, device: torch.device,
+                        spike_penalty: float = 0.0, threshold_lr: float | None = None,
+                        on_epoch: Callable[[int, float], None] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], list[ProfileLayer]]:
     """Train ``model`` with transfer activations on cross-entropy (classification) or squared
     error (regression) + ``spike_penalty`` x spikes per sample / 1000 (layers that count spikes),
     learnt thresholds at ``threshold_lr`` (default ``lr``: Adam moves a parameter about lr per
     step whatever its scale, and thresholds live on the activations' scale);
     returns its new state dict (original keys) and the profile's layer parameters after training."""
     torch.manual_seed(seed)
-    net = transfer_network(model, profile).to(device).train()
+    net = transfer_network(model, neuron, layers).to(device).train()
     counters = [m for m in net.modules() if hasattr(m, "trained_params")]
     if spike_penalty and not counters:
-        raise UserError(f"--spike-penalty: the {profile['neuron']['type']} transfer function counts no spikes "
+        raise OptionError("spike_penalty", f": the {neuron.name} transfer function counts no spikes "
                         "(a vsn profile does)")
     regression = train.task == "regression"
     learnt = {id(m.threshold) for m in counters if isinstance(getattr(m, "threshold", None), nn.Parameter)}
@@ -99,10 +102,9 @@ def finetune(model: nn.Module, profile: dict, train: TensorData, test: TensorDat
             on_epoch(epoch + 1, ann_accuracy(net, test, 1000, device))
     tuned = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     state = model.state_dict()
-    layers = [{**layer, "params": net.get_submodule(layer["name"]).trained_params(layer["params"])
-               if hasattr(net.get_submodule(layer["name"]), "trained_params") else layer["params"]}
-              for layer in profile["layers"]]
-    return {k: tuned.get(k, v).contiguous().clone() for k, v in state.items()}, layers
+    trained = [replace(layer, params=net.get_submodule(layer.name).trained_params(layer.params))
+               if hasattr(net.get_submodule(layer.name), "trained_params") else layer for layer in layers]
+    return {k: tuned.get(k, v).contiguous().clone() for k, v in state.items()}, trained
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:

@@ -1,0 +1,94 @@
+"""The typed options of each product step, checked once where they are made.
+
+Front ends (the CLI, scripts, notebooks) build these and hand them to ``pipeline``; every check
+names the library parameter at fault (``errors.OptionError``), which the CLI renames to its flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .energy import DEFAULT_PRESET, PRESETS
+from .errors import OptionError
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise OptionError(name, f"{value}: must be positive")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where named data sets live (default: $ANN2SNN_DATA or ~/.cache/ann2snn/data) and whether
+    torchvision may download a missing one."""
+
+    data_dir: str | Path | None = None
+    download: bool = False
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """``samples`` calibration images drawn with ``seed`` from ``split``; with ``budget`` (spikes
+    per sample over ``timesteps`` steps, default the neuron's) the precision knob - or an arousal
+    policy's threshold - is searched on ``search_samples`` images (default: as many as 256,000
+    image-steps allow, at least 256)."""
+
+    samples: int = 1000
+    seed: int = 0
+    split: str = "train"
+    batch_size: int = 256
+    budget: float | None = None
+    timesteps: int | None = None
+    search_samples: int | None = None
+
+    def __post_init__(self):
+        _positive("batch_size", self.batch_size)
+        if self.budget is not None and not self.budget > 0:
+            raise OptionError("budget", f"{self.budget:g}: must be a positive number of spikes per sample")
+        _positive("timesteps", self.timesteps)
+        _positive("search_samples", self.search_samples)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How ``evaluate`` simulates: ``timesteps`` steps (1 ms each) per sample of ``split`` (the
+    first ``limit`` samples), ``batch_size`` at a time; energy with ``preset``; the output read
+    from step ``start_ms`` (default: the neuron's)."""
+
+    timesteps: int
+    split: str = "test"
+    limit: int | None = None
+    batch_size: int = 256
+    preset: str = DEFAULT_PRESET
+    start_ms: int | None = None
+
+    def __post_init__(self):
+        _positive("timesteps", self.timesteps)
+        _positive("limit", self.limit)
+        _positive("batch_size", self.batch_size)
+        if self.preset not in PRESETS:
+            raise OptionError("preset", f"{self.preset!r}: expected one of {', '.join(PRESETS)}")
+        if self.start_ms is not None and not 0 <= self.start_ms < self.timesteps:
+            raise OptionError("start_ms", f"{self.start_ms}: must be in [0, timesteps)")
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Transfer-aware fine-tuning: ``epochs`` of Adam at ``lr`` (thresholds at ``threshold_lr``,
+    default ``lr``), cosine schedule, ``spike_penalty`` x spikes per sample / 1000 in the loss."""
+
+    epochs: int = 2
+    lr: float = 1e-4
+    batch_size: int = 128
+    seed: int = 0
+    spike_penalty: float = 0.0
+    threshold_lr: float | None = None
+
+    def __post_init__(self):
+        _positive("epochs", self.epochs)
+        _positive("lr", self.lr)
+        _positive("threshold_lr", self.threshold_lr)
+        _positive("batch_size", self.batch_size)
+        if self.spike_penalty < 0:
+            raise OptionError("spike_penalty", f"{self.spike_penalty}: must be >= 0")

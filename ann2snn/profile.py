@@ -1,0 +1,206 @@
+"""The calibration profile: what ``calibrate`` measured and fitted, as typed records.
+
+A profile (JSON, ``calibration/README.md``) holds the model it was made for, the input
+encoding, the calibration data, the neuron type and options, and per spiking layer its
+statistics and fitted parameters; optionally the record of a budget search, an arousal policy
+and fine-tuning. The same ``ProfileLayer`` and ``ModelInfo`` records travel into the SNN
+artifact's metadata (``artifact.ArtifactMeta``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from . import __version__
+from .arousal import ArousalPolicy
+from .calibrate import CHANNEL_QUANTILES, LayerStats, quantile_table
+from .convert import layer_sources, spiking_layers
+from .data import Normalize
+from .errors import UserError
+from .files import write_text
+from . import neurons
+from .neurons import Neuron
+from .records import field, from_json, to_json
+
+PROFILE_FORMAT = "ann2snn-calibration"
+PROFILE_VERSION = 1
+INPUT_ENCODING = "analog current: the input is fed unchanged to the first layer at every step"
+
+
+@dataclass(kw_only=True)
+class ModelInfo:
+    """The architecture (zoo name, ``module:callable`` or ``pt2``), its constructor arguments
+    (``kwargs["user"]``: the user's own) and the checkpoint it was calibrated on."""
+
+    ref: str
+    kwargs: dict
+    checkpoint: str
+    checkpoint_sha256: str | None = None
+
+
+@dataclass(kw_only=True)
+class InputInfo:
+    shape: list[int]
+    normalize: Normalize
+    encoding: str = INPUT_ENCODING
+
+
+@dataclass(kw_only=True)
+class DataInfo:
+    """The calibration subset: ``samples`` images of ``dataset``'s ``split`` drawn with ``seed``."""
+
+    dataset: str
+    split: str
+    samples: int
+    seed: int
+
+
+@dataclass(kw_only=True)
+class NeuronSpec:
+    """A neuron type by name (``neurons.NEURONS``) and its network-wide options."""
+
+    type: str
+    options: dict
+
+
+@dataclass(kw_only=True)
+class StoredStats:
+    """A layer's statistics as a profile keeps them: quantile tables stand in for the
+    calibration activations when a neuron is re-fitted later."""
+
+    max: float
+    mean: float
+    percentile: float
+    zero_fraction: float
+    sample_positive_fraction: float | None = None
+    negative_energy_fraction: float | None = None
+    positive_quantiles: list[float] = field(default_factory=list)
+    channel_positive_fraction: list[float] | None = None
+    channel_quantiles: list[list[float]] | None = None
+
+
+@dataclass(kw_only=True)
+class ProfileLayer:
+    name: str
+    source: str = ""
+    activation: str | None = None  # relu when absent (profiles written before GELU/SiLU slots)
+    neurons: int
+    shape: list[int] = field(default_factory=list)
+    stats: StoredStats | None = None
+    params: dict
+
+    def fit_stats(self) -> LayerStats:
+        """Statistics for a neuron's ``fit``: the quantile table stands in for the sample."""
+        if self.stats is None:
+            raise UserError(f"layer {self.name}: the profile keeps no statistics to re-fit from")
+        s = self.stats
+        return LayerStats(activation=self.activation or "relu", neurons=self.neurons, shape=self.shape,
+                          max=s.max, mean=s.mean, percentile=s.percentile, zero_fraction=s.zero_fraction,
+                          sample=torch.tensor(s.positive_quantiles, dtype=torch.float32),
+                          sample_positive_fraction=1.0 if s.sample_positive_fraction is None
+                          else s.sample_positive_fraction,
+                          negative_energy_fraction=s.negative_energy_fraction or 0.0,
+                          channel_quantiles=s.channel_quantiles or [],
+                          channel_positive_fraction=s.channel_positive_fraction or [])
+
+
+@dataclass(kw_only=True)
+class SearchRecord:
+    """Every candidate a budget search simulated, and the one it chose."""
+
+    budget_spikes_per_sample: float
+    timesteps: int
+    samples: int
+    knob: str
+    candidates: list[dict]
+    chosen: dict
+    budget_met: bool
+
+
+@dataclass(kw_only=True)
+class ArousalRecord:
+    """The arousal policy ``evaluate --arousal`` starts from, and the search that set its threshold."""
+
+    policy: ArousalPolicy
+    search: SearchRecord | None = None
+
+
+@dataclass(kw_only=True)
+class Profile:
+    format: str = PROFILE_FORMAT
+    version: int = PROFILE_VERSION
+    tool: str = f"ann2snn {__version__}"
+    model: ModelInfo
+    input: InputInfo
+    data: DataInfo
+    neuron: NeuronSpec
+    layers: list[ProfileLayer]
+    budget_search: SearchRecord | None = None
+    arousal: ArousalRecord | None = None
+    finetune: dict | None = None
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+
+def make_layers(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict
+                ) -> list[ProfileLayer]:
+    """Per-layer statistics (as stored) and the neuron parameters fitted to them."""
+    sources = layer_sources(gm)
+    return [ProfileLayer(
+        name=name, source=sources[name], activation=s.activation, neurons=s.neurons, shape=s.shape,
+        stats=StoredStats(
+            max=s.max, mean=s.mean, percentile=s.percentile, zero_fraction=s.zero_fraction,
+            sample_positive_fraction=s.sample_positive_fraction,
+            negative_energy_fraction=s.negative_energy_fraction,
+            positive_quantiles=quantile_table(s.sample),
+            channel_positive_fraction=[float(f"{float((c > 0).float().mean()):.6g}") for c in s.channel_values],
+            channel_quantiles=[quantile_table(c[c > 0], CHANNEL_QUANTILES) for c in s.channel_values]),
+        params=neuron.fit(s, options)) for name, s in stats.items()]
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    """Indented JSON with every list of plain values on one line (readable, diffable)."""
+    text = json.dumps(to_json(profile), indent=2)
+    text = re.sub(r"\[\n\s+([^\[\]{}]*?)\n\s+\]",
+                  lambda m: "[" + " ".join(line.strip() for line in m.group(1).splitlines()) + "]", text)
+    write_text(path, text + "\n")
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and check a profile; every problem is a one-line error naming the file and key."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: calibration profile not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a JSON calibration profile ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != PROFILE_FORMAT:
+        raise UserError(f"{path}: not an ann2snn calibration profile (no \"format\": \"{PROFILE_FORMAT}\")")
+    if raw.get("version") != PROFILE_VERSION:
+        raise UserError(f"{path}: profile version {raw.get('version')!r}, this tool reads {PROFILE_VERSION}")
+    profile = from_json(Profile, raw, f"{path}: calibration profile")
+    try:
+        neurons.get(profile.neuron.type)
+    except UserError as exc:
+        raise exc.within(f"{path}: ") from None
+    return profile
+
+
+def check_profile(profile: Profile, gm: fx.GraphModule, checkpoint_sha: str, path: str | Path) -> None:
+    """Refuse a profile made for another model or checkpoint, naming what differs."""
+    if profile.model.checkpoint_sha256 not in (None, checkpoint_sha):
+        raise UserError(f"{path}: calibration profile was made for another checkpoint "
+                        f"({profile.model.checkpoint})")
+    layers = spiking_layers(gm)
+    if profile.layer_names != layers:
+        raise UserError(f"{path}: profile layers {profile.layer_names} do not match the model's spiking layers "
+                        f"{layers}")
