@@ -1,4 +1,4 @@
-"""Arousal: per-input precision control (AdSNN, Zambrano et al. 2019, science.md section 1).
+"""Arousal: per-input precision control (AdSNN, Zambrano et al. 2019, docs/science.md section 1).
 
 The network runs at low precision (ASN: high m_f; VSN with Ts > 1: its calibrated thresholds).
 At a decision time - and optionally at later re-check times - each input whose readout is

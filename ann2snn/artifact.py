@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import fx
 
 from . import __version__, neurons
 from .convert import check_activations, graph_signature, normalize, to_snn
 from .errors import OptionError, UserError
-from .files import atomic_path
+from .files import write_safetensors
 from .neurons import Neuron
 from .profile import ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, ProfileLayer
 from .records import from_json, to_json
@@ -105,8 +104,7 @@ def save_artifact(path: str | Path, snn: fx.GraphModule, meta: ArtifactMeta, arc
     if archive is not None:
         tensors[ARCHIVE_KEY] = torch.frombuffer(bytearray(archive), dtype=torch.uint8)
     meta_json = json.dumps(to_json(meta), sort_keys=True)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"ann2snn": meta_json, "sha256": _digest(meta_json, tensors)})
+    write_safetensors(path, tensors, {"ann2snn": meta_json, "sha256": _digest(meta_json, tensors)})
 
 
 def read_artifact(path: str | Path) -> tuple[ArtifactMeta, dict[str, torch.Tensor]]:

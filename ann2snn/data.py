@@ -8,7 +8,7 @@ A data set is named by a spec string:
   inputs are scaled to [0, 1]; integer targets are classes, floating-point ones make a
   regression task),
   ``feynman-i.6.2a``, ``feynman-i.9.18`` (AI Feynman equations, generated from a fixed seed:
-  10,000 training and 2,000 test samples; science.md section 2).
+  10,000 training and 2,000 test samples; docs/science.md section 2).
 Named sets are held in memory as uint8 tensors and sliced into batches directly, which is
 far faster than one PIL image at a time.
 """

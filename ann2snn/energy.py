@@ -1,4 +1,4 @@
-"""Operation counts and the energy model (science.md section 4).
+"""Operation counts and the energy model (docs/science.md section 4).
 
 Counts come from the network's connectivity, not from layer-type formulas:
   * ANN MACs: every weighted layer run densely; a MAC is one real connection (padding and

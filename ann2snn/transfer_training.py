@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 from torch import fx, nn
 
 from .convert import check_activations, normalize, slot_activations, spiking_layers
 from .data import TensorData
 from .errors import OptionError, UserError
-from .files import atomic_path
+from .files import write_safetensors
 from .neurons import Neuron
 from .profile import ProfileLayer
 from .simulate import ann_accuracy
@@ -108,5 +107,4 @@ def train_with_transfer(model: nn.Module, neuron: Neuron, layers: list[ProfileLa
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    write_safetensors(path, state, metadata)

@@ -24,10 +24,17 @@ from rich.console import Console
 from rich.table import Table
 
 from ann2snn import pipeline
+from ann2snn.options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from ann2snn.files import write_text
 from ann2snn.report import plot, within_margin
 
 MARGINS = (0.1, 0.3)
+
+
+def evaluate(a, artifact: Path, run: RunOptions, sweep: list[dict] | None = None) -> dict:
+    """The report of ``artifact`` on the test split, as JSON values."""
+    return pipeline.evaluate(artifact, a.dataset, run, source=DataSource(a.data_dir), device=a.device,
+                             sweep=sweep).to_json()
 
 
 def rows_of(report: dict, method: str, reference: float | None = None) -> list[dict]:
@@ -78,33 +85,34 @@ def main() -> None:
         subprocess.run([sys.executable, str(Path(__file__).with_name("train_reference.py")), "--model", a.model,
                         "--dataset", a.dataset, "--epochs", str(a.train_epochs), "-o", str(a.checkpoint)]
                        + (["--data-dir", a.data_dir] if a.data_dir else []), check=True)
-    common = dict(limit=a.limit, device=a.device, data_dir=a.data_dir, batch_size=a.batch_size)
+    common = dict(limit=a.limit, batch_size=a.batch_size)
     mfs = [float(v) for v in a.mf.split(",")]
     rows = []
 
-    pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "if.json", data_dir=a.data_dir, device=a.device)
+    pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "if.json", source=DataSource(a.data_dir), device=a.device)
     pipeline.convert(a.checkpoint, out / "if.json", out / "if.snn.safetensors")
-    rows += rows_of(pipeline.evaluate(out / "if.snn.safetensors", a.dataset, a.if_timesteps, **common), "IF")
+    rows += rows_of(evaluate(a, out / "if.snn.safetensors", RunOptions(a.if_timesteps, **common)), "IF")
 
     checkpoints = [("ASN", a.checkpoint)]
     if a.finetune_epochs:
-        pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "asn.json", neuron="asn", data_dir=a.data_dir,
+        pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "asn.json", neuron="asn", source=DataSource(a.data_dir),
                            device=a.device, overrides={"m_f": mfs[0]})
         ft = out / "finetuned.safetensors"
-        result = pipeline.finetune(a.checkpoint, out / "asn.json", a.dataset, ft, epochs=a.finetune_epochs,
-                                   lr=a.finetune_lr, data_dir=a.data_dir, device=a.device)
-        print(f"fine-tuned: {json.dumps(result)}")
+        result = pipeline.finetune(a.checkpoint, out / "asn.json", a.dataset, ft, source=DataSource(a.data_dir),
+                                   options=FinetuneOptions(epochs=a.finetune_epochs, lr=a.finetune_lr),
+                                   device=a.device)
+        print(f"fine-tuned: {result}")
         checkpoints.append(("ASN fine-tuned", ft))
     for method, ckpt in checkpoints:
         tag = method.replace(" ", "_").lower()
         profile = ckpt.with_suffix(".calib.json")  # fine-tuned: the profile it was trained with
         if ckpt == a.checkpoint:
             profile = out / f"{tag}.json"
-            pipeline.calibrate(ckpt, a.model, a.dataset, profile, neuron="asn", data_dir=a.data_dir,
+            pipeline.calibrate(ckpt, a.model, a.dataset, profile, neuron="asn", source=DataSource(a.data_dir),
                                device=a.device, overrides={"m_f": mfs[0]})
         pipeline.convert(ckpt, profile, out / f"{tag}.snn.safetensors")
-        report = pipeline.evaluate(out / f"{tag}.snn.safetensors", a.dataset, a.timesteps,
-                                   sweep=[{"m_f": m} for m in mfs[1:]], start_ms=a.start_ms, **common)
+        report = evaluate(a, out / f"{tag}.snn.safetensors", RunOptions(a.timesteps, start_ms=a.start_ms, **common),
+                          sweep=[{"m_f": m} for m in mfs[1:]])
         rows += rows_of(report, method, reference=rows[0]["ann_accuracy"])
 
     series = [(label_of(r), r["curve"]) for r in rows]
@@ -147,31 +155,31 @@ def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) ->
     rows = []
     if tradeoffs:
         first = {"tradeoff": tradeoffs[0]} if tradeoffs[0] > 0 else {}
-        pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn.json", neuron="vsn", data_dir=a.data_dir,
+        pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn.json", neuron="vsn", source=DataSource(a.data_dir),
                            device=a.device, overrides=first)
         pipeline.convert(a.checkpoint, out / "vsn.json", out / "vsn.snn.safetensors")
-        report = pipeline.evaluate(out / "vsn.snn.safetensors", a.dataset, 1,
-                                   sweep=[{"tradeoff": t} for t in tradeoffs[1:]], **common)
+        report = evaluate(a, out / "vsn.snn.safetensors", RunOptions(1, **common),
+                          sweep=[{"tradeoff": t} for t in tradeoffs[1:]])
         rows += rows_of(report, "VSN Ts=1", reference)
     for budget in [float(v) for v in a.vsn_budgets.split(",") if v.strip()]:
         profile = out / f"vsn_budget{budget:g}.json"  # thresholds searched on training images
-        pipeline.calibrate(a.checkpoint, a.model, a.dataset, profile, neuron="vsn", data_dir=a.data_dir,
-                           device=a.device, budget=budget, timesteps=1)
+        pipeline.calibrate(a.checkpoint, a.model, a.dataset, profile, neuron="vsn", source=DataSource(a.data_dir),
+                           device=a.device, options=CalibrationOptions(budget=budget, timesteps=1))
         pipeline.convert(a.checkpoint, profile, profile.with_suffix(".snn.safetensors"))
-        report = pipeline.evaluate(profile.with_suffix(".snn.safetensors"), a.dataset, 1, **common)
+        report = evaluate(a, profile.with_suffix(".snn.safetensors"), RunOptions(1, **common))
         report["label"] = f"budget {budget:g}"
         rows += rows_of(report, "VSN Ts=1 budget", reference)
     penalties = [float(v) for v in a.vsn_penalties.split(",") if v.strip()]
     if penalties:
         pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn_start.json", neuron="vsn",
-                           data_dir=a.data_dir, device=a.device, overrides={"tradeoff": a.vsn_start})
+                           source=DataSource(a.data_dir), device=a.device, overrides={"tradeoff": a.vsn_start})
     for penalty in penalties:
         ft = out / f"vsn_ft{penalty:g}.safetensors"
-        pipeline.finetune(a.checkpoint, out / "vsn_start.json", a.dataset, ft, epochs=a.vsn_epochs, lr=a.vsn_lr,
-                          threshold_lr=a.vsn_threshold_lr, spike_penalty=penalty, data_dir=a.data_dir,
-                          device=a.device)
+        pipeline.finetune(a.checkpoint, out / "vsn_start.json", a.dataset, ft, source=DataSource(a.data_dir),
+                          options=FinetuneOptions(epochs=a.vsn_epochs, lr=a.vsn_lr, threshold_lr=a.vsn_threshold_lr,
+                                                  spike_penalty=penalty), device=a.device)
         pipeline.convert(ft, ft.with_suffix(".calib.json"), ft.with_suffix(".snn.safetensors"))
-        tuned = pipeline.evaluate(ft.with_suffix(".snn.safetensors"), a.dataset, 1, **common)
+        tuned = evaluate(a, ft.with_suffix(".snn.safetensors"), RunOptions(1, **common))
         tuned["label"] = f"penalty {penalty:g}"
         rows += rows_of(tuned, "VSN Ts=1 fine-tuned", reference)
     return rows

@@ -28,10 +28,12 @@ import torch
 from ann2snn import pipeline
 from ann2snn.artifact import load_artifact
 from ann2snn.cli import key_values
-from ann2snn.data import Normalize, open_dataset
+from ann2snn.data import open_dataset
 from ann2snn.energy import fanout_maps
 from ann2snn.files import write_text
-from ann2snn.simulate import Readout, resolve_device, simulate
+from ann2snn.options import DataSource
+from ann2snn.readout import Readout
+from ann2snn.simulate import resolve_device, simulate
 
 
 def _timed(device: torch.device, fn):
@@ -50,17 +52,16 @@ def _timed(device: torch.device, fn):
 
 
 def ours(artifact: Path, data, T: int, batch: int, device: torch.device, engine: str) -> tuple[float, float, float]:
-    ann, snn, meta = load_artifact(artifact)
-    layers = [layer["name"] for layer in meta["layers"]]
-    fan = fanout_maps(ann, tuple(meta["input"]["shape"]))
-    sim, seconds, peak = _timed(device, lambda: simulate(snn, layers, fan, data, T, batch, device, Readout(),
+    art = load_artifact(artifact)
+    layers = art.meta.layer_names
+    fan = fanout_maps(art.ann, tuple(art.meta.input.shape))
+    sim, seconds, peak = _timed(device, lambda: simulate(art.snn, layers, fan, data, T, batch, device, Readout(),
                                                          engine=engine))
     return float(sim.metric[-1]) / len(data), seconds, peak
 
 
 def ann_passes(artifact: Path, data, T: int, batch: int, device: torch.device) -> tuple[float, float, float]:
-    ann, _, _ = load_artifact(artifact)
-    ann = ann.to(device).eval()
+    ann = load_artifact(artifact).ann.to(device).eval()
 
     def run():
         with torch.inference_mode():
@@ -118,11 +119,10 @@ def main() -> None:
         for neuron in ("if", "asn"):
             profile = Path(tmp) / f"{neuron}.json"
             pipeline.calibrate(args.checkpoint, args.model, args.dataset, profile, neuron=neuron, device=str(device),
-                               data_dir=args.data_dir, user_args=user)
+                               source=DataSource(args.data_dir), model_args=user)
             artifacts[neuron] = Path(tmp) / f"{neuron}.snn.safetensors"
             pipeline.convert(args.checkpoint, profile, artifacts[neuron])
-        ann, _, meta = load_artifact(artifacts["if"])
-        norm = Normalize(**meta["input"]["normalize"])
+        norm = load_artifact(artifacts["if"]).meta.input.normalize
         data = open_dataset(args.dataset, "test", args.data_dir, False, norm).head(args.images)
         calib = open_dataset(args.dataset, "train", args.data_dir, False, norm).head(1024)
         runs = [("ANN x T forward passes", lambda d: ann_passes(artifacts["if"], d, T, B, device))]

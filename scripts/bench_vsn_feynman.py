@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ann2snn import pipeline
+from ann2snn.options import FinetuneOptions, RunOptions
 from ann2snn.files import write_text
 
 SETS = ("feynman-i.9.18", "feynman-i.6.2a")
@@ -49,23 +50,23 @@ def main() -> None:
         out = a.out / ds
         pipeline.calibrate(ckpt, "regression_mlp", ds, out / "vsn.json", neuron="vsn")
         pipeline.convert(ckpt, out / "vsn.json", out / "vsn.snn.safetensors")
-        rep = pipeline.evaluate(out / "vsn.snn.safetensors", ds, 1, device="cpu",
-                                sweep=[{"tradeoff": float(t)} for t in a.tradeoffs.split(",")])
+        rep = pipeline.evaluate(out / "vsn.snn.safetensors", ds, RunOptions(1), device="cpu",
+                                sweep=[{"tradeoff": float(t)} for t in a.tradeoffs.split(",")]).to_json()
         rows.append({"dataset": ds, "method": "ANN", "setting": "", "nmse": rep["ann"]["nmse"]})
         for label, snn in [("T=0 (exact ReLU)", rep["snn"])] + [(v["label"][4:], v["snn"]) for v in rep["variants"]]:
             rows.append({"dataset": ds, "method": "VSN Ts=1", "setting": label, **_summary(snn)})
         for penalty in (float(v) for v in a.penalties.split(",") if v.strip()):
             ft = out / f"vsn_ft{penalty:g}.safetensors"
-            pipeline.finetune(ckpt, out / "vsn.json", ds, ft, epochs=a.finetune_epochs, lr=a.finetune_lr,
-                              batch_size=256, spike_penalty=penalty, device="cpu")
+            pipeline.finetune(ckpt, out / "vsn.json", ds, ft, device="cpu", options=FinetuneOptions(
+                epochs=a.finetune_epochs, lr=a.finetune_lr, batch_size=256, spike_penalty=penalty))
             pipeline.convert(ft, ft.with_suffix(".calib.json"), ft.with_suffix(".snn.safetensors"))
-            snn = pipeline.evaluate(ft.with_suffix(".snn.safetensors"), ds, 1, device="cpu")["snn"]
+            snn = pipeline.evaluate(ft.with_suffix(".snn.safetensors"), ds, RunOptions(1), device="cpu").snn
             rows.append({"dataset": ds, "method": "VSN Ts=1 fine-tuned", "setting": f"penalty {penalty:g}",
                          **_summary(snn)})
         pipeline.calibrate(ckpt, "regression_mlp", ds, out / "if.json")
         pipeline.convert(ckpt, out / "if.json", out / "if.snn.safetensors")
         for steps in (int(t) for t in a.if_timesteps.split(",")):
-            snn = pipeline.evaluate(out / "if.snn.safetensors", ds, steps, device="cpu")["snn"]
+            snn = pipeline.evaluate(out / "if.snn.safetensors", ds, RunOptions(steps), device="cpu").snn
             rows.append({"dataset": ds, "method": "IF", "setting": f"T={steps}", **_summary(snn)})
     table = Table(title="Feynman regression: ANN, VSN (converted; fine-tuned with spike penalties), IF")
     for col in ("data set", "method", "setting", "NMSE", "spikes/sample", "spikes %", "energy (nJ)"):

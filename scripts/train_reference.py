@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ann2snn.cli import key_values
 from ann2snn.data import Normalize, open_dataset
-from ann2snn.files import atomic_path, write_text
+from ann2snn.files import write_safetensors, write_text
 from ann2snn.simulate import ann_accuracy, resolve_device
 from ann2snn.zoo import model_kwargs, resolve_model
 
@@ -62,8 +61,7 @@ def train(args: argparse.Namespace) -> dict:
         print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.4f}, test {shown} "
               f"({time.time() - start:.0f} s)", flush=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(args.output) as tmp:
-        save_file(state, str(tmp), metadata={"model": args.model, "dataset": args.dataset})
+    write_safetensors(args.output, state, {"model": args.model, "dataset": args.dataset})
     summary = {"model": args.model, "kwargs": kwargs, "dataset": args.dataset, "normalize": args.normalize,
                "epochs": args.epochs, "seed": args.seed, "task": test_set.task,
                "test_accuracy" if test_set.task == "classification" else "test_nmse": history[-1], "history": history}
