@@ -9,7 +9,7 @@ m_f; theta0 and h follow), every VSN layer to thresholds x ``threshold_scale``, 
 the presentation, inside the batched simulation and without restarting it. Other inputs keep
 low precision. What "precision" means is the neuron's (``Neuron.precision_control``): the
 policy field its modules' ``set_precision`` takes, the start and raised parameters, the labels.
-``plan_runs`` lays out the three simulations ``evaluate --arousal`` makes: under arousal control,
+``arousal_runs`` lays out the three simulations ``evaluate --arousal`` makes: under arousal control,
 fixed low and fixed high precision.
 """
 
@@ -43,7 +43,7 @@ def check_class_scores(dataset: str, task: str, outputs: int) -> None:
     if task != "classification" or outputs < 2:
         what = "a regression data set" if task != "classification" else f"read out by {outputs} output"
         raise OptionError("arousal", f": the uncertainty test compares the two highest class scores; "
-                        f"--dataset {dataset} is {what}")
+                        f"{{{{dataset}}}} {dataset} is {what}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class ArousalPolicy:
         return not self.layers or layer in self.layers
 
     def describe(self, neuron: "Neuron") -> str:
+        """One sentence for the report; ``neuron`` must have ``precision_control``."""
         checks = ", ".join(str(t) for t in (self.at, *self.recheck))
         which = f"{neuron.label} layers {', '.join(self.layers)}" if self.layers else f"every {neuron.label} layer"
         control = neuron.precision_control
@@ -117,7 +118,7 @@ class ArousalController:
     """Called by the simulator after every step with the readout score (see ``simulate``)."""
 
     def __init__(self, policy: ArousalPolicy, control: "PrecisionControl"):
-        self.policy, self.value = policy, getattr(policy, control.policy_field)
+        self.policy, self.value = policy, control.value(policy)
         self.aroused_total = 0
         self.samples = 0
         self.aroused: torch.Tensor | None = None
@@ -154,14 +155,13 @@ def start_layers(control: "PrecisionControl", policy: ArousalPolicy, layers: lis
     return [replace(layer, params={**layer.params, **control.start(policy)}) for layer in layers]
 
 
-def plan_runs(neuron: "Neuron", policy: ArousalPolicy, spec: "NeuronSpec", layers: list["ProfileLayer"]
-              ) -> list[Run]:
+def arousal_runs(neuron: "Neuron", policy: ArousalPolicy, spec: "NeuronSpec", layers: list["ProfileLayer"]
+                 ) -> list[Run]:
     """The three runs of ``evaluate --arousal``, from the network at its start precision (``spec``,
-    ``layers``; ``artifact.variant`` with ``control.start(policy)``): under arousal control, fixed
+    ``layers``; ``artifact.variant`` with ``control.start(policy)``; the neuron must have
+    ``precision_control``): under arousal control, fixed
     at the start precision, and fixed at the raised precision in the layers arousal raises."""
     control = neuron.precision_control
-    if control is None:
-        raise OptionError("arousal", f": needs a neuron type with precision control, this network is {neuron.label}")
     raised = [replace(layer, params=control.raised(layer.params, policy)) if policy.raises(layer.name) else layer
               for layer in layers]
     raised_spec = spec if policy.layers else replace(spec, options=control.raised_options(spec.options, policy))

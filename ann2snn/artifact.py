@@ -7,7 +7,6 @@ A checksum over metadata and tensors makes an edited file fail to load instead o
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,12 +17,12 @@ from torch import fx
 from . import __version__, neurons
 from .convert import check_activations, graph_signature, normalize, to_snn
 from .errors import OptionError, UserError
-from .files import write_safetensors
+from .files import check_input, json_text, parse_json, write_safetensors
 from .neurons import Neuron
 from .profile import ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, ProfileLayer
 from .records import from_json, to_json
 from .torch_export import EXPORT_REF, read_export
-from .zoo import resolve_model
+from .zoo import resolve_model, stored_reference
 
 FORMAT = "ann2snn-snn"
 VERSION = 1
@@ -52,27 +51,35 @@ class ArtifactMeta:
         return [layer.name for layer in self.layers]
 
 
-def build_neurons(neuron: Neuron, layers: list[ProfileLayer]) -> dict[str, torch.nn.Module]:
-    """One spiking module per layer from its parameters."""
+def build_neurons(neuron: Neuron, layers: list[ProfileLayer], source: str = "") -> dict[str, torch.nn.Module]:
+    """One spiking module per layer from its parameters, each checked against the neuron's
+    bounds (``source``, e.g. the file they came from, prefixes the error)."""
     check_activations({layer.name: layer.activation or "relu" for layer in layers}, neuron.name,
                       neuron.activations)
+    for layer in layers:
+        try:
+            neuron.check_params(layer.name, layer.params)
+        except UserError as exc:
+            raise exc.within(f"{source}: " if source else "") from None
     try:
         return {layer.name: neuron.build(layer.params) for layer in layers}
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"bad neuron parameters in profile ({type(exc).__name__}: {exc})") from None
 
 
-def variant(meta: ArtifactMeta, base: Neuron, neuron: Neuron | None, overrides: dict
+def variant(meta: ArtifactMeta, base: Neuron, other: Neuron | None, overrides: dict
             ) -> tuple[NeuronSpec, list[ProfileLayer]]:
     """(neuron description, layers) for the artifact's network (of type ``base``) run with
-    changed options of its own neuron type, or with another type fitted to the stored
+    changed options of its own neuron type, or with an ``other`` type fitted to the stored
     calibration statistics. Options that are per-layer parameters (ASN m_f) replace them, readout
-    options (``Neuron.readout_options``) change the readout only; others (VSN tradeoff) are re-fitted."""
-    neuron = neuron or base
-    unknown = set(overrides) - set(neuron.defaults)
-    if unknown:
-        raise OptionError("sweep", f"{sorted(unknown)[0]}: not an option of neuron {neuron.name!r} "
-                                   f"(options: {', '.join(neuron.defaults)})")
+    options (``Neuron.readout_options``) change the readout only; others (VSN tradeoff) are
+    re-fitted. Options that act on calibration alone (``Neuron.calibration_only``) are refused."""
+    neuron = other or base
+    fixed = [k for k in overrides if k in neuron.calibration_only]
+    if fixed:
+        raise OptionError("sweep", f"{fixed[0]}: acts on the calibration statistics only, so every run would be "
+                                   "the same; calibrate again with another value instead")
+    neuron.options(overrides, option="sweep")
     if neuron is base:
         options = {**meta.neuron.options, **overrides}
         fitted = [k for k in overrides if k not in neuron.readout_options]  # readout_tau: no refit
@@ -103,15 +110,13 @@ def save_artifact(path: str | Path, snn: fx.GraphModule, meta: ArtifactMeta, arc
     tensors = {k: v.detach().contiguous().cpu() for k, v in snn.state_dict().items()}
     if archive is not None:
         tensors[ARCHIVE_KEY] = torch.frombuffer(bytearray(archive), dtype=torch.uint8)
-    meta_json = json.dumps(to_json(meta), sort_keys=True)
+    meta_json = json_text(to_json(meta), sort_keys=True)
     write_safetensors(path, tensors, {"ann2snn": meta_json, "sha256": _digest(meta_json, tensors)})
 
 
 def read_artifact(path: str | Path) -> tuple[ArtifactMeta, dict[str, torch.Tensor]]:
     """Metadata and tensors of an artifact, verified against its checksum."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: SNN artifact not found")
+    path = check_input(path, "SNN artifact")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -122,10 +127,7 @@ def read_artifact(path: str | Path) -> tuple[ArtifactMeta, dict[str, torch.Tenso
         raise UserError(f"{path}: not an ann2snn SNN artifact (no ann2snn metadata); run 'ann2snn convert' first")
     if header.get("sha256") != _digest(header["ann2snn"], tensors):
         raise UserError(f"{path}: checksum mismatch: the artifact was modified after ann2snn wrote it")
-    try:
-        meta = json.loads(header["ann2snn"])
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: artifact metadata is not JSON ({exc})") from None
+    meta = parse_json(header["ann2snn"], str(path), "artifact metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         found = meta if isinstance(meta, dict) else {}
         raise UserError(f"{path}: artifact format {found.get('format')} v{found.get('version')}, "
@@ -144,14 +146,16 @@ class Artifact:
     neuron: Neuron
 
 
-def load_artifact(path: str | Path) -> Artifact:
+def load_artifact(path: str | Path, model_ref: str | None = None, trust_code: bool = False) -> Artifact:
     """Rebuild an artifact's networks; refuse, saying why, if the architecture it names no
-    longer builds the same graph or the tensors do not fit."""
+    longer builds the same graph or the tensors do not fit. A ``module:callable`` architecture is
+    imported only when the user names it (``model_ref``) or trusts the file (``zoo.stored_reference``)."""
     meta, tensors = read_artifact(path)
     try:
         neuron = neurons.get(meta.neuron.type)
     except UserError as exc:
         raise exc.within(f"{path}: ") from None
+    stored_reference(meta.model.ref, model_ref, trust_code, str(path), "SNN artifact")
     try:
         if meta.model.ref == EXPORT_REF:
             if ARCHIVE_KEY not in tensors:
@@ -165,7 +169,7 @@ def load_artifact(path: str | Path) -> Artifact:
     if graph_signature(ann) != meta.graph:
         raise UserError(f"{path}: the architecture {meta.model.ref!r} no longer traces to the graph "
                         "this artifact was converted from")
-    snn = to_snn(ann, build_neurons(neuron, meta.layers), meta.maxpool)
+    snn = to_snn(ann, build_neurons(neuron, meta.layers, str(path)), meta.maxpool)
     own = snn.state_dict()
     if set(own) != set(tensors):
         diff = sorted(set(own) ^ set(tensors))[:4]

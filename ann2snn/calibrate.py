@@ -18,6 +18,7 @@ from torch import fx
 
 from .convert import Slot, slot_activations, spiking_layers
 from .data import TensorData
+from .errors import UserError
 
 BINS = 4096
 COLLECT_CAP = 2_000_000
@@ -137,6 +138,9 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
     for name in layers:
         def hook(_m, _inp, out, name=name):
             shapes[name] = tuple(out.shape[1:])
+            if seen["first_pass"] and not bool(torch.isfinite(out).all()):
+                raise UserError(f"layer {name}: its activations overflow (infinite or NaN) on the calibration "
+                                "data; check the input normalisation and the weights")
             if seen["first_pass"] and seen["images"] < SAMPLE_IMAGES:
                 head = out[:SAMPLE_IMAGES - seen["images"]]
                 channels[name].append(head.transpose(0, 1).reshape(head.shape[1], -1).float().cpu())

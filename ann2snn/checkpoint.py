@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import re
 import warnings
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 from torch import nn
 
 from .errors import UserError
+from .files import read_input
 from .torch_export import EXPORT_REF, read_export
 from .zoo import resolve_model
 
@@ -28,26 +30,26 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, trust_pickle: bool = False, what: str = "checkpoint"
+                    ) -> dict[str, torch.Tensor]:
     """Load a state dict. ``.pt`` files go through ``torch.load(weights_only=True)`` unless the
     user trusts the file; common wrappers ({'state_dict': ...}, {'model': ...}) are unwrapped."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
+    data = read_input(path, what)
     if path.suffix == ".safetensors":
         try:
-            state = load_file(str(path))
+            state = load(data)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
     else:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns about pickle protocols; the error says enough
-                state = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust_pickle)
         except pickle.UnpicklingError as exc:
             found = re.search(r"GLOBAL ([\w.]+)", str(exc))
             what = f"it would import {found.group(1)}" if found else "it holds Python objects, not only tensors"
-            raise UserError(f"{path}: refused to unpickle ({what}); pass --trust-pickle only if you "
+            raise UserError(f"{path}: refused to unpickle ({what}); pass {{{{trust_pickle}}}} only if you "
                             "trust this file") from None
         except Exception as exc:
             raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer import _click as click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__, pipeline
-from .arousal import ArousalPolicy
 from .artifact import ArtifactMeta, read_artifact
 from .convert import Row
-from .data import Normalize
 from .energy import DEFAULT_PRESET
-from .errors import OptionError, UserError
+from .entry import main  # noqa: F401  (the console script; cli.main for callers that import it here)
+from .errors import UserError
 from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from .profile import Profile
 from .records import to_json
@@ -30,12 +29,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Convert trained PyTorch networks into spiking networks and measure accuracy per spike.")
 console = Console()
 
-FLAGS = {"preset": "--energy", "neuron_options": "--param", "model_args": "--model-arg", "model_ref": "--model"}
+FLAGS = {"preset": "--energy", "neuron_options": "--param", "model_args": "--model-arg", "model_ref": "--model",
+         "normalization": "--normalize", "report_dir": "--report"}
 
 
 def flag(option: str) -> str:
-    """The command-line flag of a library parameter named in an ``OptionError``."""
+    """The command-line flag of a library parameter named in an error (``errors.UserError``)."""
     return FLAGS.get(option, "--" + option.replace("_", "-"))
+
 
 DATA_DIR = typer.Option(None, "--data-dir", help="Where named data sets live (default: $ANN2SNN_DATA or "
                                                   "~/.cache/ann2snn/data).")
@@ -43,6 +44,10 @@ DOWNLOAD = typer.Option(False, "--download", help="Let torchvision download a mi
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
 TRUST = typer.Option(False, "--trust-pickle", help="Allow a .pt checkpoint to run pickle code on load. "
                                                      "Only for files you trust.")
+TRUST_CODE = typer.Option(False, "--trust-code", help="Import and run the model code (package.module:callable) "
+                                                      "that a profile or artifact names. Only for files you trust.")
+MODEL = typer.Option(None, "--model", "-m", help="The architecture, as the profile or artifact names it: needed to "
+                                                 "run a package.module:callable it names (zoo names need nothing).")
 
 
 def key_values(items: list[str] | None, option: str) -> dict:
@@ -105,14 +110,13 @@ def calibrate(
 
     Example: ann2snn calibrate lenet5.safetensors -m lenet5 -d mnist -o lenet5.calib.json
     """
-    overrides = {"percentile": percentile, **key_values(param, "--param")}
     options = CalibrationOptions(samples=samples, seed=seed, split=split, batch_size=batch_size, budget=budget,
                                  timesteps=timesteps)
     profile, _ = pipeline.calibrate(
-        checkpoint, model, dataset, output, neuron=neuron, overrides=overrides, options=options,
-        source=DataSource(data_dir, download), device=device, normalize=Normalize.parse(normalize),
-        model_args=key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle,
-        arousal=None if arousal is None else ArousalPolicy.parse(arousal))
+        checkpoint, model, dataset, output, neuron=neuron,
+        neuron_options={"percentile": percentile, **key_values(param, "--param")}, options=options,
+        source=DataSource(data_dir, download), device=device, normalization=normalize,
+        model_args=key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle, arousal=arousal)
     _print_calibration(profile, output)
 
 
@@ -170,17 +174,18 @@ def convert(
     checkpoint: Path = typer.Argument(..., help="ANN weights the profile was calibrated on."),
     calibration: Path = typer.Option(..., "--calibration", "-c", help="Profile written by 'ann2snn calibrate'."),
     output: Path = typer.Option(..., "--output", "-o", help="SNN artifact to write (.safetensors)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture; must match the profile's."),
+    model: Optional[str] = MODEL,
     maxpool: str = typer.Option("gated", "--maxpool", help="Max pooling on spikes: gated (pass the unit that "
                                                            "has fired most so far) or spikes (max of each step's "
                                                            "spikes: cheaper, over-counts)."),
-    trust_pickle: bool = TRUST,
+    trust_pickle: bool = TRUST, trust_code: bool = TRUST_CODE,
 ):
     """Swap the ANN's ReLUs for spiking neurons and write the SNN artifact.
 
     Example: ann2snn convert lenet5.safetensors -m lenet5 -c lenet5.calib.json -o lenet5.snn.safetensors
     """
     meta, rows = pipeline.convert(checkpoint, calibration, output, model_ref=model, trust_pickle=trust_pickle,
+                                  trust_code=trust_code,
                                   maxpool=maxpool)
     _print_conversion(meta, rows, output)
 
@@ -213,6 +218,7 @@ def evaluate(
                                           "policy or the defaults); also runs fixed low and high precision."),
     start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
                                                                    "(default: the neuron's: IF 0, ASN 200)."),
+    model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
 ):
     """Simulate the SNN and report accuracy versus spikes, per layer and per time step.
@@ -222,6 +228,7 @@ def evaluate(
     run = RunOptions(timesteps=timesteps, split=split, limit=limit, batch_size=batch_size, preset=energy,
                      start_ms=start_ms)
     _evaluate_with_progress(artifact, dataset, run, report, device=device, source=DataSource(data_dir, download),
+                            model_ref=model, trust_code=trust_code,
                             sweep=_sweep(sweep), compare=compare, arousal=arousal)
 
 
@@ -302,6 +309,7 @@ def finetune(
                                                  "(default: --lr)."),
     batch_size: int = typer.Option(128, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
 ):
     """Train the ANN a few epochs with the spiking layers' transfer function in place of ReLU.
@@ -314,6 +322,7 @@ def finetune(
                               threshold_lr=threshold_lr)
     result = pipeline.finetune(checkpoint, calibration, dataset, output, options=options, device=device,
                                source=DataSource(data_dir, download), trust_pickle=trust_pickle,
+                               model_ref=model, trust_code=trust_code,
                                profile_output=profile_output,
                                on_epoch=lambda e, v, m: console.print(f"epoch {e}/{epochs}: test {_metric(v, m)} with "
                                                                       "the spiking layers' transfer function"))
@@ -350,24 +359,26 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit()
 
 
-class _Interrupted(Exception):
-    """Ctrl-C, raised past click (which would swallow a KeyboardInterrupt) to ``main``."""
-
-
-def _interrupt(signum, frame):
-    raise _Interrupted
-
-
-def main() -> None:
-    previous = signal.signal(signal.SIGINT, _interrupt)
+def run(args: list[str] | None = None) -> int:
+    """Run one command; returns the exit status. A user's mistake - a bad file or option, or a
+    command line click cannot parse - is one line on stderr and status 2."""
     try:
-        app()
+        result = app(args=args, standalone_mode=False)
     except UserError as exc:
-        message = exc.renamed(flag(exc.option)) if isinstance(exc, OptionError) else str(exc)
-        print(f"ann2snn: error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except (_Interrupted, KeyboardInterrupt):
-        print("ann2snn: error: interrupted; no partial output was written", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        return _fail(exc.render(flag))
+    except click.exceptions.NoArgsIsHelpError as exc:
+        console.print(exc.ctx.get_help())
+        return 0
+    except click.exceptions.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "ann2snn"
+        return _fail(f"{exc.format_message()} (see '{command} --help')")
+    except click.exceptions.ClickException as exc:
+        return _fail(exc.format_message(), exc.exit_code)
+    except typer.Abort:
+        return _fail("interrupted; no partial output was written", 130)
+    return result if isinstance(result, int) else 0
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"ann2snn: error: {' '.join(message.split())}", file=sys.stderr)
+    return code

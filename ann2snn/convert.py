@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .equivalence import functionalize
 from .errors import OptionError, UserError
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -96,13 +97,15 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` in eval mode; a failure names the reason."""
+    """Symbolically trace ``model`` in eval mode, in-place operations made explicit; a failure
+    names the reason."""
     try:
-        return fx.symbolic_trace(copy.deepcopy(model).eval())
+        gm = fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"model cannot be traced by torch.fx ({msg[:200]}); data-dependent control "
                         "flow in forward() must be removed before conversion") from None
+    return functionalize(gm)  # in-place writes made explicit (equivalence.py)
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -199,6 +202,7 @@ def normalize(model: nn.Module, rewrite: bool = True) -> tuple[fx.GraphModule, l
             with gm.graph.inserting_after(node):
                 new = gm.graph.call_module(name, (node.args[0],))
             _replace(gm, node, new)
+            gm.meta.setdefault("slot_sources", {})[name] = node.name
             rows.append(Row(node.name, desc, "converted", f"spiking layer {name}" + (
                 f" ({smooth.activation.upper()}: VSN only; its gate z >= T >= 0 drops the negative part)"
                 if smooth is not None else "")))
@@ -310,7 +314,7 @@ def check_activations(activations: dict[str, str], neuron: str, accepted: tuple[
     if bad:
         name, act = bad[0]
         raise UserError(f"layer {name} is {act.upper()}: {neuron.upper()} neurons replace "
-                        f"{', '.join(a.upper() for a in accepted)} only (use --neuron vsn, or train with ReLU)")
+                        f"{', '.join(a.upper() for a in accepted)} only (use {{{{neuron}}}} vsn, or train with ReLU)")
 
 
 def layer_sources(gm: fx.GraphModule) -> dict[str, str]:

@@ -33,6 +33,8 @@ NAMED = {  # spec -> (torchvision class, folder torchvision reads, classes)
     "cifar100": ("CIFAR100", "cifar-100-python", 100),
 }
 SPLITS = ("train", "test")
+SIGNED = (torch.int8, torch.int16, torch.int32, torch.int64)
+UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
 
 
 def default_data_dir() -> Path:
@@ -108,7 +110,7 @@ def _missing(spec: str, root: Path) -> UserError:
     folder = NAMED[spec][1]
     offline = (f"python scripts/fetch_data.py {spec} --data-dir {root}" if spec in ("mnist", "fashion-mnist")
                else f"extract the python-version archive into {root / folder}")
-    return OptionError("dataset", f"{spec}: not found under {root}. Offline: {offline}; online: add --download")
+    return OptionError("dataset", f"{spec}: not found under {root}. Offline: {offline}; online: add {{{{download}}}}")
 
 
 def _load_named(spec: str, split: str, root: Path, download: bool) -> TensorData:
@@ -131,13 +133,24 @@ def _load_named(spec: str, split: str, root: Path, download: bool) -> TensorData
 def _load_tensor_file(spec: str, path: Path) -> TensorData:
     from .checkpoint import read_state_dict
 
-    if not path.is_file():
+    if not path.exists():
         raise OptionError("dataset", f"{spec}: file not found")
-    tensors = read_state_dict(path)
+    tensors = read_state_dict(path, what="data file")
     if "inputs" not in tensors or "targets" not in tensors:
         raise OptionError("dataset", f"{spec}: a tensor file needs tensors 'inputs' and 'targets', "
                         f"found {sorted(tensors)[:6]}")
     inputs, targets = tensors["inputs"], tensors["targets"]
+    for key, t in (("inputs", inputs), ("targets", targets)):
+        if not (t.is_floating_point() or t.dtype in SIGNED or t.dtype in UNSIGNED):
+            raise OptionError("dataset", f"{spec}: '{key}' has type {str(t.dtype).removeprefix('torch.')}; "
+                                         "expected real numbers or integers")
+    if targets.dtype in UNSIGNED and targets.dtype != torch.uint8:  # torch computes little on uint16-64
+        wide = targets.numpy()
+        if wide.size and int(wide.max()) >= 2 ** 31:
+            raise OptionError("dataset", f"{spec}: 'targets' holds class {int(wide.max())}; that is no class index")
+        targets = torch.from_numpy(wide.astype("int64"))
+    if inputs.dtype in UNSIGNED and inputs.dtype != torch.uint8:
+        inputs = torch.from_numpy(inputs.numpy().astype("float32"))
     if inputs.dim() < 2 or targets.dim() != 1 or len(inputs) != len(targets) or len(targets) == 0:
         raise OptionError("dataset", f"{spec}: 'inputs' must be [N, ...] and 'targets' [N] with N > 0, "
                         f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
@@ -211,6 +224,12 @@ def open_dataset(spec: str, split: str = "test", root: str | Path | None = None,
         raise OptionError("normalize", f": {len(data.normalize.mean)} channels given, the data has "
                         f"{data.sample_shape[0]}")
     return data
+
+
+def data_files(spec: str) -> list[Path]:
+    """The files a data-set spec reads directly (a tensor file), for output-versus-input checks."""
+    path = Path(spec[len("folder:"):]) if spec.startswith("folder:") else Path(spec)
+    return [path] if spec not in NAMED and spec not in FEYNMAN and path.exists() else []
 
 
 def calibration_subset(data: TensorData, samples: int, seed: int) -> TensorData:

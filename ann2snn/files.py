@@ -1,43 +1,197 @@
-"""Atomic, reproducible output: every file we write appears whole or not at all, and the same
-content always gives the same bytes."""
+"""Files in and out, safely.
+
+Output: every file we write appears whole or not at all (a short temporary name beside it,
+renamed only when complete), never replaces anything but a regular file, and the same content
+always gives the same bytes. ``check_outputs`` runs before any long work: it refuses an output
+that is one of the command's inputs (same resolved path or inode), that exists and is not a
+regular file (a directory, a device such as /dev/null, a FIFO, a socket), or that cannot be
+written (a parent that is a file, a read-only folder, a name too long), so a mistake costs a
+second, not a simulation. Input: ``read_input`` opens only regular files (a FIFO would block
+forever), JSON is read with a nesting limit and written strictly (no NaN or Infinity).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
+from .errors import UserError
+
+PathLike = str | os.PathLike
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def check_outputs(outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterable[PathLike | None],
+                  directories: Iterable[tuple[str, PathLike | None]] = ()) -> None:
+    """Refuse, before any work, outputs that would replace an input or a non-file, or that cannot
+    be written. ``outputs`` and ``directories`` are (what it is, path) pairs: files the command
+    writes, and folders it writes files into (e.g. a report folder)."""
+    ins = [(Path(p), _identity(Path(p))) for p in inputs if p is not None]
+    seen: dict[tuple, str] = {}
+    for what, path in outputs:
+        if path is None:
+            continue
+        path = Path(path)
+        ident = _identity(path)
+        for source, source_ident in ins:
+            if _same(path, ident, source, source_ident):
+                raise UserError(f"{path}: the {what} would replace the input {source}; choose another path")
+        key = ident or (str(path.resolve()),)
+        if key in seen:
+            raise UserError(f"{path}: given both as the {seen[key]} and as the {what}; choose two paths")
+        seen[key] = what
+        _check_replaceable(path, what)
+        _check_writable_folder(path.parent, what, path)
+    for what, folder in directories:
+        if folder is None:
+            continue
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder}: the {what} must be a folder; this is a file")
+        _check_writable_folder(folder, what, folder)
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _same(a: Path, a_id: tuple | None, b: Path, b_id: tuple | None) -> bool:
+    if a_id is not None and a_id == b_id:
+        return True
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _check_replaceable(path: Path, what: str) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write the {what} ({_why(exc)})") from None
+    if stat.S_ISLNK(mode):
+        mode = path.stat().st_mode if path.exists() else stat.S_IFREG
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+        raise UserError(f"{path}: the {what} would replace {kind}; give a file path")
+
+
+def _check_writable_folder(folder: Path, what: str, target: Path) -> None:
+    """The nearest existing ancestor of ``folder`` must be a folder we can create a file in."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{target}: cannot write the {what}: {probe} is a file, not a folder")
+    if len(target.name.encode()) > 255:
+        raise UserError(f"{target}: cannot write the {what}: the file name is longer than 255 bytes")
+    trial = probe / f".a2s-{secrets.token_hex(4)}.part"
+    try:
+        os.close(os.open(trial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise UserError(f"{target}: cannot write the {what} in {probe} ({_why(exc)})") from None
+    trial.unlink()
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+    Refuses to replace anything but a regular file; any OS failure (permission, disk full, a
+    name too long) is a ``UserError`` naming ``path``, and leaves no temporary file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    _check_replaceable(path, "output")
     try:
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp (and some writers) make 0600; use the usual mode
-        os.replace(tmp_path, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot create its folder ({_why(exc)})") from None
+    tmp = path.parent / f".a2s-{secrets.token_hex(6)}.part"  # short: a legal long name stays legal
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        os.close(fd)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({_why(exc)})") from None
+    try:
+        yield tmp
+        _check_replaceable(path, "output")  # nothing else took the name meanwhile
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"{path}: no space left on the device; nothing was written") from None
+        raise UserError(f"{path}: cannot write ({_why(exc)})") from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+def write_text(path: PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def json_text(value: Any, **kwargs) -> str:
+    """Strict JSON: a NaN or infinity is a bug to report, not a token other readers reject."""
+    return json.dumps(value, allow_nan=False, **kwargs)
+
+
+def read_input(path: PathLike, what: str) -> bytes:
+    """The bytes of an input file; a one-line error if it is missing, not a regular file (a FIFO
+    would block forever, a folder cannot be read) or unreadable."""
+    path = check_input(path, what)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({_why(exc)})") from None
+
+
+def check_input(path: PathLike, what: str) -> Path:
+    """``path`` if it is a regular file, else a one-line error saying what it is."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({_why(exc)})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UserError(f"{path}: the {what} is {kind}")
+    return path
+
+
+def parse_json(text: str | bytes, where: str, what: str = "file") -> Any:
+    """JSON from a file we did not write; deep nesting, NaN and bad bytes are one-line errors."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise UserError(f"{where}: not a JSON {what} (nested too deeply)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{where}: not a JSON {what} ({exc})") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def write_safetensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """A ``.safetensors`` file with a canonical header. safetensors writes its metadata in hash-map
     order, which changes from process to process: the same weights then gave a different file
     (and checksum) on every run. The header is re-serialised with the metadata keys sorted and
@@ -55,4 +209,3 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         raw = raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:]
     with atomic_path(path) as tmp:
         tmp.write_bytes(raw)
-

@@ -9,7 +9,6 @@ artifact's metadata (``artifact.ArtifactMeta``).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from .calibrate import CHANNEL_QUANTILES, LayerStats, quantile_table
 from .convert import layer_sources, spiking_layers
 from .data import Normalize
 from .errors import UserError
-from .files import write_text
+from .files import json_text, parse_json, read_input, write_text
 from . import neurons
 from .neurons import Neuron
 from .records import field, from_json, to_json
@@ -168,7 +167,7 @@ def make_layers(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron
 
 def save_profile(profile: Profile, path: str | Path) -> None:
     """Indented JSON with every list of plain values on one line (readable, diffable)."""
-    text = json.dumps(to_json(profile), indent=2)
+    text = json_text(to_json(profile), indent=2)
     text = re.sub(r"\[\n\s+([^\[\]{}]*?)\n\s+\]",
                   lambda m: "[" + " ".join(line.strip() for line in m.group(1).splitlines()) + "]", text)
     write_text(path, text + "\n")
@@ -177,12 +176,7 @@ def save_profile(profile: Profile, path: str | Path) -> None:
 def load_profile(path: str | Path) -> Profile:
     """Read and check a profile; every problem is a one-line error naming the file and key."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: calibration profile not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a JSON calibration profile ({exc})") from None
+    raw = parse_json(read_input(path, "calibration profile"), str(path), "calibration profile")
     if not isinstance(raw, dict) or raw.get("format") != PROFILE_FORMAT:
         raise UserError(f"{path}: not an ann2snn calibration profile (no \"format\": \"{PROFILE_FORMAT}\")")
     if raw.get("version") != PROFILE_VERSION:

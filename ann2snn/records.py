@@ -2,7 +2,7 @@
 
 Every file ann2snn writes or reads as data (calibration profile, artifact metadata, report) is a
 tree of dataclasses. ``from_json(cls, value, where)`` builds it, checking every field's presence
-and type and naming the offending key (``profile.json: field 'layers[2].params' is missing``);
+and type and naming the offending key (``profile.json: field 'layers[2].params' is missing``), and refusing unknown keys;
 ``to_json(record)`` writes it back in field order, leaving out optional fields that are ``None``
 (files written before a field existed read back and write out unchanged). Data never selects
 code: only the types declared here are built, whatever the file says.
@@ -33,7 +33,7 @@ def to_json(record: Any) -> Any:
             value = getattr(record, f.name)
             if value is None and f.metadata.get("omit_none", True) and _optional(f):
                 continue
-            out[f.metadata.get("json", f.name)] = to_json(value)
+            out[f.name] = to_json(value)
         return out
     if isinstance(record, dict):
         return {k: to_json(v) for k, v in record.items()}
@@ -42,10 +42,10 @@ def to_json(record: Any) -> Any:
     return record
 
 
-def field(default: Any = dataclasses.MISSING, *, json: str | None = None, keep_none: bool = False,
+def field(default: Any = dataclasses.MISSING, *, keep_none: bool = False,
           default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with JSON options: its key (``json``) and whether a ``None`` is written."""
-    meta = {"omit_none": not keep_none, **({"json": json} if json else {})}
+    """A dataclass field that, with ``keep_none``, writes ``null`` rather than leaving out ``None``."""
+    meta = {"omit_none": not keep_none}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -78,9 +78,14 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{where}: field '{_label(path)}' must be an object, not {type(value).__name__}")
         hints = typing.get_type_hints(tp)
+        known = {f.name for f in dataclasses.fields(tp)}
+        unknown = [k for k in value if k not in known]
+        if unknown:
+            sub = f"{path}.{unknown[0]}" if path else str(unknown[0])
+            raise UserError(f"{where}: unknown field '{sub}' (expected {', '.join(sorted(known))})")
         kwargs = {}
         for f in dataclasses.fields(tp):
-            key = f.metadata.get("json", f.name)
+            key = f.name
             sub = f"{path}.{key}" if path else key
             if key not in value:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

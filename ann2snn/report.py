@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from rich.table import Table
 from . import __version__
 from .data import TensorData
 from .energy import PRESETS, ann_energy_pj, ann_macs, snn_energy_pj
-from .files import atomic_path
+from .files import atomic_path, json_text
 from .neurons import Neuron
 from .profile import SearchRecord
 from .readout import Readout
@@ -193,12 +192,15 @@ def within_margin(curve: list[dict], ann_accuracy: float, points: float) -> dict
             "settled_spikes": at(settled)[1]}
 
 
+REPORT_FILES = ("report.json", "curve.csv", "accuracy_vs_spikes.png")
+
+
 def write_report(report: Report, directory: str | Path) -> list[Path]:
     """Write the three report files; all are written to temporary files first and renamed only
     when all are whole, ``report.json`` last, so an interrupted run leaves no report. Returns
     their paths."""
     directory = Path(directory)
-    paths = [directory / "report.json", directory / "curve.csv", directory / "accuracy_vs_spikes.png"]
+    paths = [directory / name for name in REPORT_FILES]
     with contextlib.ExitStack() as stack:  # exits in reverse: report.json is renamed last
         json_tmp, csv_tmp, png_tmp = (stack.enter_context(atomic_path(p)) for p in paths)
         buf = io.StringIO()
@@ -211,7 +213,7 @@ def write_report(report: Report, directory: str | Path) -> list[Path]:
         plot(series, report.ann[report.metric], png_tmp,
              f"{report.dataset['name']} ({report.dataset['samples']} samples), {report.timesteps} steps",
              report.metric)
-        json_tmp.write_text(json.dumps({**report.to_json(), "timing": report.timing or {}}, indent=2) + "\n")
+        json_tmp.write_text(json_text({**report.to_json(), "timing": report.timing or {}}, indent=2) + "\n")
     return paths
 
 

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from .data import TensorData
 from .engine import chunk_steps, layered, step_counts
-from .errors import OptionError, UserError
+from .errors import OptionError
 from .readout import Readout
 
 if TYPE_CHECKING:
@@ -35,6 +35,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise OptionError("device", f"{name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError("device", f"{name!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device", f"{name}: CUDA is not available on this machine")
     return device

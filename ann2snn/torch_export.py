@@ -7,24 +7,31 @@ and so on - so ``convert.normalize`` sees what it would have seen tracing the or
 Operators with no module counterpart are kept as they are and named in the pre-flight table.
 
 Safety: ``torch.export.load`` unpickles the archive's sample inputs, and any pickled weight, with
-``weights_only=False`` as a fallback. Every pickle in the archive is therefore first checked to
-load with ``weights_only=True``, and archives with custom objects are refused, unless the user
-passes ``--trust-pickle``.
+``weights_only=False`` as a fallback. Unless the user trusts the file (``trust_pickle``):
+archives whose member names are ambiguous (a name twice - Python's ``zipfile`` reads the last
+copy, torch's reader the first - or names that differ only in spelling) are refused, every
+pickle is first checked to load with ``weights_only=True``, archives with custom objects are
+refused, and the load itself runs with every ``torch.load`` forced to ``weights_only=True``, so
+a fall-back to full unpickling is impossible rather than merely checked beforehand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import operator
+import posixpath
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import fx, nn
 
 from .errors import UserError
+from .files import read_input
 
 EXPORT_REF = "pt2"  # the model reference recorded for an archive: its architecture is its own
 SUFFIX = ".pt2"
@@ -38,29 +45,53 @@ def read_export(source: str | Path | bytes, trust_pickle: bool = False, name: st
     """Load an archive (a path or its bytes) into a module graph that ``normalize`` accepts."""
     name = name or str(source if not isinstance(source, bytes) else "archive")
     if not isinstance(source, bytes):
-        if not Path(source).is_file():
-            raise UserError(f"{source}: checkpoint not found")
-        source = Path(source).read_bytes()
+        source = read_input(source, "checkpoint")
     if not trust_pickle:
         _check_pickles(source, name)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), (contextlib.nullcontext() if trust_pickle else _weights_only()):
             warnings.simplefilter("ignore")
             program = torch.export.load(io.BytesIO(source))
         gm = program.module()
+    except UserError:
+        raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise UserError(f"{name}: not a readable torch.export archive ({type(exc).__name__}: {first})") from None
     return _rebuild(gm, name)
 
 
+@contextlib.contextmanager
+def _weights_only() -> Iterator[None]:
+    """Every ``torch.load`` inside the block loads tensors only, whatever its caller asked for."""
+    load = torch.load
+
+    def tensors_only(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return load(*args, **kwargs)
+
+    torch.load = tensors_only
+    try:
+        yield
+    finally:
+        torch.load = load
+
+
 def _check_pickles(data: bytes, name: str) -> None:
-    """Refuse an archive holding a pickle that would import anything beyond plain tensors."""
+    """Refuse an archive with ambiguous member names, or holding a pickle that would import
+    anything beyond plain tensors."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise UserError(f"{name}: not a readable torch.export archive ({exc})") from None
+    spelled: dict[str, str] = {}
+    for member in names:
+        canonical = posixpath.normpath(member.replace("\\", "/")).lstrip("/").casefold()
+        if member in spelled.values() or canonical in spelled or member.startswith("/") or ".." in member.split("/"):
+            raise UserError(f"{name}: refused: the archive member name {member!r} is ambiguous (given twice, "
+                            "or spelled so that readers may disagree on the member it names)")
+        spelled[canonical] = member
     pickled = [n for n in names if n.endswith(".pt")]
     for config in (n for n in names if n.endswith("_config.json") and "/data/" in n):
         try:
@@ -72,7 +103,7 @@ def _check_pickles(data: bytes, name: str) -> None:
             path = str(entry.get("path_name", ""))
             if path.startswith(("custom_obj", "opaque_obj")):
                 raise UserError(f"{name}: refused to load (the archive holds a pickled Python object, {path}); "
-                                "pass --trust-pickle only if you trust this file")
+                                "pass {{trust_pickle}} only if you trust this file")
             if entry.get("use_pickle"):
                 pickled.append(f"{folder}/{path}")
     for member in pickled:
@@ -82,7 +113,7 @@ def _check_pickles(data: bytes, name: str) -> None:
                 torch.load(io.BytesIO(archive.read(member)), map_location="cpu", weights_only=True)
         except Exception:
             raise UserError(f"{name}: refused to unpickle archive member {member} (it holds Python objects, "
-                            "not only tensors); pass --trust-pickle only if you trust this file") from None
+                            "not only tensors); pass {{trust_pickle}} only if you trust this file") from None
 
 
 def _arg(node: fx.Node, i: int, key: str, default=None):

@@ -138,6 +138,19 @@ def resnet_small(in_channels: int = 3, num_classes: int = 10, input_size: int = 
     return ResNetSmall(in_channels, num_classes, width, blocks, maxpool)
 
 
+def stored_reference(stored: str, given: str | None, trust_code: bool, path: str, what: str) -> str:
+    """The architecture a data file (profile, artifact) names, once it is safe to build. A zoo
+    name (or ``pt2``, an archive's own graph) is looked up in the registry; a
+    ``package.module:callable`` stored in a file would import and call code, so it is used only
+    when the user names the same reference (``given``) or trusts the file's code (``trust_code``)."""
+    if given is not None and given != stored:
+        raise OptionError("model_ref", f"{given}: the {what} {path} was made for {stored!r}")
+    if stored in _REGISTRY or stored == "pt2" or given == stored or trust_code:
+        return stored
+    raise UserError(f"{path}: the {what} names the model code {stored!r}, which ann2snn imports and runs only "
+                    f"when you ask for it: add {{{{model_ref}}}} {stored} if you trust that code (or {{{{trust_code}}}})")
+
+
 def resolve_model(ref: str, kwargs: dict | None = None) -> nn.Module:
     """Build a model from a zoo name or ``package.module:callable``.
 

@@ -110,8 +110,8 @@ def test_a_new_neuron_type_is_one_description_and_one_registry_line(run_cli, tin
                    "--neuron", "toy", "--percentile", "99")[0] == 0
     assert json.loads(profile.read_text())["neuron"] == {"type": "toy", "options": {"percentile": 99.0,
                                                                                    "v_init": 0.0}}
-    assert run_cli("convert", f["checkpoint"], "-c", profile, "-o", snn)[0] == 0
-    code, out, err = run_cli("evaluate", snn, "-d", f["data"], "-T", "8", "-r", report, "--device", "cpu",
+    assert run_cli("convert", "--trust-code", f["checkpoint"], "-c", profile, "-o", snn)[0] == 0
+    code, out, err = run_cli("evaluate", "--trust-code", snn, "-d", f["data"], "-T", "8", "-r", report, "--device", "cpu",
                              "--compare", "if")
     assert code == 0, err
     rep = json.loads((report / "report.json").read_text())

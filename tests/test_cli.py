@@ -11,7 +11,7 @@ def _pipeline(run_cli, f, neuron_args=()):
     code, out, err = run_cli("calibrate", f["checkpoint"], "--model", "conftest:tiny_cnn", "--dataset", f["data"],
                              "--samples", 40, "-o", d / "p.json", *neuron_args)
     assert code == 0, err
-    code, out, err = run_cli("convert", f["checkpoint"], "-c", d / "p.json", "-o", d / "snn.safetensors")
+    code, out, err = run_cli("convert", "--trust-code", f["checkpoint"], "-c", d / "p.json", "-o", d / "snn.safetensors")
     assert code == 0, err
     assert "converted" in out and "folded into conv" in out
     return d / "snn.safetensors"
@@ -20,7 +20,7 @@ def _pipeline(run_cli, f, neuron_args=()):
 def test_calibrate_convert_evaluate_on_a_user_model(run_cli, tiny_files):
     snn = _pipeline(run_cli, tiny_files)
     rep = tiny_files["dir"] / "rep"
-    code, out, err = run_cli("evaluate", snn, "-d", tiny_files["data"], "-T", 48, "-r", rep, "--device", "cpu")
+    code, out, err = run_cli("evaluate", "--trust-code", snn, "-d", tiny_files["data"], "-T", 48, "-r", rep, "--device", "cpu")
     assert code == 0, err
     report = json.loads((rep / "report.json").read_text())
     for key in ("dataset", "neuron", "timesteps", "device", "ann", "snn", "layers", "curve", "energy"):
@@ -41,7 +41,7 @@ def test_same_command_gives_the_same_report(run_cli, tiny_files):
     snn = _pipeline(run_cli, tiny_files)
     reports = []
     for name in ("a", "b"):
-        code, _, err = run_cli("evaluate", snn, "-d", tiny_files["data"], "-T", 8, "-r", tiny_files["dir"] / name,
+        code, _, err = run_cli("evaluate", "--trust-code", snn, "-d", tiny_files["data"], "-T", 8, "-r", tiny_files["dir"] / name,
                                "--device", "cpu", "--batch-size", 7 if name == "a" else 60)
         assert code == 0, err
         report = json.loads((tiny_files["dir"] / name / "report.json").read_text())
@@ -87,9 +87,9 @@ def test_asn_budget_search_sweep_compare_and_finetune(run_cli, tiny_files):
     assert profile["neuron"]["options"]["m_f"] == search["chosen"]["m_f"]
     assert all(layer["params"]["scale"] > 0 for layer in profile["layers"])
 
-    code, _, err = run_cli("convert", tiny_files["checkpoint"], "-c", d / "asn.json", "-o", d / "asn.snn.safetensors")
+    code, _, err = run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "asn.json", "-o", d / "asn.snn.safetensors")
     assert code == 0, err
-    code, out, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r", d / "rep",
+    code, out, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r", d / "rep",
                              "--sweep", "m_f=0.2,0.45", "--compare", "if", "--start-ms", 10)
     assert code == 0, err
     report = json.loads((d / "rep" / "report.json").read_text())
@@ -102,11 +102,11 @@ def test_asn_budget_search_sweep_compare_and_finetune(run_cli, tiny_files):
 
     for bad, message in ((("--spike-penalty", 1), "counts no spikes"), (("--spike-penalty", -1), "must be >= 0"),
                          (("--threshold-lr", 0), "--threshold-lr 0.0: must be positive")):
-        code, _, err = run_cli("finetune", tiny_files["checkpoint"], "-c", d / "asn.json", "-d", tiny_files["data"],
+        code, _, err = run_cli("finetune", "--trust-code", tiny_files["checkpoint"], "-c", d / "asn.json", "-d", tiny_files["data"],
                                "--epochs", 1, "-o", d / "bad.safetensors", "--device", "cpu", *bad)
         assert code == 2 and message in err and err.count("\n") == 1, err
         assert not (d / "bad.safetensors").exists() and not (d / "bad.calib.json").exists()
-    code, out, err = run_cli("finetune", tiny_files["checkpoint"], "-c", d / "asn.json", "-d", tiny_files["data"],
+    code, out, err = run_cli("finetune", "--trust-code", tiny_files["checkpoint"], "-c", d / "asn.json", "-d", tiny_files["data"],
                              "--epochs", 1, "-o", d / "ft.safetensors", "--device", "cpu")
     assert code == 0, err
     from safetensors.torch import load_file
@@ -118,9 +118,9 @@ def test_asn_budget_search_sweep_compare_and_finetune(run_cli, tiny_files):
     assert [la["params"] for la in tuned["layers"]] == [la["params"] for la in profile["layers"]]
     assert [la["stats"] for la in tuned["layers"]] != [la["stats"] for la in profile["layers"]]
     assert tuned["finetune"]["from_checkpoint"] == tiny_files["checkpoint"].name
-    code, _, err = run_cli("convert", d / "ft.safetensors", "-c", d / "ft.calib.json", "-o", d / "ft.snn.safetensors")
+    code, _, err = run_cli("convert", "--trust-code", d / "ft.safetensors", "-c", d / "ft.calib.json", "-o", d / "ft.snn.safetensors")
     assert code == 0, err
-    code, _, err = run_cli("convert", tiny_files["checkpoint"], "-c", d / "ft.calib.json", "-o", d / "x.safetensors")
+    code, _, err = run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "ft.calib.json", "-o", d / "x.safetensors")
     assert code == 2 and "another checkpoint" in err
 
 
@@ -149,9 +149,9 @@ def test_regression_pipeline_reports_nmse(run_cli, tmp_path):
                              "-o", tmp_path / "p.json", "--samples", 50)
     assert code == 0, err
     assert "NMSE" in out
-    code, _, err = run_cli("convert", tmp_path / "m.safetensors", "-c", tmp_path / "p.json", "-o", tmp_path / "s.st.safetensors")
+    code, _, err = run_cli("convert", "--trust-code", tmp_path / "m.safetensors", "-c", tmp_path / "p.json", "-o", tmp_path / "s.st.safetensors")
     assert code == 0, err
-    code, out, err = run_cli("evaluate", tmp_path / "s.st.safetensors", "-d", tmp_path / "d.safetensors", "-T", 1,
+    code, out, err = run_cli("evaluate", "--trust-code", tmp_path / "s.st.safetensors", "-d", tmp_path / "d.safetensors", "-T", 1,
                              "-r", tmp_path / "rep", "--sweep", "tradeoff=0")
     assert code == 0, err
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
@@ -160,7 +160,7 @@ def test_regression_pipeline_reports_nmse(run_cli, tmp_path):
     assert abs(exact["nmse"] - report["ann"]["nmse"]) < 1e-9
     assert report["snn"]["synaptic_event_op"] == "MAC" and 0 < report["snn"]["spike_percent"] <= 100
     assert report["snn"]["spikes_per_sample"] <= exact["spikes_per_sample"]
-    code, _, err = run_cli("evaluate", tmp_path / "s.st.safetensors", "-d", tmp_path / "d.safetensors", "-T", 4,
+    code, _, err = run_cli("evaluate", "--trust-code", tmp_path / "s.st.safetensors", "-d", tmp_path / "d.safetensors", "-T", 4,
                            "-r", tmp_path / "rep4", "--arousal", "at=2")  # no class scores to test
     assert code == 2 and "d.safetensors is a regression data set" in err and "Traceback" not in err
     assert not (tmp_path / "rep4").exists()
@@ -174,15 +174,15 @@ def test_arousal_reports_three_operating_points(run_cli, tiny_files):
     d = tiny_files["dir"]
     assert run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
                    "--neuron", "asn", "--samples", 40, "-o", d / "asn.json")[0] == 0
-    assert run_cli("convert", tiny_files["checkpoint"], "-c", d / "asn.json", "-o", d / "asn.snn.safetensors")[0] == 0
-    code, out, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r", d / "rep",
+    assert run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "asn.json", "-o", d / "asn.snn.safetensors")[0] == 0
+    code, out, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r", d / "rep",
                              "--arousal", "low=0.45,high=0.1,at=10,threshold=1.0")
     assert code == 0, err
     a = json.loads((d / "rep" / "report.json").read_text())["arousal"]
     assert a["fraction_aroused"] == 1.0  # threshold 1 arouses every input
     assert a["fixed_low"]["spikes_per_sample"] < a["with_arousal"]["spikes_per_sample"]
     assert "aroused" in out
-    code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r",
+    code, _, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r",
                            d / "rep1", "--arousal", "low=0.45,high=0.1,at=10,threshold=1.0,layers=act1")
     assert code == 0, err
     one = json.loads((d / "rep1" / "report.json").read_text())["arousal"]
@@ -190,15 +190,15 @@ def test_arousal_reports_three_operating_points(run_cli, tiny_files):
     assert one["fixed_low"] == a["fixed_low"]  # same low-precision run
     assert a["fixed_low"]["spikes_per_sample"] < one["with_arousal"]["spikes_per_sample"] \
         < a["with_arousal"]["spikes_per_sample"]  # act0 stays at low precision
-    code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r",
+    code, _, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r",
                            d / "rep9", "--arousal", "layers=act9")
     assert code == 2 and "act9 is not a spiking layer" in err and not (d / "rep9").exists()
-    code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep2",
+    code, _, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep2",
                            "--arousal", "low=0.45,high=0.1,at=10,threshold=0,test=ratio")
     a = json.loads((d / "rep2" / "report.json").read_text())["arousal"]
     assert a["fraction_aroused"] == 0.0 and a["policy"]["test"] == "ratio"
     assert a["with_arousal"]["spikes_per_sample"] == a["fixed_low"]["spikes_per_sample"]
-    code, _, err = run_cli("evaluate", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep3",
+    code, _, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep3",
                            "--arousal", "speed=3")
     assert code == 2 and "--arousal 'speed=3'" in err
 
@@ -212,12 +212,12 @@ def test_torch_export_archive_needs_no_model_code(run_cli, tiny_files):
     torch.export.save(torch.export.export(model, (torch.zeros(2, 1, 8, 8),)), str(archive))
     code, out, err = run_cli("calibrate", archive, "-d", tiny_files["data"], "--samples", 40, "-o", d / "p.json")
     assert code == 0, err
-    code, out, err = run_cli("convert", archive, "-c", d / "p.json", "-o", d / "snn.safetensors")
+    code, out, err = run_cli("convert", "--trust-code", archive, "-c", d / "p.json", "-o", d / "snn.safetensors")
     assert code == 0, err
     assert "folded into conv" in out and "spiking layer act1" in out
     archive.unlink()  # the artifact carries the architecture with it
     rep = d / "rep"
-    code, out, err = run_cli("evaluate", d / "snn.safetensors", "-d", tiny_files["data"], "-T", 48, "-r", rep,
+    code, out, err = run_cli("evaluate", "--trust-code", d / "snn.safetensors", "-d", tiny_files["data"], "-T", 48, "-r", rep,
                              "--device", "cpu")
     assert code == 0, err
     report = json.loads((rep / "report.json").read_text())
@@ -254,14 +254,14 @@ def test_calibrate_searches_the_arousal_threshold_for_a_budget(run_cli, tiny_fil
     assert all(c["spikes_per_sample"] > budget for c in above)
 
     # the policy travels with the artifact; evaluate --arousal '' runs it, given keys override it
-    assert run_cli("convert", f["checkpoint"], "-c", d / "mid.json", "-o", d / "a.snn.safetensors")[0] == 0
-    code, out, err = run_cli("evaluate", d / "a.snn.safetensors", "-d", f["data"], "-T", 30, "-r", d / "rep",
+    assert run_cli("convert", "--trust-code", f["checkpoint"], "-c", d / "mid.json", "-o", d / "a.snn.safetensors")[0] == 0
+    code, out, err = run_cli("evaluate", "--trust-code", d / "a.snn.safetensors", "-d", f["data"], "-T", 30, "-r", d / "rep",
                              "--arousal", "")
     assert code == 0, err
     a = json.loads((d / "rep" / "report.json").read_text())["arousal"]
     assert a["policy"]["threshold"] == s["chosen"]["threshold"] and a["policy"]["at"] == 8
     assert "artifact" in a["policy_source"] and a["calibration_search"]["chosen"] == s["chosen"]
-    code, out, err = run_cli("evaluate", d / "a.snn.safetensors", "-d", f["data"], "-T", 30, "-r", d / "rep2",
+    code, out, err = run_cli("evaluate", "--trust-code", d / "a.snn.safetensors", "-d", f["data"], "-T", 30, "-r", d / "rep2",
                              "--arousal", "threshold=0")
     a = json.loads((d / "rep2" / "report.json").read_text())["arousal"]
     assert a["policy"]["threshold"] == 0 and a["policy"]["low"] == 0.45 and a["fraction_aroused"] == 0.0

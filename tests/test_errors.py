@@ -161,7 +161,7 @@ def test_missing_and_wrong_shaped_data(run_cli, tiny_files):
 def _converted(run_cli, f):
     code, _, err = run_cli(*_cal(f))
     assert code == 0, err
-    code, _, err = run_cli("convert", f["checkpoint"], "-c", f["dir"] / "out.json", "-o", f["dir"] / "snn.safetensors")
+    code, _, err = run_cli("convert", "--trust-code", f["checkpoint"], "-c", f["dir"] / "out.json", "-o", f["dir"] / "snn.safetensors")
     assert code == 0, err
     return f["dir"] / "snn.safetensors"
 
@@ -173,13 +173,13 @@ def test_profile_for_another_checkpoint_or_model(run_cli, tiny_files):
     state = {k: (v + 1 if v.is_floating_point() else v).contiguous() for k, v in tiny_cnn().state_dict().items()}
     save_file(state, str(other))
     out = f["dir"] / "snn2.safetensors"
-    _assert_clean_error(*run_cli("convert", other, "-c", f["dir"] / "out.json", "-o", out),
+    _assert_clean_error(*run_cli("convert", "--trust-code", other, "-c", f["dir"] / "out.json", "-o", out),
                         "made for another checkpoint", [out])
-    _assert_clean_error(*run_cli("convert", f["checkpoint"], "-c", f["dir"] / "out.json", "-o", out, "-m", "lenet5"),
+    _assert_clean_error(*run_cli("convert", "--trust-code", f["checkpoint"], "-c", f["dir"] / "out.json", "-o", out, "-m", "lenet5"),
                         "was made for 'conftest:tiny_cnn'", [out])
     junk = f["dir"] / "junk.json"
     junk.write_text("{\"format\": \"something-else\"}")
-    _assert_clean_error(*run_cli("convert", f["checkpoint"], "-c", junk, "-o", out),
+    _assert_clean_error(*run_cli("convert", "--trust-code", f["checkpoint"], "-c", junk, "-o", out),
                         "junk.json: not an ann2snn calibration profile", [out])
 
 
@@ -191,7 +191,7 @@ def test_edited_artifact_is_refused(run_cli, tiny_files):
     raw[i:i + 9] = b"thresholD"
     snn.write_bytes(bytes(raw))
     rep = f["dir"] / "rep"
-    _assert_clean_error(*run_cli("evaluate", snn, "-d", f["data"], "-T", 4, "-r", rep), "checksum mismatch",
+    _assert_clean_error(*run_cli("evaluate", "--trust-code", snn, "-d", f["data"], "-T", 4, "-r", rep), "checksum mismatch",
                         [rep / "report.json"])
 
 
@@ -204,7 +204,7 @@ def test_out_of_range_evaluation_options(run_cli, tiny_files, extra, match):
     f = tiny_files
     snn = _converted(run_cli, f)
     rep = f["dir"] / "rep"
-    _assert_clean_error(*run_cli("evaluate", snn, "-d", f["data"], "-r", rep, *extra), match, [rep / "report.json"])
+    _assert_clean_error(*run_cli("evaluate", "--trust-code", snn, "-d", f["data"], "-r", rep, *extra), match, [rep / "report.json"])
 
 
 def test_evaluate_on_data_of_another_shape(run_cli, tiny_files):
@@ -213,14 +213,14 @@ def test_evaluate_on_data_of_another_shape(run_cli, tiny_files):
     wrong = f["dir"] / "wrong.safetensors"
     save_file({"inputs": torch.rand(5, 3, 8, 8), "targets": torch.zeros(5, dtype=torch.long)}, str(wrong))
     rep = f["dir"] / "rep"
-    _assert_clean_error(*run_cli("evaluate", snn, "-d", wrong, "-T", 4, "-r", rep),
+    _assert_clean_error(*run_cli("evaluate", "--trust-code", snn, "-d", wrong, "-T", 4, "-r", rep),
                         "samples have shape (3, 8, 8), the artifact expects (1, 8, 8)", [rep / "report.json"])
 
 
 def test_not_an_artifact(run_cli, tiny_files):
     f = tiny_files
     rep = f["dir"] / "rep"
-    _assert_clean_error(*run_cli("evaluate", f["checkpoint"], "-d", f["data"], "-T", 4, "-r", rep),
+    _assert_clean_error(*run_cli("evaluate", "--trust-code", f["checkpoint"], "-d", f["data"], "-T", 4, "-r", rep),
                         "not an ann2snn SNN artifact", [rep / "report.json"])
 
 
@@ -307,7 +307,7 @@ def test_truncated_calibration_profile(run_cli, tiny_files):
     profile = f["dir"] / "out.json"
     profile.write_text(profile.read_text()[:200])
     out = f["dir"] / "snn2.safetensors"
-    _assert_clean_error(*run_cli("convert", f["checkpoint"], "-c", profile, "-o", out), "out.json:", [out])
+    _assert_clean_error(*run_cli("convert", "--trust-code", f["checkpoint"], "-c", profile, "-o", out), "out.json:", [out])
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -320,7 +320,7 @@ def test_evaluation_variants_that_do_not_apply(run_cli, tiny_files, extra, match
     f = tiny_files
     snn = _converted(run_cli, f)
     rep = f["dir"] / "rep"
-    _assert_clean_error(*run_cli("evaluate", snn, "-d", f["data"], "-r", rep, "-T", 4, *extra), match,
+    _assert_clean_error(*run_cli("evaluate", "--trust-code", snn, "-d", f["data"], "-r", rep, "-T", 4, *extra), match,
                         [rep / "report.json"])
 
 
@@ -335,7 +335,7 @@ def test_ctrl_c_mid_evaluation_leaves_no_report(run_cli, tiny_files):
     f = tiny_files
     snn = _converted(run_cli, f)
     rep = f["dir"] / "rep"
-    argv = ["ann2snn", "evaluate", str(snn), "-d", str(f["data"]), "-T", "1000000", "-r", str(rep), "--device", "cpu"]
+    argv = ["ann2snn", "evaluate", "--trust-code", str(snn), "-d", str(f["data"]), "-T", "1000000", "-r", str(rep), "--device", "cpu"]
     script = ("import sys, ann2snn.cli as cli; sys.argv = %r; print('ready', flush=True); cli.main()" % argv)
     tests = str(Path(__file__).parent)
     path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
@@ -364,6 +364,6 @@ def test_interrupted_report_writing_leaves_nothing(run_cli, tiny_files, monkeypa
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(ann2snn.report, "plot", interrupted)  # Ctrl-C while the plot is drawn
-    code, out, err = run_cli("evaluate", snn, "-d", f["data"], "-r", rep, "-T", 4, "--device", "cpu")
+    code, out, err = run_cli("evaluate", "--trust-code", snn, "-d", f["data"], "-r", rep, "-T", 4, "--device", "cpu")
     assert code == 130 and err.strip() == "ann2snn: error: interrupted; no partial output was written"
     assert not rep.exists() or not list(rep.iterdir())

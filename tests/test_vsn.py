@@ -80,14 +80,14 @@ def test_vsn_finetune_learns_thresholds_and_the_spike_penalty_cuts_spikes(run_cl
     spikes = {}
     for penalty in (0, 300):
         out = d / f"ft{penalty}.safetensors"
-        code, _, err = run_cli("finetune", f["checkpoint"], "-c", d / "v.json", "-d", f["data"], "--epochs", 10,
+        code, _, err = run_cli("finetune", "--trust-code", f["checkpoint"], "-c", d / "v.json", "-d", f["data"], "--epochs", 10,
                                "--lr", 3e-3, "--spike-penalty", penalty, "--batch-size", 20, "--device", "cpu", "-o", out)
         assert code == 0, err
         after = json.loads(out.with_suffix(".calib.json").read_text())
         assert [la["params"]["threshold"] for la in after["layers"]] != [la["params"]["threshold"] for la in before["layers"]]
         assert after["finetune"]["spike_penalty"] == penalty
-        assert run_cli("convert", out, "-c", out.with_suffix(".calib.json"), "-o", d / "a.snn.safetensors")[0] == 0
-        code, _, err = run_cli("evaluate", d / "a.snn.safetensors", "-d", f["data"], "-T", 1, "-r", d / f"r{penalty}")
+        assert run_cli("convert", "--trust-code", out, "-c", out.with_suffix(".calib.json"), "-o", d / "a.snn.safetensors")[0] == 0
+        code, _, err = run_cli("evaluate", "--trust-code", d / "a.snn.safetensors", "-d", f["data"], "-T", 1, "-r", d / f"r{penalty}")
         assert code == 0, err
         spikes[penalty] = json.loads((d / f"r{penalty}" / "report.json").read_text())["snn"]["spikes_per_sample"]
     assert spikes[300] < 0.9 * spikes[0]  # same training, the penalty alone makes the difference
@@ -116,8 +116,8 @@ def test_vsn_arousal_in_evaluate(run_cli, tiny_files):
     d, f = tiny_files["dir"], tiny_files
     assert run_cli("calibrate", f["checkpoint"], "-m", "conftest:tiny_cnn", "-d", f["data"], "--neuron", "vsn",
                    "--samples", 60, "--param", "tradeoff=1", "-o", d / "v.json")[0] == 0
-    assert run_cli("convert", f["checkpoint"], "-c", d / "v.json", "-o", d / "v.snn.safetensors")[0] == 0
-    code, out, err = run_cli("evaluate", d / "v.snn.safetensors", "-d", f["data"], "-T", 6, "-r", d / "rep",
+    assert run_cli("convert", "--trust-code", f["checkpoint"], "-c", d / "v.json", "-o", d / "v.snn.safetensors")[0] == 0
+    code, out, err = run_cli("evaluate", "--trust-code", d / "v.snn.safetensors", "-d", f["data"], "-T", 6, "-r", d / "rep",
                              "--arousal", "at=2,threshold=1,threshold_scale=0")
     assert code == 0, err
     a = json.loads((d / "rep" / "report.json").read_text())["arousal"]
@@ -125,7 +125,7 @@ def test_vsn_arousal_in_evaluate(run_cli, tiny_files):
     assert a["fraction_aroused"] == 1.0
     low, high, mixed = (a[k]["spikes_per_sample"] for k in ("fixed_low", "fixed_high", "with_arousal"))
     assert low < mixed < high  # aroused from step 3: between the two fixed settings
-    code, _, err = run_cli("evaluate", d / "v.snn.safetensors", "-d", f["data"], "-T", 2, "-r", d / "rep2",
+    code, _, err = run_cli("evaluate", "--trust-code", d / "v.snn.safetensors", "-d", f["data"], "-T", 2, "-r", d / "rep2",
                            "--arousal", "at=2")
     assert code == 2 and "--arousal at=2" in err
 
@@ -190,13 +190,13 @@ def test_vsn_converts_a_gelu_network_and_if_is_refused(run_cli, tiny_files):
     assert run_cli("calibrate", d / "s.safetensors", *args, "--neuron", "vsn", "-o", d / "v.json")[0] == 0
     layers = json.loads((d / "v.json").read_text())["layers"]
     assert [la["activation"] for la in layers] == ["gelu", "silu"] and layers[0]["params"]["sigma"] == "gelu"
-    code, out, err = run_cli("convert", d / "s.safetensors", "-c", d / "v.json", "-o", d / "v.snn.safetensors")
+    code, out, err = run_cli("convert", "--trust-code", d / "s.safetensors", "-c", d / "v.json", "-o", d / "v.snn.safetensors")
     assert code == 0 and "GELU: VSN only" in out, err
-    code, _, err = run_cli("evaluate", d / "v.snn.safetensors", "-d", d / "sd.safetensors", "-T", 1, "-r", d / "r")
+    code, _, err = run_cli("evaluate", "--trust-code", d / "v.snn.safetensors", "-d", d / "sd.safetensors", "-T", 1, "-r", d / "r")
     assert code == 0, err
     report = json.loads((d / "r" / "report.json").read_text())
     assert report["snn"]["accuracy"] == 1.0 == report["ann"]["transfer_accuracy"]
-    code, _, err = run_cli("evaluate", d / "v.snn.safetensors", "-d", d / "sd.safetensors", "-T", 1, "-r", d / "r2",
+    code, _, err = run_cli("evaluate", "--trust-code", d / "v.snn.safetensors", "-d", d / "sd.safetensors", "-T", 1, "-r", d / "r2",
                            "--compare", "if")
     assert code == 2 and "layer act0 is GELU: IF neurons" in err and err.count("\n") == 1
     code, _, err = run_cli("calibrate", d / "s.safetensors", *args, "--neuron", "asn", "-o", d / "a.json")

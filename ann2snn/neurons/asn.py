@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
-from ..calibrate import LayerStats
-from ..errors import OptionError
 from ..readout import Readout
-from .neuron import Neuron, Precision, PrecisionControl
+from .neuron import FINITE, NON_NEGATIVE, PERCENTILE, POSITIVE, Bound, Neuron, Precision, PrecisionControl
+
+if TYPE_CHECKING:
+    from ..calibrate import LayerStats
 
 TAU = {"tau_phi": 2.5, "tau_gamma": 15.0, "tau_eta": 50.0, "tau_beta": 50.0}
 
@@ -211,13 +212,11 @@ def fit_scale(sample: torch.Tensor, p: ASNParams, reference: float) -> float:
 
 
 def _params(options: dict) -> ASNParams:
-    if not 0 < float(options["m_f"]) <= 2:
-        raise OptionError("neuron_options", f"m_f={options['m_f']}: must be in (0, 2]")
     return make_params(float(options["m_f"]), options.get("theta0"),
                        **{k: float(options[k]) for k in TAU})
 
 
-def fit(stats: LayerStats, options: dict) -> dict:
+def fit(stats: "LayerStats", options: dict) -> dict:
     """Per-layer ASN parameters: the options, and the scale lambda (fitted, or set so that the
     layer's percentile activation maps to S = ``scale`` when ``scale`` is a number)."""
     p = _params(options)
@@ -225,10 +224,7 @@ def fit(stats: LayerStats, options: dict) -> dict:
     if options["scale"] == "fit":
         scale = fit_scale(stats.sample, p, ref)
     else:
-        try:
-            scale = ref / float(options["scale"])
-        except (TypeError, ValueError, ZeroDivisionError):
-            raise OptionError("neuron_options", f"scale={options['scale']!r}: 'fit' or a positive number") from None
+        scale = ref / float(options["scale"])
     return {"m_f": p.m_f, "theta0": options.get("theta0"), **{k: float(options[k]) for k in TAU},
             "scale": float(scale)}
 
@@ -260,7 +256,7 @@ def _where(policy) -> str:
 
 
 AROUSAL = PrecisionControl(
-    policy_field="high",
+    value=lambda policy: policy.high,
     mechanism="ASN precision per input: m_f, theta0 and h switched together",
     start=lambda policy: {"m_f": policy.low},
     raised=lambda params, policy: {**params, "m_f": policy.high},
@@ -276,4 +272,8 @@ NEURON = Neuron(
     precision=Precision("m_f", (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6)),
     default_timesteps=200, readout_options=("readout_tau", "start_ms"),
     transfer_module=transfer_module, precision_control=AROUSAL,
+    bounds={"m_f": Bound(0, 2, lo_open=True), "theta0": Bound(0, lo_open=True, none=True),
+            "tau_phi": NON_NEGATIVE, "tau_gamma": POSITIVE, "tau_eta": POSITIVE, "tau_beta": NON_NEGATIVE,
+            "readout_tau": NON_NEGATIVE, "start_ms": Bound(0, integer=True), "percentile": PERCENTILE,
+            "scale": Bound(0, lo_open=True, words=("fit",))},
 )

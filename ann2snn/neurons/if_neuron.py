@@ -15,15 +15,17 @@ activation (docs/science.md section 3).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
-from ..calibrate import LayerStats
 from ..kernels import if_scan
 from ..readout import Readout
-from .neuron import Neuron
+from .neuron import FINITE, PERCENTILE, POSITIVE, Neuron
+
+if TYPE_CHECKING:
+    from ..calibrate import LayerStats
 
 
 class IFParams(NamedTuple):
@@ -91,7 +93,7 @@ class IFNeuron(nn.Module):
 DEFAULTS = {"percentile": 99.9, "v_init": 0.5}
 
 
-def fit(stats: LayerStats, options: dict) -> dict:
+def fit(stats: "LayerStats", options: dict) -> dict:
     """Per-layer parameters from calibration statistics: theta = the chosen percentile
     (the maximum if the percentile is 0; 1.0 for a layer that never activates)."""
     threshold = stats.percentile if stats.percentile > 0 else stats.max
@@ -107,4 +109,5 @@ def readout(options: dict) -> Readout:
     return Readout(tau=None, start=int(options.get("start_ms", 0)))
 
 
-NEURON = Neuron(name="if", defaults=DEFAULTS, fit=fit, build=build, readout=readout)
+NEURON = Neuron(name="if", defaults=DEFAULTS, fit=fit, build=build, readout=readout,
+                bounds={"percentile": PERCENTILE, "v_init": FINITE, "threshold": POSITIVE})

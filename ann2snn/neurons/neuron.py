@@ -10,17 +10,73 @@ once, at the edge, by ``neurons.get``) and never looks a type up by name again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
-from ..errors import OptionError
+from ..errors import OptionError, UserError
 from ..readout import Readout
 
 if TYPE_CHECKING:
     from ..arousal import ArousalPolicy
     from ..calibrate import LayerStats
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a neuron option or layer parameter may take: a finite number in [lo, hi] (an
+    end excluded when ``*_open``), an integer when ``integer``; or one of ``words``; ``None`` when
+    ``none``; a true/false flag when ``flag``. Per-channel parameters may be lists of numbers."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    none: bool = False
+    words: tuple[str, ...] = ()
+    flag: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """None if ``value`` is allowed, else what it must be."""
+        if value is None and self.none or value in self.words or self.flag and isinstance(value, bool):
+            return None
+        if isinstance(value, list) and not self.flag and not self.integer and value:
+            return next((p for p in map(self.problem, value) if p), None)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and self._numeric
+        if ok:
+            ok = math.isfinite(value) and (value > self.lo if self.lo_open else value >= self.lo) and \
+                (value < self.hi if self.hi_open else value <= self.hi) and \
+                (not self.integer or float(value).is_integer())
+        return None if ok else f"must be {self.describe()}"
+
+    @property
+    def _numeric(self) -> bool:
+        return not self.flag and not (self.words and self.lo == -math.inf and self.hi == math.inf)
+
+    def describe(self) -> str:
+        if self.flag:
+            return "true or false"
+        alternatives = [repr(w) for w in self.words] + (["null"] if self.none else [])
+        if not self._numeric:
+            return " or ".join(alternatives)
+        if math.isfinite(self.lo) and math.isfinite(self.hi):
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif math.isfinite(self.lo):
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            text = "a finite integer" if self.integer else "a finite number"
+        if self.integer and math.isfinite(self.lo):
+            text = f"an integer {text}"
+        return f"{' or '.join(alternatives)} or {text}" if alternatives else text
+
+
+PERCENTILE = Bound(0, 100, lo_open=True)
+POSITIVE = Bound(0, lo_open=True)
+NON_NEGATIVE = Bound(0)
+FINITE = Bound()
 
 
 @dataclass(frozen=True)
@@ -37,11 +93,10 @@ class PrecisionControl:
 
     The network starts at ``start(policy)`` (option overrides, e.g. ASN m_f = low); an aroused
     input's layers switch to the precision ``raised(params, policy)`` describes (per-layer
-    parameters, e.g. ASN m_f = high), through the module's ``set_precision(mask, value)``, where
-    value is the policy field ``policy_field``. ``raised_options`` is the option set a network
-    wholly at high precision reports."""
+    parameters, e.g. ASN m_f = high), through the module's ``set_precision(mask, value(policy))``.
+    ``raised_options`` is the option set a network wholly at high precision reports."""
 
-    policy_field: str
+    value: Callable[["ArousalPolicy"], float]  # what set_precision(mask, value) takes
     mechanism: str  # one line for the report
     start: Callable[["ArousalPolicy"], dict]
     raised: Callable[[dict, "ArousalPolicy"], dict]
@@ -68,6 +123,10 @@ class Neuron:
     ``readout_options``: options that change only the readout (a sweep does not refit them).
     ``transfer_module(params) -> nn.Module``: the differentiable stand-in fine-tuning trains
     (None: not trainable). ``precision_control``: how arousal acts (None: no arousal).
+    ``bounds``: the values each option and layer parameter may take (checked wherever they come
+    from: ``--param``, ``--sweep``, a profile, an artifact). ``calibration_only``: options that
+    act on the calibration statistics alone, so re-running a network with another value of
+    them (a sweep) would change nothing.
     """
 
     name: str
@@ -82,6 +141,8 @@ class Neuron:
     readout_options: tuple[str, ...] = ()
     transfer_module: Callable[[dict], nn.Module] | None = None
     precision_control: PrecisionControl | None = None
+    bounds: dict[str, Bound] = field(default_factory=dict)
+    calibration_only: tuple[str, ...] = ("percentile",)
 
     @property
     def label(self) -> str:
@@ -93,7 +154,19 @@ class Neuron:
         if unknown:
             raise OptionError(option, f"{sorted(unknown)[0]}: not an option of neuron {self.name!r} "
                                       f"(options: {', '.join(self.defaults)})")
-        return {**self.defaults, **overrides}
+        options = {**self.defaults, **overrides}
+        for key, value in options.items():
+            problem = self.bounds[key].problem(value) if key in self.bounds else None
+            if problem:
+                raise OptionError(option, f"{key}={value}: {problem}")
+        return options
+
+    def check_params(self, layer: str, params: dict) -> None:
+        """Refuse a layer parameter out of its bounds (e.g. from a hand-edited profile)."""
+        for key, value in params.items():
+            problem = self.bounds[key].problem(value) if key in self.bounds else None
+            if problem:
+                raise UserError(f"layer {layer}: {self.name.upper()} parameter {key}={value}: {problem}")
 
     def readout_for(self, options: dict, timesteps: int, start_ms: int | None = None) -> Readout:
         """The readout for ``options`` (``start_ms`` over them when given), within ``timesteps``."""

@@ -17,16 +17,17 @@ y = z [z >= T]: exactly ReLU outside (0, T), 0 inside; T = 0 reproduces the ReLU
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import LayerStats
-from ..errors import OptionError
 from ..readout import Readout
-from .neuron import Neuron, Precision, PrecisionControl
+from .neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl
+
+if TYPE_CHECKING:
+    from ..calibrate import LayerStats
 
 
 SIGMAS = {"relu": lambda z: z.clamp(min=0), "gelu": F.gelu, "silu": F.silu,
@@ -182,7 +183,7 @@ def fit_threshold(sample: torch.Tensor, positive_fraction: float, neurons: float
     return float(z[k]) if k > 0 else 0.0
 
 
-def _channel_samples(stats: LayerStats) -> list[tuple[torch.Tensor, float]]:
+def _channel_samples(stats: "LayerStats") -> list[tuple[torch.Tensor, float]]:
     """(positive values, positive fraction) per channel, from the calibration activations or,
     when re-fitting from a profile, from its per-channel quantile tables."""
     if stats.channel_values is not None:
@@ -191,16 +192,12 @@ def _channel_samples(stats: LayerStats) -> list[tuple[torch.Tensor, float]]:
             for q, f in zip(stats.channel_quantiles or [], stats.channel_positive_fraction or [])]
 
 
-def fit(stats: LayerStats, options: dict) -> dict:
+def fit(stats: "LayerStats", options: dict) -> dict:
     """Per-layer threshold: ``threshold`` as given, or fitted for ``tradeoff`` (set by --budget),
     one per channel when ``per_channel`` (each channel's error counted against the layer's)."""
     beta = float(options["beta"])
-    if not 0 <= beta < 1:
-        raise OptionError("neuron_options", f"beta={beta}: must be in [0, 1)")
     if options.get("tradeoff") is None:
         threshold = float(options["threshold"])
-        if threshold < 0:
-            raise OptionError("neuron_options", f"threshold={threshold}: must be >= 0")
         return {"threshold": threshold, "beta": beta, **_sigma(stats)}
     tradeoff = float(options["tradeoff"])
     channels = _channel_samples(stats) if options.get("per_channel", True) else []
@@ -213,7 +210,7 @@ def fit(stats: LayerStats, options: dict) -> dict:
     return {"threshold": threshold, "beta": beta, **_sigma(stats)}
 
 
-def _sigma(stats: LayerStats) -> dict:
+def _sigma(stats: "LayerStats") -> dict:
     """The activation the layer replaces, recorded when it is not ReLU (thresholds in its output units)."""
     act = stats.activation
     return {} if act == "relu" else {"sigma": act}
@@ -242,7 +239,7 @@ def _where(policy) -> str:
 
 
 AROUSAL = PrecisionControl(
-    policy_field="threshold_scale",
+    value=lambda policy: policy.threshold_scale,
     mechanism="VSN thresholds per input: multiplied by threshold_scale",
     start=lambda policy: {},
     raised=lambda params, policy: {**params, "threshold": _scaled(params["threshold"], policy.threshold_scale)},
@@ -258,4 +255,6 @@ NEURON = Neuron(
     activations=tuple(SIGMAS), spike_op="mac", default_timesteps=1,
     precision=Precision("tradeoff", (0.0, *(round(10 ** (k / 4), 6) for k in range(-20, 13)))),
     transfer_module=transfer_module, precision_control=AROUSAL,
+    bounds={"beta": Bound(0, 1, hi_open=True), "threshold": NON_NEGATIVE, "tradeoff": Bound(0, none=True),
+            "per_channel": Bound(flag=True), "percentile": PERCENTILE, "sigma": Bound(words=tuple(SIGMAS))},
 )
