@@ -37,6 +37,13 @@ def check_outputs(outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterab
     """Refuse, before any work, outputs that would replace an input or a non-file, or that cannot
     be written. ``outputs`` and ``directories`` are (what it is, path) pairs: files the command
     writes, and folders it writes files into (e.g. a report folder)."""
+    for what, folder in directories:
+        if folder is None:
+            continue
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder}: the {what} must be a folder; this is a file")
+        _check_writable_folder(folder, what, folder)
     ins = [(Path(p), _identity(Path(p))) for p in inputs if p is not None]
     seen: dict[tuple, str] = {}
     for what, path in outputs:
@@ -51,15 +58,8 @@ def check_outputs(outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterab
         if key in seen:
             raise UserError(f"{path}: given both as the {seen[key]} and as the {what}; choose two paths")
         seen[key] = what
-        _check_replaceable(path, what)
         _check_writable_folder(path.parent, what, path)
-    for what, folder in directories:
-        if folder is None:
-            continue
-        folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"{folder}: the {what} must be a folder; this is a file")
-        _check_writable_folder(folder, what, folder)
+        _check_replaceable(path, what)
 
 
 def _identity(path: Path) -> tuple | None:
