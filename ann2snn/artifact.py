@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from torch import fx
 
 from . import __version__, neurons
-from .convert import check_activations, graph_signature, normalize, to_snn
+from .convert import MAXPOOL_MODES, check_activations, graph_signature, normalize, to_snn
 from .errors import OptionError, UserError
 from .files import check_input, json_text, parse_json, write_safetensors
 from .neurons import Neuron
@@ -45,6 +45,10 @@ class ArtifactMeta:
     calibration: DataInfo
     maxpool: str = "gated"
     arousal: ArousalRecord | None = None
+
+    def __post_init__(self):
+        if self.maxpool not in MAXPOOL_MODES:
+            raise ValueError(f"maxpool {self.maxpool!r}: one of {', '.join(MAXPOOL_MODES)}")
 
     @property
     def layer_names(self) -> list[str]:
@@ -83,7 +87,7 @@ def variant(meta: ArtifactMeta, base: Neuron, other: Neuron | None, overrides: d
     if neuron is base:
         options = {**meta.neuron.options, **overrides}
         fitted = [k for k in overrides if k not in neuron.readout_options]  # readout_tau: no refit
-        if all(k in layer.params for k in fitted for layer in meta.layers):  # e.g. m_f: keep the fit
+        if all(k in neuron.param_options and k in layer.params for k in fitted for layer in meta.layers):
             return NeuronSpec(type=neuron.name, options=options), \
                 [replace(layer, params={**layer.params, **overrides}) for layer in meta.layers]
     else:
@@ -151,10 +155,7 @@ def load_artifact(path: str | Path, model_ref: str | None = None, trust_code: bo
     longer builds the same graph or the tensors do not fit. A ``module:callable`` architecture is
     imported only when the user names it (``model_ref``) or trusts the file (``zoo.stored_reference``)."""
     meta, tensors = read_artifact(path)
-    try:
-        neuron = neurons.get(meta.neuron.type)
-    except UserError as exc:
-        raise exc.within(f"{path}: ") from None
+    neuron = neurons.stored(meta.neuron.type, meta.neuron.options, str(path))
     stored_reference(meta.model.ref, model_ref, trust_code, str(path), "SNN artifact")
     try:
         if meta.model.ref == EXPORT_REF:

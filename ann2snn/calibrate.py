@@ -142,7 +142,7 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
                 raise UserError(f"layer {name}: its activations overflow (infinite or NaN) on the calibration "
                                 "data; check the input normalisation and the weights")
             if seen["first_pass"] and seen["images"] < SAMPLE_IMAGES:
-                head = out[:SAMPLE_IMAGES - seen["images"]]
+                head = out[:SAMPLE_IMAGES - seen["images"]].detach().clone()  # kept: never a view
                 channels[name].append(head.transpose(0, 1).reshape(head.shape[1], -1).float().cpu())
                 head = head.flatten()
                 kept[name].append(head[head > 0].float().cpu())

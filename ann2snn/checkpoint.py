@@ -67,8 +67,13 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False, what: str = "c
 
 
 def load_weights(model: nn.Module, path: str | Path, trust_pickle: bool = False) -> nn.Module:
-    """Load ``path`` into ``model`` strictly: every key present, every shape equal, all finite."""
-    state = read_state_dict(path, trust_pickle)
+    """Load ``path`` into ``model`` strictly (``load_state``)."""
+    return load_state(model, read_state_dict(path, trust_pickle), path)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """Load a state dict (read from ``path``) into ``model`` strictly: every key present, every
+    shape equal, all finite."""
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel checkpoints
     own = model.state_dict()
     missing = [k for k in own if k not in state]

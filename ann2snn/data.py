@@ -48,6 +48,13 @@ class Normalize:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
 
+    def __post_init__(self):
+        if len(self.mean) != len(self.std):
+            raise ValueError("as many means as stds")
+        if not all(math.isfinite(m) and abs(m) < 1e30 for m in self.mean) or \
+                not all(math.isfinite(s) and 1e-30 < s < 1e30 for s in self.std):
+            raise ValueError("finite means, and every std > 0 and finite")
+
     @classmethod
     def parse(cls, text: str | None) -> "Normalize":
         """Parse ``"MEAN;STD"`` with comma-separated channels, e.g. ``"0.1307;0.3081"``."""
@@ -58,10 +65,11 @@ class Normalize:
             mean = [float(v) for v in mean_s.split(",")]
             std = [float(v) for v in std_s.split(",")]
         except ValueError:
-            raise OptionError("normalize", f"{text!r}: expected 'MEAN;STD', e.g. '0.1307;0.3081'") from None
-        if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise OptionError("normalize", f"{text!r}: as many means as stds, and every std > 0")
-        return cls(mean, std)
+            raise OptionError("normalization", f"{text!r}: expected 'MEAN;STD', e.g. '0.1307;0.3081'") from None
+        try:
+            return cls(mean, std)
+        except ValueError as exc:
+            raise OptionError("normalization", f"{text!r}: {exc}") from None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.mean:
@@ -133,7 +141,7 @@ def _load_named(spec: str, split: str, root: Path, download: bool) -> TensorData
 def _load_tensor_file(spec: str, path: Path) -> TensorData:
     from .checkpoint import read_state_dict
 
-    if not path.exists():
+    if not _exists(path):
         raise OptionError("dataset", f"{spec}: file not found")
     tensors = read_state_dict(path, what="data file")
     if "inputs" not in tensors or "targets" not in tensors:
@@ -169,7 +177,7 @@ def _load_folder(spec: str, path: Path) -> TensorData:
     import torchvision
     from torchvision.transforms.functional import pil_to_tensor
 
-    if not path.is_dir():
+    if not _exists(path) or not path.is_dir():
         raise OptionError("dataset", f"{spec}: folder not found")
     try:
         ds = torchvision.datasets.ImageFolder(str(path))
@@ -221,15 +229,22 @@ def open_dataset(spec: str, split: str = "test", root: str | Path | None = None,
                         "or a .safetensors/.pt tensor file")
     data.normalize = normalize or Normalize()
     if data.normalize.mean and len(data.normalize.mean) not in (1, data.sample_shape[0]):
-        raise OptionError("normalize", f": {len(data.normalize.mean)} channels given, the data has "
+        raise OptionError("normalization", f": {len(data.normalize.mean)} channels given, the data has "
                         f"{data.sample_shape[0]}")
     return data
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name too long for the file system
+        return False
 
 
 def data_files(spec: str) -> list[Path]:
     """The files a data-set spec reads directly (a tensor file), for output-versus-input checks."""
     path = Path(spec[len("folder:"):]) if spec.startswith("folder:") else Path(spec)
-    return [path] if spec not in NAMED and spec not in FEYNMAN and path.exists() else []
+    return [path] if spec not in NAMED and spec not in FEYNMAN and _exists(path) else []
 
 
 def calibration_subset(data: TensorData, samples: int, seed: int) -> TensorData:

@@ -23,9 +23,11 @@ from torch import fx, nn
 
 from .errors import UserError
 
-INPLACE_FUNCTIONS = {torch.relu_, F.relu_, torch.clamp_, torch.clamp_min_, torch.sigmoid_, torch.tanh_,
-                     F.hardtanh_, F.elu_, F.leaky_relu_, operator.iadd, operator.isub, operator.imul,
-                     operator.itruediv}
+OUT_OF_PLACE = {torch.relu_: torch.relu, F.relu_: F.relu, torch.clamp_: torch.clamp, torch.clamp_min_: torch.clamp_min,
+                torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh, F.hardtanh_: F.hardtanh, F.elu_: F.elu,
+                F.leaky_relu_: F.leaky_relu, operator.iadd: operator.add, operator.isub: operator.sub,
+                operator.imul: operator.mul, operator.itruediv: operator.truediv}
+INPLACE_FUNCTIONS = set(OUT_OF_PLACE)
 VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "permute",
                 "narrow", "select", "expand", "expand_as", "t", "unflatten", "as_strided", "diagonal",
                 "contiguous"}
@@ -48,13 +50,30 @@ def _mutated(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Turn an in-place node into the out-of-place operation that returns the same value."""
+    if node.op == "call_method" and hasattr(torch.Tensor, node.target[:-1]):
+        node.target = node.target[:-1]
+    elif node.op == "call_function" and node.target in OUT_OF_PLACE:
+        node.target = OUT_OF_PLACE[node.target]
+    elif node.op == "call_function":
+        if node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+        elif len(node.args) > 1 and node.args[-1] is True:
+            node.args = (*node.args[:-1], False)
+    elif node.op == "call_module":
+        gm.get_submodule(node.target).inplace = False
+
+
 def _is_view(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in VIEW_METHODS) or \
         (node.op == "call_function" and node.target in VIEW_FUNCTIONS)
 
 
 def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewire every read of a tensor after an in-place write to it to the write's result."""
+    """Rewire every read of a tensor after an in-place write to it to the write's result, then
+    make the write out of place (the same value, no tensor mutated: calibration hooks, the
+    fan-out count and the simulation may hold on to any intermediate value)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         target = _mutated(gm, node)
@@ -70,6 +89,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
                             "(e.g. y = y.relu() instead of y[...].relu_())")
         for user in later(target):
             user.replace_input_with(target, node)
+        _out_of_place(gm, node)
     gm.graph.lint()
     gm.recompile()
     return gm

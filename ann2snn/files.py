@@ -192,10 +192,17 @@ def _no_constant(name: str):
 
 
 def write_safetensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A ``.safetensors`` file with a canonical header. safetensors writes its metadata in hash-map
-    order, which changes from process to process: the same weights then gave a different file
-    (and checksum) on every run. The header is re-serialised with the metadata keys sorted and
-    the tensors in file order; the tensor bytes are untouched."""
+    """A ``.safetensors`` file with a canonical header (``safetensors_bytes``)."""
+    raw = safetensors_bytes(tensors, metadata)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(raw)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The bytes of a ``.safetensors`` file with a canonical header. safetensors writes its
+    metadata in hash-map order, which changes from process to process: the same weights then
+    gave a different file (and checksum) on every run. The header is re-serialised with the
+    metadata keys sorted and the tensors in file order; the tensor bytes are untouched."""
     from safetensors.torch import save
 
     raw = save(tensors, metadata=metadata)
@@ -207,5 +214,4 @@ def write_safetensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata
     text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
     if len(text) <= n:  # pad with spaces to the same length, as safetensors itself pads
         raw = raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:]
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(raw)
+    return raw

@@ -6,6 +6,7 @@ names the library parameter at fault (``errors.OptionError``), which the CLI ren
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,13 @@ from .errors import OptionError
 
 
 def _positive(name: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise OptionError(name, f"{value}: must be positive")
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise OptionError(name, f"{value}: must be positive" + (" and finite" if value == value and value > 0 else ""))
+
+
+def _seed(value: int) -> None:
+    if not 0 <= value < 2 ** 63:
+        raise OptionError("seed", f"{value}: must be in [0, 2^63)")
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,9 @@ class CalibrationOptions:
 
     def __post_init__(self):
         _positive("batch_size", self.batch_size)
-        if self.budget is not None and not self.budget > 0:
+        _positive("samples", self.samples)
+        _seed(self.seed)
+        if self.budget is not None and not (self.budget > 0 and math.isfinite(self.budget)):
             raise OptionError("budget", f"{self.budget:g}: must be a positive number of spikes per sample")
         _positive("timesteps", self.timesteps)
         _positive("search_samples", self.search_samples)
@@ -90,5 +98,6 @@ class FinetuneOptions:
         _positive("lr", self.lr)
         _positive("threshold_lr", self.threshold_lr)
         _positive("batch_size", self.batch_size)
-        if self.spike_penalty < 0:
-            raise OptionError("spike_penalty", f"{self.spike_penalty}: must be >= 0")
+        _seed(self.seed)
+        if not (self.spike_penalty >= 0 and math.isfinite(self.spike_penalty)):
+            raise OptionError("spike_penalty", f"{self.spike_penalty}: must be >= 0 and finite")

@@ -4,6 +4,7 @@ neuron type once and returns typed records (``Profile``, ``ArtifactMeta``, ``Rep
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, replace
@@ -17,14 +18,14 @@ from .arousal import ArousalPolicy, arousal_runs, check_class_scores
 from .artifact import ArtifactMeta, build_neurons, load_artifact, save_artifact, variant
 from .budget import search, search_arousal
 from .calibrate import activation_stats
-from .checkpoint import file_sha256, load_model
+from .checkpoint import file_sha256, load_model, load_state
 from .convert import MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, \
     spiking_layers, to_snn
 from .data import Normalize, TensorData, calibration_subset, data_files, open_dataset
 from .energy import fanout_maps
 from .equivalence import verify
 from .errors import OptionError, UserError
-from .files import check_outputs
+from .files import atomic_path, check_outputs, safetensors_bytes
 from .neurons import Neuron
 from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from .profile import (ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, Profile, check_profile,
@@ -32,8 +33,8 @@ from .profile import (ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec,
 from .report import REPORT_FILES, Report, arousal_report, build_report, context, write_report
 from .simulate import Run, ann_accuracy, resolve_device, simulate
 from .torch_export import EXPORT_REF, SUFFIX, is_archive
-from .transfer_training import save_checkpoint, train_with_transfer, with_transfer
-from .zoo import model_kwargs, stored_reference
+from .transfer_training import train_with_transfer, with_transfer
+from .zoo import model_kwargs, resolve_model, stored_reference
 
 
 def checked_options(neuron: Neuron, overrides: dict) -> dict:
@@ -105,10 +106,12 @@ def normalize_for(model: torch.nn.Module, model_ref: str, neuron: Neuron):
 def _fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: ModelInfo, dataset: str,
                  options: CalibrationOptions, dev: torch.device, arousal: ArousalPolicy | None) -> Profile:
     """Statistics on ``subset``, the budget or arousal search, and the fitted layers."""
-    stats = activation_stats(gm, subset, float(opts.get("percentile", 100.0)), options.batch_size, str(dev))
     record = arousal_record = None
+    steps = options.timesteps or neuron.default_timesteps
     if options.budget is not None:
-        steps = options.timesteps or neuron.default_timesteps
+        _check_memory(steps, len(spiking_layers(gm)), 1)
+    stats = activation_stats(gm, subset, float(opts.get("percentile", 100.0)), options.batch_size, str(dev))
+    if options.budget is not None:
         search_data = subset.head(options.search_samples or max(256, 256_000 // steps))
         if arousal is not None:
             arousal, arousal_record = search_arousal(gm, stats, neuron, opts, arousal, search_data, options.budget,
@@ -162,7 +165,12 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
     model = load_model(ref, profile.model.kwargs, checkpoint, trust_pickle)
     gm, rows = normalize(model)
     check_profile(profile, gm, file_sha256(checkpoint), calibration)
-    verify(model, gm, torch.randn((4, *profile.input.shape), generator=torch.Generator().manual_seed(0)))
+    shape = tuple(profile.input.shape)
+    try:
+        _check_runs(gm, shape, "")
+    except UserError:
+        raise UserError(f"{calibration}: the profile's input shape {list(shape)} does not fit the model") from None
+    verify(model, gm, torch.randn((4, *shape), generator=torch.Generator().manual_seed(0)))
     snn = to_snn(gm, build_neurons(neuron, profile.layers, str(calibration)), maxpool)
     archive = Path(checkpoint).read_bytes() if ref == EXPORT_REF else None  # the architecture travels along
     meta = ArtifactMeta(model=profile.model, graph=graph_signature(gm), input=profile.input, neuron=profile.neuron,
@@ -296,6 +304,8 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     profile (``profile_output``, default OUTPUT with suffix ``.calib.json``): statistics measured
     on the new weights, layer parameters as trained - ASN scales kept (the network has learnt
     lambda f(x / lambda) for those lambda; a re-fit would move them), VSN thresholds learnt."""
+    if Path(output).suffix != ".safetensors":
+        raise OptionError("output", f"{output}: the fine-tuned checkpoint is written as .safetensors; name it so")
     profile_output = Path(profile_output) if profile_output else Path(output).with_suffix(".calib.json")
     check_outputs([("checkpoint", output), ("calibration profile", profile_output)],
                   [checkpoint, calibration, *data_files(dataset)])
@@ -325,13 +335,18 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     o = options
     state, trained = train_with_transfer(model, neuron, profile.layers, train, test, o.epochs, o.lr, o.batch_size,
                                          o.seed, dev, o.spike_penalty, o.threshold_lr, epoch_done)
-    save_checkpoint(state, output, {"finetuned_from": Path(checkpoint).name, "neuron": neuron.name})
-    tuned = load_model(profile.model.ref, profile.model.kwargs, output)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise OptionError("lr", f"{o.lr:g}: training diverged ({bad} holds NaN or infinite values after "
+                                f"{o.epochs} epoch(s)); nothing was written - lower the learning rate")
+    # the checkpoint and its profile are written together at the end, when both are whole
+    blob = safetensors_bytes(state, {"finetuned_from": Path(checkpoint).name, "neuron": neuron.name})
+    tuned = load_state(resolve_model(profile.model.ref, profile.model.kwargs), state, output)
     # statistics of the new weights on the same calibration subset; the layer parameters as trained
     data = open_dataset(dataset, profile.data.split, source.data_dir, source.download, profile.input.normalize)
     subset = calibration_subset(data, profile.data.samples, profile.data.seed)
     gm, _ = normalize_for(tuned, profile.model.ref, neuron)
-    info = replace(profile.model, checkpoint=str(output), checkpoint_sha256=file_sha256(output))
+    info = replace(profile.model, checkpoint=str(output), checkpoint_sha256=hashlib.sha256(blob).hexdigest())
     measured = _fit_profile(gm, neuron, tuned_options, subset, info,
                             dataset, CalibrationOptions(samples=profile.data.samples,
                                                                      seed=profile.data.seed, split=profile.data.split),
@@ -342,5 +357,7 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
                                       "epochs": o.epochs, "lr": o.lr, "threshold_lr": o.threshold_lr or o.lr,
                                       "seed": o.seed, "spike_penalty": o.spike_penalty,
                                       "layer_params": "as trained (not re-fitted)"})
-    save_profile(tuned_profile, profile_output)
+    with atomic_path(output) as tmp_checkpoint:
+        tmp_checkpoint.write_bytes(blob)
+        save_profile(tuned_profile, profile_output)
     return FinetuneResult(metric, before, history, ann_accuracy(tuned, test, 1000, dev), profile_output)

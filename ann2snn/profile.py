@@ -49,6 +49,12 @@ class InputInfo:
     normalize: Normalize
     encoding: str = INPUT_ENCODING
 
+    def __post_init__(self):
+        if not self.shape or any(n <= 0 for n in self.shape):
+            raise ValueError(f"shape {self.shape}: positive sizes")
+        if len(self.normalize.mean) not in (0, 1, self.shape[0]):
+            raise ValueError(f"normalize has {len(self.normalize.mean)} channels, the input {self.shape[0]}")
+
 
 @dataclass(kw_only=True)
 class DataInfo:
@@ -162,7 +168,15 @@ def make_layers(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron
             positive_quantiles=quantile_table(s.sample),
             channel_positive_fraction=[float(f"{float((c > 0).float().mean()):.6g}") for c in s.channel_values],
             channel_quantiles=[quantile_table(c[c > 0], CHANNEL_QUANTILES) for c in s.channel_values]),
-        params=neuron.fit(s, options)) for name, s in stats.items()]
+        params=_fitted(neuron, name, s, options)) for name, s in stats.items()]
+
+
+def _fitted(neuron: Neuron, name: str, stats: LayerStats, options: dict) -> dict:
+    """The layer's fitted parameters, refused if the options drove them out of bounds (e.g. an
+    ASN scale option so small that the fitted scale overflows)."""
+    params = neuron.fit(stats, options)
+    neuron.check_params(name, params)
+    return params
 
 
 def save_profile(profile: Profile, path: str | Path) -> None:
@@ -182,10 +196,7 @@ def load_profile(path: str | Path) -> Profile:
     if raw.get("version") != PROFILE_VERSION:
         raise UserError(f"{path}: profile version {raw.get('version')!r}, this tool reads {PROFILE_VERSION}")
     profile = from_json(Profile, raw, f"{path}: calibration profile")
-    try:
-        neurons.get(profile.neuron.type)
-    except UserError as exc:
-        raise exc.within(f"{path}: ") from None
+    neurons.stored(profile.neuron.type, profile.neuron.options, str(path))
     return profile
 
 

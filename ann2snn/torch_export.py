@@ -22,6 +22,7 @@ import io
 import json
 import operator
 import posixpath
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -77,6 +78,57 @@ def _weights_only() -> Iterator[None]:
         torch.load = load
 
 
+SYMBOL = re.compile(r"[a-z]{1,3}\d+")  # shape symbols: s0, u3, ...
+SYMPY_NAMES = {"FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt",
+               "CeilDiv", "LShift", "RShift", "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt",
+               "RoundToInt", "RoundDecimal", "ToFloat", "FloatTrueDiv", "IntTrueDiv", "FloatPow", "PowByNatural",
+               "Identity", "Max", "Min", "Abs", "floor", "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or",
+               "Not", "True", "False", "oo", "Integer", "Rational", "Pow", "sqrt"}
+EXPR_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?(?:e[+-]?\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|//|[-+*/%()<>=!,&|~]))")
+OPERATOR_TARGET = re.compile(r"(torch\.ops|_operator|math)(\.[A-Za-z][A-Za-z0-9_]*)+")
+
+
+def _check_graph_text(archive: zipfile.ZipFile, names: list[str], name: str) -> None:
+    """Refuse strings in the archive's graph description that torch would evaluate as code:
+    symbolic shape expressions go to ``sympy.sympify`` (which runs Python), operator names are
+    resolved attribute by attribute from ``torch``. Only arithmetic on shape symbols and the
+    functions torch's own serialiser writes, and ``torch.ops``/``_operator``/``math`` operators,
+    are accepted."""
+    for member in (n for n in names if n.endswith(".json")):
+        try:
+            value = json.loads(archive.read(member))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, zipfile.BadZipFile) as exc:
+            raise UserError(f"{name}: corrupt archive member {member} ({type(exc).__name__})") from None
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, list):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                for key, sub in item.items():
+                    if key == "expr_str" and isinstance(sub, str) and not _plain_expression(sub):
+                        raise UserError(f"{name}: refused: a shape expression in {member} is not plain arithmetic "
+                                        f"({sub[:60]!r}); pass {{{{trust_pickle}}}} only if you trust this file")
+                    if key == "target" and isinstance(sub, str) and not OPERATOR_TARGET.fullmatch(sub) \
+                            and not sub.startswith("#"):
+                        raise UserError(f"{name}: refused: the operator {sub[:60]!r} in {member} is not a torch "
+                                        "operator; pass {{trust_pickle}} only if you trust this file")
+                    stack.append(sub)
+
+
+def _plain_expression(text: str) -> bool:
+    pos = 0
+    while pos < len(text):
+        m = EXPR_TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            return text[pos:].strip() == ""
+        ident = m.group(2)
+        if ident is not None and ident not in SYMPY_NAMES and not SYMBOL.fullmatch(ident):
+            return False
+        pos = m.end()
+    return True
+
+
 def _check_pickles(data: bytes, name: str) -> None:
     """Refuse an archive with ambiguous member names, or holding a pickle that would import
     anything beyond plain tensors."""
@@ -85,6 +137,7 @@ def _check_pickles(data: bytes, name: str) -> None:
         names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise UserError(f"{name}: not a readable torch.export archive ({exc})") from None
+    _check_graph_text(archive, names, name)
     spelled: dict[str, str] = {}
     for member in names:
         canonical = posixpath.normpath(member.replace("\\", "/")).lstrip("/").casefold()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,7 +18,6 @@ from torch import fx, nn
 from .convert import check_activations, normalize, slot_activations, spiking_layers
 from .data import TensorData
 from .errors import OptionError, UserError
-from .files import write_safetensors
 from .neurons import Neuron
 from .profile import ProfileLayer
 from .simulate import ann_accuracy
@@ -104,7 +102,3 @@ def train_with_transfer(model: nn.Module, neuron: Neuron, layers: list[ProfileLa
     trained = [replace(layer, params=net.get_submodule(layer.name).trained_params(layer.params))
                if hasattr(net.get_submodule(layer.name), "trained_params") else layer for layer in layers]
     return {k: tuned.get(k, v).contiguous().clone() for k, v in state.items()}, trained
-
-
-def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    write_safetensors(path, state, metadata)

@@ -87,7 +87,7 @@ def test_calibration_subset_is_deterministic(fake_mnist):
 def test_normalize_parse_and_apply():
     norm = Normalize.parse("0.5;0.25")
     assert torch.allclose(norm(torch.ones(1, 1, 2, 2)), torch.full((1, 1, 2, 2), 2.0))
-    with pytest.raises(OptionError, match="^normalize"):
+    with pytest.raises(OptionError, match="^normalization"):
         Normalize.parse("0.5")
 
 

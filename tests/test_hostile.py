@@ -108,6 +108,42 @@ def test_an_export_archive_with_a_duplicated_member_is_refused(run_cli, tiny_fil
                     absent=[f["dir"] / "o.json"])
 
 
+def _rewritten_archive(f, name, edit):
+    path = f["dir"] / "model.pt2"
+    torch.export.save(torch.export.export(tiny_cnn(), (torch.zeros(2, 1, 8, 8),)), str(path))
+    out = f["dir"] / name
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        for member in src.namelist():
+            data = src.read(member)
+            if member.endswith("models/model.json"):
+                model = json.loads(data)
+                edit(model)
+                data = json.dumps(model).encode()
+            dst.writestr(member, data)
+    return out
+
+
+@pytest.mark.parametrize("attack", ["sympify", "operator"])
+def test_an_export_archive_whose_graph_text_would_run_code_is_refused(run_cli, tiny_files, attack):
+    """torch.export.load hands shape expressions to sympy.sympify (which evaluates Python) and
+    resolves operator names attribute by attribute from torch (torch.os.system is a path)."""
+    f = tiny_files
+    marker = f["dir"] / "PWNED"
+
+    def edit(model):
+        graph = model["graph_module"]["graph"]
+        if attack == "sympify":
+            first = next(iter(graph["tensor_values"].values()))
+            first["sizes"][0] = {"as_expr": {"expr_str": f"__import__('os').system('touch {marker}') and 0 or 1",
+                                             "hint": {"as_int": 2}}}
+        else:
+            graph["nodes"][0]["target"] = "torch.os.system"
+
+    evil = _rewritten_archive(f, "evil.pt2", edit)
+    _one_line_error(run_cli("calibrate", evil, "-d", f["data"], "-o", f["dir"] / "o.json"), "refused",
+                    absent=[f["dir"] / "o.json", marker])
+
+
 def test_export_loading_cannot_fall_back_to_unpickling():
     from ann2snn.torch_export import _weights_only
 
@@ -249,7 +285,7 @@ def test_a_sweep_of_a_calibration_option_is_refused(run_cli, flow):
 
 @pytest.mark.parametrize("key, value, match", [("threshold", -1.0, "threshold=-1.0: must be > 0"),
                                                ("threshold", "NaN", "threshold=nan: must be > 0"),
-                                               ("v_init", "x", "v_init=x: must be a finite number")])
+                                               ("v_init", 1e308, "v_init=1e+308: must be in [-1, 1]")])
 def test_edited_profile_parameters_are_checked(run_cli, flow, key, value, match):
     text = flow["profile"].read_text()
     raw = json.loads(text)
@@ -357,3 +393,98 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     if proc.returncode == 0:  # it finished first on a fast machine: nothing to interrupt
         return
     assert proc.returncode == 130 and err.strip() == "ann2snn: error: interrupted; no partial output was written", err
+
+
+# Found by a hostile run of the first version of these checks ---------------------------------------
+
+def test_edited_profile_options_and_input_are_checked(run_cli, flow):
+    d = flow["dir"]
+    for edit, match in ((lambda r: r["input"]["normalize"].update(mean=[0.5], std=[0.0]),
+                         "field 'input.normalize': finite means, and every std > 0"),
+                        (lambda r: r["input"].update(shape=[3, 8, 8]), "input shape [3, 8, 8] does not fit the model"),
+                        (lambda r: r["neuron"]["options"].update(v_init=7), "IF option v_init=7: must be in [-1, 1]"),
+                        (lambda r: r["neuron"].update(type="os:system"), "unknown neuron type 'os:system'")):
+        raw = json.loads(flow["profile"].read_text())
+        edit(raw)
+        (d / "e.json").write_text(json.dumps(raw))
+        line = _one_line_error(run_cli("convert", flow["checkpoint"], *MODEL, "-c", d / "e.json", "-o", d / "e.snn"),
+                               match, absent=[d / "e.snn"])
+        assert "--" not in line.split("error:")[1]  # a file's mistake names the file, not a flag
+
+
+def test_a_sweep_of_the_asn_scale_option_refits_as_calibrate_does(run_cli, flow):
+    d = flow["dir"]
+    cal = ("calibrate", flow["checkpoint"], *MODEL, "-d", flow["data"], "--neuron", "asn", "--samples", 30)
+    assert run_cli(*cal, "-o", d / "a.json")[0] == 0 and run_cli(*cal, "-o", d / "b.json", "--param", "scale=2")[0] == 0
+    for name in ("a", "b"):
+        assert run_cli("convert", flow["checkpoint"], *MODEL, "-c", d / f"{name}.json", "-o", d / f"{name}.snn")[0] == 0
+    ev = ("-d", flow["data"], "-T", 12, "--start-ms", 0, *MODEL)
+    assert run_cli("evaluate", d / "a.snn", *ev, "-r", d / "ra", "--sweep", "scale=2")[0] == 0
+    assert run_cli("evaluate", d / "b.snn", *ev, "-r", d / "rb")[0] == 0
+    swept = json.loads((d / "ra" / "report.json").read_text())["variants"][0]["snn"]
+    direct = json.loads((d / "rb" / "report.json").read_text())["snn"]
+    assert swept["spikes_per_sample"] == pytest.approx(direct["spikes_per_sample"], rel=1e-6)
+
+
+class InPlaceAfterSlot(nn.Module):
+    """An in-place ReLU whose tensor is then added to in place: calibration must keep the values
+    it saw, not the tensor that was changed afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.c1, self.c2, self.c3 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), \
+            nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = self.c1(x)
+        nn.functional.relu(y, inplace=True)
+        h = torch.relu(self.c2(y))
+        y.add_(self.c3(h))
+        return self.fc(torch.relu(y).flatten(1))
+
+
+def in_place_after_slot():
+    return InPlaceAfterSlot().eval()
+
+
+def test_in_place_models_calibrate_the_same_in_any_batch_size_and_evaluate(run_cli, tiny_files):
+    f, d = tiny_files, tiny_files["dir"]
+    model = in_place_after_slot()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "ip.safetensors"))
+    common = ("calibrate", d / "ip.safetensors", "-m", "test_hostile:in_place_after_slot", "-d", f["data"],
+              "--neuron", "vsn", "--param", "tradeoff=1", "--samples", 20)
+    for b in (1, 10):
+        assert run_cli(*common, "--batch-size", b, "-o", d / f"ip{b}.json")[0] == 0
+    t1, t10 = (json.loads((d / f"ip{b}.json").read_text())["layers"][0]["params"]["threshold"] for b in (1, 10))
+    assert t1 == pytest.approx(t10, rel=1e-5)
+    assert run_cli("convert", d / "ip.safetensors", "--trust-code", "-c", d / "ip1.json", "-o", d / "ip.snn")[0] == 0
+    code, _, err = run_cli("evaluate", d / "ip.snn", "--trust-code", "-d", f["data"], "-T", 2, "-r", d / "rip")
+    assert code == 0, err
+
+
+def test_finetune_refuses_what_would_leave_a_broken_checkpoint(run_cli, flow):
+    d = flow["dir"]
+    assert run_cli("calibrate", flow["checkpoint"], *MODEL, "-d", flow["data"], "-o", d / "a.json", "--neuron", "asn",
+                   "--samples", 20)[0] == 0
+    ft = ("finetune", flow["checkpoint"], *MODEL, "-c", d / "a.json", "-d", flow["data"], "--epochs", 1)
+    _one_line_error(run_cli(*ft, "-o", d / "f.safetensors", "--lr", "inf"), "--lr inf: must be positive and finite")
+    _one_line_error(run_cli(*ft, "-o", d / "f.pt"), "written as .safetensors", absent=[d / "f.pt"])
+    line = _one_line_error(run_cli(*ft, "-o", d / "f.safetensors", "--lr", "1e30"), "",
+                           absent=[d / "f.safetensors", d / "f.calib.json"])
+    assert "training diverged" in line or "activations overflow" in line, line
+    assert not _leftovers(d)
+
+
+def test_more_values_that_used_to_end_in_a_traceback(run_cli, flow):
+    d, ckpt = flow["dir"], flow["checkpoint"]
+    cal = ("calibrate", ckpt, *MODEL, "-o", d / "o.json")
+    _one_line_error(run_cli(*cal, "-d", "d" * 250 + ".safetensors"), "file not found")
+    _one_line_error(run_cli(*cal, "-d", flow["data"], "--seed", 10 ** 30), "--seed")
+    _one_line_error(run_cli(*cal, "-d", flow["data"], "--normalize", "0.1;inf"), "every std > 0 and finite")
+    _one_line_error(run_cli(*cal, "-d", flow["data"], "--neuron", "asn", "--budget", 100, "-T", 10 ** 12),
+                    "--timesteps 1000000000000:")
+    _one_line_error(run_cli(*cal, "-d", flow["data"], "--neuron", "asn", "--param", "scale=1e-320"),
+                    "ASN parameter scale=")
+    assert not (d / "o.json").exists()

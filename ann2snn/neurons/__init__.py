@@ -4,13 +4,13 @@ description - the contract in ``neuron.py``), registered here by name (the ``--n
 
 from __future__ import annotations
 
-from ..errors import OptionError
+from ..errors import OptionError, UserError
 from . import asn, if_neuron, vsn
 from .neuron import Neuron, Precision, PrecisionControl
 
 NEURONS: dict[str, Neuron] = {n.name: n for n in (if_neuron.NEURON, asn.NEURON, vsn.NEURON)}
 
-__all__ = ["NEURONS", "Neuron", "Precision", "PrecisionControl", "get"]
+__all__ = ["NEURONS", "Neuron", "Precision", "PrecisionControl", "get", "stored"]
 
 
 def get(name: str, option: str = "neuron") -> Neuron:
@@ -18,3 +18,12 @@ def get(name: str, option: str = "neuron") -> Neuron:
     if name not in NEURONS:
         raise OptionError(option, f"{name!r}: expected one of {', '.join(NEURONS)}")
     return NEURONS[name]
+
+
+def stored(name: str, options: dict, source: str) -> Neuron:
+    """The neuron type a file (``source``) names, its stored options checked against its bounds."""
+    if name not in NEURONS:
+        raise UserError(f"{source}: unknown neuron type {name!r} (known: {', '.join(NEURONS)})")
+    neuron = NEURONS[name]
+    neuron.check_options(options, source)
+    return neuron

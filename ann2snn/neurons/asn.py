@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..readout import Readout
-from .neuron import FINITE, NON_NEGATIVE, PERCENTILE, POSITIVE, Bound, Neuron, Precision, PrecisionControl
+from .neuron import NON_NEGATIVE, PERCENTILE, POSITIVE, Bound, Neuron, Precision, PrecisionControl
 
 if TYPE_CHECKING:
     from ..calibrate import LayerStats
@@ -276,4 +276,5 @@ NEURON = Neuron(
             "tau_phi": NON_NEGATIVE, "tau_gamma": POSITIVE, "tau_eta": POSITIVE, "tau_beta": NON_NEGATIVE,
             "readout_tau": NON_NEGATIVE, "start_ms": Bound(0, integer=True), "percentile": PERCENTILE,
             "scale": Bound(0, lo_open=True, words=("fit",))},
+    param_options=("m_f", "theta0", *TAU),
 )

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..kernels import if_scan
 from ..readout import Readout
-from .neuron import FINITE, PERCENTILE, POSITIVE, Neuron
+from .neuron import PERCENTILE, POSITIVE, Bound, Neuron
 
 if TYPE_CHECKING:
     from ..calibrate import LayerStats
@@ -110,4 +110,5 @@ def readout(options: dict) -> Readout:
 
 
 NEURON = Neuron(name="if", defaults=DEFAULTS, fit=fit, build=build, readout=readout,
-                bounds={"percentile": PERCENTILE, "v_init": FINITE, "threshold": POSITIVE})
+                bounds={"percentile": PERCENTILE, "v_init": Bound(-1, 1), "threshold": POSITIVE},
+                param_options=("v_init",))

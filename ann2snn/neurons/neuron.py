@@ -24,14 +24,17 @@ if TYPE_CHECKING:
     from ..calibrate import LayerStats
 
 
+FLOAT32_MAX = 3.4e38  # parameters become float32 tensors: larger magnitudes overflow
+
+
 @dataclass(frozen=True)
 class Bound:
     """The values a neuron option or layer parameter may take: a finite number in [lo, hi] (an
     end excluded when ``*_open``), an integer when ``integer``; or one of ``words``; ``None`` when
     ``none``; a true/false flag when ``flag``. Per-channel parameters may be lists of numbers."""
 
-    lo: float = -math.inf
-    hi: float = math.inf
+    lo: float = -FLOAT32_MAX
+    hi: float = FLOAT32_MAX
     lo_open: bool = False
     hi_open: bool = False
     integer: bool = False
@@ -50,11 +53,15 @@ class Bound:
             ok = math.isfinite(value) and (value > self.lo if self.lo_open else value >= self.lo) and \
                 (value < self.hi if self.hi_open else value <= self.hi) and \
                 (not self.integer or float(value).is_integer())
-        return None if ok else f"must be {self.describe()}"
+        if ok:
+            return None
+        if isinstance(value, str) and self._numeric:
+            return f"must be {self.describe()} (a number, not text)"
+        return f"must be {self.describe()}"
 
     @property
     def _numeric(self) -> bool:
-        return not self.flag and not (self.words and self.lo == -math.inf and self.hi == math.inf)
+        return not self.flag and not (self.words and self.lo == -FLOAT32_MAX and self.hi == FLOAT32_MAX)
 
     def describe(self) -> str:
         if self.flag:
@@ -62,13 +69,14 @@ class Bound:
         alternatives = [repr(w) for w in self.words] + (["null"] if self.none else [])
         if not self._numeric:
             return " or ".join(alternatives)
-        if math.isfinite(self.lo) and math.isfinite(self.hi):
+        lo_set, hi_set = self.lo != -FLOAT32_MAX, self.hi != FLOAT32_MAX
+        if lo_set and hi_set:
             text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-        elif math.isfinite(self.lo):
+        elif lo_set:
             text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
         else:
             text = "a finite integer" if self.integer else "a finite number"
-        if self.integer and math.isfinite(self.lo):
+        if self.integer and lo_set:
             text = f"an integer {text}"
         return f"{' or '.join(alternatives)} or {text}" if alternatives else text
 
@@ -126,7 +134,8 @@ class Neuron:
     ``bounds``: the values each option and layer parameter may take (checked wherever they come
     from: ``--param``, ``--sweep``, a profile, an artifact). ``calibration_only``: options that
     act on the calibration statistics alone, so re-running a network with another value of
-    them (a sweep) would change nothing.
+    them (a sweep) would change nothing. ``param_options``: options that are also layer
+    parameters with the same meaning (ASN ``m_f``), which a sweep sets without re-fitting.
     """
 
     name: str
@@ -143,6 +152,7 @@ class Neuron:
     precision_control: PrecisionControl | None = None
     bounds: dict[str, Bound] = field(default_factory=dict)
     calibration_only: tuple[str, ...] = ("percentile",)
+    param_options: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -160,6 +170,16 @@ class Neuron:
             if problem:
                 raise OptionError(option, f"{key}={value}: {problem}")
         return options
+
+    def check_options(self, options: dict, source: str) -> None:
+        """Refuse options read from a file (``source``) that are unknown or out of bounds."""
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise UserError(f"{source}: {sorted(unknown)[0]} is not an option of neuron {self.name!r}")
+        for key, value in options.items():
+            problem = self.bounds[key].problem(value) if key in self.bounds else None
+            if problem:
+                raise UserError(f"{source}: {self.name.upper()} option {key}={value}: {problem}")
 
     def check_params(self, layer: str, params: dict) -> None:
         """Refuse a layer parameter out of its bounds (e.g. from a hand-edited profile)."""

@@ -257,4 +257,5 @@ NEURON = Neuron(
     transfer_module=transfer_module, precision_control=AROUSAL,
     bounds={"beta": Bound(0, 1, hi_open=True), "threshold": NON_NEGATIVE, "tradeoff": Bound(0, none=True),
             "per_channel": Bound(flag=True), "percentile": PERCENTILE, "sigma": Bound(words=tuple(SIGMAS))},
+    param_options=("beta",),
 )
