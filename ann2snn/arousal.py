@@ -118,7 +118,7 @@ class ArousalController:
     """Called by the simulator after every step with the readout score (see ``simulate``)."""
 
     def __init__(self, policy: ArousalPolicy, control: "PrecisionControl"):
-        self.policy, self.value = policy, control.value(policy)
+        self.policy, self.control, self.value = policy, control, control.value(policy)
         self.aroused_total = 0
         self.samples = 0
         self.aroused: torch.Tensor | None = None
@@ -144,9 +144,12 @@ class ArousalController:
                     m.set_precision(new, self.value)
         self.aroused |= new
 
+    def count(self) -> int:
+        """Inputs aroused so far."""
+        return self.aroused_total + (int(self.aroused.sum()) if self.aroused is not None else 0)
+
     def fraction(self) -> float:
-        total = self.aroused_total + (int(self.aroused.sum()) if self.aroused is not None else 0)
-        return total / max(self.samples, 1)
+        return self.count() / max(self.samples, 1)
 
 
 def start_layers(control: "PrecisionControl", policy: ArousalPolicy, layers: list["ProfileLayer"]

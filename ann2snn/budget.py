@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 from torch import fx
 
+from . import distributed
 from .arousal import ArousalController, ArousalPolicy, start_layers
 from .artifact import build_neurons
 from .calibrate import LayerStats
@@ -52,16 +53,20 @@ def search(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
     layers = list(stats)
     fan = fanout_maps(gm, data.sample_shape)
     reference = None if regression else ann_outputs(gm, data, batch_size, device)
-    tried = []
-    for value in values:
-        opts = {**options, knob: value}
-        snn = to_snn(gm, build_neurons(neuron, _layers(stats, neuron, opts)))
-        readout = neuron.readout_for(opts, timesteps)
-        observer = None if regression else OutputError(reference, timesteps)
-        sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=observer)
-        quality = nmse(float(sim.metric[-1]), data) if regression else float(sim.metric[-1]) / len(data)
-        tried.append({knob: value, "spikes_per_sample": float(sim.spikes.sum()) / len(data), metric: quality,
-                      **({} if regression else {"output_error": observer.relative()})})
+    ranks = distributed.current()  # under torchrun the ranks share the candidates, each all the images
+    mine = []
+    with ranks.phase():  # a rank that fails ends every rank here, before the exchange
+        for value in values[ranks.rank::ranks.world]:
+            opts = {**options, knob: value}
+            snn = to_snn(gm, build_neurons(neuron, _layers(stats, neuron, opts)))
+            readout = neuron.readout_for(opts, timesteps)
+            observer = None if regression else OutputError(reference, timesteps)
+            sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=observer)
+            quality = nmse(float(sim.metric[-1]), data) if regression else float(sim.metric[-1]) / len(data)
+            mine.append({knob: value, "spikes_per_sample": float(sim.spikes.sum()) / len(data), metric: quality,
+                         **({} if regression else {"output_error": observer.relative()})})
+    done = {t[knob]: t for share in ranks.gather(mine) for t in share}
+    tried = [done[v] for v in values]
     within = [t for t in tried if t["spikes_per_sample"] <= budget]
     error = "nmse" if regression else "output_error"
     chosen = min(within, key=lambda t: (t[error], t["spikes_per_sample"])) if within else \
@@ -125,12 +130,19 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neu
     readout = neuron.readout_for(options, timesteps)
     tried: list[dict] = []
 
+    ranks = distributed.current()  # under torchrun each rank simulates its shard of the images
+    part = ranks.shard(len(data))
+    shard = data.subset(torch.arange(part.start, part.stop))
+
     def run(threshold: float) -> dict:
         controller = ArousalController(replace(policy, threshold=threshold), control)
         snn = to_snn(gm, build_neurons(neuron, params))
-        sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=controller)
-        tried.append({"threshold": threshold, "spikes_per_sample": float(sim.spikes.sum()) / len(data),
-                      "accuracy": float(sim.metric[-1]) / len(data), "fraction_aroused": controller.fraction()})
+        with ranks.phase():
+            sim = simulate(snn, layers, fan, shard, timesteps, batch_size, device, readout, controller=controller)
+        spikes, correct, aroused = ranks.sum(torch.tensor([float(sim.spikes.sum()), float(sim.metric[-1]),
+                                                           controller.count()], dtype=torch.float64)).tolist()
+        tried.append({"threshold": threshold, "spikes_per_sample": spikes / len(data),
+                      "accuracy": correct / len(data), "fraction_aroused": aroused / len(data)})
         return tried[-1]
 
     none, every = run(0.0), run(1.0)  # certainty < 0: nobody aroused; < 1: (nearly) everybody

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__, pipeline
+from . import __version__, distributed, pipeline
 from .artifact import ArtifactMeta, read_artifact
 from .convert import Row
 from .energy import DEFAULT_PRESET
@@ -218,18 +219,47 @@ def evaluate(
                                           "policy or the defaults); also runs fixed low and high precision."),
     start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
                                                                    "(default: the neuron's: IF 0, ASN 200)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: simulate only the I-th of N equal shards of "
+                                        "the samples and write REPORT/partial.json; 'ann2snn merge' adds the "
+                                        "shards up (for schedulers without torchrun, e.g. a SLURM array)."),
     model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
 ):
     """Simulate the SNN and report accuracy versus spikes, per layer and per time step.
 
+    Under torchrun every rank simulates its own shard of the samples; rank 0 writes the report.
     Example: ann2snn evaluate lenet5.snn.safetensors -d mnist -T 64 -r runs/lenet5
     """
     run = RunOptions(timesteps=timesteps, split=split, limit=limit, batch_size=batch_size, preset=energy,
                      start_ms=start_ms)
     _evaluate_with_progress(artifact, dataset, run, report, device=device, source=DataSource(data_dir, download),
-                            model_ref=model, trust_code=trust_code,
+                            model_ref=model, trust_code=trust_code, shard=_shard(shard),
                             sweep=_sweep(sweep), compare=compare, arousal=arousal)
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
+        raise UserError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(i), int(n)
+
+
+@app.command()
+def merge(
+    partials: List[Path] = typer.Argument(..., help="The partial.json of every shard ('evaluate --shard I/N')."),
+    report: Path = typer.Option(..., "--report", "-r", help="Directory for report.json, curve.csv and the plot."),
+    model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
+    device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
+):
+    """Add up the partial reports of 'evaluate --shard I/N' into the report one run would write.
+
+    Example: ann2snn merge runs/shard*/partial.json -r runs/lenet5
+    """
+    result = pipeline.merge(partials, report, source=DataSource(data_dir, download), device=device,
+                            model_ref=model, trust_code=trust_code)
+    _print_report(result, report)
 
 
 def _sweep(text: str | None) -> list[dict]:
@@ -248,7 +278,10 @@ def _evaluate_with_progress(artifact: Path, dataset: str, run: RunOptions, repor
         result = pipeline.evaluate(artifact, dataset, run, report_dir=report,
                                    on_start=lambda n: progress.update(task, total=n),
                                    on_batch=lambda n: progress.advance(task, n), **kwargs)
-    _print_report(result, report)
+    if result is None:
+        console.print(f"wrote {report}/partial.json; 'ann2snn merge' adds the shards up")
+    else:
+        _print_report(result, report)
 
 
 def _print_report(result: Report, report_dir: Path) -> None:
@@ -362,6 +395,7 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 def run(args: list[str] | None = None) -> int:
     """Run one command; returns the exit status. A user's mistake - a bad file or option, or a
     command line click cannot parse - is one line on stderr and status 2."""
+    console.quiet = os.environ.get("RANK", "0") not in ("", "0")  # under torchrun rank 0 alone prints
     try:
         result = app(args=args, standalone_mode=False)
     except UserError as exc:
@@ -376,6 +410,8 @@ def run(args: list[str] | None = None) -> int:
         return _fail(exc.format_message(), exc.exit_code)
     except typer.Abort:
         return _fail("interrupted; no partial output was written", 130)
+    finally:
+        distributed.stop()
     return result if isinstance(result, int) else 0
 
 

@@ -1,39 +1,37 @@
-"""The product steps as library calls - calibrate, convert, evaluate, finetune - so the CLI, the
-demo and users' scripts share one path. Each takes typed options (``options.py``), resolves the
-neuron type once and returns typed records (``Profile``, ``ArtifactMeta``, ``Report``)."""
+"""The product steps as library calls - calibrate, convert, evaluate (``evaluation.py``),
+finetune - so the CLI, the demo and users' scripts share one path. Each takes typed options
+(``options.py``), resolves the neuron type once and returns typed records (``Profile``,
+``ArtifactMeta``, ``Report``)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import neurons
-from .arousal import ArousalPolicy, arousal_runs, check_class_scores
-from .artifact import ArtifactMeta, build_neurons, load_artifact, save_artifact, variant
+from . import distributed, neurons
+from .arousal import ArousalPolicy, check_class_scores
+from .artifact import ArtifactMeta, build_neurons, save_artifact
 from .budget import search, search_arousal
 from .calibrate import activation_stats
 from .checkpoint import file_sha256, load_model, load_state
 from .convert import MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, \
     spiking_layers, to_snn
 from .data import Normalize, TensorData, calibration_subset, data_files, open_dataset
-from .energy import fanout_maps
+from .checks import check_memory, model_outputs
 from .equivalence import verify
 from .errors import OptionError, UserError
 from .files import atomic_path, check_outputs, safetensors_bytes
 from .neurons import Neuron
-from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
+from .options import CalibrationOptions, DataSource, FinetuneOptions
 from .profile import (ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, Profile, check_profile,
                       load_profile, make_layers, save_profile)
-from .report import REPORT_FILES, Report, arousal_report, build_report, context, write_report
-from .simulate import Run, ann_accuracy, resolve_device, simulate
+from .simulate import ann_accuracy, resolve_device
 from .torch_export import EXPORT_REF, SUFFIX, is_archive
-from .transfer_training import train_with_transfer, with_transfer
+from .transfer_training import train_with_transfer
 from .zoo import model_kwargs, resolve_model, stored_reference
 
 
@@ -61,13 +59,16 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     policy = ArousalPolicy.parse(arousal) if isinstance(arousal, str) else arousal
     if policy is not None and kind.precision_control is None:
         raise OptionError("arousal", f": {{{{neuron}}}} {kind.name!r} has no precision to raise (arousal works with "
-                                     f"{_names(lambda n: n.precision_control is not None)})")
+                                     f"{neurons.names(lambda n: n.precision_control is not None)})")
     steps = options.timesteps or kind.default_timesteps
     if policy is not None and options.budget is not None and policy.at >= steps:
         raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the {steps} "
                                      "steps the budget search simulates ({{timesteps}})")
     norm = Normalize.parse(normalization) if isinstance(normalization, str) else normalization or Normalize()
-    check_outputs([("calibration profile", output)], [checkpoint, *data_files(dataset)])
+    ranks = distributed.start(device)  # under torchrun: the budget search is shared, rank 0 writes
+    device = distributed.rank_device(device)
+    if ranks.leader:
+        check_outputs([("calibration profile", output)], [checkpoint, *data_files(dataset)])
     model_ref = _model_ref(model_ref, checkpoint)
     data = open_dataset(dataset, options.split, source.data_dir, source.download, norm)
     subset = calibration_subset(data, options.samples, options.seed)
@@ -76,7 +77,7 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     kwargs = model_kwargs(model_ref, data.sample_shape, data.num_classes, model_args)
     model = load_model(model_ref, kwargs, checkpoint, trust_pickle)
     gm, rows = normalize_for(model, model_ref, kind)
-    outputs = _check_runs(gm, subset.sample_shape, dataset)
+    outputs = model_outputs(gm, subset.sample_shape, dataset)
     verify(model, gm, next(subset.batches(options.batch_size))[0])
     if policy is not None:
         policy.check_layers(spiking_layers(gm))
@@ -84,14 +85,9 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     model_info = ModelInfo(ref=model_ref, kwargs=kwargs, checkpoint=str(checkpoint),
                            checkpoint_sha256=file_sha256(checkpoint))
     profile = _fit_profile(gm, kind, opts, subset, model_info, dataset, options, resolve_device(device), policy)
-    if output is not None:
+    if output is not None and ranks.leader:
         save_profile(profile, output)
     return profile, rows
-
-
-def _names(which: Callable[[Neuron], bool]) -> str:
-    """The registered neuron types with a capability, e.g. 'asn, vsn'."""
-    return ", ".join(name for name, n in neurons.NEURONS.items() if which(n))
 
 
 def normalize_for(model: torch.nn.Module, model_ref: str, neuron: Neuron):
@@ -109,7 +105,7 @@ def _fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Mode
     record = arousal_record = None
     steps = options.timesteps or neuron.default_timesteps
     if options.budget is not None:
-        _check_memory(steps, len(spiking_layers(gm)), 1)
+        check_memory(steps, len(spiking_layers(gm)), 1)
     stats = activation_stats(gm, subset, float(opts.get("percentile", 100.0)), options.batch_size, str(dev))
     if options.budget is not None:
         search_data = subset.head(options.search_samples or max(256, 256_000 // steps))
@@ -139,17 +135,6 @@ def _model_ref(model_ref: str | None, checkpoint: str | Path) -> str:
     return model_ref
 
 
-def _check_runs(gm: torch.nn.Module, shape: tuple[int, ...], dataset: str) -> int:
-    """Run one blank input through the network; returns its number of outputs."""
-    try:
-        with torch.no_grad():
-            return gm(torch.zeros((1, *shape))).shape[-1]
-    except Exception as exc:
-        raise OptionError("dataset", f"{dataset}: the model does not accept inputs of shape {shape} "
-                                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
-                          ) from None
-
-
 def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path, *, model_ref: str | None = None,
             trust_pickle: bool = False, trust_code: bool = False, maxpool: str = "gated"
             ) -> tuple[ArtifactMeta, list[Row]]:
@@ -167,7 +152,7 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
     check_profile(profile, gm, file_sha256(checkpoint), calibration)
     shape = tuple(profile.input.shape)
     try:
-        _check_runs(gm, shape, "")
+        model_outputs(gm, shape, "")
     except UserError:
         raise UserError(f"{calibration}: the profile's input shape {list(shape)} does not fit the model") from None
     verify(model, gm, torch.randn((4, *shape), generator=torch.Generator().manual_seed(0)))
@@ -178,113 +163,6 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
                         arousal=profile.arousal)
     save_artifact(output, snn, meta, archive)
     return meta, rows
-
-
-def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: DataSource = DataSource(),
-             device: str = "auto", sweep: list[dict] | None = None, compare: list[str] | None = None,
-             arousal: str | ArousalPolicy | None = None, report_dir: str | Path | None = None,
-             model_ref: str | None = None, trust_code: bool = False,
-             on_start: Callable[[int], None] | None = None,
-             on_batch: Callable[[int], None] | None = None) -> Report:
-    """Simulate the artifact on a data set and build (and, given ``report_dir``, write) the report.
-    ``sweep`` re-runs the network with other options of its neuron (e.g. ``[{"m_f": 0.2}]``),
-    ``compare`` with other neuron types fitted to the same calibration statistics, ``arousal``
-    (a policy, or its text over the artifact's stored policy) under per-input precision control
-    beside fixed low and high precision; the other runs go to ``report.variants`` and the plot."""
-    dev = resolve_device(device)
-    if report_dir is not None:
-        check_outputs([("report", Path(report_dir) / name) for name in REPORT_FILES], [artifact, *data_files(dataset)],
-                      [("report folder", report_dir)])
-    art = load_artifact(artifact, model_ref, trust_code)
-    meta = art.meta
-    policy = _arousal_policy(arousal, meta)
-    runs = plan_runs(meta, art.neuron, sweep or [], [neurons.get(n, "compare") for n in compare or []], policy,
-                     str(artifact))
-    if policy is not None and policy.at >= run.timesteps:
-        raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the "
-                                     f"{run.timesteps} steps")
-    data = open_dataset(dataset, run.split, source.data_dir, source.download, meta.input.normalize).head(run.limit)
-    _check_data(art.ann, data, tuple(meta.input.shape), dataset, policy is not None)
-    _check_memory(run.timesteps, len(meta.layers), len(runs))
-    layers = meta.layer_names
-    fan = fanout_maps(art.ann, data.sample_shape)
-    ctx = context(art.ann, data, fan, layers, {la.name: la.source for la in meta.layers}, dataset, str(dev),
-                  run.preset)
-    if on_start:
-        on_start(len(data) * len(runs))
-    ctx.ann[ctx.metric] = ann_accuracy(art.ann, data, run.batch_size, dev)
-    if art.neuron.transfer_module is not None and ctx.metric == "accuracy":  # what the SNN tends to: ReLU -> f
-        ctx.ann["transfer_accuracy"] = ann_accuracy(with_transfer(art.ann, art.neuron, meta.layers), data,
-                                                    run.batch_size, dev)
-    reports, elapsed = [], 0.0
-    for r in runs:
-        readout = r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms)
-        snn = to_snn(art.ann, build_neurons(r.neuron, r.layers), meta.maxpool)
-        start = time.perf_counter()
-        sim = simulate(snn, layers, fan, data, run.timesteps, run.batch_size, dev, readout, on_batch, r.controller)
-        elapsed += time.perf_counter() - start
-        reports.append(build_report(sim, r, readout, ctx))
-    report = replace(reports[0], artifact={"path": Path(artifact).name, "model": meta.model.ref,
-                                           "maxpool": MAXPOOL_MODES[meta.maxpool]},
-                     variants=[r.as_variant() for r in reports[1:]])
-    if policy is not None:
-        report.arousal = arousal_report(art.neuron, policy, meta.arousal is not None,
-                                        meta.arousal.search if meta.arousal else None, reports,
-                                        runs[0].controller.fraction())
-    report.timing = {"seconds": round(elapsed, 3), "image_steps_per_second":
-                     round(len(data) * run.timesteps * len(runs) / elapsed, 1) if elapsed > 0 else None}
-    if report_dir is not None:
-        write_report(report, report_dir)
-    return report
-
-
-def _arousal_policy(arousal: str | ArousalPolicy | None, meta: ArtifactMeta) -> ArousalPolicy | None:
-    """The policy: given, or its keys over the artifact's stored policy (calibrate), then the defaults."""
-    if isinstance(arousal, str):
-        arousal = ArousalPolicy.parse(arousal, meta.arousal.policy if meta.arousal else None)
-    if arousal is not None:
-        arousal.check_layers(meta.layer_names)
-    return arousal
-
-
-def plan_runs(meta: ArtifactMeta, neuron: Neuron, sweep: list[dict], compare: list[Neuron],
-              policy: ArousalPolicy | None, artifact: str = "the artifact") -> list[Run]:
-    """Every simulation ``evaluate`` makes: the artifact as converted (or, with arousal, its three
-    runs: ``arousal.arousal_runs``), then the sweep of its options, then the other neuron types."""
-    knob = neuron.precision.knob if neuron.precision else None
-    runs = [Run(neuron.label + (f" {knob}={meta.neuron.options[knob]}" if knob else ""), neuron,
-                *variant(meta, neuron, None, {}))]
-    if policy is not None:
-        if neuron.precision_control is None:
-            labels = _names(lambda n: n.precision_control is not None).upper().replace(", ", " or ")
-            raise OptionError("arousal", f": needs an {labels} artifact, {artifact} is {neuron.label}")
-        start = variant(meta, neuron, None, neuron.precision_control.start(policy))
-        runs = arousal_runs(neuron, policy, *start)
-    runs += [Run(f"{neuron.label} {' '.join(f'{k}={v}' for k, v in o.items())}", neuron,
-                 *variant(meta, neuron, None, o)) for o in sweep]
-    return runs + [Run(other.label, other, *variant(meta, neuron, other, {})) for other in compare]
-
-
-def _check_data(ann: torch.nn.Module, data: TensorData, shape: tuple[int, ...], dataset: str, arousal: bool) -> None:
-    """Refuse data the artifact's network cannot take, or whose classes it does not output."""
-    if data.sample_shape != shape:
-        raise OptionError("dataset", f"{dataset}: samples have shape {data.sample_shape}, the artifact expects {shape}")
-    classes = _check_runs(ann, shape, dataset)
-    if data.task == "classification" and int(data.targets.max()) >= classes:
-        raise OptionError("dataset", f"{dataset}: has class {int(data.targets.max())}, the network outputs {classes}")
-    if arousal:
-        check_class_scores(dataset, data.task, classes)
-
-
-def _check_memory(timesteps: int, layers: int, runs: int) -> None:
-    """Refuse a number of steps whose per-step curves would not fit in free memory."""
-    per_step = 8 * 2 * (2 * layers + 1) + 700 * runs  # counters, and one curve row per run (report, CSV)
-    need = timesteps * per_step
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
-    if free and need > free // 2:
-        raise OptionError("timesteps", f"{timesteps}: the per-step results of {runs} run(s) would need about "
-                                       f"{need / 2 ** 30:.1f} GiB, more than half the {free / 2 ** 30:.1f} GiB "
-                                       "of free memory")
 
 
 @dataclass
@@ -361,3 +239,6 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
         tmp_checkpoint.write_bytes(blob)
         save_profile(tuned_profile, profile_output)
     return FinetuneResult(metric, before, history, ann_accuracy(tuned, test, 1000, dev), profile_output)
+
+
+from .evaluation import evaluate, merge  # noqa: E402,F401  (the evaluate step has its own module)

@@ -224,15 +224,22 @@ class _Reader:
         return score
 
 
-@ieee_float32
-@torch.inference_mode()
 def ann_accuracy(ann: nn.Module, data: TensorData, batch_size: int, device: torch.device) -> float:
     """Accuracy of the ANN, or for a regression task its NMSE (see ``nmse``)."""
+    total = ann_metric_sum(ann, data, batch_size, device)
+    return nmse(total, data) if data.task == "regression" else total / max(len(data), 1)
+
+
+@ieee_float32
+@torch.inference_mode()
+def ann_metric_sum(ann: nn.Module, data: TensorData, batch_size: int, device: torch.device) -> float:
+    """The ANN's correct answers (or, regression, summed squared error) on ``data``: a sum, so
+    shards of a data set add up."""
     ann = ann.to(device).eval()
     total = 0.0
     for x, y in data.batches(batch_size):
         total += float(batch_metric(ann(x.to(device)), y.to(device), data.task == "regression"))
-    return nmse(total, data) if data.task == "regression" else total / max(len(data), 1)
+    return total
 
 
 def batch_metric(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:

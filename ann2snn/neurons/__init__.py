@@ -10,7 +10,7 @@ from .neuron import Neuron, Precision, PrecisionControl
 
 NEURONS: dict[str, Neuron] = {n.name: n for n in (if_neuron.NEURON, asn.NEURON, vsn.NEURON)}
 
-__all__ = ["NEURONS", "Neuron", "Precision", "PrecisionControl", "get", "stored"]
+__all__ = ["NEURONS", "Neuron", "Precision", "PrecisionControl", "get", "names", "stored"]
 
 
 def get(name: str, option: str = "neuron") -> Neuron:
@@ -27,3 +27,8 @@ def stored(name: str, options: dict, source: str) -> Neuron:
     neuron = NEURONS[name]
     neuron.check_options(options, source)
     return neuron
+
+
+def names(which) -> str:
+    """The registered neuron types with a capability (``which(neuron)``), e.g. 'asn, vsn'."""
+    return ", ".join(name for name, n in NEURONS.items() if which(n))

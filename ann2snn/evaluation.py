@@ -1,0 +1,306 @@
+"""The evaluate step: simulate an artifact on a data set and report accuracy against spikes.
+
+An evaluation is planned (``_prepare``: the artifact, the runs - as converted, a sweep, other
+neuron types, arousal's three runs - the data and the report context), simulated on some of
+the samples (``_simulate``: per-run sums that add up across shards), and finished from the
+sums of all samples (``_finish``). One process simulates every sample; under ``torchrun`` each
+rank simulates its shard and the sums are added with collectives (``distributed.py``); with
+``shard=(i, n)`` one process simulates shard i of n and writes a partial report that ``merge``
+adds to the others. All three give the same report: the sums are float64 counts, exact in any
+order (a regression's squared errors may differ in the last bits, and timing differs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import distributed, neurons
+from .arousal import ArousalPolicy, arousal_runs, check_class_scores
+from .artifact import Artifact, ArtifactMeta, build_neurons, load_artifact, variant
+from .checkpoint import file_sha256
+from .checks import check_memory, model_outputs
+from .convert import MAXPOOL_MODES, to_snn
+from .data import TensorData, data_files, open_dataset
+from .distributed import Ranks
+from .energy import fanout_maps
+from .errors import OptionError, UserError
+from .files import check_outputs, json_text, parse_json, read_input, write_text
+from .neurons import Neuron
+from .options import DataSource, RunOptions
+from .records import from_json, to_json
+from .report import REPORT_FILES, Report, ReportContext, arousal_report, build_report, context, write_report
+from .simulate import Run, SimulationResult, ann_metric_sum, nmse, resolve_device, simulate
+from .transfer_training import with_transfer
+
+PARTIAL_FORMAT, PARTIAL_VERSION, PARTIAL_FILE = "ann2snn-partial-report", 1, "partial.json"
+
+
+@dataclass
+class _Plan:
+    art: Artifact
+    runs: list[Run]
+    policy: ArousalPolicy | None
+    data: TensorData
+    fan: dict[str, torch.Tensor]
+    ctx: ReportContext
+    run: RunOptions
+    device: torch.device
+
+
+@dataclass(kw_only=True)
+class RunSums:
+    """One run's sums over some samples: metric per step (correct answers or squared error),
+    spikes and synaptic operations per layer and step, inputs aroused."""
+
+    metric: list[float]
+    spikes: list[list[float]]
+    synops: list[list[float]]
+    aroused: int = 0
+
+
+@dataclass(kw_only=True)
+class Sums:
+    samples: int
+    ann: float  # the ANN's correct answers (or squared error)
+    transfer: float | None = None  # the same with the neurons' transfer function in place of ReLU
+    runs: list[RunSums]
+    seconds: float = 0.0
+
+    def __add__(self, other: "Sums") -> "Sums":
+        add = lambda a, b: (torch.tensor(a, dtype=torch.float64) + torch.tensor(b, dtype=torch.float64)).tolist()  # noqa
+        return Sums(samples=self.samples + other.samples, ann=self.ann + other.ann,
+                    transfer=None if self.transfer is None else self.transfer + other.transfer,
+                    runs=[RunSums(metric=add(a.metric, b.metric), spikes=add(a.spikes, b.spikes),
+                                  synops=add(a.synops, b.synops), aroused=a.aroused + b.aroused)
+                          for a, b in zip(self.runs, other.runs)],
+                    seconds=max(self.seconds, other.seconds))
+
+
+@dataclass(kw_only=True)
+class Partial:
+    """A partial report: the sums of one shard, and the evaluation it belongs to."""
+
+    format: str = PARTIAL_FORMAT
+    version: int = PARTIAL_VERSION
+    artifact: str
+    artifact_sha256: str
+    dataset: str
+    run: dict
+    sweep: list[dict]
+    compare: list[str]
+    arousal: dict | None = None
+    shard: list[int]
+    sums: Sums
+
+
+def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: DataSource = DataSource(),
+             device: str = "auto", sweep: list[dict] | None = None, compare: list[str] | None = None,
+             arousal: str | ArousalPolicy | None = None, report_dir: str | Path | None = None,
+             model_ref: str | None = None, trust_code: bool = False, shard: tuple[int, int] | None = None,
+             on_start: Callable[[int], None] | None = None,
+             on_batch: Callable[[int], None] | None = None) -> Report | None:
+    """Simulate the artifact on a data set and build (and, given ``report_dir``, write) the report.
+    ``sweep`` re-runs the network with other options of its neuron (e.g. ``[{"m_f": 0.2}]``),
+    ``compare`` with other neuron types fitted to the same calibration statistics, ``arousal``
+    (a policy, or its text over the artifact's stored policy) under per-input precision control
+    beside fixed low and high precision; the other runs go to ``report.variants`` and the plot.
+    ``shard=(i, n)``: simulate the i-th of n shards only and write a partial report
+    (``report_dir``/partial.json, for ``merge``); returns None then."""
+    if shard is not None and not (0 <= shard[0] < shard[1]):
+        raise OptionError("shard", f"{shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
+    ranks = Ranks() if shard is not None else distributed.start(device)
+    shards = Ranks(*shard) if shard is not None else ranks
+    with ranks.phase():
+        if report_dir is not None and (ranks.leader or shard is not None):
+            files = [PARTIAL_FILE] if shard is not None else REPORT_FILES
+            check_outputs([("report", Path(report_dir) / name) for name in files], [artifact, *data_files(dataset)],
+                          [("report folder", report_dir)])
+        plan = _prepare(artifact, dataset, run, source, distributed.rank_device(device), sweep or [], compare or [],
+                        arousal, model_ref, trust_code)
+    with ranks.phase():
+        part = shards.shard(len(plan.data))
+        if on_start:
+            on_start(len(part) * len(plan.runs))
+        sums = _simulate(plan, plan.data.subset(torch.arange(part.start, part.stop)), on_batch)
+    if shard is not None:
+        if report_dir is not None:
+            record = Partial(artifact=str(artifact), artifact_sha256=file_sha256(artifact), dataset=dataset,
+                             run=to_json(run), sweep=sweep or [], compare=compare or [],
+                             arousal=to_json(plan.policy) if plan.policy is not None else None,
+                             shard=list(shard), sums=sums)
+            write_text(Path(report_dir) / PARTIAL_FILE, json_text(to_json(record)) + "\n")
+        return None
+    if ranks.active:
+        sums = _all_reduce(ranks, sums)
+    report = _finish(plan, sums, artifact)
+    if report_dir is not None and ranks.leader:
+        write_report(report, report_dir)
+    return report
+
+
+def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, source: DataSource = DataSource(),
+          device: str = "cpu", model_ref: str | None = None, trust_code: bool = False) -> Report:
+    """The report of the shards' partial reports added up: the same as one run over every sample
+    (the artifact and data set are read again to plan the runs; nothing is simulated)."""
+    if not partials:
+        raise OptionError("partials", ": give the partial reports of every shard")
+    records = [from_json(Partial, parse_json(read_input(p, "partial report"), str(p), "partial report"),
+                         f"{p}: partial report") for p in partials]
+    first, n = records[0], records[0].shard[1]
+    for path, rec in zip(partials, records):
+        if rec.format != PARTIAL_FORMAT or rec.version != PARTIAL_VERSION:
+            raise UserError(f"{path}: not an ann2snn partial report of version {PARTIAL_VERSION}")
+        same = (rec.artifact_sha256, rec.dataset, rec.run, rec.sweep, rec.compare, rec.arousal, rec.shard[1])
+        if same != (first.artifact_sha256, first.dataset, first.run, first.sweep, first.compare, first.arousal, n):
+            raise UserError(f"{path}: belongs to another evaluation than {partials[0]} (artifact, data, options or "
+                            "shard count differ)")
+    shards = sorted(rec.shard[0] for rec in records)
+    if shards != list(range(n)):
+        missing = sorted(set(range(n)) - set(shards)) or [s for s in shards if shards.count(s) > 1][:1]
+        raise UserError(f"{partials[0]}: the partial reports must cover shards 0..{n - 1} once each "
+                        f"(shard {missing[0]} is missing or repeated)")
+    if report_dir is not None:
+        check_outputs([("report", Path(report_dir) / name) for name in REPORT_FILES], [*partials],
+                      [("report folder", report_dir)])
+    if file_sha256(first.artifact) != first.artifact_sha256:
+        raise UserError(f"{first.artifact}: the artifact changed since the partial reports were written")
+    policy = from_json(ArousalPolicy, first.arousal, f"{partials[0]}: arousal") if first.arousal else None
+    plan = _prepare(first.artifact, first.dataset, RunOptions(**first.run), source, device, first.sweep,
+                    first.compare, policy, model_ref, trust_code)
+    total = records[0].sums
+    for rec in records[1:]:
+        total = total + rec.sums
+    if total.samples != len(plan.data):
+        raise UserError(f"{partials[0]}: the shards hold {total.samples} samples, the data set {len(plan.data)}")
+    report = _finish(plan, total, first.artifact)
+    if report_dir is not None:
+        write_report(report, report_dir)
+    return report
+
+
+def _prepare(artifact, dataset: str, run: RunOptions, source: DataSource, device: str, sweep: list[dict],
+             compare: list[str], arousal, model_ref: str | None, trust_code: bool) -> _Plan:
+    dev = resolve_device(device)
+    art = load_artifact(artifact, model_ref, trust_code)
+    meta = art.meta
+    policy = _arousal_policy(arousal, meta)
+    runs = plan_runs(meta, art.neuron, sweep, [neurons.get(n, "compare") for n in compare], policy, str(artifact))
+    if policy is not None and policy.at >= run.timesteps:
+        raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the "
+                                     f"{run.timesteps} steps")
+    data = open_dataset(dataset, run.split, source.data_dir, source.download, meta.input.normalize).head(run.limit)
+    _check_data(art.ann, data, tuple(meta.input.shape), dataset, policy is not None)
+    check_memory(run.timesteps, len(meta.layers), len(runs))
+    fan = fanout_maps(art.ann, data.sample_shape)
+    ctx = context(art.ann, data, fan, meta.layer_names, {la.name: la.source for la in meta.layers}, dataset,
+                  str(dev), run.preset)
+    return _Plan(art, runs, policy, data, fan, ctx, run, dev)
+
+
+def _simulate(plan: _Plan, data: TensorData, on_batch: Callable[[int], None] | None = None) -> Sums:
+    """Every run of the plan on ``data`` (some or all of the samples), as sums."""
+    art, run, dev = plan.art, plan.run, plan.device
+    transfer = None
+    if art.neuron.transfer_module is not None and plan.ctx.metric == "accuracy":  # what the SNN tends to
+        transfer = ann_metric_sum(with_transfer(art.ann, art.neuron, art.meta.layers), data, run.batch_size, dev)
+    runs, elapsed = [], 0.0
+    for r in plan.runs:
+        readout = r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms)
+        snn = to_snn(art.ann, build_neurons(r.neuron, r.layers), art.meta.maxpool)
+        controller = _fresh(r.controller)
+        start = time.perf_counter()
+        sim = simulate(snn, art.meta.layer_names, plan.fan, data, run.timesteps, run.batch_size, dev, readout,
+                       on_batch, controller)
+        elapsed += time.perf_counter() - start
+        runs.append(RunSums(metric=sim.metric.tolist(), spikes=sim.spikes.tolist(), synops=sim.synops.tolist(),
+                            aroused=controller.count() if controller is not None else 0))
+    return Sums(samples=len(data), ann=ann_metric_sum(art.ann, data, run.batch_size, dev), transfer=transfer,
+                runs=runs, seconds=elapsed)
+
+
+def _fresh(controller):
+    """A new controller of the same policy, so that a plan can be simulated more than once."""
+    return None if controller is None else type(controller)(controller.policy, controller.control)
+
+
+def _all_reduce(ranks: Ranks, sums: Sums) -> Sums:
+    flat = torch.tensor([sums.samples, sums.ann, sums.transfer or 0.0] + [r.aroused for r in sums.runs],
+                        dtype=torch.float64)
+    flat = ranks.sum(flat).tolist()
+    runs = [RunSums(metric=ranks.sum(torch.tensor(r.metric, dtype=torch.float64)).tolist(),
+                    spikes=ranks.sum(torch.tensor(r.spikes, dtype=torch.float64)).tolist(),
+                    synops=ranks.sum(torch.tensor(r.synops, dtype=torch.float64)).tolist(),
+                    aroused=int(flat[3 + i])) for i, r in enumerate(sums.runs)]
+    return Sums(samples=int(flat[0]), ann=flat[1], transfer=None if sums.transfer is None else flat[2], runs=runs,
+                seconds=ranks.max(sums.seconds))
+
+
+def _finish(plan: _Plan, sums: Sums, artifact) -> Report:
+    """The report of the sums over every sample of the plan's data."""
+    ctx, data, run = plan.ctx, plan.data, plan.run
+    n = max(sums.samples, 1)
+    ctx = replace(ctx, ann=dict(ctx.ann))
+    ctx.ann[ctx.metric] = nmse(sums.ann, data) if ctx.metric == "nmse" else sums.ann / n
+    if sums.transfer is not None:
+        ctx.ann["transfer_accuracy"] = sums.transfer / n
+    reports = []
+    for r, s in zip(plan.runs, sums.runs):
+        sim = SimulationResult(run.timesteps, sums.samples, torch.tensor(s.metric, dtype=torch.float64),
+                               torch.tensor(s.spikes, dtype=torch.float64), torch.tensor(s.synops, dtype=torch.float64),
+                               plan.art.meta.layer_names)
+        reports.append(build_report(sim, r, r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms), ctx))
+    meta = plan.art.meta
+    report = replace(reports[0], artifact={"path": Path(artifact).name, "model": meta.model.ref,
+                                           "maxpool": MAXPOOL_MODES[meta.maxpool]},
+                     variants=[r.as_variant() for r in reports[1:]])
+    if plan.policy is not None:
+        report.arousal = arousal_report(plan.art.neuron, plan.policy, meta.arousal is not None,
+                                        meta.arousal.search if meta.arousal else None, reports,
+                                        sums.runs[0].aroused / n)
+    elapsed = sums.seconds
+    report.timing = {"seconds": round(elapsed, 3), "image_steps_per_second":
+                     round(len(data) * run.timesteps * len(plan.runs) / elapsed, 1) if elapsed > 0 else None}
+    return report
+
+
+def _arousal_policy(arousal: str | ArousalPolicy | None, meta: ArtifactMeta) -> ArousalPolicy | None:
+    """The policy: given, or its keys over the artifact's stored policy (calibrate), then the defaults."""
+    if isinstance(arousal, str):
+        arousal = ArousalPolicy.parse(arousal, meta.arousal.policy if meta.arousal else None)
+    if arousal is not None:
+        arousal.check_layers(meta.layer_names)
+    return arousal
+
+
+def plan_runs(meta: ArtifactMeta, neuron: Neuron, sweep: list[dict], compare: list[Neuron],
+              policy: ArousalPolicy | None, artifact: str = "the artifact") -> list[Run]:
+    """Every simulation ``evaluate`` makes: the artifact as converted (or, with arousal, its three
+    runs: ``arousal.arousal_runs``), then the sweep of its options, then the other neuron types."""
+    knob = neuron.precision.knob if neuron.precision else None
+    runs = [Run(neuron.label + (f" {knob}={meta.neuron.options[knob]}" if knob else ""), neuron,
+                *variant(meta, neuron, None, {}))]
+    if policy is not None:
+        if neuron.precision_control is None:
+            labels = neurons.names(lambda n: n.precision_control is not None).upper().replace(", ", " or ")
+            raise OptionError("arousal", f": needs an {labels} artifact, {artifact} is {neuron.label}")
+        start = variant(meta, neuron, None, neuron.precision_control.start(policy))
+        runs = arousal_runs(neuron, policy, *start)
+    runs += [Run(f"{neuron.label} {' '.join(f'{k}={v}' for k, v in o.items())}", neuron,
+                 *variant(meta, neuron, None, o)) for o in sweep]
+    return runs + [Run(other.label, other, *variant(meta, neuron, other, {})) for other in compare]
+
+
+def _check_data(ann: torch.nn.Module, data: TensorData, shape: tuple[int, ...], dataset: str, arousal: bool) -> None:
+    """Refuse data the artifact's network cannot take, or whose classes it does not output."""
+    if data.sample_shape != shape:
+        raise OptionError("dataset", f"{dataset}: samples have shape {data.sample_shape}, the artifact expects {shape}")
+    classes = model_outputs(ann, shape, dataset)
+    if data.task == "classification" and int(data.targets.max()) >= classes:
+        raise OptionError("dataset", f"{dataset}: has class {int(data.targets.max())}, the network outputs {classes}")
+    if arousal:
+        check_class_scores(dataset, data.task, classes)

@@ -1,0 +1,107 @@
+"""Data-parallel runs: torchrun with 2 CPU ranks (gloo), and --shard + merge, give the report a
+single process gives; a rank that fails ends every rank with one line naming it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+MODEL = ["-m", "conftest:tiny_cnn"]
+
+
+def _torchrun(args: list, cwd: Path, ranks: int = 2, extra_env: dict | None = None):
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           "-m", "ann2snn", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _report(folder: Path) -> dict:
+    report = json.loads((folder / "report.json").read_text())
+    report.pop("timing")
+    return report
+
+
+@pytest.fixture
+def asn_artifact(run_cli, tiny_files):
+    f, d = tiny_files, tiny_files["dir"]
+    assert run_cli("calibrate", f["checkpoint"], *MODEL, "-d", f["data"], "--neuron", "asn", "--samples", 40,
+                   "-o", d / "a.json")[0] == 0
+    assert run_cli("convert", f["checkpoint"], *MODEL, "-c", d / "a.json", "-o", d / "a.snn")[0] == 0
+    return d / "a.snn"
+
+
+def test_two_ranks_give_the_single_process_report(run_cli, tiny_files, asn_artifact):
+    d = tiny_files["dir"]
+    args = ["evaluate", asn_artifact, *MODEL, "-d", tiny_files["data"], "-T", 24, "--start-ms", 0, "--device", "cpu",
+            "--sweep", "m_f=0.3", "--compare", "if", "--batch-size", 7]
+    assert run_cli(*args, "-r", d / "one")[0] == 0
+    done = _torchrun([*args, "-r", d / "two"], d)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _report(d / "two") == _report(d / "one")
+    assert done.stdout.count("Spiking layers") == 1  # rank 0 alone prints
+
+
+def test_a_budget_search_on_two_ranks_chooses_as_one_does(run_cli, tiny_files):
+    f, d = tiny_files, tiny_files["dir"]
+    args = ["calibrate", f["checkpoint"], *MODEL, "-d", f["data"], "--neuron", "asn", "--samples", 30, "-T", 12,
+            "--budget", 400, "--device", "cpu"]
+    assert run_cli(*args, "-o", d / "one.json")[0] == 0
+    done = _torchrun([*args, "-o", d / "two.json"], d)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((d / n).read_text()) for n in ("one.json", "two.json"))
+    assert two["budget_search"] == one["budget_search"] and two["layers"] == one["layers"]
+    arousal = ["--arousal", "low=0.45,high=0.1,at=4"]
+    assert run_cli(*args, *arousal, "-o", d / "aone.json")[0] == 0
+    done = _torchrun([*args, *arousal, "-o", d / "atwo.json"], d)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((d / n).read_text())["arousal"] for n in ("aone.json", "atwo.json"))
+    assert two == one and len(one["search"]["candidates"]) >= 2
+
+
+def test_a_failing_rank_ends_every_rank_with_one_line(tiny_files, asn_artifact, monkeypatch):
+    from ann2snn import pipeline
+
+    d = tiny_files["dir"]
+    (d / "flaky.py").write_text("import os\nfrom conftest import tiny_cnn\n\n"
+                                "def make():\n    if os.environ.get('RANK') == '1':\n"
+                                "        raise RuntimeError('no memory left on this node')\n    return tiny_cnn()\n")
+    raw = json.loads((d / "a.json").read_text())
+    raw["model"]["ref"] = "flaky:make"
+    (d / "f.json").write_text(json.dumps(raw))
+    monkeypatch.syspath_prepend(str(d))
+    pipeline.convert(tiny_files["checkpoint"], d / "f.json", d / "f.snn", model_ref="flaky:make")
+    done = _torchrun(["evaluate", d / "f.snn", "--trust-code", "-d", tiny_files["data"], "-T", 8, "-r", d / "rep",
+                      "--device", "cpu"], d, extra_env={"PYTHONPATH": f"{d}{os.pathsep}{TESTS}"})
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("ann2snn: error:")]
+    assert len(lines) == 2 and all("rank 1 of 2" in ln and "no memory left" in ln for ln in lines), done.stderr
+    assert "ann2snn/" not in done.stderr  # no traceback of ours (torchrun reports the exit status its own way)
+    assert not (d / "rep").exists() or not any((d / "rep").iterdir())
+
+
+def test_shards_and_merge_give_the_single_process_report(run_cli, tiny_files, asn_artifact):
+    d = tiny_files["dir"]
+    args = ["evaluate", asn_artifact, *MODEL, "-d", tiny_files["data"], "-T", 16, "--device", "cpu",
+            "--arousal", "low=0.45,high=0.1,at=5,threshold=0.6"]
+    assert run_cli(*args, "-r", d / "one")[0] == 0
+    for i in range(3):
+        code, out, err = run_cli(*args, "--shard", f"{i}/3", "-r", d / f"s{i}")
+        assert code == 0 and "partial.json" in out, err
+        assert not (d / f"s{i}" / "report.json").exists()
+    parts = [d / f"s{i}" / "partial.json" for i in (2, 0, 1)]
+    assert run_cli("merge", *parts, *MODEL, "-r", d / "merged", "--device", "cpu")[0] == 0
+    assert _report(d / "merged") == _report(d / "one")
+    code, _, err = run_cli("merge", *parts[:2], *MODEL, "-r", d / "m2")
+    assert code == 2 and "shard 1 is missing" in err and not (d / "m2").exists()
+    assert run_cli(*args[:-2], "--shard", "1/3", "-r", d / "other")[0] == 0  # no arousal: another evaluation
+    code, _, err = run_cli("merge", parts[0], d / "s0" / "partial.json", d / "other" / "partial.json", *MODEL,
+                           "-r", d / "m3")
+    assert code == 2 and "belongs to another evaluation" in err
+    code, _, err = run_cli(*args, "--shard", "3/3", "-r", d / "bad")
+    assert code == 2 and "--shard '3/3'" in err
