@@ -137,7 +137,7 @@ def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: Dat
         return None
     if ranks.active:
         sums = _all_reduce(ranks, sums)
-    report = _finish(plan, sums, artifact)
+    report = _finish(plan, sums, artifact, ranks.world)
     if report_dir is not None and ranks.leader:
         write_report(report, report_dir)
     return report
@@ -177,7 +177,7 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
         total = total + rec.sums
     if total.samples != len(plan.data):
         raise UserError(f"{partials[0]}: the shards hold {total.samples} samples, the data set {len(plan.data)}")
-    report = _finish(plan, total, first.artifact)
+    report = _finish(plan, total, first.artifact, n)
     if report_dir is not None:
         write_report(report, report_dir)
     return report
@@ -240,8 +240,8 @@ def _all_reduce(ranks: Ranks, sums: Sums) -> Sums:
                 seconds=ranks.max(sums.seconds))
 
 
-def _finish(plan: _Plan, sums: Sums, artifact) -> Report:
-    """The report of the sums over every sample of the plan's data."""
+def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
+    """The report of the sums over every sample of the plan's data, simulated in ``parts`` shards."""
     ctx, data, run = plan.ctx, plan.data, plan.run
     n = max(sums.samples, 1)
     ctx = replace(ctx, ann=dict(ctx.ann))
@@ -265,6 +265,10 @@ def _finish(plan: _Plan, sums: Sums, artifact) -> Report:
     elapsed = sums.seconds
     report.timing = {"seconds": round(elapsed, 3), "image_steps_per_second":
                      round(len(data) * run.timesteps * len(plan.runs) / elapsed, 1) if elapsed > 0 else None}
+    if parts > 1:  # counts add up exactly in any order; squared errors may not, in their last bits
+        report.timing.update(shards=parts, may_differ_from_one_process=["timing"] + (
+            ["ann.nmse", "snn.nmse", "curve[].nmse", "variants[].snn.nmse", "variants[].curve[].nmse"]
+            if ctx.metric == "nmse" else []))
     return report
 
 
