@@ -52,6 +52,17 @@ def test_simulation_matches_the_transfer_function(m_f, lo, hi):
     assert err.max() < 0.02, err
 
 
+@pytest.mark.parametrize("taus", [{"tau_gamma": 10.0, "tau_eta": 30.0, "tau_beta": 30.0},
+                                  {"tau_gamma": 25.0, "tau_eta": 50.0, "tau_beta": 50.0}])
+def test_the_closed_form_follows_other_time_constants(taus):
+    """f(S) uses the parameters' tau_gamma and tau_eta (it used 15 and 50 whatever they were)."""
+    p = asn.make_params(0.1, **taus)
+    S = torch.linspace(0.3, 3.0, 10, dtype=torch.float64)
+    decoded, _ = asn.measured_transfer(S, p, steps=3000, burn_in=400)
+    err = (decoded / asn.asn_transfer(S, p) - 1).abs()
+    assert err.max() < 0.02, err  # with tau_gamma 15 and tau_eta 50 in the formula: 4% and 24% off
+
+
 def test_module_scale_is_an_exact_change_of_units():
     torch.manual_seed(0)
     c = torch.rand(3, 4, 5, 5) * 3
@@ -72,7 +83,12 @@ def test_fitted_scale_beats_the_percentile_mapping():
     ref = float(a.quantile(0.999))
     lam = asn.fit_scale(a, p, ref)
     loss = lambda s: float(((a - s * asn.measured_f(a / s, p)) ** 2).mean())  # noqa: E731
-    assert loss(lam) <= loss(ref) and loss(lam) < 0.05 * float((a ** 2).mean())
+    # an independent, finer search that shares no point with the fit's grid (ref * 2^(k/8))
+    dense = [ref * 2.0 ** ((k + 0.37) / 40) for k in range(-120, 80)]
+    best = min(dense, key=loss)
+    assert loss(lam) <= 1.02 * loss(best)  # the fit finds the optimum to within its grid
+    assert abs(math.log2(lam / best)) <= 1 / 8 + 1 / 40
+    assert loss(lam) < 0.05 * float((a ** 2).mean()) and loss(lam) < 0.9 * loss(ref)
 
 
 def test_arousal_switches_only_the_aroused_sample():

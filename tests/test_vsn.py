@@ -51,9 +51,13 @@ def test_threshold_fit_trades_error_for_spikes():
     sample = sample[sample > 0]
     t = [vsn.fit_threshold(sample, 0.5, 1000, tr) for tr in (0.0, 0.01, 0.1, 1.0)]
     assert t[0] == 0.0 and t == sorted(t) and t[-1] > t[1]
-    for T in t[1:]:  # the fit is the exact argmin over the sample
-        err = lambda x: float((sample.double() ** 2 * (sample < x)).sum() / (sample.double() ** 2).sum())  # noqa
-        assert err(T) < 1.0
+    z = sample.double()
+    for tradeoff, T in zip((0.01, 0.1, 1.0), t[1:]):  # the fit is the exact argmin of its objective
+        objective = lambda x: float((z ** 2 * (z < x)).sum() / (z ** 2).sum()) * 0.5 / 0.5 \
+            + tradeoff * 1000 * 0.5 * float((z >= x).double().mean()) / 1000  # noqa: E731
+        candidates = z.sort().values[::97].tolist() + [T]
+        assert objective(T) <= min(objective(x) for x in candidates) + 1e-12
+        assert objective(T) < objective(0.0) and objective(T) < objective(float(z.max()) + 1)
 
 
 def test_surrogate_layer_computes_the_one_step_vsn_and_trains_its_thresholds():

@@ -48,6 +48,8 @@ class ASNParams(NamedTuple):
     d_eta: float
     d_beta: float
     h_out: float  # PSC amplitude: h (1 - d_beta) / (1 - d_eta) keeps the PSC area, so f(S), for any tau_beta
+    tau_gamma: float = 15.0  # the time constants the closed form f(S) needs
+    tau_eta: float = 50.0
 
 
 class ASNState(NamedTuple):
@@ -64,7 +66,7 @@ def make_params(m_f: float, theta0: float | None = None, tau_phi: float = 2.5, t
     h = normalised_h(m_f, theta0, tau_gamma, tau_eta)
     d = lambda tau: math.exp(-1.0 / tau) if tau > 0 else 0.0  # noqa: E731
     h_out = h * (1.0 - d(tau_beta)) / (1.0 - d(tau_eta))
-    return ASNParams(m_f, theta0, h, d(tau_phi), d(tau_gamma), d(tau_eta), d(tau_beta), h_out)
+    return ASNParams(m_f, theta0, h, d(tau_phi), d(tau_gamma), d(tau_eta), d(tau_beta), h_out, tau_gamma, tau_eta)
 
 
 def asn_init(current: torch.Tensor, p: ASNParams) -> ASNState:
@@ -104,9 +106,10 @@ def normalised_h(m_f: float, theta0: float, tau_gamma: float = 15.0, tau_eta: fl
     return 1.0 / _raw_transfer(1.0, m_f, theta0, tau_gamma, tau_eta)
 
 
-def asn_transfer(S: torch.Tensor, p: ASNParams, tau_gamma: float = 15.0, tau_eta: float = 50.0) -> torch.Tensor:
-    """Analytic mean output f(S) for a constant activation S (0 for S <= theta0 / 2)."""
-    return p.h * _raw_transfer(S, p.m_f, p.theta0, tau_gamma, tau_eta)
+def asn_transfer(S: torch.Tensor, p: ASNParams) -> torch.Tensor:
+    """Analytic mean output f(S) for a constant activation S (0 for S <= theta0 / 2), with the
+    parameters' own time constants."""
+    return p.h * _raw_transfer(S, p.m_f, p.theta0, p.tau_gamma, p.tau_eta)
 
 
 @torch.no_grad()
