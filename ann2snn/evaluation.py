@@ -33,7 +33,8 @@ from .files import check_outputs, json_text, parse_json, read_input, write_text
 from .neurons import Neuron
 from .options import DataSource, RunOptions
 from .records import from_json, to_json
-from .report import REPORT_FILES, Report, ReportContext, arousal_report, build_report, context, write_report
+from .report import (REPORT_FILES, Report, ReportContext, arousal_report, build_report, context, provenance,
+                     write_report)
 from .simulate import Run, SimulationResult, ann_metric_sum, nmse, resolve_device, simulate
 from .transfer_training import with_transfer
 
@@ -262,6 +263,7 @@ def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
         report.arousal = arousal_report(plan.art.neuron, plan.policy, meta.arousal is not None,
                                         meta.arousal.search if meta.arousal else None, reports,
                                         sums.runs[0].aroused / n)
+    report.provenance = provenance(artifact, data, meta.calibration.seed, str(plan.device))
     elapsed = sums.seconds
     report.timing = {"seconds": round(elapsed, 3), "image_steps_per_second":
                      round(len(data) * run.timesteps * len(plan.runs) / elapsed, 1) if elapsed > 0 else None}

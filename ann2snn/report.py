@@ -27,6 +27,7 @@ ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real conn
                  "(VSN); layers fed with analog values cost MACs, the "
                  "constant input current once per sample. Memory access and neuron updates excluded.")
 MARGINS = (0.1, 0.2, 0.5, 1.0)
+REPORT_FORMAT, REPORT_VERSION = "ann2snn-report", 1
 
 
 @dataclass(kw_only=True)
@@ -72,6 +73,8 @@ class Report:
     the ANN's figures, per-layer and per-step results, energy, and the other runs as variants.
     ``snn`` and ``ann`` hold the metric (``accuracy``, or ``nmse`` for regression) under its name."""
 
+    format: str = REPORT_FORMAT
+    version: int = REPORT_VERSION
     tool: str = f"ann2snn {__version__}"
     dataset: dict
     metric: str
@@ -90,6 +93,7 @@ class Report:
     artifact: dict | None = None
     variants: list[Variant] | None = None
     arousal: ArousalReport | None = None
+    provenance: dict | None = None
     timing: dict | None = None
 
     def as_variant(self) -> Variant:
@@ -166,6 +170,36 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
                   ann={**ctx.ann, "energy_pj_per_sample": ann_energy_pj(ctx.ann["macs_per_sample"], ctx.preset)},
                   snn=snn, energy={"preset": ctx.preset, **PRESETS[ctx.preset], "regime": ENERGY_REGIME},
                   layers=layers, curve=curve, readout=readout.describe(), label=run.label)
+
+
+def provenance(artifact: str | Path, data: TensorData, calibration_seed: int, device: str) -> dict:
+    """What a reader needs to reproduce the report: the command, the software and device, the
+    checksums of the artifact and of the data as simulated, and the seeds."""
+    import hashlib
+    import platform
+    import sys
+
+    digest = hashlib.sha256()
+    for t in (data.inputs, data.targets):
+        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
+        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    dev = torch.device(device)
+    return {"command": " ".join(["ann2snn", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("ann2snn", "__main__.py")
+            else None, "ann2snn": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            "artifact_sha256": _sha256(artifact), "data_sha256": digest.hexdigest(),
+            "seeds": {"calibration_subset": calibration_seed}}
+
+
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def arousal_report(neuron: Neuron, policy, stored_policy: bool, search: SearchRecord | None,

@@ -46,8 +46,12 @@ def test_same_command_gives_the_same_report(run_cli, tiny_files):
         assert code == 0, err
         report = json.loads((tiny_files["dir"] / name / "report.json").read_text())
         report.pop("timing")
+        command = report["provenance"].pop("command")  # names its own report folder and batch size
+        assert command.startswith("ann2snn evaluate") and "--batch-size" in command
         reports.append(report)
     assert reports[0] == reports[1]
+    p = reports[0]["provenance"]
+    assert reports[0]["format"] == "ann2snn-report" and p["torch"] and len(p["artifact_sha256"]) == 64
 
 
 def test_info_and_help(run_cli, tiny_files):
