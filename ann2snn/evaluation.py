@@ -35,7 +35,8 @@ from .options import DataSource, RunOptions
 from .records import from_json, to_json
 from .report import (REPORT_FILES, Report, ReportContext, arousal_report, build_report, context, provenance,
                      write_report)
-from .simulate import Run, SimulationResult, ann_metric_sum, nmse, resolve_device, simulate
+from .simulate import Run, SimulationResult, ann_metric_sum, ann_per_sample, nmse, resolve_device, simulate
+from .stats import mcnemar
 from .transfer_training import with_transfer
 
 PARTIAL_FORMAT, PARTIAL_VERSION, PARTIAL_FILE = "ann2snn-partial-report", 1, "partial.json"
@@ -62,6 +63,7 @@ class RunSums:
     spikes: list[list[float]]
     synops: list[list[float]]
     aroused: int = 0
+    final: list[float]  # per sample, after the last step: 1 if right (regression: squared error)
 
 
 @dataclass(kw_only=True)
@@ -70,6 +72,7 @@ class Sums:
     ann: float  # the ANN's correct answers (or squared error)
     transfer: float | None = None  # the same with the neurons' transfer function in place of ReLU
     runs: list[RunSums]
+    ann_final: list[float]  # the ANN per sample: 1 if right (regression: squared error)
     seconds: float = 0.0
 
     def __add__(self, other: "Sums") -> "Sums":
@@ -77,9 +80,9 @@ class Sums:
         return Sums(samples=self.samples + other.samples, ann=self.ann + other.ann,
                     transfer=None if self.transfer is None else self.transfer + other.transfer,
                     runs=[RunSums(metric=add(a.metric, b.metric), spikes=add(a.spikes, b.spikes),
-                                  synops=add(a.synops, b.synops), aroused=a.aroused + b.aroused)
-                          for a, b in zip(self.runs, other.runs)],
-                    seconds=max(self.seconds, other.seconds))
+                                  synops=add(a.synops, b.synops), aroused=a.aroused + b.aroused,
+                                  final=a.final + b.final) for a, b in zip(self.runs, other.runs)],
+                    ann_final=self.ann_final + other.ann_final, seconds=max(self.seconds, other.seconds))
 
 
 @dataclass(kw_only=True)
@@ -173,8 +176,9 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
     policy = from_json(ArousalPolicy, first.arousal, f"{partials[0]}: arousal") if first.arousal else None
     plan = _prepare(first.artifact, first.dataset, RunOptions(**first.run), source, device, first.sweep,
                     first.compare, policy, model_ref, trust_code)
-    total = records[0].sums
-    for rec in records[1:]:
+    ordered = sorted(records, key=lambda rec: rec.shard[0])  # per-sample lists join in sample order
+    total = ordered[0].sums
+    for rec in ordered[1:]:
         total = total + rec.sums
     if total.samples != len(plan.data):
         raise UserError(f"{partials[0]}: the shards hold {total.samples} samples, the data set {len(plan.data)}")
@@ -219,9 +223,10 @@ def _simulate(plan: _Plan, data: TensorData, on_batch: Callable[[int], None] | N
                        on_batch, controller)
         elapsed += time.perf_counter() - start
         runs.append(RunSums(metric=sim.metric.tolist(), spikes=sim.spikes.tolist(), synops=sim.synops.tolist(),
-                            aroused=controller.count() if controller is not None else 0))
-    return Sums(samples=len(data), ann=ann_metric_sum(art.ann, data, run.batch_size, dev), transfer=transfer,
-                runs=runs, seconds=elapsed)
+                            aroused=controller.count() if controller is not None else 0, final=sim.final.tolist()))
+    ann = ann_per_sample(art.ann, data, run.batch_size, dev)
+    return Sums(samples=len(data), ann=float(ann.sum()), transfer=transfer, runs=runs, ann_final=ann.tolist(),
+                seconds=elapsed)
 
 
 def _fresh(controller):
@@ -233,19 +238,20 @@ def _all_reduce(ranks: Ranks, sums: Sums) -> Sums:
     flat = torch.tensor([sums.samples, sums.ann, sums.transfer or 0.0] + [r.aroused for r in sums.runs],
                         dtype=torch.float64)
     flat = ranks.sum(flat).tolist()
+    joined = lambda values: [v for part in ranks.gather(values) for v in part]  # noqa: E731  (rank order)
     runs = [RunSums(metric=ranks.sum(torch.tensor(r.metric, dtype=torch.float64)).tolist(),
                     spikes=ranks.sum(torch.tensor(r.spikes, dtype=torch.float64)).tolist(),
                     synops=ranks.sum(torch.tensor(r.synops, dtype=torch.float64)).tolist(),
-                    aroused=int(flat[3 + i])) for i, r in enumerate(sums.runs)]
+                    aroused=int(flat[3 + i]), final=joined(r.final)) for i, r in enumerate(sums.runs)]
     return Sums(samples=int(flat[0]), ann=flat[1], transfer=None if sums.transfer is None else flat[2], runs=runs,
-                seconds=ranks.max(sums.seconds))
+                ann_final=joined(sums.ann_final), seconds=ranks.max(sums.seconds))
 
 
 def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
     """The report of the sums over every sample of the plan's data, simulated in ``parts`` shards."""
     ctx, data, run = plan.ctx, plan.data, plan.run
     n = max(sums.samples, 1)
-    ctx = replace(ctx, ann=dict(ctx.ann))
+    ctx = replace(ctx, ann=dict(ctx.ann), ann_final=torch.tensor(sums.ann_final, dtype=torch.float64))
     ctx.ann[ctx.metric] = nmse(sums.ann, data) if ctx.metric == "nmse" else sums.ann / n
     if sums.transfer is not None:
         ctx.ann["transfer_accuracy"] = sums.transfer / n
@@ -253,9 +259,13 @@ def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
     for r, s in zip(plan.runs, sums.runs):
         sim = SimulationResult(run.timesteps, sums.samples, torch.tensor(s.metric, dtype=torch.float64),
                                torch.tensor(s.spikes, dtype=torch.float64), torch.tensor(s.synops, dtype=torch.float64),
-                               plan.art.meta.layer_names)
+                               plan.art.meta.layer_names, torch.tensor(s.final, dtype=torch.float64))
         reports.append(build_report(sim, r, r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms), ctx))
     meta = plan.art.meta
+    if ctx.metric == "accuracy":  # each other run against the main one, on the same samples
+        main = torch.tensor(sums.runs[0].final)
+        for rep, s in zip(reports[1:], sums.runs[1:]):
+            rep.snn["paired_vs_main_run"] = mcnemar(torch.tensor(s.final), main)
     report = replace(reports[0], artifact={"path": Path(artifact).name, "model": meta.model.ref,
                                            "maxpool": MAXPOOL_MODES[meta.maxpool]},
                      variants=[r.as_variant() for r in reports[1:]])

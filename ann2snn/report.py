@@ -21,6 +21,7 @@ from .profile import SearchRecord
 from .readout import Readout
 from .records import field, to_json
 from .simulate import Run, SimulationResult
+from .stats import mcnemar, wilson
 
 ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real connection. SNN: one AC "
                  "per synaptic event of a binary spike (IF, ASN), one MAC per event of a graded spike "
@@ -119,6 +120,7 @@ class ReportContext:
     analog_macs_per_step: float
     preset: str
     metric_norm: float | None = None
+    ann_final: torch.Tensor | None = None  # the ANN per sample: 1 if right (for paired tests)
 
 
 def context(ann: torch.nn.Module, data: TensorData, fan: dict[str, torch.Tensor], layers: list[str],
@@ -162,12 +164,16 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
            "synaptic_event_op": spike_op.upper(), "input_macs_per_sample": ctx.input_macs,
            "analog_macs_per_step": ctx.analog_macs_per_step, "energy_pj_per_sample": energy}
     if metric == "accuracy":
+        snn["accuracy_ci95"] = wilson(values[-1] * n, n)
+        if sim.final is not None and ctx.ann_final is not None and len(sim.final) == len(ctx.ann_final):
+            snn["paired_vs_ann"] = mcnemar(sim.final, ctx.ann_final)
         within = {f"{m}": within_margin(curve, ctx.ann["accuracy"], m) for m in MARGINS}
         snn["first_timestep_within_points_of_ann"] = {m: w["first"] for m, w in within.items()}
         snn["settled_timestep_within_points_of_ann"] = {m: w["settled"] for m, w in within.items()}
     return Report(dataset=ctx.dataset, metric=metric, neuron=run.spec.type, neuron_options=run.spec.options,
                   timesteps=steps, device=ctx.device,
-                  ann={**ctx.ann, "energy_pj_per_sample": ann_energy_pj(ctx.ann["macs_per_sample"], ctx.preset)},
+                  ann={**ctx.ann, "energy_pj_per_sample": ann_energy_pj(ctx.ann["macs_per_sample"], ctx.preset),
+                       **({"accuracy_ci95": wilson(ctx.ann["accuracy"] * n, n)} if metric == "accuracy" else {})},
                   snn=snn, energy={"preset": ctx.preset, **PRESETS[ctx.preset], "regime": ENERGY_REGIME},
                   layers=layers, curve=curve, readout=readout.describe(), label=run.label)
 
@@ -290,17 +296,24 @@ def plot(series: list[tuple[str, list[dict]]], ann_value: float, path: Path, tit
 def summary_table(report: Report) -> Table:
     ann, snn, metric = report.ann, report.snn, report.metric
     fmt = (lambda v: f"{100 * v:.2f}%") if metric == "accuracy" else (lambda v: f"{v:.4g}")  # noqa: E731
+    ci = lambda d: f"{100 * d['accuracy_ci95'][0]:.2f}-{100 * d['accuracy_ci95'][1]:.2f}" \
+        if "accuracy_ci95" in d else "-"  # noqa: E731
+    paired = lambda d: f"p={d['paired_vs_ann']['p_value']:.2g}{' *' if d['paired_vs_ann']['significant'] else ''}" \
+        if "paired_vs_ann" in d else "-"  # noqa: E731
     table = Table(title=f"{report.neuron.upper()} SNN, {report.timesteps} steps, "
-                        f"{report.dataset['name']} {report.dataset['split']} ({report.dataset['samples']})")
-    for col in ("", metric if metric == "accuracy" else "NMSE", "spikes/sample", "spikes %", "ops/sample",
-                "rate Hz", "energy uJ"):
+                        f"{report.dataset['name']} {report.dataset['split']} ({report.dataset['samples']})",
+                  caption="95% CI: Wilson interval; vs ANN: McNemar's exact test on the same samples "
+                          "(* = the difference is significant at p < 0.05)" if metric == "accuracy" else None)
+    for col in ("", metric if metric == "accuracy" else "NMSE", "95% CI", "vs ANN", "spikes/sample", "spikes %",
+                "ops/sample", "rate Hz", "energy uJ"):
         table.add_column(col, justify="right" if col else "left")
-    table.add_row("ANN", fmt(ann[metric]), "-", "-", f"{ann['macs_per_sample']:,.0f} MACs", "-",
+    table.add_row("ANN", fmt(ann[metric]), ci(ann), "-", "-", "-", f"{ann['macs_per_sample']:,.0f} MACs", "-",
                   f"{ann['energy_pj_per_sample'] / 1e6:.3f}")
     if "transfer_accuracy" in ann:
-        table.add_row("ANN, ReLU -> f", fmt(ann["transfer_accuracy"]), "-", "-", "-", "-", "-")
+        table.add_row("ANN, ReLU -> f", fmt(ann["transfer_accuracy"]), "-", "-", "-", "-", "-", "-", "-")
     for label, s in [(report.label or "SNN", snn)] + [(v.label, v.snn) for v in report.variants or []]:
-        table.add_row(f"SNN {label}", fmt(s[metric]), f"{s['spikes_per_sample']:,.0f}", f"{s['spike_percent']:.1f}",
+        table.add_row(f"SNN {label}", fmt(s[metric]), ci(s), paired(s), f"{s['spikes_per_sample']:,.0f}",
+                      f"{s['spike_percent']:.1f}",
                       f"{s['synops_per_sample']:,.0f} {'SynOps' if s['synaptic_event_op'] == 'AC' else 'MACs'}",
                       f"{s['firing_rate_hz']:.1f}", f"{s['energy_pj_per_sample'] / 1e6:.3f}")
     return table

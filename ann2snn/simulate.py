@@ -71,6 +71,7 @@ class SimulationResult:
     spikes: torch.Tensor  # [L, T] spikes emitted by layer l at step t, summed over samples
     synops: torch.Tensor  # [L, T] synaptic operations those spikes caused
     layers: list[str]
+    final: torch.Tensor | None = None  # [N] per sample after the last step: 1 if right (or squared error)
 
 
 def ieee_float32(fn):
@@ -155,7 +156,8 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
             continue
         if on_batch:
             on_batch(len(y))
-    return SimulationResult(timesteps, len(data), acc.metric.cpu(), acc.spikes.cpu(), acc.synops.cpu(), list(layers))
+    return SimulationResult(timesteps, len(data), acc.metric.cpu(), acc.spikes.cpu(), acc.synops.cpu(), list(layers),
+                            torch.cat(acc.final) if acc.final else torch.zeros(0, dtype=torch.float64))
 
 
 def _chunks(timesteps: int, size: int, decisions) -> list[tuple[int, int]]:
@@ -183,6 +185,7 @@ class _Accumulator:
         self.spikes = torch.zeros(n_layers, timesteps, dtype=torch.float64, device=device)
         self.synops = torch.zeros_like(self.spikes)
         self._spikes, self._synops = torch.zeros_like(self.spikes), torch.zeros_like(self.spikes)
+        self.final: list[torch.Tensor] = []
 
     def batch(self, y: torch.Tensor) -> "_Reader":
         self._spikes.zero_()
@@ -198,6 +201,7 @@ class _Accumulator:
         self._synops[i, t0:t0 + len(counts)] += counts[:, 1]
 
     def commit(self, reader: "_Reader") -> None:
+        self.final.append(reader.final.cpu())
         self.metric += reader.metric
         self.spikes += self._spikes
         self.synops += self._synops
@@ -209,7 +213,7 @@ class _Reader:
     def __init__(self, readout: Readout, y: torch.Tensor, regression: bool, metric: torch.Tensor):
         self.readout, self.y, self.regression, self.metric = readout, y, regression, metric
         self.decay = math.exp(-1.0 / readout.tau) if readout.tau else None
-        self.r = self.total = None
+        self.r = self.total = self.final = None
 
     def update(self, t: int, out: torch.Tensor) -> torch.Tensor:
         d, start = self.decay, self.readout.start
@@ -220,7 +224,8 @@ class _Reader:
         if t >= start:
             self.total = self.r if self.total is None else self.total + self.r
         score = self.total / (t - start + 1) if t >= start else self.r
-        self.metric[t] += batch_metric(score, self.y, self.regression)
+        self.final = per_sample_metric(score, self.y, self.regression)
+        self.metric[t] += self.final.sum()
         return score
 
 
@@ -230,24 +235,29 @@ def ann_accuracy(ann: nn.Module, data: TensorData, batch_size: int, device: torc
     return nmse(total, data) if data.task == "regression" else total / max(len(data), 1)
 
 
-@ieee_float32
-@torch.inference_mode()
 def ann_metric_sum(ann: nn.Module, data: TensorData, batch_size: int, device: torch.device) -> float:
     """The ANN's correct answers (or, regression, summed squared error) on ``data``: a sum, so
     shards of a data set add up."""
+    return float(ann_per_sample(ann, data, batch_size, device).sum())
+
+
+@ieee_float32
+@torch.inference_mode()
+def ann_per_sample(ann: nn.Module, data: TensorData, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Per sample of ``data``: 1 if the ANN is right, else 0 (regression: its squared error), float64."""
     ann = ann.to(device).eval()
-    total = 0.0
-    for x, y in data.batches(batch_size):
-        total += float(batch_metric(ann(x.to(device)), y.to(device), data.task == "regression"))
-    return total
+    parts = [per_sample_metric(ann(x.to(device)), y.to(device), data.task == "regression").cpu()
+             for x, y in data.batches(batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
-def batch_metric(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
-    """Summed over the batch: squared error of the first output (regression), else correct argmaxes."""
+def per_sample_metric(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Per sample, float64: squared error of the first output (regression), else 1 for a correct argmax."""
     out = out.reshape(len(y), -1)
     if regression:
-        return ((out[:, 0].double() - y.double()) ** 2).sum()
-    return (out.argmax(1) == y).sum()
+        return (out[:, 0].double() - y.double()) ** 2
+    return (out.argmax(1) == y).double()
+
 
 
 def nmse(squared_error: float, data: TensorData) -> float:

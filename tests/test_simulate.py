@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -207,3 +208,20 @@ def test_cuda_fused_engine_equals_the_unfused_one_and_agrees_with_the_cpu():
     assert torch.equal(fused.synops, unfused.synops)
     assert abs(float(fused.spikes.sum() / cpu.spikes.sum()) - 1) < 0.01
     assert (fused.metric[-1] - cpu.metric[-1]).abs() <= 2
+
+
+def test_intervals_and_paired_tests_match_hand_computed_values():
+    import math
+
+    from ann2snn.stats import mcnemar, wilson
+
+    lo, hi = wilson(95, 100)  # Wilson 1927: p = 0.95, n = 100, z = 1.96
+    assert lo == pytest.approx(0.8882, abs=1e-4) and hi == pytest.approx(0.9785, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and 0.27 < wilson(0, 10)[1] < 0.28
+    a = torch.tensor([1] * 20 + [0] * 5 + [1] * 75, dtype=torch.float64)  # 20 right only in a, 5 only in b
+    b = torch.tensor([0] * 20 + [1] * 5 + [1] * 75, dtype=torch.float64)
+    test = mcnemar(a, b)
+    exact = 2 * sum(math.comb(25, i) for i in range(6)) / 2 ** 25  # two-sided exact binomial
+    assert (test["only_this_right"], test["only_other_right"]) == (20, 5)
+    assert test["p_value"] == pytest.approx(exact, rel=1e-9) and test["significant"]
+    assert mcnemar(a, a)["p_value"] == 1.0 and not mcnemar(a, a)["significant"]
