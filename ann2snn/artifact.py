@@ -175,10 +175,13 @@ def load_artifact(path: str | Path, model_ref: str | None = None, trust_code: bo
     if set(own) != set(tensors):
         diff = sorted(set(own) ^ set(tensors))[:4]
         raise UserError(f"{path}: tensors do not match the rebuilt network (differing keys: {', '.join(diff)})")
+    spiking = set(meta.layer_names)
     for key, value in own.items():
         if tuple(value.shape) != tuple(tensors[key].shape):
             raise UserError(f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
                             f"the network needs {tuple(value.shape)}")
+        if key.split(".")[0] in spiking and not torch.equal(value, tensors[key].to(value.dtype)):
+            raise UserError(f"{path}: tensor {key!r} disagrees with the layer parameters in the metadata")
     snn.load_state_dict(tensors)
     ann.load_state_dict({k: tensors[k] for k in ann.state_dict()})
     return Artifact(ann.eval(), snn.eval(), meta, neuron)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -24,7 +25,8 @@ from .errors import UserError
 from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from .profile import Profile
 from .records import to_json
-from .report import Report, layer_table, summary_table
+from .files import check_outputs
+from .report import REPORT_FILES, Report, layer_table, summary_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert trained PyTorch networks into spiking networks and measure accuracy per spike.")
@@ -315,6 +317,9 @@ def demo(
     ckpt, calib, test = (Path(str(assets / n)) for n in
                          ("lenet5_mnist.safetensors", "mnist_calib.safetensors", "mnist_test.safetensors"))
     profile_path, snn_path = out / "lenet5.calib.json", out / "lenet5_if.snn.safetensors"
+    check_outputs([("calibration profile", profile_path), ("SNN artifact", snn_path),
+                   *(("report", out / "report" / name) for name in REPORT_FILES)], [ckpt, calib, test],
+                  [("report folder", out / "report")])  # all three steps' outputs, before the first
     console.rule(f"1/3 ann2snn calibrate {ckpt.name} -m lenet5 -d {calib.name} -o {profile_path}")
     profile, _ = pipeline.calibrate(ckpt, "lenet5", str(calib), profile_path, device=device)
     _print_calibration(profile, profile_path)
@@ -399,6 +404,8 @@ def run(args: list[str] | None = None) -> int:
     try:
         result = app(args=args, standalone_mode=False)
     except UserError as exc:
+        if getattr(exc, "reported", False):  # printed on every rank already (distributed.RankFailure)
+            return 2
         return _fail(exc.render(flag))
     except click.exceptions.NoArgsIsHelpError as exc:
         console.print(exc.ctx.get_help())
@@ -410,6 +417,11 @@ def run(args: list[str] | None = None) -> int:
         return _fail(exc.format_message(), exc.exit_code)
     except typer.Abort:
         return _fail("interrupted; no partial output was written", 130)
+    except OSError as exc:  # standard output closed or full (a pipe, /dev/full): outputs are complete
+        if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO):
+            raise
+        sys.stdout = open(os.devnull, "w")  # nothing more to a stdout that cannot take it
+        return _fail(f"cannot write to standard output ({exc.strerror}); the output files are complete")
     finally:
         distributed.stop()
     return result if isinstance(result, int) else 0

@@ -51,8 +51,8 @@ class Normalize:
     def __post_init__(self):
         if len(self.mean) != len(self.std):
             raise ValueError("as many means as stds")
-        if not all(math.isfinite(m) and abs(m) < 1e30 for m in self.mean) or \
-                not all(math.isfinite(s) and 1e-30 < s < 1e30 for s in self.std):
+        finite = lambda v: isinstance(v, (int, float)) and -1e30 < v < 1e30  # noqa: E731  (no overflow, no NaN)
+        if not all(finite(m) for m in self.mean) or not all(finite(s) and s > 1e-30 for s in self.std):
             raise ValueError("finite means, and every std > 0 and finite")
 
     @classmethod
@@ -241,10 +241,20 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def data_files(spec: str) -> list[Path]:
-    """The files a data-set spec reads directly (a tensor file), for output-versus-input checks."""
-    path = Path(spec[len("folder:"):]) if spec.startswith("folder:") else Path(spec)
-    return [path] if spec not in NAMED and spec not in FEYNMAN and _exists(path) else []
+def data_files(spec: str, root: str | Path | None = None) -> list[Path]:
+    """The files a data-set spec reads, for output-versus-input checks: a tensor file, every file
+    of an image folder, every file of a named set's folder under ``root``."""
+    if spec in FEYNMAN:
+        return []
+    if spec in NAMED:
+        folder = (Path(root) if root else default_data_dir()) / NAMED[spec][1]
+    else:
+        folder = Path(spec[len("folder:"):]) if spec.startswith("folder:") else Path(spec)
+    if not _exists(folder):
+        return []
+    if not folder.is_dir():
+        return [folder]
+    return [p for p in folder.rglob("*") if p.is_file()][:100_000]
 
 
 def calibration_subset(data: TensorData, samples: int, seed: int) -> TensorData:

@@ -18,12 +18,19 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from .errors import UserError
+
+
+class RankFailure(UserError):
+    """A rank failed; every rank has printed this already (``reported``)."""
+
+    reported = True
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,13 @@ class Ranks:
         failed = [(r, m) for r, m in enumerate(self.gather(message)) if m is not None]
         if failed:
             r, m = failed[0]
-            raise UserError(f"rank {r} of {self.world}: {m}")
+            error = RankFailure(f"rank {r} of {self.world}: {m}")
+            print(f"ann2snn: error: {error}", file=sys.stderr, flush=True)  # every rank, before any exits
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.barrier()
+            raise error
 
 
 _RANKS = Ranks()

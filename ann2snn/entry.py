@@ -8,6 +8,7 @@ every output on the way is a temporary file that its ``finally`` removes.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -38,4 +39,8 @@ def main() -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (| head): what it wanted it has; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)

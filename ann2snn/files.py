@@ -44,16 +44,18 @@ def check_outputs(outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterab
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder}: the {what} must be a folder; this is a file")
         _check_writable_folder(folder, what, folder)
-    ins = [(Path(p), _identity(Path(p))) for p in inputs if p is not None]
+    ins = {}  # (device, inode) -> path: a file is the same under any name, link or relative path
+    for p in inputs:
+        if p is not None and (ident := _identity(Path(p))) is not None:
+            ins.setdefault(ident, Path(p))
     seen: dict[tuple, str] = {}
     for what, path in outputs:
         if path is None:
             continue
         path = Path(path)
         ident = _identity(path)
-        for source, source_ident in ins:
-            if _same(path, ident, source, source_ident):
-                raise UserError(f"{path}: the {what} would replace the input {source}; choose another path")
+        if ident is not None and ident in ins:
+            raise UserError(f"{path}: the {what} would replace the input {ins[ident]}; choose another path")
         key = ident or (str(path.resolve()),)
         if key in seen:
             raise UserError(f"{path}: given both as the {seen[key]} and as the {what}; choose two paths")
@@ -68,15 +70,6 @@ def _identity(path: Path) -> tuple | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
-
-
-def _same(a: Path, a_id: tuple | None, b: Path, b_id: tuple | None) -> bool:
-    if a_id is not None and a_id == b_id:
-        return True
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 def _check_replaceable(path: Path, what: str) -> None:

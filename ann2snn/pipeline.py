@@ -68,7 +68,7 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     ranks = distributed.start(device)  # under torchrun: the budget search is shared, rank 0 writes
     device = distributed.rank_device(device)
     if ranks.leader:
-        check_outputs([("calibration profile", output)], [checkpoint, *data_files(dataset)])
+        check_outputs([("calibration profile", output)], [checkpoint, *data_files(dataset, source.data_dir)])
     model_ref = _model_ref(model_ref, checkpoint)
     data = open_dataset(dataset, options.split, source.data_dir, source.download, norm)
     subset = calibration_subset(data, options.samples, options.seed)
@@ -186,7 +186,7 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
         raise OptionError("output", f"{output}: the fine-tuned checkpoint is written as .safetensors; name it so")
     profile_output = Path(profile_output) if profile_output else Path(output).with_suffix(".calib.json")
     check_outputs([("checkpoint", output), ("calibration profile", profile_output)],
-                  [checkpoint, calibration, *data_files(dataset)])
+                  [checkpoint, calibration, *data_files(dataset, source.data_dir)])
     profile = load_profile(calibration)
     neuron = neurons.get(profile.neuron.type)
     if profile.model.ref == EXPORT_REF:

@@ -65,6 +65,10 @@ class DataInfo:
     samples: int
     seed: int
 
+    def __post_init__(self):
+        if not 0 < self.samples < 2 ** 40 or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"samples {self.samples} and seed {self.seed}: a positive count and a seed in [0, 2^63)")
+
 
 @dataclass(kw_only=True)
 class NeuronSpec:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import operator
 import posixpath
 import re
@@ -50,7 +51,8 @@ def read_export(source: str | Path | bytes, trust_pickle: bool = False, name: st
     if not trust_pickle:
         _check_pickles(source, name)
     try:
-        with warnings.catch_warnings(), (contextlib.nullcontext() if trust_pickle else _weights_only()):
+        with warnings.catch_warnings(), (contextlib.nullcontext() if trust_pickle else _weights_only()), \
+                _quiet_logs():
             warnings.simplefilter("ignore")
             program = torch.export.load(io.BytesIO(source))
         gm = program.module()
@@ -60,6 +62,16 @@ def read_export(source: str | Path | bytes, trust_pickle: bool = False, name: st
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise UserError(f"{name}: not a readable torch.export archive ({type(exc).__name__}: {first})") from None
     return _rebuild(gm, name)
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """torch logs failed loads at length before raising; the error line says what matters."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 @contextlib.contextmanager
@@ -97,7 +109,7 @@ def _check_graph_text(archive: zipfile.ZipFile, names: list[str], name: str) -> 
     for member in (n for n in names if n.endswith(".json")):
         try:
             value = json.loads(archive.read(member))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, zipfile.BadZipFile) as exc:
+        except (ValueError, RecursionError) as exc:
             raise UserError(f"{name}: corrupt archive member {member} ({type(exc).__name__})") from None
         stack = [value]
         while stack:
@@ -117,6 +129,9 @@ def _check_graph_text(archive: zipfile.ZipFile, names: list[str], name: str) -> 
 
 
 def _plain_expression(text: str) -> bool:
+    """Arithmetic on shape symbols: no powers (9**9**9 would never finish), short numbers."""
+    if len(text) > 400 or "**" in text or re.search(r"\d{19}", text) or re.search(r"\bPow\b|\bPowByNatural\b", text):
+        return False
     pos = 0
     while pos < len(text):
         m = EXPR_TOKEN.match(text, pos)
@@ -129,14 +144,35 @@ def _plain_expression(text: str) -> bool:
     return True
 
 
+# Members a plain exported program holds, below the archive's top folder; anything else (compiled
+# AOTInductor libraries, extra files torch would load by their folder alone) is refused.
+MEMBERS = re.compile(r"[^/]+/(models/[A-Za-z0-9_]+\.json|data/(weights|constants|sample_inputs)/[A-Za-z0-9_.]+"
+                     r"|archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                     r"|extra/[A-Za-z0-9_.]+\.(json|txt))")
+
+
 def _check_pickles(data: bytes, name: str) -> None:
-    """Refuse an archive with ambiguous member names, or holding a pickle that would import
-    anything beyond plain tensors."""
+    """Refuse an archive with members a plain exported program does not have, ambiguous member
+    names, graph text torch would run, or a pickle that would import more than plain tensors."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, NotImplementedError) as exc:
         raise UserError(f"{name}: not a readable torch.export archive ({exc})") from None
+    odd = next((n for n in names if not MEMBERS.fullmatch(n) or n.endswith((".so", ".dll", ".dylib", ".py"))), None)
+    if odd is not None:
+        raise UserError(f"{name}: refused: the archive holds {odd!r}, which a plain exported program does not "
+                        "(compiled code, or a file torch would load); pass {{trust_pickle}} only if you trust it")
+    try:
+        _check_contents(archive, names, name)
+    except UserError:
+        raise
+    except Exception as exc:  # a corrupt or odd zip: compression, encryption, deflate errors, odd JSON
+        raise UserError(f"{name}: not a readable torch.export archive ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+
+
+def _check_contents(archive: zipfile.ZipFile, names: list[str], name: str) -> None:
     _check_graph_text(archive, names, name)
     spelled: dict[str, str] = {}
     for member in names:
@@ -147,12 +183,11 @@ def _check_pickles(data: bytes, name: str) -> None:
         spelled[canonical] = member
     pickled = [n for n in names if n.endswith(".pt")]
     for config in (n for n in names if n.endswith("_config.json") and "/data/" in n):
-        try:
-            entries = json.loads(archive.read(config)).get("config", {})
-        except (json.JSONDecodeError, AttributeError, zipfile.BadZipFile) as exc:
-            raise UserError(f"{name}: corrupt archive member {config} ({exc})") from None
+        entries = json.loads(archive.read(config)).get("config", {})
         folder = config.rsplit("/", 1)[0]
         for entry in entries.values():
+            if not isinstance(entry, dict):
+                raise UserError(f"{name}: corrupt archive member {config} (an entry is not an object)")
             path = str(entry.get("path_name", ""))
             if path.startswith(("custom_obj", "opaque_obj")):
                 raise UserError(f"{name}: refused to load (the archive holds a pickled Python object, {path}); "

@@ -162,8 +162,9 @@ def resolve_model(ref: str, kwargs: dict | None = None) -> nn.Module:
         user = kwargs.pop("user", {})
         try:
             return _REGISTRY[ref](**kwargs, **user)
-        except TypeError as exc:
-            raise OptionError("model", f"{ref}: bad model argument ({exc})") from None
+        except Exception as exc:  # a bad argument: wrong name, negative size, too large to allocate
+            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise OptionError("model_ref", f"{ref}: bad model argument ({type(exc).__name__}: {first})") from None
     if ":" not in ref:
         raise OptionError("model", f"{ref!r}: not a zoo model ({', '.join(list_models())}) "
                         "nor 'package.module:callable'")

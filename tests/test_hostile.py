@@ -303,7 +303,7 @@ def test_edited_profile_parameters_are_checked(run_cli, flow, key, value, match)
 def test_neuron_options_are_checked(run_cli, flow):
     base = ("calibrate", flow["checkpoint"], *MODEL, "-d", flow["data"], "-o", flow["dir"] / "o.json")
     _one_line_error(run_cli(*base, "--neuron", "asn", "--param", "m_f=0"), "--param m_f=0: must be in (0, 2]")
-    _one_line_error(run_cli(*base, "--neuron", "asn", "--param", "tau_eta=NaN"), "tau_eta=nan: must be > 0")
+    _one_line_error(run_cli(*base, "--neuron", "asn", "--param", "tau_eta=NaN"), "tau_eta=nan: must be in [0.1, 1e+06]")
     _one_line_error(run_cli(*base, "--neuron", "vsn", "--param", "beta=1"), "beta=1: must be in [0, 1)")
     _one_line_error(run_cli(*base, "--normalize", "0.5;0"), "every std > 0")
 
@@ -486,5 +486,68 @@ def test_more_values_that_used_to_end_in_a_traceback(run_cli, flow):
     _one_line_error(run_cli(*cal, "-d", flow["data"], "--neuron", "asn", "--budget", 100, "-T", 10 ** 12),
                     "--timesteps 1000000000000:")
     _one_line_error(run_cli(*cal, "-d", flow["data"], "--neuron", "asn", "--param", "scale=1e-320"),
-                    "ASN parameter scale=")
+                    "--param scale=1e-320: must be 'fit' or > 0")  # below float32's smallest normal number
     assert not (d / "o.json").exists()
+
+
+
+# Found by a second hostile run ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", ["archive/data/aotinductor/model/model.wrapper.so", "models/model.JSON"])
+def test_an_export_archive_with_members_torch_would_load_is_refused(run_cli, tiny_files, extra):
+    f = tiny_files
+    src = f["dir"] / "model.pt2"
+    torch.export.save(torch.export.export(tiny_cnn(), (torch.zeros(2, 1, 8, 8),)), str(src))
+    out = f["dir"] / "odd.pt2"
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(out, "w") as b:
+        top = a.namelist()[0].split("/")[0]
+        for member in a.namelist():
+            b.writestr(member, a.read(member))
+        b.writestr(f"{top}/{extra.split('/', 1)[1]}", b"\x7fELF" if extra.endswith(".so") else b"{}")
+    _one_line_error(run_cli("calibrate", out, "-d", f["data"], "-o", f["dir"] / "o.json"),
+                    "which a plain exported program does not", absent=[f["dir"] / "o.json"])
+
+
+def test_files_of_a_named_data_set_are_inputs_too(run_cli, flow, tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"labels")
+    from ann2snn.data import data_files
+
+    assert raw / "train-labels-idx1-ubyte" in data_files("mnist", tmp_path / "data")
+    _one_line_error(run_cli("calibrate", flow["checkpoint"], *MODEL, "-d", "mnist", "--data-dir", tmp_path / "data",
+                            "-o", raw / "train-labels-idx1-ubyte"), "would replace the input")
+    assert (raw / "train-labels-idx1-ubyte").read_bytes() == b"labels"
+
+
+def test_parameters_that_float32_cannot_hold_and_unknown_ones_are_refused(run_cli, flow):
+    d = flow["dir"]
+    for key, value, match in (("threshold", 1e-46, "threshold=1e-46: must be > 0"),
+                              ("threshold", 10 ** 400, "must be > 0"),
+                              ("tau", 1.0, "tau is not a parameter of IF layers")):
+        raw = json.loads(flow["profile"].read_text())
+        raw["layers"][0]["params"][key] = value
+        (d / "e.json").write_text(json.dumps(raw))
+        _one_line_error(run_cli("convert", flow["checkpoint"], *MODEL, "-c", d / "e.json", "-o", d / "e.snn"),
+                        match, absent=[d / "e.snn"])
+    _one_line_error(run_cli("calibrate", flow["checkpoint"], "-m", "mlp", "-d", flow["data"], "-o", d / "m.json",
+                            "--model-arg", "hidden=-5"), "--model mlp: bad model argument", absent=[d / "m.json"])
+
+
+def test_an_artifact_whose_tensors_disagree_with_its_metadata_is_refused(run_cli, flow):
+    from safetensors import safe_open
+
+    from ann2snn.artifact import _digest
+
+    with safe_open(str(flow["snn"]), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.startswith("act0.") and k.endswith("threshold"))
+    tensors[key] = tensors[key] * 1000  # a forged threshold, the checksum recomputed
+    forged = flow["dir"] / "forged.snn"
+    save_file(tensors, str(forged), metadata={"ann2snn": meta["ann2snn"], "sha256": _digest(meta["ann2snn"], tensors)})
+    from ann2snn.artifact import load_artifact
+    from ann2snn.errors import UserError
+
+    with pytest.raises(UserError, match="disagrees with the layer parameters"):
+        load_artifact(forged, model_ref="conftest:tiny_cnn")

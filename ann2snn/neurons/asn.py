@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..readout import Readout
-from .neuron import NON_NEGATIVE, PERCENTILE, POSITIVE, Bound, Neuron, Precision, PrecisionControl
+from .neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl
 
 if TYPE_CHECKING:
     from ..calibrate import LayerStats
@@ -275,8 +275,9 @@ NEURON = Neuron(
     precision=Precision("m_f", (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6)),
     default_timesteps=200, readout_options=("readout_tau", "start_ms"),
     transfer_module=transfer_module, precision_control=AROUSAL,
-    bounds={"m_f": Bound(0, 2, lo_open=True), "theta0": Bound(0, lo_open=True, none=True),
-            "tau_phi": NON_NEGATIVE, "tau_gamma": POSITIVE, "tau_eta": POSITIVE, "tau_beta": NON_NEGATIVE,
+    bounds={"m_f": Bound(0, 2, lo_open=True), "theta0": Bound(1e-6, 100, none=True),
+            "tau_phi": Bound(0, 1e6), "tau_gamma": Bound(0.1, 1e6), "tau_eta": Bound(0.1, 1e6),
+            "tau_beta": Bound(0, 1e6),
             "readout_tau": NON_NEGATIVE, "start_ms": Bound(0, integer=True), "percentile": PERCENTILE,
             "scale": Bound(0, lo_open=True, words=("fit",))},
     param_options=("m_f", "theta0", *TAU),

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from ..calibrate import LayerStats
 
 
-FLOAT32_MAX = 3.4e38  # parameters become float32 tensors: larger magnitudes overflow
+FLOAT32_MAX = 3.4e38  # parameters become float32 tensors: larger magnitudes overflow,
+FLOAT32_TINY = 1.2e-38  # and smaller non-zero ones flush to zero
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,13 @@ class Bound:
             return next((p for p in map(self.problem, value) if p), None)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and self._numeric
         if ok:
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond any float
+                return f"must be {self.describe()}"
             ok = math.isfinite(value) and (value > self.lo if self.lo_open else value >= self.lo) and \
                 (value < self.hi if self.hi_open else value <= self.hi) and \
-                (not self.integer or float(value).is_integer())
+                (not self.integer or value.is_integer()) and (value == 0 or abs(value) >= FLOAT32_TINY)
         if ok:
             return None
         if isinstance(value, str) and self._numeric:
@@ -182,8 +187,11 @@ class Neuron:
                 raise UserError(f"{source}: {self.name.upper()} option {key}={value}: {problem}")
 
     def check_params(self, layer: str, params: dict) -> None:
-        """Refuse a layer parameter out of its bounds (e.g. from a hand-edited profile)."""
+        """Refuse a layer parameter out of its bounds or unknown (e.g. from a hand-edited profile)."""
         for key, value in params.items():
+            if self.bounds and key not in self.bounds:
+                raise UserError(f"layer {layer}: {key} is not a parameter of {self.name.upper()} layers "
+                                f"(parameters: {', '.join(self.bounds)})")
             problem = self.bounds[key].problem(value) if key in self.bounds else None
             if problem:
                 raise UserError(f"layer {layer}: {self.name.upper()} parameter {key}={value}: {problem}")
