@@ -428,5 +428,6 @@ def run(args: list[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"ann2snn: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.stderr.write(f"ann2snn: error: {' '.join(message.split())}\n")  # one write: no interleaving
+    sys.stderr.flush()
     return code

@@ -100,7 +100,8 @@ class Ranks:
         if failed:
             r, m = failed[0]
             error = RankFailure(f"rank {r} of {self.world}: {m}")
-            print(f"ann2snn: error: {error}", file=sys.stderr, flush=True)  # every rank, before any exits
+            sys.stderr.write(f"ann2snn: error: {error}\n")  # one write: ranks share the stream
+            sys.stderr.flush()  # every rank has said it before any exits
             import torch.distributed as dist
 
             with contextlib.suppress(Exception):
