@@ -23,10 +23,11 @@ from .records import field, to_json
 from .simulate import Run, SimulationResult
 from .stats import mcnemar, wilson
 
-ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real connection. SNN: one AC "
-                 "per synaptic event of a binary spike (IF, ASN), one MAC per event of a graded spike "
-                 "(VSN); layers fed with analog values cost MACs, the "
-                 "constant input current once per sample. Memory access and neuron updates excluded.")
+ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real connection. SNN: synaptic "
+                 "energy - one AC per synaptic event of a binary spike (IF, ASN), one MAC per event of a "
+                 "graded spike (VSN); layers fed with analog values cost MACs, the constant input current "
+                 "once per sample - plus neuron energy: every neuron's update at every step, multiplies as "
+                 "MACs and adds or compares as ACs (Neuron.step_ops). Memory access excluded.")
 MARGINS = (0.1, 0.2, 0.5, 1.0)
 REPORT_FORMAT, REPORT_VERSION = "ann2snn-report", 1
 
@@ -150,7 +151,12 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
     cum_spikes = (sim.spikes.sum(0).cumsum(0) / n).tolist()
     cum_synops = (sim.synops.sum(0).cumsum(0) / n).tolist()
     spike_op = run.neuron.spike_op
-    energy = snn_energy_pj(synops, ctx.input_macs, ctx.analog_macs_per_step, steps, ctx.preset, spike_op)
+    synaptic = snn_energy_pj(synops, ctx.input_macs, ctx.analog_macs_per_step, steps, ctx.preset, spike_op)
+    ops = run.neuron.step_ops
+    updates = {"mac": total_units * steps * ops.mac_per_step,
+               "add": total_units * steps * ops.add_per_step + spikes * ops.add_per_spike} if ops else None
+    neuron_energy = (updates["mac"] * PRESETS[ctx.preset]["mac_pj"] + updates["add"] * PRESETS[ctx.preset]["ac_pj"]
+                     if updates else 0.0)
     rate = lambda s, count: s / max(count, 1) / steps * 1000.0  # noqa: E731
     layers = [LayerReport(name=name, source=ctx.sources.get(name, ""), neurons=units[name],
                           spikes_per_sample=float(layer_spikes[i]) / n,
@@ -162,7 +168,9 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
            "firing_rate_hz": rate(spikes, total_units),
            "spike_percent": 100.0 * spikes / max(total_units * steps, 1), "neurons": total_units,
            "synaptic_event_op": spike_op.upper(), "input_macs_per_sample": ctx.input_macs,
-           "analog_macs_per_step": ctx.analog_macs_per_step, "energy_pj_per_sample": energy}
+           "analog_macs_per_step": ctx.analog_macs_per_step, "neuron_updates_per_sample": updates,
+           "synaptic_energy_pj_per_sample": synaptic, "neuron_energy_pj_per_sample": neuron_energy,
+           "energy_pj_per_sample": synaptic + neuron_energy}
     if metric == "accuracy":
         snn["accuracy_ci95"] = wilson(values[-1] * n, n)
         if sim.final is not None and ctx.ann_final is not None and len(sim.final) == len(ctx.ann_final):

@@ -46,7 +46,11 @@ def test_spike_accounting_on_a_hand_computed_case():
     assert report.snn["synops_per_sample"] == 3.0
     assert report.snn["firing_rate_hz"] == 3.0 / 2 / 4 * 1000
     assert report.ann["macs_per_sample"] == 4 == ann_macs(gm, (2,))
-    assert report.snn["energy_pj_per_sample"] == 3 * 0.9 + 2 * 4.6
+    assert report.snn["synaptic_energy_pj_per_sample"] == 3 * 0.9 + 2 * 4.6
+    # 2 neurons x 4 steps x (v += I, v >= theta) + 3 spikes x (v -= theta), each an add at 0.9 pJ
+    assert report.snn["neuron_updates_per_sample"] == {"mac": 0, "add": 2 * 4 * 2 + 3}
+    assert report.snn["neuron_energy_pj_per_sample"] == pytest.approx(19 * 0.9)
+    assert report.snn["energy_pj_per_sample"] == pytest.approx(3 * 0.9 + 2 * 4.6 + 19 * 0.9)
     assert [c["spikes_per_sample"] for c in report.curve] == [1.0, 2.0, 3.0, 3.0]
     assert report.layers[0].firing_rate_hz == 375.0 and report.layers[0].source == "0"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..errors import OptionError, UserError
 from . import asn, if_neuron, vsn
-from .neuron import Neuron, Precision, PrecisionControl
+from .neuron import Neuron, Precision, PrecisionControl, StepOps
 
 NEURONS: dict[str, Neuron] = {n.name: n for n in (if_neuron.NEURON, asn.NEURON, vsn.NEURON)}
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..readout import Readout
-from .neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl
+from .neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
 
 if TYPE_CHECKING:
     from ..calibrate import LayerStats
@@ -281,4 +281,8 @@ NEURON = Neuron(
             "readout_tau": NON_NEGATIVE, "start_ms": Bound(0, integer=True), "percentile": PERCENTILE,
             "scale": Bound(0, lo_open=True, words=("fit",))},
     param_options=("m_f", "theta0", *TAU),
+    # per step: S filter 2 mul + add, S_hat decay, theta/2, theta_dyn decay, theta0 + theta_dyn, PSC decay:
+    # 6 multiplies, 4 adds and the compare; per spike: S_hat += theta, theta_dyn += m_f theta (2 adds,
+    # the multiply counted as an add of a precomputed m_f theta), PSC += h
+    step_ops=StepOps(mac_per_step=6, add_per_step=4, add_per_spike=3),
 )

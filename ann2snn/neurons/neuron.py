@@ -93,6 +93,16 @@ FINITE = Bound()
 
 
 @dataclass(frozen=True)
+class StepOps:
+    """The arithmetic of one neuron's ``*_step``, for the energy count: multiplies (or
+    multiply-adds) and adds or compares every step, and the adds each spike costs besides."""
+
+    mac_per_step: float
+    add_per_step: float
+    add_per_spike: float = 0.0
+
+
+@dataclass(frozen=True)
 class Precision:
     """The knob that trades accuracy for spikes, and the values ``calibrate --budget`` tries."""
 
@@ -141,6 +151,7 @@ class Neuron:
     act on the calibration statistics alone, so re-running a network with another value of
     them (a sweep) would change nothing. ``param_options``: options that are also layer
     parameters with the same meaning (ASN ``m_f``), which a sweep sets without re-fitting.
+    ``step_ops``: what one update of one neuron costs (``StepOps``; counted in the energy).
     """
 
     name: str
@@ -158,6 +169,7 @@ class Neuron:
     bounds: dict[str, Bound] = field(default_factory=dict)
     calibration_only: tuple[str, ...] = ("percentile",)
     param_options: tuple[str, ...] = ()
+    step_ops: StepOps | None = None
 
     @property
     def label(self) -> str:

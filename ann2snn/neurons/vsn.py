@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..readout import Readout
-from .neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl
+from .neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
 
 if TYPE_CHECKING:
     from ..calibrate import LayerStats
@@ -258,4 +258,5 @@ NEURON = Neuron(
     bounds={"beta": Bound(0, 1, hi_open=True), "threshold": NON_NEGATIVE, "tradeoff": Bound(0, none=True),
             "per_channel": Bound(flag=True), "percentile": PERCENTILE, "sigma": Bound(words=tuple(SIGMAS))},
     param_options=("beta",),
+    step_ops=StepOps(mac_per_step=1, add_per_step=1, add_per_spike=0),  # M = beta M + z; M >= T; reset
 )
