@@ -29,7 +29,7 @@ from .data import TensorData, data_files, open_dataset
 from .distributed import Ranks
 from .energy import fanout_maps
 from .errors import OptionError, UserError
-from .files import check_outputs, json_text, parse_json, read_input, write_text
+from .files import check_input, check_outputs, json_text, parse_json, read_input, write_text
 from .neurons import Neuron
 from .options import DataSource, RunOptions
 from .records import from_json, to_json
@@ -171,11 +171,14 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
     if report_dir is not None:
         check_outputs([("report", Path(report_dir) / name) for name in REPORT_FILES], [*partials],
                       [("report folder", report_dir)])
-    if file_sha256(first.artifact) != first.artifact_sha256:
+    if file_sha256(check_input(first.artifact, "SNN artifact")) != first.artifact_sha256:
         raise UserError(f"{first.artifact}: the artifact changed since the partial reports were written")
     policy = from_json(ArousalPolicy, first.arousal, f"{partials[0]}: arousal") if first.arousal else None
-    plan = _prepare(first.artifact, first.dataset, RunOptions(**first.run), source, device, first.sweep,
-                    first.compare, policy, model_ref, trust_code)
+    run = from_json(RunOptions, first.run, f"{partials[0]}: run options")
+    plan = _prepare(first.artifact, first.dataset, run, source, device, first.sweep, first.compare, policy,
+                    model_ref, trust_code)
+    for path, rec in zip(partials, records):
+        _check_sums(rec.sums, plan, Ranks(rec.shard[0], n).shard(len(plan.data)), path)
     ordered = sorted(records, key=lambda rec: rec.shard[0])  # per-sample lists join in sample order
     total = ordered[0].sums
     for rec in ordered[1:]:
@@ -186,6 +189,18 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
     if report_dir is not None:
         write_report(report, report_dir)
     return report
+
+
+def _check_sums(sums: Sums, plan: _Plan, part: range, path) -> None:
+    """Refuse a partial report whose sums do not have the shapes its shard and plan give."""
+    steps, layers = plan.run.timesteps, len(plan.art.meta.layers)
+    ok = sums.samples == len(part) and len(sums.ann_final) == len(part) and len(sums.runs) == len(plan.runs) \
+        and all(len(r.metric) == steps and len(r.final) == len(part)
+                and [len(x) for x in r.spikes] == [steps] * layers and [len(x) for x in r.synops] == [steps] * layers
+                for r in sums.runs)
+    if not ok:
+        raise UserError(f"{path}: the partial report's sums do not fit its shard ({len(part)} samples, "
+                        f"{len(plan.runs)} runs, {layers} layers, {steps} steps)")
 
 
 def _prepare(artifact, dataset: str, run: RunOptions, source: DataSource, device: str, sweep: list[dict],

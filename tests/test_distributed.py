@@ -106,3 +106,14 @@ def test_shards_and_merge_give_the_single_process_report(run_cli, tiny_files, as
     assert code == 2 and "belongs to another evaluation" in err
     code, _, err = run_cli(*args, "--shard", "3/3", "-r", d / "bad")
     assert code == 2 and "--shard '3/3'" in err
+    tampered = json.loads(parts[0].read_text())
+    tampered["sums"]["runs"][0]["metric"] = tampered["sums"]["runs"][0]["metric"][:-1]
+    (d / "t.json").write_text(json.dumps(tampered))
+    code, _, err = run_cli("merge", d / "t.json", *parts[1:], *MODEL, "-r", d / "m4")
+    assert code == 2 and "do not fit its shard" in err and not (d / "m4").exists()
+    for i, part in enumerate(parts):  # every shard names an option ann2snn does not have
+        tampered = json.loads(part.read_text())
+        tampered["run"]["bogus"] = 1
+        (d / f"t{i}.json").write_text(json.dumps(tampered))
+    code, _, err = run_cli("merge", *(d / f"t{i}.json" for i in range(3)), *MODEL, "-r", d / "m5")
+    assert code == 2 and "unknown field 'bogus'" in err
