@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import re
@@ -15,19 +14,11 @@ from safetensors.torch import load
 from torch import nn
 
 from .errors import UserError
-from .files import read_input
+from .files import file_sha256, read_input  # noqa: F401  (file_sha256: re-exported for callers here)
 from .torch_export import EXPORT_REF, read_export
 from .zoo import resolve_model
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | Path, trust_pickle: bool = False, what: str = "checkpoint"

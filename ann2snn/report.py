@@ -15,7 +15,7 @@ from rich.table import Table
 from . import __version__
 from .data import TensorData
 from .energy import PRESETS, ann_energy_pj, ann_macs, snn_energy_pj
-from .files import atomic_path, json_text
+from .files import atomic_path, file_sha256, json_text
 from .neurons import Neuron
 from .profile import SearchRecord
 from .readout import Readout
@@ -202,18 +202,8 @@ def provenance(artifact: str | Path, data: TensorData, calibration_seed: int, de
             else None, "ann2snn": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            "artifact_sha256": _sha256(artifact), "data_sha256": digest.hexdigest(),
+            "artifact_sha256": file_sha256(artifact), "data_sha256": digest.hexdigest(),
             "seeds": {"calibration_subset": calibration_seed}}
-
-
-def _sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def arousal_report(neuron: Neuron, policy, stored_policy: bool, search: SearchRecord | None,

@@ -10,7 +10,7 @@ from .neuron import Neuron, Precision, PrecisionControl, StepOps
 
 NEURONS: dict[str, Neuron] = {n.name: n for n in (if_neuron.NEURON, asn.NEURON, vsn.NEURON)}
 
-__all__ = ["NEURONS", "Neuron", "Precision", "PrecisionControl", "get", "names", "stored"]
+__all__ = ["NEURONS", "Neuron", "Precision", "PrecisionControl", "StepOps", "get", "names", "stored"]
 
 
 def get(name: str, option: str = "neuron") -> Neuron:
