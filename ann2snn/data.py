@@ -16,6 +16,7 @@ far faster than one PIL image at a time.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -105,6 +106,14 @@ class TensorData:
 
     def head(self, limit: int | None) -> "TensorData":
         return self if limit is None or limit >= len(self) else self.subset(torch.arange(limit))
+
+    def sha256(self) -> str:
+        """A checksum of the samples as held (inputs and targets, shapes and types)."""
+        digest = hashlib.sha256()
+        for t in (self.inputs, self.targets):
+            digest.update(str((tuple(t.shape), str(t.dtype))).encode())
+            digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self), batch_size):

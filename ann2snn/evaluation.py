@@ -99,7 +99,12 @@ class Partial:
     compare: list[str]
     arousal: dict | None = None
     shard: list[int]
+    shard_sha256: str  # the shard's samples, as simulated
     sums: Sums
+
+    def __post_init__(self):
+        if len(self.shard) != 2 or not 0 <= self.shard[0] < self.shard[1]:
+            raise ValueError(f"shard {self.shard}: expected [I, N] with 0 <= I < N")
 
 
 def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: DataSource = DataSource(),
@@ -130,13 +135,14 @@ def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: Dat
         part = shards.shard(len(plan.data))
         if on_start:
             on_start(len(part) * len(plan.runs))
-        sums = _simulate(plan, plan.data.subset(torch.arange(part.start, part.stop)), on_batch)
+        shard_data = plan.data.subset(torch.arange(part.start, part.stop))
+        sums = _simulate(plan, shard_data, on_batch)
     if shard is not None:
         if report_dir is not None:
             record = Partial(artifact=str(artifact), artifact_sha256=file_sha256(artifact), dataset=dataset,
                              run=to_json(run), sweep=sweep or [], compare=compare or [],
                              arousal=to_json(plan.policy) if plan.policy is not None else None,
-                             shard=list(shard), sums=sums)
+                             shard=list(shard), shard_sha256=shard_data.sha256(), sums=sums)
             write_text(Path(report_dir) / PARTIAL_FILE, json_text(to_json(record)) + "\n")
         return None
     if ranks.active:
@@ -169,7 +175,8 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
         raise UserError(f"{partials[0]}: the partial reports must cover shards 0..{n - 1} once each "
                         f"(shard {missing[0]} is missing or repeated)")
     if report_dir is not None:
-        check_outputs([("report", Path(report_dir) / name) for name in REPORT_FILES], [*partials],
+        check_outputs([("report", Path(report_dir) / name) for name in REPORT_FILES],
+                      [*partials, first.artifact, *data_files(first.dataset, source.data_dir)],
                       [("report folder", report_dir)])
     if file_sha256(check_input(first.artifact, "SNN artifact")) != first.artifact_sha256:
         raise UserError(f"{first.artifact}: the artifact changed since the partial reports were written")
@@ -178,7 +185,11 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
     plan = _prepare(first.artifact, first.dataset, run, source, device, first.sweep, first.compare, policy,
                     model_ref, trust_code)
     for path, rec in zip(partials, records):
-        _check_sums(rec.sums, plan, Ranks(rec.shard[0], n).shard(len(plan.data)), path)
+        part = Ranks(rec.shard[0], n).shard(len(plan.data))
+        if plan.data.subset(torch.arange(part.start, part.stop)).sha256() != rec.shard_sha256:
+            raise UserError(f"{path}: shard {rec.shard[0]}/{n} of {first.dataset} is not the data this partial "
+                            "report was simulated on")
+        _check_sums(rec.sums, plan, part, path)
     ordered = sorted(records, key=lambda rec: rec.shard[0])  # per-sample lists join in sample order
     total = ordered[0].sums
     for rec in ordered[1:]:
@@ -201,6 +212,17 @@ def _check_sums(sums: Sums, plan: _Plan, part: range, path) -> None:
     if not ok:
         raise UserError(f"{path}: the partial report's sums do not fit its shard ({len(part)} samples, "
                         f"{len(plan.runs)} runs, {layers} layers, {steps} steps)")
+    counts = plan.ctx.metric == "accuracy"
+    per_sample_ok = lambda xs: all(x in (0.0, 1.0) for x in xs) if counts else all(x >= 0 for x in xs)  # noqa
+    consistent = per_sample_ok(sums.ann_final) and abs(sum(sums.ann_final) - sums.ann) <= 1e-6 * (1 + abs(sums.ann)) \
+        and sums.seconds >= 0 and all(
+            per_sample_ok(r.final) and abs(sum(r.final) - r.metric[-1]) <= 1e-6 * (1 + abs(r.metric[-1]))
+            and all(0 <= m <= (len(part) if counts else float("inf")) for m in r.metric)
+            and all(0 <= v < 1e18 for row in r.spikes + r.synops for v in row) and 0 <= r.aroused <= len(part)
+            for r in sums.runs)
+    if not consistent:
+        raise UserError(f"{path}: the partial report's sums are inconsistent (counts out of range, or totals "
+                        "that do not add up to the per-sample results); it was not written by ann2snn as it is")
 
 
 def _prepare(artifact, dataset: str, run: RunOptions, source: DataSource, device: str, sweep: list[dict],

@@ -20,7 +20,7 @@ def wilson(k: float, n: int, z: float = Z95) -> list[float]:
     """[low, high] of the Wilson score interval for k successes in n trials."""
     if n <= 0:
         return [0.0, 1.0]
-    p = k / n
+    p = min(max(k / n, 0.0), 1.0)
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [max(0.0, centre - half), min(1.0, centre + half)]

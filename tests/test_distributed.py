@@ -117,3 +117,31 @@ def test_shards_and_merge_give_the_single_process_report(run_cli, tiny_files, as
         (d / f"t{i}.json").write_text(json.dumps(tampered))
     code, _, err = run_cli("merge", *(d / f"t{i}.json" for i in range(3)), *MODEL, "-r", d / "m5")
     assert code == 2 and "unknown field 'bogus'" in err
+
+
+def test_merge_refuses_forged_or_foreign_partials(run_cli, tiny_files, asn_artifact):
+    d = tiny_files["dir"]
+    args = ["evaluate", asn_artifact, *MODEL, "-d", tiny_files["data"], "-T", 8, "--device", "cpu"]
+    for i in range(2):
+        assert run_cli(*args, "--shard", f"{i}/2", "-r", d / f"p{i}")[0] == 0
+    parts = [d / "p0" / "partial.json", d / "p1" / "partial.json"]
+
+    def forged(edit, name):
+        raw = json.loads(parts[0].read_text())
+        edit(raw)
+        (d / name).write_text(json.dumps(raw))
+        return d / name
+
+    cases = [(lambda r: r["sums"]["runs"][0]["metric"].__setitem__(-1, -20.0), "inconsistent", parts[1]),
+             (lambda r: r["sums"].__setitem__("ann", 3.0), "inconsistent", parts[1]),
+             (lambda r: r["sums"]["runs"][0]["spikes"][0].__setitem__(0, -5e6), "inconsistent", parts[1]),
+             (lambda r: r.__setitem__("shard", [1, 2]), "is not the data", parts[0]),  # shard 0 twice, relabelled
+             (lambda r: r.__setitem__("shard", [0]), "expected [I, N]", parts[1])]
+    for i, (edit, match, other) in enumerate(cases):
+        code, _, err = run_cli("merge", forged(edit, f"f{i}.json"), other, *MODEL, "-r", d / f"m{i}")
+        assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    rep = d / "rep"  # merge may not replace the artifact the partials name
+    rep.mkdir()
+    (rep / "report.json").symlink_to(asn_artifact)
+    code, _, err = run_cli("merge", *parts, *MODEL, "-r", rep)
+    assert code == 2 and "would replace the input" in err and (rep / "report.json").is_symlink()
