@@ -201,7 +201,7 @@ class _Accumulator:
         self._synops[i, t0:t0 + len(counts)] += counts[:, 1]
 
     def commit(self, reader: "_Reader") -> None:
-        self.final.append(reader.final.cpu())
+        self.final.append(reader.final.double().cpu())
         self.metric += reader.metric
         self.spikes += self._spikes
         self.synops += self._synops
@@ -246,17 +246,18 @@ def ann_metric_sum(ann: nn.Module, data: TensorData, batch_size: int, device: to
 def ann_per_sample(ann: nn.Module, data: TensorData, batch_size: int, device: torch.device) -> torch.Tensor:
     """Per sample of ``data``: 1 if the ANN is right, else 0 (regression: its squared error), float64."""
     ann = ann.to(device).eval()
-    parts = [per_sample_metric(ann(x.to(device)), y.to(device), data.task == "regression").cpu()
+    parts = [per_sample_metric(ann(x.to(device)), y.to(device), data.task == "regression").double().cpu()
              for x, y in data.batches(batch_size)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def per_sample_metric(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
-    """Per sample, float64: squared error of the first output (regression), else 1 for a correct argmax."""
+    """Per sample: squared error of the first output (regression, float64), else whether the
+    argmax is right (bool)."""
     out = out.reshape(len(y), -1)
     if regression:
         return (out[:, 0].double() - y.double()) ** 2
-    return (out.argmax(1) == y).double()
+    return out.argmax(1) == y
 
 
 

@@ -70,6 +70,7 @@ def main() -> None:
                            *(["--limit", a.limit] if a.limit else []), ranks=n, threads=a.threads_per_rank)
             report = json.loads((rep / "report.json").read_text())
             timing = report.pop("timing")
+            report.get("provenance", {}).pop("command", None)  # names its own report folder
             reference = reference or report
             rows.append({"ranks": n, "wall_s": round(wall, 2), "simulation_s": timing["seconds"],
                          "image_steps_per_second": timing["image_steps_per_second"],
