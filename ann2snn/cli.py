@@ -30,7 +30,8 @@ from .report import REPORT_FILES, Report, layer_table, summary_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert trained PyTorch networks into spiking networks and measure accuracy per spike.")
-console = Console()
+# piped (a file, SLURM, CI), rich would cut tables at 80 columns; give them the width they need
+console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS", "0") or 0) or 160)
 
 FLAGS = {"preset": "--energy", "neuron_options": "--param", "model_args": "--model-arg", "model_ref": "--model",
          "normalization": "--normalize", "report_dir": "--report"}
