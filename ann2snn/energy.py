@@ -130,6 +130,28 @@ def ann_macs(gm: fx.GraphModule, sample_shape: tuple[int, ...]) -> int:
     return int(round(sum(counts)))
 
 
+@torch.inference_mode()
+def ann_active_macs(gm: fx.GraphModule, batches, device: torch.device) -> float:
+    """MACs of an ANN that skips zero activations, summed over the samples of ``batches``
+    ((inputs, targets) pairs): at every weighted layer, the real connections (weight != 0) whose
+    input is not zero - after pooling, where a pool precedes the layer."""
+    gm = gm.to(device).eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+
+    def count(mod, inp, out):
+        nonlocal total
+        total = total + _connections(mod, (inp[0] != 0).to(inp[0].dtype)).double().sum()
+
+    hooks = [m.register_forward_hook(count) for m in gm.modules() if isinstance(m, WEIGHTED)]
+    try:
+        for x, _ in batches:
+            gm(x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(total)
+
+
 def snn_energy_pj(synops: float, input_macs: float, analog_macs_per_step: float, timesteps: int,
                   preset: str, spike_op: str = "ac") -> float:
     """``spike_op``: what one synaptic event costs, "ac" for binary spikes, "mac" for graded ones."""

@@ -27,7 +27,7 @@ from .checks import check_memory, model_outputs
 from .convert import MAXPOOL_MODES, to_snn
 from .data import TensorData, data_files, open_dataset
 from .distributed import Ranks
-from .energy import fanout_maps
+from .energy import ann_active_macs, fanout_maps
 from .errors import OptionError, UserError
 from .files import check_input, check_outputs, json_text, parse_json, read_input, write_text
 from .neurons import Neuron
@@ -73,6 +73,7 @@ class Sums:
     transfer: float | None = None  # the same with the neurons' transfer function in place of ReLU
     runs: list[RunSums]
     ann_final: list[float]  # the ANN per sample: 1 if right (regression: squared error)
+    ann_active_macs: float = 0.0  # MACs of the ANN skipping zero activations, summed over samples
     seconds: float = 0.0
 
     def __add__(self, other: "Sums") -> "Sums":
@@ -82,7 +83,9 @@ class Sums:
                     runs=[RunSums(metric=add(a.metric, b.metric), spikes=add(a.spikes, b.spikes),
                                   synops=add(a.synops, b.synops), aroused=a.aroused + b.aroused,
                                   final=a.final + b.final) for a, b in zip(self.runs, other.runs)],
-                    ann_final=self.ann_final + other.ann_final, seconds=max(self.seconds, other.seconds))
+                    ann_final=self.ann_final + other.ann_final,
+                    ann_active_macs=self.ann_active_macs + other.ann_active_macs,
+                    seconds=max(self.seconds, other.seconds))
 
 
 @dataclass(kw_only=True)
@@ -215,7 +218,8 @@ def _check_sums(sums: Sums, plan: _Plan, part: range, path) -> None:
     counts = plan.ctx.metric == "accuracy"
     per_sample_ok = lambda xs: all(x in (0.0, 1.0) for x in xs) if counts else all(x >= 0 for x in xs)  # noqa
     consistent = per_sample_ok(sums.ann_final) and abs(sum(sums.ann_final) - sums.ann) <= 1e-6 * (1 + abs(sums.ann)) \
-        and sums.seconds >= 0 and all(
+        and sums.seconds >= 0 and 0 <= sums.ann_active_macs <= len(part) * plan.ctx.ann["macs_per_sample"] \
+        and all(
             per_sample_ok(r.final) and abs(sum(r.final) - r.metric[-1]) <= 1e-6 * (1 + abs(r.metric[-1]))
             and all(0 <= m <= (len(part) if counts else float("inf")) for m in r.metric)
             and all(0 <= v < 1e18 for row in r.spikes + r.synops for v in row) and 0 <= r.aroused <= len(part)
@@ -262,8 +266,9 @@ def _simulate(plan: _Plan, data: TensorData, on_batch: Callable[[int], None] | N
         runs.append(RunSums(metric=sim.metric.tolist(), spikes=sim.spikes.tolist(), synops=sim.synops.tolist(),
                             aroused=controller.count() if controller is not None else 0, final=sim.final.tolist()))
     ann = ann_per_sample(art.ann, data, run.batch_size, dev)
+    active = ann_active_macs(art.ann, data.batches(run.batch_size), dev)
     return Sums(samples=len(data), ann=float(ann.sum()), transfer=transfer, runs=runs, ann_final=ann.tolist(),
-                seconds=elapsed)
+                ann_active_macs=active, seconds=elapsed)
 
 
 def _fresh(controller):
@@ -272,16 +277,16 @@ def _fresh(controller):
 
 
 def _all_reduce(ranks: Ranks, sums: Sums) -> Sums:
-    flat = torch.tensor([sums.samples, sums.ann, sums.transfer or 0.0] + [r.aroused for r in sums.runs],
-                        dtype=torch.float64)
+    flat = torch.tensor([sums.samples, sums.ann, sums.transfer or 0.0, sums.ann_active_macs]
+                        + [r.aroused for r in sums.runs], dtype=torch.float64)
     flat = ranks.sum(flat).tolist()
     joined = lambda values: [v for part in ranks.gather(values) for v in part]  # noqa: E731  (rank order)
     runs = [RunSums(metric=ranks.sum(torch.tensor(r.metric, dtype=torch.float64)).tolist(),
                     spikes=ranks.sum(torch.tensor(r.spikes, dtype=torch.float64)).tolist(),
                     synops=ranks.sum(torch.tensor(r.synops, dtype=torch.float64)).tolist(),
-                    aroused=int(flat[3 + i]), final=joined(r.final)) for i, r in enumerate(sums.runs)]
+                    aroused=int(flat[4 + i]), final=joined(r.final)) for i, r in enumerate(sums.runs)]
     return Sums(samples=int(flat[0]), ann=flat[1], transfer=None if sums.transfer is None else flat[2], runs=runs,
-                ann_final=joined(sums.ann_final), seconds=ranks.max(sums.seconds))
+                ann_final=joined(sums.ann_final), ann_active_macs=flat[3], seconds=ranks.max(sums.seconds))
 
 
 def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
@@ -292,6 +297,7 @@ def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
     ctx.ann[ctx.metric] = nmse(sums.ann, data) if ctx.metric == "nmse" else sums.ann / n
     if sums.transfer is not None:
         ctx.ann["transfer_accuracy"] = sums.transfer / n
+    ctx.ann["macs_per_sample_skipping_zeros"] = sums.ann_active_macs / n
     reports = []
     for r, s in zip(plan.runs, sums.runs):
         sim = SimulationResult(run.timesteps, sums.samples, torch.tensor(s.metric, dtype=torch.float64),

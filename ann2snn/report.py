@@ -181,6 +181,9 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
     return Report(dataset=ctx.dataset, metric=metric, neuron=run.spec.type, neuron_options=run.spec.options,
                   timesteps=steps, device=ctx.device,
                   ann={**ctx.ann, "energy_pj_per_sample": ann_energy_pj(ctx.ann["macs_per_sample"], ctx.preset),
+                       **({"energy_pj_per_sample_skipping_zeros": ann_energy_pj(
+                           ctx.ann["macs_per_sample_skipping_zeros"], ctx.preset)}
+                          if "macs_per_sample_skipping_zeros" in ctx.ann else {}),
                        **({"accuracy_ci95": wilson(ctx.ann["accuracy"] * n, n)} if metric == "accuracy" else {})},
                   snn=snn, energy={"preset": ctx.preset, **PRESETS[ctx.preset], "regime": ENERGY_REGIME},
                   layers=layers, curve=curve, readout=readout.describe(), label=run.label)
@@ -302,6 +305,10 @@ def summary_table(report: Report) -> Table:
         table.add_column(col, justify="right" if col else "left")
     table.add_row("ANN", fmt(ann[metric]), ci(ann), "-", "-", "-", f"{ann['macs_per_sample']:,.0f} MACs", "-",
                   f"{ann['energy_pj_per_sample'] / 1e6:.3f}")
+    if "macs_per_sample_skipping_zeros" in ann:
+        table.add_row("ANN, zeros skipped", fmt(ann[metric]), ci(ann), "-", "-", "-",
+                      f"{ann['macs_per_sample_skipping_zeros']:,.0f} MACs", "-",
+                      f"{ann['energy_pj_per_sample_skipping_zeros'] / 1e6:.3f}")
     if "transfer_accuracy" in ann:
         table.add_row("ANN, ReLU -> f", fmt(ann["transfer_accuracy"]), "-", "-", "-", "-", "-", "-", "-")
     for label, s in [(report.label or "SNN", snn)] + [(v.label, v.snn) for v in report.variants or []]:

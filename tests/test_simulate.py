@@ -229,3 +229,22 @@ def test_intervals_and_paired_tests_match_hand_computed_values():
     assert (test["only_this_right"], test["only_other_right"]) == (20, 5)
     assert test["p_value"] == pytest.approx(exact, rel=1e-9) and test["significant"]
     assert mcnemar(a, a)["p_value"] == 1.0 and not mcnemar(a, a)["significant"]
+
+
+def test_an_ann_that_skips_zeros_counts_only_connections_with_a_nonzero_input():
+    from torch import nn
+
+    from ann2snn.energy import ann_active_macs, ann_macs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.copy_(torch.tensor([1.0, -10.0, 1.0, -10.0]))  # two hidden units stay at zero
+        model[2].weight[0, 0] = 0.0  # one connection that does not exist
+    gm, _ = normalize(model)
+    x = torch.tensor([[1.0, 0.0, 2.0]])
+    # layer 1: 2 nonzero inputs x 4 outputs = 8; layer 2: 2 nonzero hidden units x 2 outputs, less the
+    # missing connection from unit 0 = 3
+    assert ann_active_macs(gm, [(x, None)], torch.device("cpu")) == 8 + 3
+    assert ann_macs(gm, (3,)) == 12 + 7
