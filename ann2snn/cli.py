@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__, distributed, pipeline
+from . import __version__, distributed, errors, pipeline
 from .artifact import ArtifactMeta, read_artifact
 from .convert import Row
 from .energy import DEFAULT_PRESET
@@ -402,6 +402,7 @@ def run(args: list[str] | None = None) -> int:
     """Run one command; returns the exit status. A user's mistake - a bad file or option, or a
     command line click cannot parse - is one line on stderr and status 2."""
     console.quiet = os.environ.get("RANK", "0") not in ("", "0")  # under torchrun rank 0 alone prints
+    errors.name_parameters(flag)  # messages passed on as text (e.g. between ranks) name our flags
     try:
         result = app(args=args, standalone_mode=False)
     except UserError as exc:
@@ -425,6 +426,7 @@ def run(args: list[str] | None = None) -> int:
         return _fail(f"cannot write to standard output ({exc.strerror}); the output files are complete")
     finally:
         distributed.stop()
+        errors.name_parameters(None)
     return result if isinstance(result, int) else 0
 
 

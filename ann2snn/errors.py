@@ -19,6 +19,15 @@ def _plain(name: str) -> str:
     return name
 
 
+_names: Callable[[str], str] = _plain
+
+
+def name_parameters(names: Callable[[str], str] | None) -> None:
+    """How ``str(error)`` names parameters from now on (a front end's words; None: the library's)."""
+    global _names
+    _names = names or _plain
+
+
 class UserError(Exception):
     """A mistake in what the user gave us (file, option, model, data): never a traceback."""
 
@@ -27,7 +36,7 @@ class UserError(Exception):
         super().__init__(message)
 
     def __str__(self) -> str:
-        return self.render(_plain)
+        return self.render(_names)
 
     def render(self, name: Callable[[str], str]) -> str:
         """The message with every parameter named by ``name`` (e.g. its command-line flag)."""
