@@ -87,7 +87,8 @@ def calibrate(
                                                                   "resnet_small, regression_mlp) or "
                                                                   "package.module:callable."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, cifar100, "
-                                                           "folder:PATH or a .safetensors/.pt tensor file."),
+                                                           "feynman-i.6.2a, feynman-i.9.18, folder:PATH or a "
+                                                           ".safetensors/.pt tensor file."),
     output: Path = typer.Option(..., "--output", "-o", help="Calibration profile to write (JSON)."),
     neuron: str = typer.Option("if", "--neuron", help="Neuron type: if (integrate-and-fire), asn (adaptive) or "
                                                       "vsn (variable, graded spikes)."),
@@ -221,7 +222,8 @@ def evaluate(
                                           "layers=act2+act3 limits it to those layers ('' for the artifact's "
                                           "policy or the defaults); also runs fixed low and high precision."),
     start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
-                                                                   "(default: the neuron's: IF 0, ASN 200)."),
+                                                                   "(default: the neuron's: IF 0, ASN 200; a "
+                                                                   "default beyond -T reads from step 0)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: simulate only the I-th of N equal shards of "
                                         "the samples and write REPORT/partial.json; 'ann2snn merge' adds the "
                                         "shards up (for schedulers without torchrun, e.g. a SLURM array)."),
@@ -335,11 +337,12 @@ def demo(
 def finetune(
     checkpoint: Path = typer.Argument(..., help="ANN weights the profile was calibrated on."),
     calibration: Path = typer.Option(..., "--calibration", "-c", help="Profile of a neuron with a transfer "
-                                                                     "function (asn)."),
+                                                                     "function (asn, vsn)."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Named data set or file to train on (train split)."),
     output: Path = typer.Option(..., "--output", "-o", help="New checkpoint (.safetensors)."),
     profile_output: Optional[Path] = typer.Option(None, "--profile-output", help="Its calibration profile, with "
-                                                  "the trained layer parameters (default: OUTPUT.calib.json)."),
+                                                  "the trained layer parameters (default: OUTPUT with the "
+                                                  "suffix .calib.json)."),
     epochs: int = typer.Option(2, "--epochs"),
     lr: float = typer.Option(1e-4, "--lr"),
     spike_penalty: float = typer.Option(0.0, "--spike-penalty", help="Weight of spikes per sample / 1000 in the "

@@ -130,8 +130,8 @@ def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: Dat
     with ranks.phase():
         if report_dir is not None and (ranks.leader or shard is not None):
             files = [PARTIAL_FILE] if shard is not None else REPORT_FILES
-            check_outputs([("report", Path(report_dir) / name) for name in files], [artifact, *data_files(dataset, source.data_dir)],
-                          [("report folder", report_dir)])
+            check_outputs([("report", Path(report_dir) / name) for name in files],
+                          [artifact, *data_files(dataset, source.data_dir)], [("report folder", report_dir)])
         plan = _prepare(artifact, dataset, run, source, distributed.rank_device(device), sweep or [], compare or [],
                         arousal, model_ref, trust_code)
     with ranks.phase():
