@@ -97,7 +97,16 @@ SYMPY_NAMES = {"FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "Clea
                "Identity", "Max", "Min", "Abs", "floor", "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or",
                "Not", "True", "False", "oo", "Integer", "Rational", "Pow", "sqrt"}
 EXPR_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?(?:e[+-]?\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|//|[-+*/%()<>=!,&|~]))")
-OPERATOR_TARGET = re.compile(r"(torch\.ops|_operator|math)(\.[A-Za-z][A-Za-z0-9_]*)+")
+OPERATOR_TARGET = re.compile(r"torch\.ops(\.[A-Za-z][A-Za-z0-9_]*){2,3}|(_operator|math)\.[A-Za-z][A-Za-z0-9_]*")
+
+
+def _plain_operator(target: str) -> bool:
+    """``torch.ops.NAMESPACE.OP[.OVERLOAD]`` (not a method of ``torch.ops`` such as
+    ``load_library``), or a function of ``_operator`` or ``math``."""
+    if not OPERATOR_TARGET.fullmatch(target):
+        return False
+    parts = target.split(".")
+    return parts[0] != "torch" or not hasattr(type(torch.ops), parts[2])
 
 
 def _check_graph_text(archive: zipfile.ZipFile, names: list[str], name: str) -> None:
@@ -121,7 +130,7 @@ def _check_graph_text(archive: zipfile.ZipFile, names: list[str], name: str) -> 
                     if key == "expr_str" and isinstance(sub, str) and not _plain_expression(sub):
                         raise UserError(f"{name}: refused: a shape expression in {member} is not plain arithmetic "
                                         f"({sub[:60]!r}); pass {{{{trust_pickle}}}} only if you trust this file")
-                    if key == "target" and isinstance(sub, str) and not OPERATOR_TARGET.fullmatch(sub) \
+                    if key == "target" and isinstance(sub, str) and not _plain_operator(sub) \
                             and not sub.startswith("#"):
                         raise UserError(f"{name}: refused: the operator {sub[:60]!r} in {member} is not a torch "
                                         "operator; pass {{trust_pickle}} only if you trust this file")
