@@ -15,7 +15,9 @@ current once per sample, so the input layer's MACs are counted once, not once pe
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -130,26 +132,32 @@ def ann_macs(gm: fx.GraphModule, sample_shape: tuple[int, ...]) -> int:
     return int(round(sum(counts)))
 
 
-@torch.inference_mode()
-def ann_active_macs(gm: fx.GraphModule, batches, device: torch.device) -> float:
-    """MACs of an ANN that skips zero activations, summed over the samples of ``batches``
-    ((inputs, targets) pairs): at every weighted layer, the real connections (weight != 0) whose
-    input is not zero - after pooling, where a pool precedes the layer."""
-    gm = gm.to(device).eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
+@contextlib.contextmanager
+def counting_active_macs(gm: nn.Module) -> Iterator[Callable[[], float]]:
+    """While the block runs ``gm`` (any forward passes), count the MACs of an ANN that skips zero
+    activations: at every weighted layer, the real connections (weight != 0) whose input is not
+    zero - after pooling, where a pool precedes the layer. Yields a function giving the total."""
+    totals: list[torch.Tensor] = []
 
     def count(mod, inp, out):
-        nonlocal total
-        total = total + _connections(mod, (inp[0] != 0).to(inp[0].dtype)).double().sum()
+        totals.append(_connections(mod, (inp[0] != 0).to(inp[0].dtype)).double().sum())
 
     hooks = [m.register_forward_hook(count) for m in gm.modules() if isinstance(m, WEIGHTED)]
     try:
-        for x, _ in batches:
-            gm(x.to(device))
+        yield lambda: float(sum(t.item() for t in totals))
     finally:
         for h in hooks:
             h.remove()
-    return float(total)
+
+
+@torch.inference_mode()
+def ann_active_macs(gm: fx.GraphModule, batches, device: torch.device) -> float:
+    """``counting_active_macs`` over the samples of ``batches`` ((inputs, targets) pairs)."""
+    gm = gm.to(device).eval()
+    with counting_active_macs(gm) as total:
+        for x, _ in batches:
+            gm(x.to(device))
+    return total()
 
 
 def snn_energy_pj(synops: float, input_macs: float, analog_macs_per_step: float, timesteps: int,

@@ -27,7 +27,7 @@ from .checks import check_memory, model_outputs
 from .convert import MAXPOOL_MODES, to_snn
 from .data import TensorData, data_files, open_dataset
 from .distributed import Ranks
-from .energy import ann_active_macs, fanout_maps
+from .energy import counting_active_macs, fanout_maps
 from .errors import OptionError, UserError
 from .files import check_input, check_outputs, json_text, parse_json, read_input, write_text
 from .neurons import Neuron
@@ -265,10 +265,10 @@ def _simulate(plan: _Plan, data: TensorData, on_batch: Callable[[int], None] | N
         elapsed += time.perf_counter() - start
         runs.append(RunSums(metric=sim.metric.tolist(), spikes=sim.spikes.tolist(), synops=sim.synops.tolist(),
                             aroused=controller.count() if controller is not None else 0, final=sim.final.tolist()))
-    ann = ann_per_sample(art.ann, data, run.batch_size, dev)
-    active = ann_active_macs(art.ann, data.batches(run.batch_size), dev)
+    with counting_active_macs(art.ann) as active:  # one ANN pass: answers and zero-skipping MACs
+        ann = ann_per_sample(art.ann, data, run.batch_size, dev)
     return Sums(samples=len(data), ann=float(ann.sum()), transfer=transfer, runs=runs, ann_final=ann.tolist(),
-                ann_active_macs=active, seconds=elapsed)
+                ann_active_macs=active(), seconds=elapsed)
 
 
 def _fresh(controller):
