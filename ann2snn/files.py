@@ -38,13 +38,14 @@ def check_outputs(outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterab
     """Refuse, before any work, outputs that would replace an input or a non-file, or that cannot
     be written. ``outputs`` and ``directories`` are (what it is, path) pairs: files the command
     writes, and folders it writes files into (e.g. a report folder)."""
+    probed: set[Path] = set()  # folders already shown writable
     for what, folder in directories:
         if folder is None:
             continue
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder}: the {what} must be a folder; this is a file")
-        _check_writable_folder(folder, what, folder)
+        _check_writable_folder(folder, what, folder, probed)
     ins = {}  # (device, inode) -> path: a file is the same under any name, link or relative path
     for p in inputs:
         if p is not None and (ident := _identity(Path(p))) is not None:
@@ -61,7 +62,7 @@ def check_outputs(outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterab
         if key in seen:
             raise UserError(f"{path}: given both as the {seen[key]} and as the {what}; choose two paths")
         seen[key] = what
-        _check_writable_folder(path.parent, what, path)
+        _check_writable_folder(path.parent, what, path, probed)
         _check_replaceable(path, what)
 
 
@@ -87,8 +88,9 @@ def _check_replaceable(path: Path, what: str) -> None:
         raise UserError(f"{path}: the {what} would replace {kind}; give a file path")
 
 
-def _check_writable_folder(folder: Path, what: str, target: Path) -> None:
-    """The nearest existing ancestor of ``folder`` must be a folder we can create a file in."""
+def _check_writable_folder(folder: Path, what: str, target: Path, probed: set[Path]) -> None:
+    """The nearest existing ancestor of ``folder`` must be a folder we can create a file in
+    (tried once per folder: ``probed``)."""
     probe = folder
     while not probe.exists():
         if probe.parent == probe:
@@ -98,12 +100,15 @@ def _check_writable_folder(folder: Path, what: str, target: Path) -> None:
         raise UserError(f"{target}: cannot write the {what}: {probe} is a file, not a folder")
     if len(target.name.encode()) > 255:
         raise UserError(f"{target}: cannot write the {what}: the file name is longer than 255 bytes")
+    if probe in probed:
+        return
     trial = probe / f".a2s-{secrets.token_hex(4)}.part"
     try:
         os.close(os.open(trial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError as exc:
         raise UserError(f"{target}: cannot write the {what} in {probe} ({_why(exc)})") from None
     trial.unlink()
+    probed.add(probe)
 
 
 @contextlib.contextmanager

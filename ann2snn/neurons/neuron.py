@@ -89,7 +89,6 @@ class Bound:
 PERCENTILE = Bound(0, 100, lo_open=True)
 POSITIVE = Bound(0, lo_open=True)
 NON_NEGATIVE = Bound(0)
-FINITE = Bound()
 
 
 @dataclass(frozen=True)
