@@ -73,30 +73,30 @@ class ArousalPolicy:
         for item in filter(None, text.split(",")):
             key, sep, value = item.partition("=")
             if not sep or key not in cls.__dataclass_fields__:
-                raise OptionError("arousal", f"{item!r}: expected KEY=VALUE with KEY one of "
+                raise OptionError("arousal_policy", f"{item!r}: expected KEY=VALUE with KEY one of "
                                 f"{', '.join(cls.__dataclass_fields__)}")
             if key == "layers":
                 values[key] = tuple(filter(None, value.split("+")))
                 continue
             if key == "test":
                 if value not in TESTS:
-                    raise OptionError("arousal", f"{item!r}: the test is one of {', '.join(TESTS)}")
+                    raise OptionError("arousal_policy", f"{item!r}: the test is one of {', '.join(TESTS)}")
                 values[key] = value
                 continue
             try:
                 values[key] = tuple(int(v) for v in value.split("+")) if key == "recheck" else \
                     (int(value) if key == "at" else float(value))
             except ValueError:
-                raise OptionError("arousal", f"{item!r}: not a number") from None
+                raise OptionError("arousal_policy", f"{item!r}: not a number") from None
         try:
             return cls(**values)
         except ValueError as exc:
-            raise OptionError("arousal", f"{text!r}: {exc}") from None
+            raise OptionError("arousal_policy", f"{text!r}: {exc}") from None
 
     def check_layers(self, names: list[str]) -> None:
         unknown = [n for n in self.layers if n not in names]
         if unknown:
-            raise OptionError("arousal", f"layers: {unknown[0]} is not a spiking layer of this network "
+            raise OptionError("arousal_policy", f"layers: {unknown[0]} is not a spiking layer of this network "
                             f"(layers: {', '.join(names)})")
 
     def raises(self, layer: str) -> bool:

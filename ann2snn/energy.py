@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .convert import AVGPOOL, BATCHNORM, MAXPOOL, WEIGHTED, Slot
+from .graph import AVGPOOL, BATCHNORM, MAXPOOL, WEIGHTED, Slot
 
 PRESETS = {  # pJ per operation, Horowitz (2014), 45 nm
     "45nm-fp32": {"mac_pj": 4.6, "ac_pj": 0.9},

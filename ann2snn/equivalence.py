@@ -97,7 +97,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
 
 @torch.no_grad()
 def verify(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> None:
-    """Refuse ``gm`` (``convert.normalize(model)``) if it computes other values than ``model`` on
+    """Refuse ``gm`` (``graph.normalize(model)``) if it computes other values than ``model`` on
     ``x``, naming the first spiking slot that differs (``gm.meta['slot_sources']`` maps a slot to
     the traced node it replaced), else the output."""
     model, gm = model.eval(), gm.eval()
@@ -124,7 +124,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _first_differing_slot(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> str:
-    from .convert import trace
+    from .graph import trace
 
     sources: dict[str, str] = gm.meta.get("slot_sources", {})
     traced = trace(model)

@@ -24,7 +24,7 @@ from .arousal import ArousalPolicy, arousal_runs, check_class_scores
 from .artifact import Artifact, ArtifactMeta, build_neurons, load_artifact, variant
 from .checkpoint import file_sha256
 from .checks import check_memory, model_outputs
-from .convert import MAXPOOL_MODES, to_snn
+from .graph import MAXPOOL_MODES, to_snn
 from .data import TensorData, data_files, open_dataset
 from .distributed import Ranks
 from .energy import counting_active_macs, fanout_maps
@@ -33,8 +33,8 @@ from .files import check_input, check_outputs, json_text, parse_json, read_input
 from .neurons import Neuron
 from .options import DataSource, RunOptions
 from .records import from_json, to_json
-from .report import (REPORT_FILES, Report, ReportContext, arousal_report, build_report, context, provenance,
-                     write_report)
+from .report import (Report, ReportContext, arousal_report, build_report, context, provenance,
+                     report_files, write_report)
 from .simulate import Run, SimulationResult, ann_metric_sum, ann_per_sample, nmse, resolve_device, simulate
 from .stats import mcnemar
 from .transfer_training import with_transfer
@@ -115,21 +115,22 @@ def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: Dat
              arousal: str | ArousalPolicy | None = None, report_dir: str | Path | None = None,
              model_ref: str | None = None, trust_code: bool = False, shard: tuple[int, int] | None = None,
              on_start: Callable[[int], None] | None = None,
-             on_batch: Callable[[int], None] | None = None) -> Report | None:
+             on_batch: Callable[[int], None] | None = None, plot_format: str = "png") -> Report | None:
     """Simulate the artifact on a data set and build (and, given ``report_dir``, write) the report.
     ``sweep`` re-runs the network with other options of its neuron (e.g. ``[{"m_f": 0.2}]``),
     ``compare`` with other neuron types fitted to the same calibration statistics, ``arousal``
     (a policy, or its text over the artifact's stored policy) under per-input precision control
     beside fixed low and high precision; the other runs go to ``report.variants`` and the plot.
     ``shard=(i, n)``: simulate the i-th of n shards only and write a partial report
-    (``report_dir``/partial.json, for ``merge``); returns None then."""
+    (``report_dir``/partial.json, for ``merge``); returns None then. The plot is written in
+    ``plot_format`` (png, svg or pdf)."""
     if shard is not None and not (0 <= shard[0] < shard[1]):
         raise OptionError("shard", f"{shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
     ranks = Ranks() if shard is not None else distributed.start(device)
     shards = Ranks(*shard) if shard is not None else ranks
     with ranks.phase():
         if report_dir is not None and (ranks.leader or shard is not None):
-            files = [PARTIAL_FILE] if shard is not None else REPORT_FILES
+            files = [PARTIAL_FILE] if shard is not None else report_files(plot_format)
             check_outputs([("report", Path(report_dir) / name) for name in files],
                           [artifact, *data_files(dataset, source.data_dir)], [("report folder", report_dir)])
         plan = _prepare(artifact, dataset, run, source, distributed.rank_device(device), sweep or [], compare or [],
@@ -152,12 +153,13 @@ def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: Dat
         sums = _all_reduce(ranks, sums)
     report = _finish(plan, sums, artifact, ranks.world)
     if report_dir is not None and ranks.leader:
-        write_report(report, report_dir)
+        write_report(report, report_dir, plot_format)
     return report
 
 
 def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, source: DataSource = DataSource(),
-          device: str = "cpu", model_ref: str | None = None, trust_code: bool = False) -> Report:
+          device: str = "cpu", model_ref: str | None = None, trust_code: bool = False,
+          plot_format: str = "png") -> Report:
     """The report of the shards' partial reports added up: the same as one run over every sample
     (the artifact and data set are read again to plan the runs; nothing is simulated)."""
     if not partials:
@@ -178,7 +180,7 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
         raise UserError(f"{partials[0]}: the partial reports must cover shards 0..{n - 1} once each "
                         f"(shard {missing[0]} is missing or repeated)")
     if report_dir is not None:
-        check_outputs([("report", Path(report_dir) / name) for name in REPORT_FILES],
+        check_outputs([("report", Path(report_dir) / name) for name in report_files(plot_format)],
                       [*partials, first.artifact, *data_files(first.dataset, source.data_dir)],
                       [("report folder", report_dir)])
     if file_sha256(check_input(first.artifact, "SNN artifact")) != first.artifact_sha256:
@@ -201,7 +203,7 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
         raise UserError(f"{partials[0]}: the shards hold {total.samples} samples, the data set {len(plan.data)}")
     report = _finish(plan, total, first.artifact, n)
     if report_dir is not None:
-        write_report(report, report_dir)
+        write_report(report, report_dir, plot_format)
     return report
 
 
@@ -231,15 +233,27 @@ def _check_sums(sums: Sums, plan: _Plan, part: range, path) -> None:
 
 def _prepare(artifact, dataset: str, run: RunOptions, source: DataSource, device: str, sweep: list[dict],
              compare: list[str], arousal, model_ref: str | None, trust_code: bool) -> _Plan:
-    dev = resolve_device(device)
     art = load_artifact(artifact, model_ref, trust_code)
+    data = open_dataset(dataset, run.split, source.data_dir, source.download, art.meta.input.normalize)
+    return make_plan(art, data.head(run.limit), run, device, sweep, compare, arousal, str(artifact), dataset)
+
+
+def run_plan(plan: _Plan) -> Report:
+    """Simulate every run of ``plan`` on all its data in this process; the report (no file)."""
+    return _finish(plan, _simulate(plan, plan.data), None)
+
+
+def make_plan(art: Artifact, data: TensorData, run: RunOptions, device: str, sweep: list[dict], compare: list[str],
+         arousal, source: str = "the network", dataset: str = "the data") -> _Plan:
+    """Every run to simulate of a loaded artifact on ``data`` (``source`` and ``dataset`` name
+    them in errors) and the report context."""
+    dev = resolve_device(device)
     meta = art.meta
     policy = _arousal_policy(arousal, meta)
-    runs = plan_runs(meta, art.neuron, sweep, [neurons.get(n, "compare") for n in compare], policy, str(artifact))
+    runs = plan_runs(meta, art.neuron, sweep, [neurons.get(n, "compare") for n in compare], policy, source)
     if policy is not None and policy.at >= run.timesteps:
         raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the "
                                      f"{run.timesteps} steps")
-    data = open_dataset(dataset, run.split, source.data_dir, source.download, meta.input.normalize).head(run.limit)
     _check_data(art.ann, data, tuple(meta.input.shape), dataset, policy is not None)
     check_memory(run.timesteps, len(meta.layers), len(runs))
     fan = fanout_maps(art.ann, data.sample_shape)
@@ -309,7 +323,7 @@ def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
         main = torch.tensor(sums.runs[0].final)
         for rep, s in zip(reports[1:], sums.runs[1:]):
             rep.snn["paired_vs_main_run"] = mcnemar(torch.tensor(s.final), main)
-    report = replace(reports[0], artifact={"path": Path(artifact).name, "model": meta.model.ref,
+    report = replace(reports[0], artifact={"path": Path(artifact).name if artifact else None, "model": meta.model.ref,
                                            "maxpool": MAXPOOL_MODES[meta.maxpool]},
                      variants=[r.as_variant() for r in reports[1:]])
     if plan.policy is not None:

@@ -12,13 +12,13 @@ from typing import Callable
 
 import torch
 
-from . import distributed, neurons
+from . import distributed, neurons, operating_point
 from .arousal import ArousalPolicy, check_class_scores
 from .artifact import ArtifactMeta, build_neurons, save_artifact
 from .budget import search, search_arousal
-from .calibrate import activation_stats
+from .calibration import activation_stats
 from .checkpoint import file_sha256, load_model, load_state
-from .convert import MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, \
+from .graph import MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, \
     spiking_layers, to_snn
 from .data import Normalize, TensorData, calibration_subset, data_files, open_dataset
 from .checks import check_memory, model_outputs
@@ -84,7 +84,9 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
         check_class_scores(dataset, data.task, outputs)
     model_info = ModelInfo(ref=model_ref, kwargs=kwargs, checkpoint=str(checkpoint),
                            checkpoint_sha256=file_sha256(checkpoint))
-    profile = _fit_profile(gm, kind, opts, subset, model_info, dataset, options, resolve_device(device), policy)
+    choose = bool(kind.operating_points) and not set(neuron_options or {}) & set(kind.operating_points[0])
+    profile = fit_profile(gm, kind, opts, subset, model_info, dataset, options, resolve_device(device), policy,
+                           choose=choose)
     if output is not None and ranks.leader:
         save_profile(profile, output)
     return profile, rows
@@ -99,10 +101,12 @@ def normalize_for(model: torch.nn.Module, model_ref: str, neuron: Neuron):
     return gm, rows
 
 
-def _fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: ModelInfo, dataset: str,
-                 options: CalibrationOptions, dev: torch.device, arousal: ArousalPolicy | None) -> Profile:
-    """Statistics on ``subset``, the budget or arousal search, and the fitted layers."""
-    record = arousal_record = None
+def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: ModelInfo, dataset: str,
+                 options: CalibrationOptions, dev: torch.device, arousal: ArousalPolicy | None,
+                 choose: bool = False) -> Profile:
+    """Statistics on ``subset``, the budget or arousal search (or, with ``choose`` and neither,
+    the operating point ``operating_point.choose`` picks), and the fitted layers."""
+    record = arousal_record = chosen = None
     steps = options.timesteps or neuron.default_timesteps
     if options.budget is not None:
         check_memory(steps, len(spiking_layers(gm)), 1)
@@ -115,10 +119,14 @@ def _fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Mode
         else:
             opts, record = search(gm, stats, neuron, opts, search_data, options.budget, steps, options.batch_size,
                                   dev)
+    elif choose and arousal is None:
+        search_data = subset.head(options.search_samples or max(256, 128_000 // steps))
+        opts, chosen = operating_point.choose(gm, stats, neuron, opts, neurons.BASELINE, search_data,
+                                              options.batch_size, dev)
     return Profile(model=model, input=InputInfo(shape=list(subset.sample_shape), normalize=subset.normalize),
                    data=DataInfo(dataset=dataset, split=options.split, samples=len(subset), seed=options.seed),
                    neuron=NeuronSpec(type=neuron.name, options=opts), layers=make_layers(gm, stats, neuron, opts),
-                   budget_search=record,
+                   budget_search=record, operating_point=chosen,
                    arousal=ArousalRecord(policy=arousal, search=arousal_record) if arousal is not None else None)
 
 
@@ -139,7 +147,7 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
             trust_pickle: bool = False, trust_code: bool = False, maxpool: str = "gated"
             ) -> tuple[ArtifactMeta, list[Row]]:
     """Swap the ANN's ReLUs for the profile's neurons and write the SNN artifact; ``maxpool``
-    picks how max pooling acts on spikes (``convert.MAXPOOL_MODES``). A profile naming a
+    picks how max pooling acts on spikes (``graph.MAXPOOL_MODES``). A profile naming a
     ``module:callable`` architecture is built only with the same ``model_ref`` or ``trust_code``."""
     if maxpool not in MAXPOOL_MODES:
         raise OptionError("maxpool", f"{maxpool!r}: expected one of {', '.join(MAXPOOL_MODES)}")
@@ -225,7 +233,7 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     subset = calibration_subset(data, profile.data.samples, profile.data.seed)
     gm, _ = normalize_for(tuned, profile.model.ref, neuron)
     info = replace(profile.model, checkpoint=str(output), checkpoint_sha256=hashlib.sha256(blob).hexdigest())
-    measured = _fit_profile(gm, neuron, tuned_options, subset, info,
+    measured = fit_profile(gm, neuron, tuned_options, subset, info,
                             dataset, CalibrationOptions(samples=profile.data.samples,
                                                                      seed=profile.data.seed, split=profile.data.split),
                             dev, None)

@@ -18,8 +18,8 @@ from torch import fx
 
 from . import __version__
 from .arousal import ArousalPolicy
-from .calibrate import CHANNEL_QUANTILES, LayerStats, quantile_table
-from .convert import layer_sources, spiking_layers
+from .calibration import CHANNEL_QUANTILES, LayerStats, quantile_table
+from .graph import layer_sources, spiking_layers
 from .data import Normalize
 from .errors import UserError
 from .files import json_text, parse_json, read_input, write_text
@@ -133,6 +133,20 @@ class SearchRecord:
 
 
 @dataclass(kw_only=True)
+class OperatingPointRecord:
+    """The operating point calibrate chose by itself (``operating_point.py``): the baseline's
+    output error (the bar), every candidate with the step from which it stays at or below the
+    bar and the spikes per sample spent by then, and the one chosen."""
+
+    baseline: dict
+    timesteps: int
+    samples: int
+    candidates: list[dict]
+    chosen: dict
+    bar_met: bool
+
+
+@dataclass(kw_only=True)
 class ArousalRecord:
     """The arousal policy ``evaluate --arousal`` starts from, and the search that set its threshold."""
 
@@ -151,6 +165,7 @@ class Profile:
     neuron: NeuronSpec
     layers: list[ProfileLayer]
     budget_search: SearchRecord | None = None
+    operating_point: OperatingPointRecord | None = None
     arousal: ArousalRecord | None = None
     finetune: dict | None = None
 

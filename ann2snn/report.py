@@ -14,6 +14,7 @@ from rich.table import Table
 
 from . import __version__
 from .data import TensorData
+from .errors import OptionError
 from .energy import PRESETS, ann_energy_pj, ann_macs, snn_energy_pj
 from .files import atomic_path, file_sha256, json_text
 from .neurons import Neuron
@@ -97,6 +98,15 @@ class Report:
     arousal: ArousalReport | None = None
     provenance: dict | None = None
     timing: dict | None = None
+
+    @property
+    def accuracy(self) -> float | None:
+        """The SNN's accuracy after the last step (None for regression: see ``snn['nmse']``)."""
+        return self.snn.get("accuracy")
+
+    @property
+    def spikes_per_sample(self) -> float:
+        return self.snn["spikes_per_sample"]
 
     def as_variant(self) -> Variant:
         return Variant(label=self.label, neuron=self.neuron, neuron_options=self.neuron_options,
@@ -189,7 +199,7 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
                   layers=layers, curve=curve, readout=readout.describe(), label=run.label)
 
 
-def provenance(artifact: str | Path, data: TensorData, calibration_seed: int, device: str) -> dict:
+def provenance(artifact: str | Path | None, data: TensorData, calibration_seed: int, device: str) -> dict:
     """What a reader needs to reproduce the report: the command, the software and device, the
     checksums of the artifact and of the data as simulated, and the seeds."""
     import platform
@@ -200,7 +210,7 @@ def provenance(artifact: str | Path, data: TensorData, calibration_seed: int, de
             else None, "ann2snn": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            "artifact_sha256": file_sha256(artifact), "data_sha256": data.sha256(),
+            "artifact_sha256": file_sha256(artifact) if artifact else None, "data_sha256": data.sha256(),
             "seeds": {"calibration_subset": calibration_seed}}
 
 
@@ -228,65 +238,87 @@ def within_margin(curve: list[dict], ann_accuracy: float, points: float) -> dict
             "settled_spikes": at(settled)[1]}
 
 
+PLOT_FORMATS = ("png", "svg", "pdf")
 REPORT_FILES = ("report.json", "curve.csv", "accuracy_vs_spikes.png")
 
 
-def write_report(report: Report, directory: str | Path) -> list[Path]:
+def report_files(plot_format: str = "png") -> tuple[str, str, str]:
+    """The names of the three report files, the plot in ``plot_format``."""
+    if plot_format not in PLOT_FORMATS:
+        raise OptionError("plot_format", f"{plot_format!r}: expected one of {', '.join(PLOT_FORMATS)}")
+    return "report.json", "curve.csv", f"accuracy_vs_spikes.{plot_format}"
+
+
+def runs_of(report: Report) -> list[tuple[str, list[dict]]]:
+    """(label, curve) of every run in the report: the artifact's own, then sweep/compare/arousal."""
+    return [(report.label or report.neuron.upper(), report.curve)] + [(v.label, v.curve) for v in report.variants or []]
+
+
+def curve_csv(report: Report) -> str:
+    """Every run's curve in long form: run, timestep, metric, spikes and synaptic ops per sample."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["run", *report.curve[0]], lineterminator="\n")
+    writer.writeheader()
+    for label, curve in runs_of(report):
+        writer.writerows({"run": label, **c} for c in curve)
+    return buf.getvalue()
+
+
+def write_report(report: Report, directory: str | Path, plot_format: str = "png") -> list[Path]:
     """Write the three report files; all are written to temporary files first and renamed only
     when all are whole, ``report.json`` last, so an interrupted run leaves no report. Returns
     their paths."""
     directory = Path(directory)
-    paths = [directory / name for name in REPORT_FILES]
+    paths = [directory / name for name in report_files(plot_format)]
     with contextlib.ExitStack() as stack:  # exits in reverse: report.json is renamed last
-        json_tmp, csv_tmp, png_tmp = (stack.enter_context(atomic_path(p)) for p in paths)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(report.curve[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(report.curve)
-        csv_tmp.write_text(buf.getvalue())
-        series = [(report.label or report.neuron.upper(), report.curve)]
-        series += [(v.label, v.curve) for v in report.variants or []]
-        plot(series, report.ann[report.metric], png_tmp,
+        json_tmp, csv_tmp, plot_tmp = (stack.enter_context(atomic_path(p)) for p in paths)
+        csv_tmp.write_text(curve_csv(report))
+        plot(runs_of(report), report.ann[report.metric], plot_tmp,
              f"{report.dataset['name']} ({report.dataset['samples']} samples), {report.timesteps} steps",
-             report.metric)
+             report.metric, plot_format)
         json_tmp.write_text(json_text({**report.to_json(), "timing": report.timing or {}}, indent=2) + "\n")
     return paths
 
 
-def plot(series: list[tuple[str, list[dict]]], ann_value: float, path: Path, title: str,
-         metric: str = "accuracy") -> None:
-    """Accuracy (or NMSE) versus cumulative spikes per sample, one line per series, the ANN as
-    reference."""
-    import matplotlib
+def figure(series: list[tuple[str, list[dict]]], ann_value: float, title: str, metric: str = "accuracy"):
+    """A matplotlib ``Figure`` (no pyplot, no backend switched): error (100 - accuracy, %) or
+    NMSE on a log axis against the time step (left) and against cumulative spikes per sample
+    (right), every run in full, the ANN as a dashed line. A series of fewer than 16 points (a
+    sweep's end points) is drawn with markers."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    scale = 100.0 if metric == "accuracy" else 1.0
-    for label, curve in series:
-        ax.plot([c["spikes_per_sample"] for c in curve], [scale * c[metric] for c in curve],
-                label=label, marker="o" if len(curve) < 16 else None)  # short series: points, e.g. a sweep
-    ref = f"{100 * ann_value:.2f}%" if metric == "accuracy" else f"{ann_value:.3g}"
-    ax.axhline(scale * ann_value, color="k", ls="--", lw=1, label=f"ANN {ref}")
-    if metric == "accuracy":
-        best = max(100 * c["accuracy"] for _, cur in series for c in cur)
-        top = max(100 * ann_value, best)
-        ax.set_ylim(max(0.0, min(100 * ann_value, best) - 5), min(100.0, top + 0.5))  # zoom on the useful range
-        ax.set_ylabel("accuracy (%)")
-    else:
+    fig = Figure(figsize=(11, 4.2), dpi=120, layout="constrained")
+    err = (lambda c: 100.0 * (1.0 - c["accuracy"])) if metric == "accuracy" else (lambda c: c[metric])  # noqa: E731
+    ann_err = 100.0 * (1.0 - ann_value) if metric == "accuracy" else ann_value
+    values = [ann_err] + [err(c) for _, cur in series for c in cur]
+    floor = min([v for v in values if v > 0] or [1e-3]) / 2
+    top = max(max(values) * 1.5, floor * 10)
+    ref = f"ANN {100 * ann_value:.2f}%" if metric == "accuracy" else f"ANN {ann_value:.3g}"
+    for ax, x_key, x_label in zip(fig.subplots(1, 2), ("timestep", "spikes_per_sample"),
+                                  ("time step (1 ms)", "spikes per sample (cumulative)")):
+        for label, curve in series:
+            ax.plot([c[x_key] for c in curve], [max(err(c), floor) for c in curve], label=label,
+                    marker="o" if len(curve) < 16 else None)
+        ax.axhline(max(ann_err, floor), color="k", ls="--", lw=1, label=ref)
+        ax.set_ylim(floor * 0.8, top)  # before the log scale: all-equal values would warn
         ax.set_yscale("log")
-        ax.set_ylabel("NMSE")
-    if any(c["spikes_per_sample"] > 0 for _, cur in series for c in cur):
-        ax.set_xscale("log")
-    ax.set_xlabel("spikes per sample (cumulative, one point per time step)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
+        if x_key == "spikes_per_sample" and any(c[x_key] > 0 for _, cur in series for c in cur):
+            ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("error (%), log scale" if metric == "accuracy" else "NMSE")
+        ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot(series: list[tuple[str, list[dict]]], ann_value: float, path: Path, title: str,
+         metric: str = "accuracy", plot_format: str = "png") -> None:
+    """``figure`` written to ``path`` (atomically) in ``plot_format``."""
+    fig = figure(series, ann_value, title, metric)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+        fig.savefig(tmp, format=plot_format, metadata={"Software": None} if plot_format == "png" else
+                    {"Date": None} if plot_format == "svg" else {"CreationDate": None})
 
 
 def summary_table(report: Report) -> Table:

@@ -3,7 +3,7 @@
 An exported program is a graph of ATen operators whose weights live in the archive. ``read_export``
 loads it safely and rebuilds the graph from ordinary modules - ``aten.conv2d`` with its weight
 becomes an ``nn.Conv2d``, ``aten.relu`` an ``nn.ReLU``, ``aten.batch_norm`` an ``nn.BatchNorm2d``
-and so on - so ``convert.normalize`` sees what it would have seen tracing the original model.
+and so on - so ``graph.normalize`` sees what it would have seen tracing the original model.
 Operators with no module counterpart are kept as they are and named in the pre-flight table.
 
 Safety: ``torch.export.load`` unpickles the archive's sample inputs, and any pickled weight, with

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from .convert import check_activations, normalize, slot_activations, spiking_layers
+from .graph import check_activations, normalize, slot_activations, spiking_layers
 from .data import TensorData
 from .errors import OptionError, UserError
 from .neurons import Neuron

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Accuracy versus spikes: ASN (a sweep of m_f) and VSN (one step, a sweep of error/spike
-trade-offs, optionally surrogate-gradient fine-tuned with spike penalties) against the IF
-rate-coding baseline, on one network, from the checkpoint (trained first if missing) to a
-table, a JSON file and one plot.
+"""Accuracy versus spikes: ASN and VSN against the IF rate-coding baseline on one network, from
+the checkpoint (trained first if missing) to tables, a JSON file and one plot.
+
+The first table uses every default and nothing else: `calibrate` (ASN: the operating point it
+chooses itself on calibration images of the training split), `convert`, `evaluate` with IF at
+-T 64, ASN at -T 200, VSN at -T 1; beside them the AdSNN paper's ASN setting (m_f 0.1, tau_gamma
+15 ms, 50 ms readout filter). The second (unless --defaults-only) adds ASN sweeps of m_f (picked
+by looking at the test set: for reference only), fine-tuning and VSN trade-offs.
 
   python scripts/bench_asn_vs_if.py --model lenet5 --dataset mnist \
-      --checkpoint checkpoints/lenet5_mnist.safetensors --finetune-epochs 2 --out runs/bench_lenet5_mnist
+      --checkpoint checkpoints/lenet5_mnist.safetensors --defaults-only --out runs/bench_lenet5_mnist
 
 For each setting it reports the final accuracy and, for margins of 0.1 and 0.3 points below
 the ANN, the first time step (and spikes per sample spent by then) at which the SNN reaches
@@ -18,6 +22,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -26,6 +31,7 @@ from rich.table import Table
 from ann2snn import pipeline
 from ann2snn.options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from ann2snn.files import write_text
+from ann2snn.records import to_json
 from ann2snn.report import plot, within_margin
 
 MARGINS = (0.1, 0.3)
@@ -79,6 +85,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=Path("runs/bench_asn_vs_if"))
+    p.add_argument("--defaults-only", action="store_true", help="only the first table")
     a = p.parse_args()
     out = a.out
     if not a.checkpoint.exists():
@@ -87,16 +94,16 @@ def main() -> None:
                        + (["--data-dir", a.data_dir] if a.data_dir else []), check=True)
     common = dict(limit=a.limit, batch_size=a.batch_size)
     mfs = [float(v) for v in a.mf.split(",")]
-    rows = []
+    rows = defaults(a, out, common)
+    show(rows, f"{a.model} on {a.dataset} ({a.limit or 'full'} test images): every default, no fine-tuning")
+    if a.defaults_only:
+        finish(a, out, rows, [(label_of(r), r["curve"]) for r in rows])
+        return
 
-    pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "if.json", source=DataSource(a.data_dir), device=a.device)
-    pipeline.convert(a.checkpoint, out / "if.json", out / "if.snn.safetensors")
-    rows += rows_of(evaluate(a, out / "if.snn.safetensors", RunOptions(a.if_timesteps, **common)), "IF")
-
-    checkpoints = [("ASN", a.checkpoint)]
+    checkpoints = [("ASN m_f sweep", a.checkpoint)]
     if a.finetune_epochs:
         pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "asn.json", neuron="asn", source=DataSource(a.data_dir),
-                           device=a.device, overrides={"m_f": mfs[0]})
+                           device=a.device, neuron_options={"m_f": mfs[0]})
         ft = out / "finetuned.safetensors"
         result = pipeline.finetune(a.checkpoint, out / "asn.json", a.dataset, ft, source=DataSource(a.data_dir),
                                    options=FinetuneOptions(epochs=a.finetune_epochs, lr=a.finetune_lr),
@@ -109,7 +116,7 @@ def main() -> None:
         if ckpt == a.checkpoint:
             profile = out / f"{tag}.json"
             pipeline.calibrate(ckpt, a.model, a.dataset, profile, neuron="asn", source=DataSource(a.data_dir),
-                               device=a.device, overrides={"m_f": mfs[0]})
+                               device=a.device, neuron_options={"m_f": mfs[0]})
         pipeline.convert(ckpt, profile, out / f"{tag}.snn.safetensors")
         report = evaluate(a, out / f"{tag}.snn.safetensors", RunOptions(a.timesteps, start_ms=a.start_ms, **common),
                           sweep=[{"m_f": m} for m in mfs[1:]])
@@ -125,7 +132,36 @@ def main() -> None:
                             key=lambda c: c["spikes_per_sample"])
             series.append((method, points))
 
-    table = Table(title=f"{a.model} on {a.dataset} ({a.limit or 'full'} test images)")
+    show(rows, f"{a.model} on {a.dataset} ({a.limit or 'full'} test images)")
+    finish(a, out, rows, series)
+
+
+def defaults(a, out: Path, common: dict) -> list[dict]:
+    """IF, ASN and VSN with every default (ASN: the operating point calibrate chooses), and the
+    AdSNN paper's ASN setting, on the same checkpoint and test images."""
+    rows = []
+    for method, neuron, overrides, steps in (
+            ("IF", "if", {}, a.if_timesteps), ("ASN", "asn", {}, a.timesteps),
+            ("ASN paper setting", "asn", {"m_f": 0.1, "tau_gamma": 15.0, "readout_tau": 50.0}, a.timesteps),
+            ("VSN Ts=1", "vsn", {}, 1)):
+        if neuron == "vsn" and not a.vsn_tradeoffs.strip():
+            continue
+        tag = method.split()[0].lower() + ("_paper" if "paper" in method else "")
+        start = time.perf_counter()
+        profile, _ = pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / f"default_{tag}.json", neuron=neuron,
+                                        neuron_options=overrides, source=DataSource(a.data_dir), device=a.device)
+        seconds = time.perf_counter() - start
+        pipeline.convert(a.checkpoint, out / f"default_{tag}.json", out / f"default_{tag}.snn.safetensors")
+        report = evaluate(a, out / f"default_{tag}.snn.safetensors", RunOptions(steps, **common))
+        for row in rows_of(report, method, reference=rows[0]["ann_accuracy"] if rows else None):
+            row.update(calibrate_seconds=round(seconds, 1), options=profile.neuron.options,
+                       operating_point=to_json(profile.operating_point) if profile.operating_point else None)
+            rows.append(row)
+    return rows
+
+
+def show(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
     for col in ("method", "setting", "ANN", "its ANN / with f", "SNN final", "spikes final",
                 *(f"first within {m} (step/spikes)" for m in MARGINS), *(f"stays within {m} from" for m in MARGINS)):
         table.add_column(col, justify="left" if col in ("method", "setting") else "right")
@@ -137,6 +173,9 @@ def main() -> None:
                       f"{r['spikes_per_sample']:,.0f}", *(fmt(r[f"within_{m}"], "first") for m in MARGINS),
                       *(fmt(r[f"within_{m}"], "settled") for m in MARGINS))
     Console(width=200).print(table)
+
+
+def finish(a, out: Path, rows: list[dict], series: list) -> None:
     write_text(out / "bench.json", json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=1))
     plot(series, rows[0]["ann_accuracy"], out / "accuracy_vs_spikes.png", f"{a.model} on {a.dataset}: IF, ASN, VSN")
     print(f"wrote {out}/bench.json and {out}/accuracy_vs_spikes.png")
@@ -156,7 +195,7 @@ def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) ->
     if tradeoffs:
         first = {"tradeoff": tradeoffs[0]} if tradeoffs[0] > 0 else {}
         pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn.json", neuron="vsn", source=DataSource(a.data_dir),
-                           device=a.device, overrides=first)
+                           device=a.device, neuron_options=first)
         pipeline.convert(a.checkpoint, out / "vsn.json", out / "vsn.snn.safetensors")
         report = evaluate(a, out / "vsn.snn.safetensors", RunOptions(1, **common),
                           sweep=[{"tradeoff": t} for t in tradeoffs[1:]])
@@ -172,7 +211,7 @@ def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) ->
     penalties = [float(v) for v in a.vsn_penalties.split(",") if v.strip()]
     if penalties:
         pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn_start.json", neuron="vsn",
-                           source=DataSource(a.data_dir), device=a.device, overrides={"tradeoff": a.vsn_start})
+                           source=DataSource(a.data_dir), device=a.device, neuron_options={"tradeoff": a.vsn_start})
     for penalty in penalties:
         ft = out / f"vsn_ft{penalty:g}.safetensors"
         pipeline.finetune(a.checkpoint, out / "vsn_start.json", a.dataset, ft, source=DataSource(a.data_dir),

@@ -92,7 +92,7 @@ def test_every_registered_neuron_keeps_the_contract():
 
 
 def _params(neuron: Neuron) -> dict:
-    from ann2snn.calibrate import LayerStats
+    from ann2snn.calibration import LayerStats
 
     stats = LayerStats(neurons=4, max=2.0, percentile=1.5, sample=torch.linspace(0.01, 2, 50))
     return neuron.fit(stats, neuron.defaults)

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import torch
 
-from ann2snn import calibrate as cal
-from ann2snn.convert import normalize
+from ann2snn import calibration as cal
+from ann2snn.graph import normalize
 from ann2snn.data import TensorData
 
 from conftest import tiny_cnn

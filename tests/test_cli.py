@@ -97,7 +97,7 @@ def test_asn_budget_search_sweep_compare_and_finetune(run_cli, tiny_files):
                              "--sweep", "m_f=0.2,0.45", "--compare", "if", "--start-ms", 10)
     assert code == 0, err
     report = json.loads((d / "rep" / "report.json").read_text())
-    assert report["neuron"] == "asn" and "tau 50 ms" in report["readout"] and "steps 11..t" in report["readout"]
+    assert report["neuron"] == "asn" and "filtered" not in report["readout"] and "steps 11..t" in report["readout"]
     labels = [v["label"] for v in report["variants"]]
     assert labels == ["ASN m_f=0.2", "ASN m_f=0.45", "IF"]
     by_label = {v["label"]: v["snn"]["spikes_per_sample"] for v in report["variants"]}
@@ -165,11 +165,11 @@ def test_regression_pipeline_reports_nmse(run_cli, tmp_path):
     assert report["snn"]["synaptic_event_op"] == "MAC" and 0 < report["snn"]["spike_percent"] <= 100
     assert report["snn"]["spikes_per_sample"] <= exact["spikes_per_sample"]
     code, _, err = run_cli("evaluate", "--trust-code", tmp_path / "s.st.safetensors", "-d", tmp_path / "d.safetensors", "-T", 4,
-                           "-r", tmp_path / "rep4", "--arousal", "at=2")  # no class scores to test
+                           "-r", tmp_path / "rep4", "--arousal-policy", "at=2")  # no class scores to test
     assert code == 2 and "d.safetensors is a regression data set" in err and "Traceback" not in err
     assert not (tmp_path / "rep4").exists()
     code, _, err = run_cli("calibrate", tmp_path / "m.safetensors", "-m", "regression_mlp", "--model-arg", "hidden=8",
-                           "-d", tmp_path / "d.safetensors", "--neuron", "asn", "--arousal", "",
+                           "-d", tmp_path / "d.safetensors", "--neuron", "asn", "--arousal",
                            "-o", tmp_path / "a.json")
     assert code == 2 and "the uncertainty test compares" in err and not (tmp_path / "a.json").exists()
 
@@ -180,14 +180,14 @@ def test_arousal_reports_three_operating_points(run_cli, tiny_files):
                    "--neuron", "asn", "--samples", 40, "-o", d / "asn.json")[0] == 0
     assert run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "asn.json", "-o", d / "asn.snn.safetensors")[0] == 0
     code, out, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r", d / "rep",
-                             "--arousal", "low=0.45,high=0.1,at=10,threshold=1.0")
+                             "--arousal-policy", "low=0.45,high=0.1,at=10,threshold=1.0")
     assert code == 0, err
     a = json.loads((d / "rep" / "report.json").read_text())["arousal"]
     assert a["fraction_aroused"] == 1.0  # threshold 1 arouses every input
     assert a["fixed_low"]["spikes_per_sample"] < a["with_arousal"]["spikes_per_sample"]
     assert "aroused" in out
     code, _, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 40, "-r",
-                           d / "rep1", "--arousal", "low=0.45,high=0.1,at=10,threshold=1.0,layers=act1")
+                           d / "rep1", "--arousal-policy", "low=0.45,high=0.1,at=10,threshold=1.0,layers=act1")
     assert code == 0, err
     one = json.loads((d / "rep1" / "report.json").read_text())["arousal"]
     assert one["policy"]["layers"] == ["act1"] and one["fixed_high"]["label"].endswith("in act1")
@@ -195,16 +195,16 @@ def test_arousal_reports_three_operating_points(run_cli, tiny_files):
     assert a["fixed_low"]["spikes_per_sample"] < one["with_arousal"]["spikes_per_sample"] \
         < a["with_arousal"]["spikes_per_sample"]  # act0 stays at low precision
     code, _, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r",
-                           d / "rep9", "--arousal", "layers=act9")
+                           d / "rep9", "--arousal-policy", "layers=act9")
     assert code == 2 and "act9 is not a spiking layer" in err and not (d / "rep9").exists()
     code, _, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep2",
-                           "--arousal", "low=0.45,high=0.1,at=10,threshold=0,test=ratio")
+                           "--arousal-policy", "low=0.45,high=0.1,at=10,threshold=0,test=ratio")
     a = json.loads((d / "rep2" / "report.json").read_text())["arousal"]
     assert a["fraction_aroused"] == 0.0 and a["policy"]["test"] == "ratio"
     assert a["with_arousal"]["spikes_per_sample"] == a["fixed_low"]["spikes_per_sample"]
     code, _, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 20, "-r", d / "rep3",
-                           "--arousal", "speed=3")
-    assert code == 2 and "--arousal 'speed=3'" in err
+                           "--arousal-policy", "speed=3")
+    assert code == 2 and "--arousal-policy 'speed=3'" in err
 
 
 def test_torch_export_archive_needs_no_model_code(run_cli, tiny_files):
@@ -234,7 +234,7 @@ def test_torch_export_archive_needs_no_model_code(run_cli, tiny_files):
 def test_calibrate_searches_the_arousal_threshold_for_a_budget(run_cli, tiny_files):
     d, f = tiny_files["dir"], tiny_files
     common = ("-m", "conftest:tiny_cnn", "-d", f["data"], "--neuron", "asn", "--samples", 40, "-T", 30,
-              "--arousal", "low=0.45,high=0.1,at=8")
+              "--arousal-policy", "low=0.45,high=0.1,at=8")
 
     def search(budget, name):
         code, out, err = run_cli("calibrate", f["checkpoint"], *common, "--budget", budget, "-o", d / name)
@@ -260,15 +260,35 @@ def test_calibrate_searches_the_arousal_threshold_for_a_budget(run_cli, tiny_fil
     # the policy travels with the artifact; evaluate --arousal '' runs it, given keys override it
     assert run_cli("convert", "--trust-code", f["checkpoint"], "-c", d / "mid.json", "-o", d / "a.snn.safetensors")[0] == 0
     code, out, err = run_cli("evaluate", "--trust-code", d / "a.snn.safetensors", "-d", f["data"], "-T", 30, "-r", d / "rep",
-                             "--arousal", "")
+                             "--arousal")
     assert code == 0, err
     a = json.loads((d / "rep" / "report.json").read_text())["arousal"]
     assert a["policy"]["threshold"] == s["chosen"]["threshold"] and a["policy"]["at"] == 8
     assert "artifact" in a["policy_source"] and a["calibration_search"]["chosen"] == s["chosen"]
     code, out, err = run_cli("evaluate", "--trust-code", d / "a.snn.safetensors", "-d", f["data"], "-T", 30, "-r", d / "rep2",
-                             "--arousal", "threshold=0")
+                             "--arousal-policy", "threshold=0")
     a = json.loads((d / "rep2" / "report.json").read_text())["arousal"]
     assert a["policy"]["threshold"] == 0 and a["policy"]["low"] == 0.45 and a["fraction_aroused"] == 0.0
-    code, _, err = run_cli("calibrate", f["checkpoint"], "-m", "conftest:tiny_cnn", "-d", f["data"], "--arousal", "at=5",
+    code, _, err = run_cli("calibrate", f["checkpoint"], "-m", "conftest:tiny_cnn", "-d", f["data"], "--arousal-policy", "at=5",
                            "-o", d / "x.json")
     assert code == 2 and "--arousal" in err and "'if'" in err
+
+
+def test_curve_csv_holds_every_run_in_long_form_and_the_plot_format_is_chosen(run_cli, tiny_files):
+    snn = _pipeline(run_cli, tiny_files)
+    rep = tiny_files["dir"] / "long"
+    code, out, err = run_cli("evaluate", "--trust-code", snn, "-d", tiny_files["data"], "-T", 6, "-r", rep,
+                             "--sweep", "v_init=0,0.25", "--compare", "asn", "--plot-format", "svg")
+    assert code == 0, err
+    report = json.loads((rep / "report.json").read_text())
+    rows = list(csv.DictReader(open(rep / "curve.csv")))
+    labels = [report["label"]] + [v["label"] for v in report["variants"]]
+    assert len(labels) == 4 and [r["run"] for r in rows] == [label for label in labels for _ in range(6)]
+    for label, curve in zip(labels, [report["curve"]] + [v["curve"] for v in report["variants"]]):
+        mine = [r for r in rows if r["run"] == label]
+        assert [float(r["accuracy"]) for r in mine] == [c["accuracy"] for c in curve]
+    assert (rep / "accuracy_vs_spikes.svg").read_text().lstrip().startswith("<?xml")
+    assert not (rep / "accuracy_vs_spikes.png").exists() and "accuracy_vs_spikes.svg" in out
+    code, _, err = run_cli("evaluate", "--trust-code", snn, "-d", tiny_files["data"], "-T", 6, "-r", rep / "x",
+                           "--plot-format", "gif")
+    assert code == 2 and "--plot-format 'gif': expected one of png, svg, pdf" in err

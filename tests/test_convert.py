@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ann2snn.convert import GatedMaxPool, Slot, normalize, spiking_layers, to_snn
+from ann2snn.graph import GatedMaxPool, Slot, normalize, spiking_layers, to_snn
 from ann2snn.errors import OptionError, UserError
 from ann2snn.neurons.if_neuron import IFNeuron
 from ann2snn.zoo import list_models, resolve_model

@@ -54,7 +54,7 @@ def test_cifar_layout_is_read_channel_first(tmp_path, monkeypatch):
 
 
 def test_missing_named_dataset_says_how_to_get_it(tmp_path):
-    with pytest.raises(UserError, match="scripts/fetch_data.py fashion-mnist"):
+    with pytest.raises(UserError, match="ann2snn fetch fashion-mnist"):
         open_dataset("fashion-mnist", "test", tmp_path)
 
 
@@ -113,3 +113,15 @@ def test_float_targets_make_a_regression_tensor_file(tmp_path):
     assert data.task == "regression"
     _, y = next(data.batches(4))
     assert y.dtype == torch.float32
+
+
+def test_fetch_refuses_what_it_cannot_fetch_and_finds_what_is_there(run_cli, tmp_path):
+    code, _, err = run_cli("fetch", "cifar10", "--data-dir", tmp_path)
+    assert code == 2 and "fetch 'cifar10': can fetch mnist, fashion-mnist" in err
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"")
+    code, out, err = run_cli("fetch", "mnist", "--data-dir", tmp_path)  # already there: nothing to run
+    assert code == 0 and str(raw) in out

@@ -57,7 +57,7 @@ def test_a_budget_search_on_two_ranks_chooses_as_one_does(run_cli, tiny_files):
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = (json.loads((d / n).read_text()) for n in ("one.json", "two.json"))
     assert two["budget_search"] == one["budget_search"] and two["layers"] == one["layers"]
-    arousal = ["--arousal", "low=0.45,high=0.1,at=4"]
+    arousal = ["--arousal-policy", "low=0.45,high=0.1,at=4"]
     assert run_cli(*args, *arousal, "-o", d / "aone.json")[0] == 0
     done = _torchrun([*args, *arousal, "-o", d / "atwo.json"], d)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -89,7 +89,7 @@ def test_a_failing_rank_ends_every_rank_with_one_line(tiny_files, asn_artifact, 
 def test_shards_and_merge_give_the_single_process_report(run_cli, tiny_files, asn_artifact):
     d = tiny_files["dir"]
     args = ["evaluate", asn_artifact, *MODEL, "-d", tiny_files["data"], "-T", 16, "--device", "cpu",
-            "--arousal", "low=0.45,high=0.1,at=5,threshold=0.6"]
+            "--arousal-policy", "low=0.45,high=0.1,at=5,threshold=0.6"]
     assert run_cli(*args, "-r", d / "one")[0] == 0
     for i in range(3):
         code, out, err = run_cli(*args, "--shard", f"{i}/3", "-r", d / f"s{i}")

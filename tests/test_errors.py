@@ -313,7 +313,7 @@ def test_truncated_calibration_profile(run_cli, tiny_files):
 @pytest.mark.parametrize("extra,match", [
     (["--sweep", "tau=1,2"], "--sweep tau: not an option of neuron 'if'"),
     (["--compare", "lif"], "--compare 'lif'"),
-    (["--arousal", ""], "--arousal: needs an ASN or VSN artifact"),
+    (["--arousal"], "--arousal: needs an ASN or VSN artifact"),
     (["--start-ms", "9"], "--start-ms 9: must be in [0, timesteps)"),
 ])
 def test_evaluation_variants_that_do_not_apply(run_cli, tiny_files, extra, match):

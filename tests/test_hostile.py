@@ -258,7 +258,7 @@ def in_place():
 
 
 def test_in_place_operations_keep_their_spiking_layer(run_cli, tiny_files, monkeypatch):
-    from ann2snn.convert import normalize, spiking_layers
+    from ann2snn.graph import normalize, spiking_layers
     from ann2snn.equivalence import verify
 
     model = in_place()
@@ -266,7 +266,7 @@ def test_in_place_operations_keep_their_spiking_layer(run_cli, tiny_files, monke
     x = torch.rand(8, 1, 8, 8)
     assert spiking_layers(gm) == ["act0"] and torch.allclose(gm(x), model(x), atol=1e-6)
     verify(model, gm, x)
-    import ann2snn.convert as convert
+    import ann2snn.graph as convert
 
     monkeypatch.setattr(convert, "functionalize", lambda g: g)  # as before: the slot is dropped
     broken, _ = normalize(model)

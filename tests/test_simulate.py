@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ann2snn.convert import normalize, spiking_layers, to_snn
+from ann2snn.graph import normalize, spiking_layers, to_snn
 from ann2snn.data import TensorData
 from ann2snn.energy import ann_macs, fanout_maps
 from ann2snn.neurons.if_neuron import IFNeuron

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ann2snn.convert import normalize, spiking_layers, to_snn
+from ann2snn.graph import normalize, spiking_layers, to_snn
 from ann2snn.neurons import vsn
 
 from conftest import tiny_cnn
@@ -122,7 +122,7 @@ def test_vsn_arousal_in_evaluate(run_cli, tiny_files):
                    "--samples", 60, "--param", "tradeoff=1", "-o", d / "v.json")[0] == 0
     assert run_cli("convert", "--trust-code", f["checkpoint"], "-c", d / "v.json", "-o", d / "v.snn.safetensors")[0] == 0
     code, out, err = run_cli("evaluate", "--trust-code", d / "v.snn.safetensors", "-d", f["data"], "-T", 6, "-r", d / "rep",
-                             "--arousal", "at=2,threshold=1,threshold_scale=0")
+                             "--arousal-policy", "at=2,threshold=1,threshold_scale=0")
     assert code == 0, err
     a = json.loads((d / "rep" / "report.json").read_text())["arousal"]
     assert a["mechanism"].startswith("VSN thresholds") and "VSN layer" in a["description"]
@@ -130,7 +130,7 @@ def test_vsn_arousal_in_evaluate(run_cli, tiny_files):
     low, high, mixed = (a[k]["spikes_per_sample"] for k in ("fixed_low", "fixed_high", "with_arousal"))
     assert low < mixed < high  # aroused from step 3: between the two fixed settings
     code, _, err = run_cli("evaluate", "--trust-code", d / "v.snn.safetensors", "-d", f["data"], "-T", 2, "-r", d / "rep2",
-                           "--arousal", "at=2")
+                           "--arousal-policy", "at=2")
     assert code == 2 and "--arousal at=2" in err
 
 
@@ -147,8 +147,8 @@ class _Smooth(torch.nn.Module):
 
 
 def test_gelu_and_silu_slots_compute_the_ann_and_a_one_step_vsn_gates_them():
-    from ann2snn.calibrate import activation_stats
-    from ann2snn.convert import slot_activations
+    from ann2snn.calibration import activation_stats
+    from ann2snn.graph import slot_activations
     from ann2snn.data import TensorData
 
     torch.manual_seed(4)
@@ -210,7 +210,7 @@ def test_vsn_converts_a_gelu_network_and_if_is_refused(run_cli, tiny_files):
 def test_zoo_lenet5_takes_the_activation_as_a_model_argument():
     import pytest
 
-    from ann2snn.convert import slot_activations
+    from ann2snn.graph import slot_activations
     from ann2snn.errors import UserError
     from ann2snn.zoo import resolve_model
 

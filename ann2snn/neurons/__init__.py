@@ -9,8 +9,9 @@ from . import asn, if_neuron, vsn
 from .neuron import Neuron, Precision, PrecisionControl, StepOps
 
 NEURONS: dict[str, Neuron] = {n.name: n for n in (if_neuron.NEURON, asn.NEURON, vsn.NEURON)}
+BASELINE = if_neuron.NEURON  # the rate-coded reference every report and default operating point compares with
 
-__all__ = ["NEURONS", "Neuron", "Precision", "PrecisionControl", "StepOps", "get", "names", "stored"]
+__all__ = ["BASELINE", "NEURONS", "Neuron", "Precision", "PrecisionControl", "StepOps", "get", "names", "stored"]
 
 
 def get(name: str, option: str = "neuron") -> Neuron:

@@ -25,7 +25,7 @@ from ..readout import Readout
 from .neuron import PERCENTILE, POSITIVE, Bound, Neuron, StepOps
 
 if TYPE_CHECKING:
-    from ..calibrate import LayerStats
+    from ..calibration import LayerStats
 
 
 class IFParams(NamedTuple):
@@ -111,5 +111,5 @@ def readout(options: dict) -> Readout:
 
 NEURON = Neuron(name="if", defaults=DEFAULTS, fit=fit, build=build, readout=readout,
                 bounds={"percentile": PERCENTILE, "v_init": Bound(-1, 1), "threshold": POSITIVE},
-                param_options=("v_init",),
+                param_options=("v_init",), default_timesteps=64,
                 step_ops=StepOps(mac_per_step=0, add_per_step=2, add_per_spike=1))  # v += I; v >= theta; v -= theta

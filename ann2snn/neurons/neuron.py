@@ -21,7 +21,7 @@ from ..readout import Readout
 
 if TYPE_CHECKING:
     from ..arousal import ArousalPolicy
-    from ..calibrate import LayerStats
+    from ..calibration import LayerStats
 
 
 FLOAT32_MAX = 3.4e38  # parameters become float32 tensors: larger magnitudes overflow,
@@ -151,6 +151,8 @@ class Neuron:
     them (a sweep) would change nothing. ``param_options``: options that are also layer
     parameters with the same meaning (ASN ``m_f``), which a sweep sets without re-fitting.
     ``step_ops``: what one update of one neuron costs (``StepOps``; counted in the energy).
+    ``operating_points``: option sets (all with the same keys) ``calibrate`` tries when the user
+    names none of those keys and no budget (``operating_point.py``); empty: the defaults stand.
     """
 
     name: str
@@ -169,6 +171,7 @@ class Neuron:
     calibration_only: tuple[str, ...] = ("percentile",)
     param_options: tuple[str, ...] = ()
     step_ops: StepOps | None = None
+    operating_points: tuple[dict, ...] = ()
 
     @property
     def label(self) -> str:

@@ -27,7 +27,7 @@ from ..readout import Readout
 from .neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
 
 if TYPE_CHECKING:
-    from ..calibrate import LayerStats
+    from ..calibration import LayerStats
 
 
 SIGMAS = {"relu": lambda z: z.clamp(min=0), "gelu": F.gelu, "silu": F.silu,

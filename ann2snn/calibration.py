@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .convert import Slot, slot_activations, spiking_layers
+from .graph import Slot, slot_activations, spiking_layers
 from .data import TensorData
 from .errors import UserError
 

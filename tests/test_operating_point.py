@@ -1,0 +1,66 @@
+"""The operating point calibrate picks by itself: the bar, the per-step output error, the choice."""
+
+import json
+
+import torch
+
+from ann2snn.budget import OutputError
+from ann2snn.operating_point import settled
+
+
+def test_settled_is_the_first_step_from_which_the_error_stays_below_the_bar():
+    error = torch.tensor([5.0, 3.0, 1.0, 2.0, 0.5, 0.4])
+    assert settled(error, 1.0) == 4  # step index 2 dips below, index 3 rises again
+    assert settled(error, 10.0) == 0
+    assert settled(error, 0.45) == 5  # only the last value is below
+    assert settled(torch.tensor([3.0, 0.1]), 0.45) == 1
+
+
+def test_output_error_per_step_is_the_error_after_the_best_gain():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    scores = torch.randn(3, 10, 4, generator=gen, dtype=torch.float64)  # [T, N, C]
+    scores[2] = 2.5 * ref  # a scaled copy of the ANN's outputs: no error left after the gain
+    observer = OutputError(ref, 3)
+    for start, stop in ((0, 6), (6, 10)):  # two batches, in order
+        observer.reset(stop - start, torch.device("cpu"))
+        for t in range(3):
+            observer(t, scores[t, start:stop], None)
+    for t in range(2):
+        s = scores[t].reshape(-1)
+        a = float(s @ ref.reshape(-1)) / float(s @ s)
+        want = float(((a * scores[t] - ref) ** 2).sum() / ((ref - ref.mean(0)) ** 2).sum())
+        assert abs(float(observer.per_step()[t]) - want) < 1e-9
+    assert float(observer.per_step()[2]) < 1e-12 and observer.relative() < 1e-12
+
+
+def test_calibrate_asn_picks_the_cheapest_candidate_that_meets_the_if_bar(run_cli, tiny_files):
+    d = tiny_files["dir"]
+    code, out, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                             "--neuron", "asn", "--samples", 40, "-o", d / "a.json")
+    assert code == 0, err
+    profile = json.loads((d / "a.json").read_text())
+    record = profile["operating_point"]
+    base = record["baseline"]
+    assert base["neuron"] == "if" and base["timesteps"] == 64 and base["output_error"] >= 0
+    assert len(record["candidates"]) == 6 and record["samples"] == 40
+    for c in record["candidates"]:  # a candidate meets the bar exactly when it settles below it
+        assert (c["settled_step"] is not None) == (c["spikes_by_then"] is not None)
+        if c["settled_step"] is not None:
+            assert c["spikes_by_then"] <= c["spikes_per_sample"] + 1e-9
+        else:
+            assert c["output_error"] > base["output_error"] * (1 - 1e-6) or c["settled_step"] is None
+    met = [c for c in record["candidates"] if c["settled_step"] is not None]
+    want = min(met, key=lambda c: (c["spikes_by_then"], c["output_error"])) if met else \
+        min(record["candidates"], key=lambda c: c["output_error"])
+    assert record["chosen"] == want and record["bar_met"] == bool(met)
+    options = profile["neuron"]["options"]
+    assert (options["m_f"], options["tau_gamma"]) == (want["m_f"], want["tau_gamma"])
+    assert "operating point" in out
+
+    code, out, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                             "--neuron", "asn", "--samples", 40, "--param", "m_f=0.2", "-o", d / "b.json")
+    assert code == 0, err
+    named = json.loads((d / "b.json").read_text())
+    assert "operating_point" not in named and named["neuron"]["options"]["m_f"] == 0.2
+    assert named["neuron"]["options"]["tau_gamma"] == 15.0  # the paper's value when the user names m_f
