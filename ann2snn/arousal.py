@@ -152,6 +152,17 @@ class ArousalController:
         return self.count() / max(self.samples, 1)
 
 
+def matched_run(neuron: "Neuron", policy: ArousalPolicy, spec: "NeuronSpec", layers: list["ProfileLayer"],
+                fraction: float) -> Run:
+    """A fixed-precision run ``fraction`` of the way from the start precision to the raised one
+    in the layers arousal raises (``PrecisionControl.between``)."""
+    control = neuron.precision_control
+    moved = [replace(layer, params=control.between(layer.params, policy, fraction)) if policy.raises(layer.name)
+             else layer for layer in layers]
+    label = control.between_label(layers[0].params, policy, fraction) + " (spikes as arousal)"
+    return Run(label, neuron, spec, moved)
+
+
 def start_layers(control: "PrecisionControl", policy: ArousalPolicy, layers: list["ProfileLayer"]
                  ) -> list["ProfileLayer"]:
     """The layers as an arousal run starts them (e.g. ASN at m_f = low)."""

@@ -51,7 +51,7 @@ def search(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
     regression = data.task == "regression"
     metric = "nmse" if regression else "accuracy"
     layers = list(stats)
-    fan = fanout_maps(gm, data.sample_shape)
+    fan = fanout_maps(gm, data.sample_shape, graded=neuron.spike_op == "mac")
     reference = None if regression else ann_outputs(gm, data, batch_size, device)
     ranks = distributed.current()  # under torchrun the ranks share the candidates, each all the images
     mine = []
@@ -61,7 +61,8 @@ def search(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
             snn = to_snn(gm, build_neurons(neuron, fitted_layers(stats, neuron, opts)))
             readout = neuron.readout_for(opts, timesteps)
             observer = None if regression else OutputError(reference, timesteps)
-            sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=observer)
+            sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=observer,
+                           label=f"budget search {knob}={value:g}")
             quality = nmse(float(sim.metric[-1]), data) if regression else float(sim.metric[-1]) / len(data)
             mine.append({knob: value, "spikes_per_sample": float(sim.spikes.sum()) / len(data), metric: quality,
                          **({} if regression else {"output_error": observer.relative()})})
@@ -138,7 +139,7 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neu
     control = neuron.precision_control
     layers = list(stats)
     params = start_layers(control, policy, fitted_layers(stats, neuron, options))
-    fan = fanout_maps(gm, data.sample_shape)
+    fan = fanout_maps(gm, data.sample_shape, graded=neuron.spike_op == "mac")
     readout = neuron.readout_for(options, timesteps)
     tried: list[dict] = []
 
@@ -150,7 +151,8 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neu
         controller = ArousalController(replace(policy, threshold=threshold), control)
         snn = to_snn(gm, build_neurons(neuron, params))
         with ranks.phase():
-            sim = simulate(snn, layers, fan, shard, timesteps, batch_size, device, readout, controller=controller)
+            sim = simulate(snn, layers, fan, shard, timesteps, batch_size, device, readout, controller=controller,
+                           label=f"arousal threshold {threshold:.3g}")
         spikes, correct, aroused = ranks.sum(torch.tensor([float(sim.spikes.sum()), float(sim.metric[-1]),
                                                            controller.count()], dtype=torch.float64)).tolist()
         tried.append({"threshold": threshold, "spikes_per_sample": spikes / len(data),

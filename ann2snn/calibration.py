@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from . import progress
 from .graph import Slot, slot_activations, spiking_layers
 from .data import TensorData
 from .errors import UserError
@@ -155,13 +156,14 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
         assert isinstance(module, Slot)
         hooks.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), progress.task("calibration statistics (images, all passes)", None) as shown:
             for passes in range(MAX_PASSES + 2):
                 if all(q.done for q in quant.values()):
                     break
                 for x, _ in data.batches(batch_size):
                     gm(x.to(device))
                     seen["images"] += len(x)
+                    shown.advance(len(x))
                 seen["first_pass"] = False
                 for q in quant.values():
                     if not q.done:

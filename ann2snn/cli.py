@@ -13,10 +13,9 @@ from typing import List, Optional
 import typer
 from typer import _click as click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__, distributed, errors, pipeline
+from . import __version__, distributed, errors, pipeline, progress
 from .artifact import ArtifactMeta, read_artifact
 from .graph import Row
 from .energy import DEFAULT_PRESET
@@ -112,7 +111,7 @@ def calibrate(
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Input normalisation 'MEAN;STD' per "
                                                                       "channel, e.g. '0.1307;0.3081'."),
     model_arg: Optional[List[str]] = typer.Option(None, "--model-arg", help="Model constructor argument KEY=VALUE."),
-    batch_size: int = typer.Option(256, "--batch-size"),
+    batch_size: int = typer.Option(256, "--batch-size", help="Samples simulated (or passed through the ANN) at once."),
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
 ):
     """Fit per-layer operating points (thresholds) on calibration data.
@@ -230,9 +229,9 @@ def evaluate(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Data set to evaluate on (as for calibrate)."),
     timesteps: int = typer.Option(..., "--timesteps", "-T", help="Simulation steps per sample (1 step = 1 ms)."),
     report: Path = typer.Option(..., "--report", "-r", help="Directory for report.json, curve.csv and the plot."),
-    split: str = typer.Option("test", "--split"),
+    split: str = typer.Option("test", "--split", help="Split of a named data set to evaluate on (test or train)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N samples."),
-    batch_size: int = typer.Option(256, "--batch-size"),
+    batch_size: int = typer.Option(256, "--batch-size", help="Samples simulated (or passed through the ANN) at once."),
     energy: str = typer.Option(DEFAULT_PRESET, "--energy", help="Energy preset: 45nm-fp32, 45nm-fp16, 45nm-int8."),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="Also run other values of a neuron option, "
                                                                "e.g. m_f=0.1,0.2,0.3 (ASN)."),
@@ -304,12 +303,7 @@ def _sweep(text: str | None) -> list[dict]:
 
 
 def _evaluate_with_progress(artifact: Path, dataset: str, run: RunOptions, report: Path, **kwargs) -> None:
-    with Progress(TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("sim", total=None)
-        result = pipeline.evaluate(artifact, dataset, run, report_dir=report,
-                                   on_start=lambda n: progress.update(task, total=n),
-                                   on_batch=lambda n: progress.advance(task, n), **kwargs)
+    result = pipeline.evaluate(artifact, dataset, run, report_dir=report, **kwargs)
     if result is None:
         console.print(f"wrote {report}/partial.json; 'ann2snn merge' adds the shards up")
     else:
@@ -322,6 +316,13 @@ def _print_report(result: Report, report_dir: Path, plot_format: str = "png") ->
     if result.arousal:
         a = result.arousal
         console.print(f"arousal: {a.description}; {100 * a.fraction_aroused:.1f}% of inputs aroused")
+        m = a.fixed_same_spikes
+        if m and "accuracy" in m:
+            test = m.get("paired_vs_arousal") or {}
+            console.print(f"the same spikes at fixed precision ({m['label']}): {100 * m['accuracy']:.2f}% "
+                          f"({m['spikes_per_sample']:,.0f} spikes) against arousal's "
+                          f"{100 * a.with_arousal['accuracy']:.2f}% ({a.with_arousal['spikes_per_sample']:,.0f}); "
+                          f"McNemar p={test.get('p_value', float('nan')):.2g}")
     within = result.snn.get("first_timestep_within_points_of_ann")
     settled = result.snn.get("settled_timestep_within_points_of_ann")
     if within:
@@ -337,7 +338,7 @@ def _print_report(result: Report, report_dir: Path, plot_format: str = "png") ->
 def demo(
     out: Path = typer.Option(Path("ann2snn-demo"), "--output", "-o", "--out", help="Directory for the demo's "
                                                                                    "outputs."),
-    timesteps: int = typer.Option(64, "--timesteps", "-T"),
+    timesteps: int = typer.Option(64, "--timesteps", "-T", help="Simulation steps per sample."),
     device: str = DEVICE,
 ):
     """Calibrate, convert and evaluate the bundled LeNet-5 on bundled MNIST samples (offline).
@@ -371,14 +372,14 @@ def finetune(
     profile_output: Optional[Path] = typer.Option(None, "--profile-output", help="Its calibration profile, with "
                                                   "the trained layer parameters (default: OUTPUT with the "
                                                   "suffix .calib.json)."),
-    epochs: int = typer.Option(2, "--epochs"),
-    lr: float = typer.Option(1e-4, "--lr"),
+    epochs: int = typer.Option(2, "--epochs", help="Passes over the training split."),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate of the weights."),
     spike_penalty: float = typer.Option(0.0, "--spike-penalty", help="Weight of spikes per sample / 1000 in the "
                                         "loss (VSN: trains thresholds and weights toward fewer spikes)."),
     threshold_lr: Optional[float] = typer.Option(None, "--threshold-lr", help="Learning rate of VSN thresholds "
                                                  "(default: --lr)."),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(128, "--batch-size", help="Training batch size."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffling and initial state: the same seed gives the same checkpoint."),
     model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
 ):
@@ -451,6 +452,9 @@ def run(args: list[str] | None = None) -> int:
     """Run one command; returns the exit status. A user's mistake - a bad file or option, or a
     command line click cannot parse - is one line on stderr and status 2."""
     console.quiet = os.environ.get("RANK", "0") not in ("", "0")  # under torchrun rank 0 alone prints
+    if not console.quiet:  # long steps report on stderr: bars on a terminal, else a line every 30 s
+        progress.install(progress.Bars(Console(stderr=True)) if sys.stderr.isatty() else
+                         lambda label, total: progress.PlainLine(label, total, sys.stderr))
     errors.name_parameters(flag)  # messages passed on as text (e.g. between ranks) name our flags
     try:
         result = app(args=args, standalone_mode=False)
@@ -474,6 +478,7 @@ def run(args: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # nothing more to a stdout that cannot take it
         return _fail(f"cannot write to standard output ({exc.strerror}); the output files are complete")
     finally:
+        progress.install(None)
         distributed.stop()
         errors.name_parameters(None)
     return result if isinstance(result, int) else 0

@@ -7,7 +7,10 @@ Counts come from the network's connectivity, not from layer-type formulas:
     any weighted layer feeding another weighted layer directly - the number of synapses each
     of its units drives in the next weighted layers, found by one backward pass through a
     linearised copy of the graph (weights -> 1[w != 0], no bias, pools counted as sums).
-    A spike of unit i then costs ``fanout[i]`` synaptic operations (SynOps).
+    A spike of unit i then costs ``fanout[i]`` synaptic operations (SynOps). Graded events
+    (VSN: each carries a value) are pooled before they travel: for a spiking layer whose every
+    user is an average-pool module (``pooled_sources``), the events counted are the pooled
+    units with a non-zero value, each costing the pooled unit's fan-out (``graded=True``).
 Energy (Horowitz 2014, 45 nm, compute only): ANN = MACs x E_MAC; SNN = SynOps x E_AC
 (x E_MAC for graded spikes, which carry a value) + MACs of layers fed with analog values x E_MAC. The constant analog input is turned into a
 current once per sample, so the input layer's MACs are counted once, not once per step.
@@ -71,11 +74,27 @@ def _as_avg(pool: nn.Module):
     return pool
 
 
-class _Structure(fx.Interpreter):
-    """Runs the linearised graph, making every source a leaf tensor."""
+def pooled_sources(gm: fx.GraphModule, layers: list[str] | None = None) -> dict[str, str]:
+    """Spiking layers (ReLU slots, or the modules named ``layers`` in a converted network) whose
+    every user is one average-pool module: layer name -> pool module name."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and (node.target in layers if layers is not None else
+                                         isinstance(gm.get_submodule(node.target), Slot)):
+            users = list(node.users)
+            if len(users) == 1 and users[0].op == "call_module" and \
+                    isinstance(gm.get_submodule(users[0].target), AVGPOOL):
+                out[str(node.target)] = str(users[0].target)
+    return out
 
-    def __init__(self, gm: fx.GraphModule):
+
+class _Structure(fx.Interpreter):
+    """Runs the linearised graph, making every source a leaf tensor (``pooled``: pool module ->
+    layer whose source is that pool's output)."""
+
+    def __init__(self, gm: fx.GraphModule, pooled: dict[str, str] | None = None):
         super().__init__(gm)
+        self.pooled = pooled or {}
         self.sources: dict[str, torch.Tensor] = {}
         self.total = torch.zeros(())
 
@@ -95,6 +114,8 @@ class _Structure(fx.Interpreter):
             out = _connections(m, args[0])
             self.total = self.total + out.sum()
             return self._leaf(f"{target}:out", out.detach())
+        if target in self.pooled:
+            return self._leaf(self.pooled[target], m(args[0].detach()))
         if isinstance(m, AVGPOOL + MAXPOOL):
             return _CountPool.apply(args[0], _as_avg(m))
         if isinstance(m, BATCHNORM):
@@ -107,11 +128,13 @@ class _Structure(fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
-def fanout_maps(gm: fx.GraphModule, sample_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def fanout_maps(gm: fx.GraphModule, sample_shape: tuple[int, ...], graded: bool = False) -> dict[str, torch.Tensor]:
     """Synapses driven by each unit of each source of a normalised graph, keyed by source name
-    (``input``, a spiking layer name, or ``<layer>:out``), shaped like one sample of it."""
+    (``input``, a spiking layer name, or ``<layer>:out``), shaped like one sample of it; with
+    ``graded``, a layer in ``pooled_sources`` is keyed by its name but shaped like its pool's
+    output (its events are counted after pooling)."""
     gm = copy.deepcopy(gm).cpu().float().eval()
-    interp = _Structure(gm)
+    interp = _Structure(gm, {pool: layer for layer, pool in pooled_sources(gm).items()} if graded else None)
     interp.run(torch.zeros((1, *sample_shape)))
     if interp.total.requires_grad:
         interp.total.backward()

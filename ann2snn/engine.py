@@ -25,9 +25,10 @@ class TimeScan(nn.Module):
     (``fan`` given) ``counts`` holds [K, 2]: spikes and synaptic operations per step, summed
     over the batch."""
 
-    def __init__(self, inner: nn.Module, fan: torch.Tensor | None = None, fused: bool = True):
+    def __init__(self, inner: nn.Module, fan: torch.Tensor | None = None, fused: bool = True,
+                 pool: nn.Module | None = None):
         super().__init__()
-        self.inner, self.fan, self.fused = inner, fan, fused
+        self.inner, self.fan, self.fused, self.pool = inner, fan, fused, pool
         self.steps, self.batch = 1, 1
         self.counts: torch.Tensor | None = None
 
@@ -35,7 +36,7 @@ class TimeScan(nn.Module):
         K, B = self.steps, self.batch
         constant = x.shape[0] != K * B
         scan = getattr(self.inner, "scan", None) if self.fused else None
-        if scan is not None and self.fan is not None:
+        if scan is not None and self.fan is not None and self.pool is None:
             out, self.counts = scan(x, K, B, self.fan)
             return out
         out, counts = None, []
@@ -45,16 +46,21 @@ class TimeScan(nn.Module):
                 out = y.new_empty((K * B, *y.shape[1:]))
             out[t * B:(t + 1) * B] = y
             if self.fan is not None:
-                counts.append(step_counts(self.inner.spikes, self.fan))
+                counts.append(step_counts(self.inner.spikes, self.fan, self.pool))
         if self.fan is not None:
             self.counts = torch.stack(counts)
         return out
 
 
-def step_counts(spikes: torch.Tensor, fan: torch.Tensor) -> torch.Tensor:
-    """[spikes, synaptic operations] of one step, summed over the batch (float64: exact counts)."""
+def step_counts(spikes: torch.Tensor, fan: torch.Tensor, pool: nn.Module | None = None) -> torch.Tensor:
+    """[spikes, synaptic operations] of one step, summed over the batch (float64: exact counts).
+    With ``pool`` (graded events pooled before they travel, ``energy.pooled_sources``) the
+    synaptic operations are those of the pooled units that carry a non-zero value."""
     per_unit = spikes.flatten(1).sum(0).double()
-    return torch.stack([per_unit.sum(), (per_unit * fan.double()).sum()])
+    if pool is None:
+        return torch.stack([per_unit.sum(), (per_unit * fan.double()).sum()])
+    events = (pool((spikes != 0).float()) > 0).flatten(1).sum(0).double()
+    return torch.stack([per_unit.sum(), (events * fan.double()).sum()])
 
 
 class RepeatSteps(nn.Module):
@@ -69,11 +75,12 @@ class RepeatSteps(nn.Module):
         return x.unsqueeze(0).expand(self.steps, *x.shape).reshape(-1, *x.shape[1:])
 
 
-def layered(step: fx.GraphModule, layers: list[str], fan: list[torch.Tensor], fused: bool = True
-            ) -> tuple[fx.GraphModule, list[nn.Module], list[TimeScan]]:
+def layered(step: fx.GraphModule, layers: list[str], fan: list[torch.Tensor], fused: bool = True,
+            pools: dict[str, nn.Module] | None = None) -> tuple[fx.GraphModule, list[nn.Module], list[TimeScan]]:
     """From the time-stepped part of a network (``simulate.split_static``), the chunked version:
     (module, modules whose ``steps``/``batch`` are set per chunk, the spiking layers' scans in
-    the order of ``layers``)."""
+    the order of ``layers``); ``pools``: layers whose events are counted after a pool."""
+    pools = pools or {}
     gm = fx.GraphModule(step, step.graph)  # its own module tree: wrapping does not touch ``step``
     stateful = {name for name, m in step.named_modules() if hasattr(m, "reset")}
     chunked: list[nn.Module] = []
@@ -81,7 +88,8 @@ def layered(step: fx.GraphModule, layers: list[str], fan: list[torch.Tensor], fu
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target in stateful:
             name = str(node.target)
-            scan = TimeScan(step.get_submodule(name), fan[layers.index(name)] if name in layers else None, fused)
+            scan = TimeScan(step.get_submodule(name), fan[layers.index(name)] if name in layers else None, fused,
+                            pools.get(name))
             gm.add_submodule(name, scan)
             chunked.append(scan)
             if name in layers:

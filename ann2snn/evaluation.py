@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from . import distributed, neurons
-from .arousal import ArousalPolicy, arousal_runs, check_class_scores
+from .arousal import ArousalPolicy, arousal_runs, check_class_scores, matched_run
 from .artifact import Artifact, ArtifactMeta, build_neurons, load_artifact, variant
 from .checkpoint import file_sha256
 from .checks import check_memory, model_outputs
@@ -151,6 +151,8 @@ def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: Dat
         return None
     if ranks.active:
         sums = _all_reduce(ranks, sums)
+    with ranks.phase():
+        plan, sums = with_spike_matched_run(plan, shard_data, sums, ranks)
     report = _finish(plan, sums, artifact, ranks.world)
     if report_dir is not None and ranks.leader:
         write_report(report, report_dir, plot_format)
@@ -240,7 +242,8 @@ def _prepare(artifact, dataset: str, run: RunOptions, source: DataSource, device
 
 def run_plan(plan: _Plan) -> Report:
     """Simulate every run of ``plan`` on all its data in this process; the report (no file)."""
-    return _finish(plan, _simulate(plan, plan.data), None)
+    plan, sums = with_spike_matched_run(plan, plan.data, _simulate(plan, plan.data), Ranks())
+    return _finish(plan, sums, None)
 
 
 def make_plan(art: Artifact, data: TensorData, run: RunOptions, device: str, sweep: list[dict], compare: list[str],
@@ -270,19 +273,71 @@ def _simulate(plan: _Plan, data: TensorData, on_batch: Callable[[int], None] | N
         transfer = ann_metric_sum(with_transfer(art.ann, art.neuron, art.meta.layers), data, run.batch_size, dev)
     runs, elapsed = [], 0.0
     for r in plan.runs:
-        readout = r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms)
-        snn = to_snn(art.ann, build_neurons(r.neuron, r.layers), art.meta.maxpool)
-        controller = _fresh(r.controller)
-        start = time.perf_counter()
-        sim = simulate(snn, art.meta.layer_names, plan.fan, data, run.timesteps, run.batch_size, dev, readout,
-                       on_batch, controller)
-        elapsed += time.perf_counter() - start
-        runs.append(RunSums(metric=sim.metric.tolist(), spikes=sim.spikes.tolist(), synops=sim.synops.tolist(),
-                            aroused=controller.count() if controller is not None else 0, final=sim.final.tolist()))
+        sums, seconds = _simulate_run(plan, r, data, on_batch)
+        runs.append(sums)
+        elapsed += seconds
     with counting_active_macs(art.ann) as active:  # one ANN pass: answers and zero-skipping MACs
         ann = ann_per_sample(art.ann, data, run.batch_size, dev)
     return Sums(samples=len(data), ann=float(ann.sum()), transfer=transfer, runs=runs, ann_final=ann.tolist(),
                 ann_active_macs=active(), seconds=elapsed)
+
+
+def _simulate_run(plan: _Plan, r: Run, data: TensorData, on_batch=None) -> tuple[RunSums, float]:
+    """One run of the plan on ``data``: its sums and the seconds it took."""
+    art, run = plan.art, plan.run
+    readout = r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms)
+    fan = plan.fan if r.neuron.spike_op != "mac" else fanout_maps(art.ann, data.sample_shape, graded=True)
+    snn = to_snn(art.ann, build_neurons(r.neuron, r.layers), art.meta.maxpool)
+    controller = _fresh(r.controller)
+    start = time.perf_counter()
+    sim = simulate(snn, art.meta.layer_names, fan, data, run.timesteps, run.batch_size, plan.device, readout,
+                   on_batch, controller, label=r.label)
+    return RunSums(metric=sim.metric.tolist(), spikes=sim.spikes.tolist(), synops=sim.synops.tolist(),
+                   aroused=controller.count() if controller is not None else 0,
+                   final=sim.final.tolist()), time.perf_counter() - start
+
+
+MATCH_TOLERANCE = 0.01  # relative difference in spikes per sample
+MATCH_TRIES = 8
+
+
+def with_spike_matched_run(plan: _Plan, data: TensorData, sums: Sums, ranks: Ranks) -> tuple[_Plan, Sums]:
+    """Under arousal, add the fixed-precision run that spends as many spikes per sample as the
+    arousal run (within ``MATCH_TOLERANCE``): regula falsi (Illinois) on the fraction f of the
+    way from the start precision (f = 0, the fixed-low run) to the raised one (f = 1, fixed
+    high), spikes growing with f; the closest run tried is kept. ``data`` is this rank's share
+    of the plan's samples; ``sums`` are over all of them. Nothing is added without arousal, for
+    a neuron without ``PrecisionControl.between``, or when arousal spent no more than fixed low
+    or no less than fixed high."""
+    control = plan.art.neuron.precision_control
+    if plan.policy is None or control is None or control.between is None:
+        return plan, sums
+    n = max(sums.samples, 1)
+    spent = [sum(map(sum, r.spikes)) / n for r in sums.runs[:3]]  # arousal, fixed low, fixed high
+    target = spent[0]
+    if not spent[1] < target < spent[2]:
+        return plan, sums
+    main = plan.runs[0]
+    ends = [(0.0, spent[1] - target), (1.0, spent[2] - target)]
+    best = None
+    for _ in range(MATCH_TRIES):
+        (f0, e0), (f1, e1) = ends
+        f = f0 - e0 * (f1 - f0) / (e1 - e0)
+        run = matched_run(plan.art.neuron, plan.policy, main.spec, main.layers, f)
+        mine, seconds = _simulate_run(plan, run, data)
+        reduced = _reduce_run(ranks, mine) if ranks.active else mine
+        error = sum(map(sum, reduced.spikes)) / n - target
+        if best is None or abs(error) < abs(best[2]):
+            best = (run, reduced, error, seconds)
+        if abs(error) <= MATCH_TOLERANCE * target:
+            break
+        if (error < 0) == (e0 < 0):  # replaces the end on its side; Illinois: halve the other's error
+            ends = [(f, error), (f1, e1 / 2)]
+        else:
+            ends = [(f0, e0 / 2), (f, error)]
+    run, reduced, _, seconds = best
+    return replace(plan, runs=[*plan.runs, run]), replace(sums, runs=[*sums.runs, reduced],
+                                                          seconds=sums.seconds + seconds)
 
 
 def _fresh(controller):
@@ -295,12 +350,16 @@ def _all_reduce(ranks: Ranks, sums: Sums) -> Sums:
                         + [r.aroused for r in sums.runs], dtype=torch.float64)
     flat = ranks.sum(flat).tolist()
     joined = lambda values: [v for part in ranks.gather(values) for v in part]  # noqa: E731  (rank order)
-    runs = [RunSums(metric=ranks.sum(torch.tensor(r.metric, dtype=torch.float64)).tolist(),
-                    spikes=ranks.sum(torch.tensor(r.spikes, dtype=torch.float64)).tolist(),
-                    synops=ranks.sum(torch.tensor(r.synops, dtype=torch.float64)).tolist(),
-                    aroused=int(flat[4 + i]), final=joined(r.final)) for i, r in enumerate(sums.runs)]
+    runs = [replace(_reduce_run(ranks, r), aroused=int(flat[4 + i])) for i, r in enumerate(sums.runs)]
     return Sums(samples=int(flat[0]), ann=flat[1], transfer=None if sums.transfer is None else flat[2], runs=runs,
                 ann_final=joined(sums.ann_final), ann_active_macs=flat[3], seconds=ranks.max(sums.seconds))
+
+
+def _reduce_run(ranks: Ranks, r: RunSums) -> RunSums:
+    """One run's sums added over the ranks (per-sample results joined in rank order)."""
+    total = lambda values: ranks.sum(torch.tensor(values, dtype=torch.float64)).tolist()  # noqa: E731
+    return RunSums(metric=total(r.metric), spikes=total(r.spikes), synops=total(r.synops), aroused=r.aroused,
+                   final=[v for part in ranks.gather(r.final) for v in part])
 
 
 def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:

@@ -41,16 +41,16 @@ def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
     reference = ann_outputs(gm, data, batch_size, device)
     fan = fanout_maps(gm, data.sample_shape)
 
-    def run(kind: Neuron, opts: dict, timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(kind: Neuron, opts: dict, timesteps: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
         snn = to_snn(gm, build_neurons(kind, fitted_layers(stats, kind, opts)))
         observer = OutputError(reference, timesteps)
         sim = simulate(snn, list(stats), fan, data, timesteps, batch_size, device,
-                       kind.readout_for(opts, timesteps), controller=observer)
+                       kind.readout_for(opts, timesteps), controller=observer, label=f"operating point: {label}")
         return observer.per_step(), sim.spikes.sum(0).cumsum(0) / len(data)
 
     base_options = baseline.options({"percentile": options["percentile"]} if "percentile" in baseline.defaults
                                     and "percentile" in options else {})
-    base_error, base_spikes = run(baseline, base_options, baseline.default_timesteps)
+    base_error, base_spikes = run(baseline, base_options, baseline.default_timesteps, f"{baseline.label} bar")
     bar = float(base_error[-1])
     steps = neuron.default_timesteps
     ranks = distributed.current()  # under torchrun the ranks share the candidates, each all the images
@@ -58,7 +58,8 @@ def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
     with ranks.phase():
         for i in range(ranks.rank, len(neuron.operating_points), ranks.world):
             candidate = neuron.operating_points[i]
-            error, spikes = run(neuron, {**options, **candidate}, steps)
+            error, spikes = run(neuron, {**options, **candidate}, steps,
+                                " ".join(f"{k}={v:g}" for k, v in candidate.items()))
             at = settled(error, bar)
             mine.append({**candidate, "output_error": float(error[-1]), "spikes_per_sample": float(spikes[-1]),
                          "settled_step": None if at is None else at + 1,

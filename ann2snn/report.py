@@ -68,6 +68,9 @@ class ArousalReport:
     with_arousal: dict
     fixed_low: dict
     fixed_high: dict
+    # the fixed precision between low and high that spends the arousal run's spikes (within 1%),
+    # with McNemar's test of arousal against it; None when not run (shards, or out of range)
+    fixed_same_spikes: dict | None = field(None, keep_none=True)
 
 
 @dataclass(kw_only=True)
@@ -224,7 +227,9 @@ def arousal_report(neuron: Neuron, policy, stored_policy: bool, search: SearchRe
         policy_source="the artifact's (calibrate --arousal), with --arousal's keys over it" if stored_policy
         else "--arousal's keys over the defaults",
         calibration_search=search, description=policy.describe(neuron), fraction_aroused=fraction,
-        with_arousal=pick(reports[0]), fixed_low=pick(reports[1]), fixed_high=pick(reports[2]))
+        with_arousal=pick(reports[0]), fixed_low=pick(reports[1]), fixed_high=pick(reports[2]),
+        fixed_same_spikes={**pick(reports[3]), "paired_vs_arousal": reports[3].snn.get("paired_vs_main_run")}
+        if len(reports) > 3 else None)
 
 
 def within_margin(curve: list[dict], ann_accuracy: float, points: float) -> dict:

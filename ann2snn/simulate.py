@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import fx, nn
 
+from . import progress
 from .data import TensorData
+from .energy import pooled_sources
 from .engine import chunk_steps, layered, step_counts
 from .errors import OptionError
 from .readout import Readout
@@ -95,14 +97,15 @@ def ieee_float32(fn):
 def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Tensor], data: TensorData,
              timesteps: int, batch_size: int, device: torch.device, readout: Readout = Readout(),
              on_batch: Callable[[int], None] | None = None, controller=None, engine: str = "layers",
-             memory_budget: int | None = None, fused: bool = True) -> SimulationResult:
+             memory_budget: int | None = None, fused: bool = True, label: str = "simulating") -> SimulationResult:
     """Run every sample of ``data`` through ``snn`` for ``timesteps`` steps. ``engine`` 'layers'
     runs chunks of steps one layer at a time (``engine.py``; chunks sized to ``memory_budget``
     bytes, by default 64 MB on CPU and 1 GB on CUDA; ``fused``: the neurons' fused scans where
     they have one), 'steps' the whole network one step at a time (the reference). A
     ``controller`` (e.g. arousal) is reset per batch and called after each step with the readout
     score; the layered engine ends a chunk at each of its ``decision_steps``. A batch that runs
-    out of device memory is retried in halves."""
+    out of device memory is retried in halves. Progress is reported (``progress.task``) as
+    ``label``."""
     if engine not in ("layers", "steps"):
         raise OptionError("engine", f"{engine!r}: expected layers or steps")
     if memory_budget is None:  # measured: 64 MB chunks run fastest on a 2-core CPU (cache); GPUs like them large
@@ -113,51 +116,62 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
     fan = [fanout[name].to(device).flatten() for name in layers]
     acc = _Accumulator(timesteps, len(layers), data.task == "regression", readout, device)
     static, step = split_static(snn)
+    pools = counting_pools(snn, neurons)
     if engine == "layers":
-        chunked_step, chunked, scans = layered(step, layers, fan, fused)
+        chunked_step, chunked, scans = layered(step, layers, fan, fused, pools)
         widest = max(f.numel() for f in fan)
     batches, retry = data.batches(batch_size), []  # retry: halves of a batch that ran out of memory
-    while (item := retry.pop(0) if retry else next(batches, None)) is not None:
-        x, y = item
-        try:
-            x, y = x.to(device), y.to(device)
-            constant = static(x)  # the input is constant: its currents are computed once per batch
-            for m in resettable:
-                m.reset()
-            if controller is not None:
-                controller.reset(len(y), device)
-            reader = acc.batch(y)
-            if engine == "steps":
-                for t in range(timesteps):
-                    score = reader.update(t, step(*constant))
-                    if controller is not None:
-                        controller(t, score, neurons)
-                    for i, m in enumerate(neurons.values()):
-                        acc.count(i, t, step_counts(m.spikes, fan[i]))
-            else:
-                steps = chunk_steps(len(y), widest, timesteps, memory_budget)
-                for t0, k in _chunks(timesteps, steps, getattr(controller, "decision_steps", ())):
-                    for m in chunked:
-                        m.steps, m.batch = k, len(y)
-                    out = chunked_step(*constant).view(k, len(y), -1)
-                    for i, scan in enumerate(scans):
-                        acc.count_chunk(i, t0, scan.counts)
-                    for j in range(k):
-                        score = reader.update(t0 + j, out[j])
+    with progress.task(f"{label}: {timesteps} steps (samples)", len(data)) as shown:
+        while (item := retry.pop(0) if retry else next(batches, None)) is not None:
+            x, y = item
+            try:
+                x, y = x.to(device), y.to(device)
+                constant = static(x)  # the input is constant: its currents are computed once per batch
+                for m in resettable:
+                    m.reset()
+                if controller is not None:
+                    controller.reset(len(y), device)
+                reader = acc.batch(y)
+                if engine == "steps":
+                    for t in range(timesteps):
+                        score = reader.update(t, step(*constant))
                         if controller is not None:
-                            controller(t0 + j, score, neurons)
-            acc.commit(reader)
-        except torch.OutOfMemoryError:
-            if len(y) == 1:
-                raise OptionError("batch_size", f": one sample does not fit in {device} memory") from None
-            torch.cuda.empty_cache()
-            half = len(y) // 2
-            retry[:0] = [(x[:half].cpu(), y[:half].cpu()), (x[half:].cpu(), y[half:].cpu())]  # free the device
-            continue
-        if on_batch:
-            on_batch(len(y))
+                            controller(t, score, neurons)
+                        for i, (name, m) in enumerate(neurons.items()):
+                            acc.count(i, t, step_counts(m.spikes, fan[i], pools.get(name)))
+                else:
+                    steps = chunk_steps(len(y), widest, timesteps, memory_budget)
+                    for t0, k in _chunks(timesteps, steps, getattr(controller, "decision_steps", ())):
+                        for m in chunked:
+                            m.steps, m.batch = k, len(y)
+                        out = chunked_step(*constant).view(k, len(y), -1)
+                        for i, scan in enumerate(scans):
+                            acc.count_chunk(i, t0, scan.counts)
+                        for j in range(k):
+                            score = reader.update(t0 + j, out[j])
+                            if controller is not None:
+                                controller(t0 + j, score, neurons)
+                acc.commit(reader)
+            except torch.OutOfMemoryError:
+                if len(y) == 1:
+                    raise OptionError("batch_size", f": one sample does not fit in {device} memory") from None
+                torch.cuda.empty_cache()
+                half = len(y) // 2
+                retry[:0] = [(x[:half].cpu(), y[:half].cpu()), (x[half:].cpu(), y[half:].cpu())]  # free the device
+                continue
+            if on_batch:
+                on_batch(len(y))
+            shown.advance(len(y))
     return SimulationResult(timesteps, len(data), acc.metric.cpu(), acc.spikes.cpu(), acc.synops.cpu(), list(layers),
                             torch.cat(acc.final) if acc.final else torch.zeros(0, dtype=torch.float64))
+
+
+def counting_pools(snn: fx.GraphModule, neurons: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The average pool after each layer of graded events (``graded_events``) in
+    ``energy.pooled_sources``, whose events are counted after it; the fan-out maps must then be
+    the pooled ones (``energy.fanout_maps(graded=True)``)."""
+    return {name: snn.get_submodule(pool) for name, pool in pooled_sources(snn, list(neurons)).items()
+            if getattr(neurons[name], "graded_events", False)}
 
 
 def _chunks(timesteps: int, size: int, decisions) -> list[tuple[int, int]]:

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
+from . import progress
 from .graph import check_activations, normalize, slot_activations, spiking_layers
 from .data import TensorData
 from .errors import OptionError, UserError
@@ -85,16 +86,9 @@ def train_with_transfer(model: nn.Module, neuron: Neuron, layers: list[ProfileLa
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     for epoch in range(epochs):
         net.train()
-        for x, y in train.subset(torch.randperm(len(train), generator=gen)).batches(batch_size):
-            out, y = net(x.to(device)), y.to(device)
-            loss = nn.functional.mse_loss(out[:, 0], y.to(out.dtype)) if regression else \
-                nn.functional.cross_entropy(out, y)
-            if spike_penalty:
-                loss = loss + spike_penalty * sum(m.spikes for m in counters) / 1000.0
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+        with progress.task(f"fine-tuning epoch {epoch + 1}/{epochs} (samples)", len(train)) as shown:
+            _epoch(net, train.subset(torch.randperm(len(train), generator=gen)), batch_size, device, regression,
+                   spike_penalty, counters, opt, sched, shown)
         if on_epoch:
             on_epoch(epoch + 1, ann_accuracy(net, test, 1000, device))
     tuned = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -102,3 +96,19 @@ def train_with_transfer(model: nn.Module, neuron: Neuron, layers: list[ProfileLa
     trained = [replace(layer, params=net.get_submodule(layer.name).trained_params(layer.params))
                if hasattr(net.get_submodule(layer.name), "trained_params") else layer for layer in layers]
     return {k: tuned.get(k, v).contiguous().clone() for k, v in state.items()}, trained
+
+
+def _epoch(net, train: TensorData, batch_size: int, device, regression: bool, spike_penalty: float, counters,
+           opt, sched, shown) -> None:
+    """One pass over ``train`` in batches: loss, spike penalty, a step of Adam and the schedule."""
+    for x, y in train.batches(batch_size):
+        out, y = net(x.to(device)), y.to(device)
+        loss = nn.functional.mse_loss(out[:, 0], y.to(out.dtype)) if regression else \
+            nn.functional.cross_entropy(out, y)
+        if spike_penalty:
+            loss = loss + spike_penalty * sum(m.spikes for m in counters) / 1000.0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        shown.advance(len(x))

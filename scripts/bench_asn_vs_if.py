@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -86,6 +87,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=Path("runs/bench_asn_vs_if"))
     p.add_argument("--defaults-only", action="store_true", help="only the first table")
+    p.add_argument("--seeds", default="0", help="calibration-subset seeds of the first table, e.g. 0,1,2: "
+                                               "each seed's table, then mean and spread")
     a = p.parse_args()
     out = a.out
     if not a.checkpoint.exists():
@@ -94,8 +97,15 @@ def main() -> None:
                        + (["--data-dir", a.data_dir] if a.data_dir else []), check=True)
     common = dict(limit=a.limit, batch_size=a.batch_size)
     mfs = [float(v) for v in a.mf.split(",")]
-    rows = defaults(a, out, common)
-    show(rows, f"{a.model} on {a.dataset} ({a.limit or 'full'} test images): every default, no fine-tuning")
+    seeds = [int(v) for v in a.seeds.split(",")]
+    rows = []
+    for seed in seeds:
+        mine = defaults(a, out / f"seed{seed}" if len(seeds) > 1 else out, common, seed)
+        show(mine, f"{a.model} on {a.dataset} ({a.limit or 'full'} test images): every default, no fine-tuning, "
+                   f"calibration seed {seed}")
+        rows += mine
+    if len(seeds) > 1:
+        spread(rows, seeds)
     if a.defaults_only:
         finish(a, out, rows, [(label_of(r), r["curve"]) for r in rows])
         return
@@ -136,7 +146,26 @@ def main() -> None:
     finish(a, out, rows, series)
 
 
-def defaults(a, out: Path, common: dict) -> list[dict]:
+def spread(rows: list[dict], seeds: list[int]) -> None:
+    """Mean and sample standard deviation over the seeds of each default run's figures."""
+    table = Table(title=f"every default: mean (std) over calibration seeds {', '.join(map(str, seeds))}")
+    for col in ("method", "accuracy %", "spikes/sample", "stays within 0.3 from (step)", "spikes by then",
+                "stays within 0.1 from (step)", "spikes by then", "seeds that get within 0.1"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        cell = lambda values, fmt: "-" if not values else f"{fmt(statistics.fmean(values))}" + (  # noqa: E731
+            f" ({fmt(statistics.stdev(values))})" if len(values) > 1 else "")
+        got = lambda m, k: [r[f"within_{m}"][k] for r in mine if r[f"within_{m}"][k] is not None]  # noqa: E731
+        table.add_row(method, cell([100 * r["accuracy"] for r in mine], lambda v: f"{v:.2f}"),
+                      cell([r["spikes_per_sample"] for r in mine], lambda v: f"{v:,.0f}"),
+                      cell(got(0.3, "settled"), lambda v: f"{v:.1f}"), cell(got(0.3, "settled_spikes"), lambda v: f"{v:,.0f}"),
+                      cell(got(0.1, "settled"), lambda v: f"{v:.1f}"), cell(got(0.1, "settled_spikes"), lambda v: f"{v:,.0f}"),
+                      f"{len(got(0.1, 'settled'))}/{len(mine)}")
+    Console(width=200).print(table)
+
+
+def defaults(a, out: Path, common: dict, seed: int = 0) -> list[dict]:
     """IF, ASN and VSN with every default (ASN: the operating point calibrate chooses), and the
     AdSNN paper's ASN setting, on the same checkpoint and test images."""
     rows = []
@@ -149,12 +178,13 @@ def defaults(a, out: Path, common: dict) -> list[dict]:
         tag = method.split()[0].lower() + ("_paper" if "paper" in method else "")
         start = time.perf_counter()
         profile, _ = pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / f"default_{tag}.json", neuron=neuron,
-                                        neuron_options=overrides, source=DataSource(a.data_dir), device=a.device)
+                                        neuron_options=overrides, source=DataSource(a.data_dir), device=a.device,
+                                        options=CalibrationOptions(seed=seed))
         seconds = time.perf_counter() - start
         pipeline.convert(a.checkpoint, out / f"default_{tag}.json", out / f"default_{tag}.snn.safetensors")
         report = evaluate(a, out / f"default_{tag}.snn.safetensors", RunOptions(steps, **common))
         for row in rows_of(report, method, reference=rows[0]["ann_accuracy"] if rows else None):
-            row.update(calibrate_seconds=round(seconds, 1), options=profile.neuron.options,
+            row.update(seed=seed, calibrate_seconds=round(seconds, 1), options=profile.neuron.options,
                        operating_point=to_json(profile.operating_point) if profile.operating_point else None)
             rows.append(row)
     return rows

@@ -73,7 +73,7 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(run_cli, tiny_fi
     code, _, stderr = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d",
                               tiny_files["data"], "-o", tiny_files["dir"] / "p.json", "--neuron", "asn",
                               "--param", "m_f=3")
-    assert code == 2 and "ann2snn: error: --param m_f=3: must be in (0, 2]" in stderr
+    assert code == 2 and "ann2snn: error: --param m_f=3: must be in (0, 2)" in stderr
 
 
 def test_every_registered_neuron_keeps_the_contract():

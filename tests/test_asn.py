@@ -109,13 +109,42 @@ def test_arousal_switches_only_the_aroused_sample():
     ref = []
     for t in range(30):
         if t == 10:
+            old = switched.p
             switched.p = asn.make_params(0.1)
+            switched.state = asn.rescaled_state(switched.state, torch.ones(1, 1, 1, 1, dtype=torch.bool),
+                                                torch.tensor(0.1 / old.m_f), switched.p)
         switched(c[:1])
         ref.append(switched.spikes.clone())
     assert torch.equal(spikes[:, :1], torch.stack(ref))
     assert torch.equal(spikes[:10, 0], spikes[:10, 1]) and not torch.equal(spikes[10:, 0], spikes[10:, 1])
     both.reset()
     assert both.p == both.base
+
+
+def test_the_state_rescaled_at_the_switch_leaves_no_burst():
+    """500 neurons with constant inputs switch from m_f 0.3 to 0.1 at step 60. Swapping the
+    parameters alone leaves S - S_hat sized for the old threshold: a burst at the switch.
+    Rescaled, they fire at once as a network run at m_f 0.1 throughout does."""
+    torch.manual_seed(0)
+    c = torch.rand(1, 500) * 2
+
+    def spikes_per_step(rescale: bool) -> list[float]:
+        n, out = asn.ASNNeuron(0.3), []
+        for t in range(80):
+            if t == 60 and rescale:
+                n.set_precision(torch.tensor([True]), 0.1)
+            elif t == 60:
+                n.p = n.p._replace(**{f: getattr(asn.make_params(0.1), f) for f in ("m_f", "theta0", "h", "h_out")})
+            n(c)
+            out.append(float(n.spikes.sum()))
+        return out
+
+    high = asn.ASNNeuron(0.1)
+    steady = [float((high(c), high.spikes.sum())[1]) for _ in range(120)][100:]
+    level = sum(steady) / len(steady)
+    plain, rescaled = spikes_per_step(False)[60:], spikes_per_step(True)[60:]
+    assert max(plain) > 2 * level  # the burst
+    assert max(rescaled) < 1.5 * max(steady) and sum(rescaled) / len(rescaled) > 0.8 * level
 
 
 def test_arousal_of_named_layers_leaves_the_others_at_low_precision():

@@ -292,3 +292,25 @@ def test_curve_csv_holds_every_run_in_long_form_and_the_plot_format_is_chosen(ru
     code, _, err = run_cli("evaluate", "--trust-code", snn, "-d", tiny_files["data"], "-T", 6, "-r", rep / "x",
                            "--plot-format", "gif")
     assert code == 2 and "--plot-format 'gif': expected one of png, svg, pdf" in err
+
+
+def test_arousal_is_compared_with_the_fixed_precision_that_spends_its_spikes(run_cli, tiny_files):
+    d = tiny_files["dir"]
+    assert run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                   "--neuron", "asn", "--samples", 40, "--param", "m_f=0.2", "-o", d / "asn.json")[0] == 0
+    assert run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "asn.json",
+                   "-o", d / "asn.snn.safetensors")[0] == 0
+    code, out, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 30,
+                             "-r", d / "rep", "--arousal-policy", "low=0.45,high=0.1,at=8,threshold=0.6")
+    assert code == 0, err
+    report = json.loads((d / "rep" / "report.json").read_text())
+    a = report["arousal"]
+    low, aroused, high = (a[k]["spikes_per_sample"] for k in ("fixed_low", "with_arousal", "fixed_high"))
+    assert low < aroused < high, "the test needs arousal between the fixed runs"
+    m = a["fixed_same_spikes"]
+    m_f = float(m["label"].split("m_f=")[1].split()[0])
+    assert 0.1 < m_f < 0.45  # between the raised and the start precision
+    matched = report["variants"][-1]
+    assert matched["label"] == m["label"] and matched["snn"]["spikes_per_sample"] == m["spikes_per_sample"]
+    assert abs(m["spikes_per_sample"] - aroused) <= 0.01 * aroused
+    assert m["paired_vs_arousal"] == matched["snn"]["paired_vs_main_run"] and "the same spikes" in out

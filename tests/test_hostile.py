@@ -302,7 +302,7 @@ def test_edited_profile_parameters_are_checked(run_cli, flow, key, value, match)
 
 def test_neuron_options_are_checked(run_cli, flow):
     base = ("calibrate", flow["checkpoint"], *MODEL, "-d", flow["data"], "-o", flow["dir"] / "o.json")
-    _one_line_error(run_cli(*base, "--neuron", "asn", "--param", "m_f=0"), "--param m_f=0: must be in (0, 2]")
+    _one_line_error(run_cli(*base, "--neuron", "asn", "--param", "m_f=0"), "--param m_f=0: must be in (0, 2)")
     _one_line_error(run_cli(*base, "--neuron", "asn", "--param", "tau_eta=NaN"), "tau_eta=nan: must be in [0.1, 1e+06]")
     _one_line_error(run_cli(*base, "--neuron", "vsn", "--param", "beta=1"), "beta=1: must be in [0, 1)")
     _one_line_error(run_cli(*base, "--normalize", "0.5;0"), "every std > 0")

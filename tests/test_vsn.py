@@ -238,3 +238,29 @@ def test_vsn_budget_search_spends_more_of_a_larger_budget_for_a_closer_output(ru
     assert chosen[1]["output_error"] < 1e-9 and chosen[1]["tradeoff"] == 0  # unlimited: the exact ANN
     assert chosen[0]["spikes_per_sample"] <= 40 < chosen[1]["spikes_per_sample"]
     assert chosen[0]["output_error"] > chosen[1]["output_error"]
+
+
+def test_graded_events_are_costed_after_the_average_pool(run_cli, tiny_files):
+    """TinyCNN: conv -> ReLU (act0) -> 2x2 average pool -> fc1 (16 units) -> ReLU (act1) -> fc2
+    (3). With threshold 0 a one-step VSN passes every positive value: act0's events travel as
+    pooled values (a window with any positive value is one event into fc1's 16 units), act1's
+    as they are (3 synapses each); IF on the same network keeps counting spikes before the pool."""
+    d = tiny_files["dir"]
+    assert run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                   "--neuron", "vsn", "--samples", 40, "-o", d / "v.json")[0] == 0
+    assert run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "v.json",
+                   "-o", d / "v.snn.safetensors")[0] == 0
+    code, _, err = run_cli("evaluate", "--trust-code", d / "v.snn.safetensors", "-d", tiny_files["data"], "-T", 1,
+                           "-r", d / "rep", "--device", "cpu")
+    assert code == 0, err
+    layers = {la["name"]: la for la in json.loads((d / "rep" / "report.json").read_text())["layers"]}
+    model = tiny_cnn()
+    x = torch.rand(60, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        act0 = torch.relu(model.bn(model.conv(x)))
+        pooled = model.pool(act0)
+        act1 = torch.relu(model.fc1(pooled.flatten(1)))
+    assert layers["act0"]["spikes_per_sample"] == float((act0 > 0).sum()) / 60  # the neurons' own events
+    assert layers["act0"]["synops_per_sample"] == 16 * float((pooled > 0).sum()) / 60
+    assert layers["act1"]["synops_per_sample"] == 3 * float((act1 > 0).sum()) / 60
+    assert 16 * float((pooled > 0).sum()) < 16 * float((act0 > 0).sum())  # pooling first is cheaper

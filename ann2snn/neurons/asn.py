@@ -85,6 +85,18 @@ def asn_step(current: torch.Tensor, state: ASNState, p: ASNParams) -> tuple[torc
     return spikes, ASNState(s, s_hat, theta_dyn, p.theta0 + theta_dyn, psc)
 
 
+def rescaled_state(state: ASNState, mask: torch.Tensor, ratio: torch.Tensor, p: ASNParams) -> ASNState:
+    """The state of the ``mask``ed samples carried across a change of m_f by ``ratio`` (arousal):
+    the adaptive threshold, built of increments m_f theta, is scaled by ``ratio``, theta
+    re-formed with the new theta0, and the prediction S_hat moved so that the spike test
+    (S - S_hat) / theta keeps its value; otherwise a lower threshold meets an S - S_hat sized
+    for the old one and the neuron bursts (docs/science.md section 1, arousal)."""
+    theta_dyn = torch.where(mask, state.theta_dyn * ratio, state.theta_dyn)
+    theta = p.theta0 + theta_dyn
+    s_hat = torch.where(mask, state.s - (state.s - state.s_hat) * theta / state.theta, state.s_hat)
+    return state._replace(s_hat=s_hat, theta_dyn=theta_dyn, theta=theta)
+
+
 def _raw_transfer(S, m_f: float, theta0: float, tau_gamma: float, tau_eta: float):
     """f(S) / h of the closed form (docs/science.md section 1); S may be a float or a tensor."""
     c1 = 2 * m_f * tau_gamma ** 2
@@ -157,7 +169,7 @@ class ASNNeuron(nn.Module):
     def set_precision(self, samples: torch.Tensor, m_f: float) -> None:
         """From the next step on, the ``samples`` (a boolean mask over the batch) run with
         adaptation speed ``m_f``: m_f, theta0 = m_f and h change together, so f stays
-        normalised; the others and every state variable carry on unchanged (arousal)."""
+        normalised; the state carries on, rescaled by ``rescaled_state`` (arousal)."""
         if self.state is None:
             raise RuntimeError("set_precision needs a running simulation")
         mask = samples.view((-1,) + (1,) * (self.state.s.dim() - 1)).to(self.state.s.device)
@@ -165,7 +177,9 @@ class ASNNeuron(nn.Module):
         like = dict(dtype=self.state.s.dtype, device=mask.device)
         pick = {f: torch.where(mask, torch.as_tensor(getattr(new, f), **like), torch.as_tensor(getattr(self.p, f), **like))
                 for f in ("m_f", "theta0", "h", "h_out")}
+        old_m_f = torch.as_tensor(self.p.m_f, **like)
         self.p = self.p._replace(**pick)
+        self.state = rescaled_state(self.state, mask, pick["m_f"] / old_m_f, self.p)
 
     def _scale_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale.view((-1,) + (1,) * (x.dim() - 2)) if self.scale.dim() else self.scale
@@ -275,6 +289,8 @@ AROUSAL = PrecisionControl(
     raised_label=lambda policy: f"ASN m_f={policy.high:g}{_where(policy)}",
     start_text=lambda policy: f"run at m_f {policy.low:g}",
     switch_text=lambda policy, which: f"switch {which} to m_f {policy.high:g}",
+    between=lambda params, policy, f: {**params, "m_f": policy.low ** (1 - f) * policy.high ** f},
+    between_label=lambda params, policy, f: f"ASN m_f={policy.low ** (1 - f) * policy.high ** f:.4g}",
 )
 
 NEURON = Neuron(
@@ -282,7 +298,8 @@ NEURON = Neuron(
     precision=Precision("m_f", (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6)),
     default_timesteps=200, readout_options=("readout_tau", "start_ms"),
     transfer_module=transfer_module, precision_control=AROUSAL,
-    bounds={"m_f": Bound(0, 2, lo_open=True), "theta0": Bound(1e-6, 100, none=True),
+    # theta0 (= m_f unless set) below 2: f(1) > 0 needs the firing threshold theta0 / 2 below S = 1
+    bounds={"m_f": Bound(0, 2, lo_open=True, hi_open=True), "theta0": Bound(1e-6, 2, hi_open=True, none=True),
             "tau_phi": Bound(0, 1e6), "tau_gamma": Bound(0.1, 1e6), "tau_eta": Bound(0.1, 1e6),
             "tau_beta": Bound(0, 1e6),
             "readout_tau": NON_NEGATIVE, "start_ms": Bound(0, integer=True), "percentile": PERCENTILE,

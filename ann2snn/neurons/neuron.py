@@ -127,6 +127,10 @@ class PrecisionControl:
     raised_label: Callable[["ArousalPolicy"], str]
     start_text: Callable[["ArousalPolicy"], str]  # "run at m_f 0.3"
     switch_text: Callable[["ArousalPolicy", str], str]  # given "every ASN layer": "switch ... to m_f 0.1"
+    # layer parameters a fraction f in [0, 1] of the way from the start precision to the raised
+    # one, and their label: the fixed precision that spends as many spikes as arousal is searched on f
+    between: Callable[[dict, "ArousalPolicy", float], dict] | None = None
+    between_label: Callable[[dict, "ArousalPolicy", float], str] | None = None
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,10 @@ class SurrogateVSN(nn.Module):
 
 
 class VSNNeuron(nn.Module):
-    """Stateful wrapper of ``vsn_step``; keeps the last step's events for accounting."""
+    """Stateful wrapper of ``vsn_step``; keeps the last step's events for accounting (graded:
+    an average pool after the layer pools them before they travel, ``energy.pooled_sources``)."""
+
+    graded_events = True
 
     def __init__(self, threshold: float | list, beta: float = 0.9, sigma: str = "relu"):
         super().__init__()
@@ -248,6 +251,9 @@ AROUSAL = PrecisionControl(
     raised_label=lambda policy: f"VSN thresholds x {policy.threshold_scale:g}{_where(policy)}",
     start_text=lambda policy: "run at the calibrated thresholds",
     switch_text=lambda policy, which: f"fire against thresholds x {policy.threshold_scale:g} in {which}",
+    between=lambda params, policy, f: {**params, "threshold": _scaled(params["threshold"],
+                                                                      1 - f * (1 - policy.threshold_scale))},
+    between_label=lambda params, policy, f: f"VSN thresholds x {1 - f * (1 - policy.threshold_scale):.4g}",
 )
 
 NEURON = Neuron(
