@@ -84,8 +84,8 @@ def _preflight(rows: list[Row]) -> Table:
 def calibrate(
     checkpoint: Path = typer.Argument(..., help="ANN weights: .safetensors or a .pt/.pth state dict; or a "
                                                 "torch.export archive (.pt2), which needs no --model."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name (mlp, lenet5, vgg_small, "
-                                                                  "resnet_small, regression_mlp) or "
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name (mlp, lenet5, vgg_small, vgg16_bn, "
+                                                                  "resnet_small, resnet18, regression_mlp) or "
                                                                   "package.module:callable."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, cifar100, "
                                                            "feynman-i.6.2a, feynman-i.9.18, folder:PATH or a "
@@ -107,7 +107,9 @@ def calibrate(
     arousal_policy: Optional[str] = typer.Option(None, "--arousal-policy", help="Implies --arousal; the policy "
                                                  "to store, e.g. 'low=0.3,high=0.1,at=40'."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
-    split: str = typer.Option("train", "--split", help="Split of a named data set to calibrate on."),
+    split: str = typer.Option("train", "--split", help="Split of a named data set to calibrate (and search) on: "
+                                                        "train, or val for a model trained on fit "
+                                                        "('train_reference.py --holdout')."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Input normalisation 'MEAN;STD' per "
                                                                       "channel, e.g. '0.1307;0.3081'."),
     model_arg: Optional[List[str]] = typer.Option(None, "--model-arg", help="Model constructor argument KEY=VALUE."),
@@ -229,7 +231,9 @@ def evaluate(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Data set to evaluate on (as for calibrate)."),
     timesteps: int = typer.Option(..., "--timesteps", "-T", help="Simulation steps per sample (1 step = 1 ms)."),
     report: Path = typer.Option(..., "--report", "-r", help="Directory for report.json, curve.csv and the plot."),
-    split: str = typer.Option("test", "--split", help="Split of a named data set to evaluate on (test or train)."),
+    split: str = typer.Option("test", "--split", help="Split of a named data set to evaluate on: test, train, or "
+                                                       "train's parts fit and val (its last 1/12, held out by "
+                                                       "'train_reference.py --holdout')."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N samples."),
     batch_size: int = typer.Option(256, "--batch-size", help="Samples simulated (or passed through the ANN) at once."),
     energy: str = typer.Option(DEFAULT_PRESET, "--energy", help="Energy preset: 45nm-fp32, 45nm-fp16, 45nm-int8."),
@@ -247,8 +251,8 @@ def evaluate(
                                                  "adds decision steps, layers=act2+act3 limits it to those layers."),
     plot_format: str = PLOT_FORMAT,
     start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
-                                                                   "(default: the neuron's: IF 0, ASN 200; a "
-                                                                   "default beyond -T reads from step 0)."),
+                                                                   "(default: the neuron's, 0 for IF and ASN; "
+                                                                   "a value beyond -T reads from step 0)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: simulate only the I-th of N equal shards of "
                                         "the samples and write REPORT/partial.json; 'ann2snn merge' adds the "
                                         "shards up (for schedulers without torchrun, e.g. a SLURM array)."),
@@ -379,7 +383,10 @@ def finetune(
     threshold_lr: Optional[float] = typer.Option(None, "--threshold-lr", help="Learning rate of VSN thresholds "
                                                  "(default: --lr)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Training batch size."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the shuffling and initial state: the same seed gives the same checkpoint."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffling and initial state: the same seed gives the "
+                                               "same checkpoint."),
+    split: str = typer.Option("train", "--split", help="Train on train, or on fit to keep val held out (each "
+                                                        "epoch is then scored on val instead of test)."),
     model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
 ):
@@ -390,15 +397,16 @@ def finetune(
     Example: ann2snn finetune lenet5.safetensors -c lenet5.asn.json -d mnist --epochs 2 -o lenet5_ft.safetensors
     """
     options = FinetuneOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, spike_penalty=spike_penalty,
-                              threshold_lr=threshold_lr)
+                              threshold_lr=threshold_lr, split=split)
+    watched = "val" if split == "fit" else "test"
     result = pipeline.finetune(checkpoint, calibration, dataset, output, options=options, device=device,
                                source=DataSource(data_dir, download), trust_pickle=trust_pickle,
                                model_ref=model, trust_code=trust_code,
                                profile_output=profile_output,
-                               on_epoch=lambda e, v, m: console.print(f"epoch {e}/{epochs}: test {_metric(v, m)} with "
-                                                                      "the spiking layers' transfer function"))
+                               on_epoch=lambda e, v, m: console.print(f"epoch {e}/{epochs}: {watched} {_metric(v, m)} "
+                                                                      "with the spiking layers' transfer function"))
     m = result.metric
-    console.print(f"ReLU network test {_metric(result.before, m)} before, "
+    console.print(f"ReLU network {watched} {_metric(result.before, m)} before, "
                   f"{_metric(result.after, m)} after; wrote {output} and {result.profile}. "
                   f"Next: ann2snn convert {output} -c {result.profile} -o ...")
 

@@ -33,7 +33,8 @@ NAMED = {  # spec -> (torchvision class, folder torchvision reads, classes)
     "cifar10": ("CIFAR10", "cifar-10-batches-py", 10),
     "cifar100": ("CIFAR100", "cifar-100-python", 100),
 }
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "fit", "val")
+VALIDATION_SHARE = 12  # "val": the last 1/12 of the training split (5,000 of MNIST's 60,000); "fit": the rest
 SIGNED = (torch.int8, torch.int16, torch.int32, torch.int64)
 UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
 
@@ -221,14 +222,19 @@ FEYNMAN = ("feynman-i.6.2a", "feynman-i.9.18")
 
 def open_dataset(spec: str, split: str = "test", root: str | Path | None = None, download: bool = False,
                  normalize: Normalize | None = None) -> TensorData:
-    """Open a data set by spec; ``split`` applies to named sets only."""
+    """Open a data set by spec; ``split`` applies to named sets only: train, test, or the two
+    parts of train, ``fit`` and the held-out ``val`` (its last 1/``VALIDATION_SHARE``), for a
+    model trained on ``fit`` whose settings are chosen on ``val`` and measured once on test."""
     if split not in SPLITS:
         raise OptionError("split", f"{split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(root) if root else default_data_dir()
-    if spec in NAMED:
-        data = _load_named(spec, split, root, download)
-    elif spec in FEYNMAN:
-        data = _feynman(spec, split)
+    if spec in NAMED or spec in FEYNMAN:
+        whole = "test" if split == "test" else "train"
+        data = _load_named(spec, whole, root, download) if spec in NAMED else _feynman(spec, whole)
+        if split in ("fit", "val"):
+            cut = len(data) - len(data) // VALIDATION_SHARE
+            data = dataclasses.replace(data.subset(torch.arange(cut) if split == "fit" else
+                                                   torch.arange(cut, len(data))), split=split)
     elif spec.startswith("folder:"):
         data = _load_folder(spec, Path(spec[len("folder:"):]))
     elif spec.endswith((".safetensors", ".pt", ".pth")):

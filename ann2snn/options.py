@@ -84,9 +84,12 @@ class RunOptions:
 @dataclass(frozen=True)
 class FinetuneOptions:
     """Transfer-aware fine-tuning: ``epochs`` of Adam at ``lr`` (thresholds at ``threshold_lr``,
-    default ``lr``), cosine schedule, ``spike_penalty`` x spikes per sample / 1000 in the loss."""
+    default ``lr``), cosine schedule, ``spike_penalty`` x spikes per sample / 1000 in the loss,
+    on the ``split`` of the training data (``fit`` keeps ``val`` held out: each epoch is then
+    scored on val, not on test)."""
 
     epochs: int = 2
+    split: str = "train"
     lr: float = 1e-4
     batch_size: int = 128
     seed: int = 0
@@ -99,5 +102,7 @@ class FinetuneOptions:
         _positive("threshold_lr", self.threshold_lr)
         _positive("batch_size", self.batch_size)
         _seed(self.seed)
+        if self.split not in ("train", "fit"):
+            raise OptionError("split", f"{self.split!r}: fine-tuning trains on train or fit")
         if not (self.spike_penalty >= 0 and math.isfinite(self.spike_penalty)):
             raise OptionError("spike_penalty", f"{self.spike_penalty}: must be >= 0 and finite")

@@ -176,8 +176,8 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
 @dataclass
 class FinetuneResult:
     metric: str  # accuracy, or nmse for regression
-    before: float  # the ANN (with its own activations) on the test split, before
-    transfer: list[float]  # the transfer network on the test split after each epoch
+    before: float  # the ANN (with its own activations) on the watched split (test, or val), before
+    transfer: list[float]  # the transfer network on the watched split after each epoch
     after: float
     profile: Path  # the profile written beside the checkpoint
 
@@ -205,8 +205,9 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     build_neurons(neuron, profile.layers, str(calibration))
     model = load_model(profile.model.ref, profile.model.kwargs, checkpoint, trust_pickle)
     check_profile(profile, normalize(model)[0], file_sha256(checkpoint), calibration)
-    train = open_dataset(dataset, "train", source.data_dir, source.download, profile.input.normalize)
-    test = open_dataset(dataset, "test", source.data_dir, source.download, profile.input.normalize)
+    train = open_dataset(dataset, options.split, source.data_dir, source.download, profile.input.normalize)
+    watched = "val" if options.split == "fit" else "test"  # what each epoch is scored on
+    test = open_dataset(dataset, watched, source.data_dir, source.download, profile.input.normalize)
     dev = resolve_device(device)
     metric = "nmse" if test.task == "regression" else "accuracy"
     before = ann_accuracy(model, test, 1000, dev)  # fine-tuning trains a traced copy: model stays as loaded
@@ -241,7 +242,7 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
                             arousal=ArousalRecord(policy=profile.arousal.policy) if profile.arousal else None,
                             finetune={"from_checkpoint": Path(checkpoint).name, "from_profile": Path(calibration).name,
                                       "epochs": o.epochs, "lr": o.lr, "threshold_lr": o.threshold_lr or o.lr,
-                                      "seed": o.seed, "spike_penalty": o.spike_penalty,
+                                      "seed": o.seed, "spike_penalty": o.spike_penalty, "split": o.split,
                                       "layer_params": "as trained (not re-fitted)"})
     with atomic_path(output) as tmp_checkpoint:
         tmp_checkpoint.write_bytes(blob)

@@ -91,6 +91,32 @@ def vgg_small(in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
     return nn.Sequential(*layers)
 
 
+VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+@register("vgg16_bn")
+def vgg16_bn(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: int = 64) -> nn.Module:
+    """CIFAR-style VGG-16 with batch norm: 13 3x3 conv + BN + ReLU in five blocks, each ended by a
+    2x2 max pool, then 512-wide fully connected + ReLU and the classifier. ``width`` (64) scales
+    every layer (width 8: a small variant for tests); inputs of at least 32x32."""
+    if input_size < 32:
+        raise OptionError("model_args", f"input_size={input_size}: vgg16_bn pools five times, it needs >= 32")
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for v in VGG16:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        c_out = v * width // 64
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        c_in = c_out
+    side = input_size // 32
+    hidden = 512 * width // 64
+    layers += [nn.Flatten(), nn.Linear(c_in * side * side, hidden), nn.ReLU(), nn.Dropout(0.5),
+               nn.Linear(hidden, num_classes)]
+    return nn.Sequential(*layers)
+
+
 class BasicBlock(nn.Module):
     """Residual block: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))."""
 
@@ -111,15 +137,17 @@ class BasicBlock(nn.Module):
 
 
 class ResNetSmall(nn.Module):
-    """A small ResNet (three stages of basic blocks, batch norm, global average pooling); with
-    ``maxpool`` the stem ends in a 2x2 max pool, as torchvision's ResNets do (3x3, stride 2)."""
+    """A ResNet of basic blocks for small images: a 3x3 stem, stages of ``blocks`` blocks at
+    widths ``width`` x ``mults`` (stride 2 from the second stage on, 1x1 conv + batch-norm
+    shortcuts), global average pooling; with ``maxpool`` the stem ends in a 2x2 max pool."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 16, blocks: int = 1, maxpool: bool = False):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, blocks: int = 1, maxpool: bool = False,
+                 mults: tuple[int, ...] = (1, 2, 4)):
         super().__init__()
         stem = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
         self.stem = nn.Sequential(*stem, *([nn.MaxPool2d(2)] if maxpool else []))
         stages, c_in = [], width
-        for i, mult in enumerate((1, 2, 4)):
+        for i, mult in enumerate(mults):
             for b in range(blocks):
                 stages.append(BasicBlock(c_in, width * mult, stride=2 if (i > 0 and b == 0) else 1))
                 c_in = width * mult
@@ -136,6 +164,13 @@ class ResNetSmall(nn.Module):
 def resnet_small(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: int = 16,
                  blocks: int = 1, maxpool: bool = False) -> nn.Module:
     return ResNetSmall(in_channels, num_classes, width, blocks, maxpool)
+
+
+@register("resnet18")
+def resnet18(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: int = 64) -> nn.Module:
+    """CIFAR-style ResNet-18: 3x3 stem, four stages of two basic blocks at 64-128-256-512
+    channels (``width`` scales them; 8: a small variant for tests), global average pooling."""
+    return ResNetSmall(in_channels, num_classes, width, blocks=2, mults=(1, 2, 4, 8))
 
 
 def stored_reference(stored: str, given: str | None, trust_code: bool, path: str, what: str) -> str:
@@ -161,7 +196,7 @@ def resolve_model(ref: str, kwargs: dict | None = None) -> nn.Module:
     if ref in _REGISTRY:
         user = kwargs.pop("user", {})
         try:
-            return _REGISTRY[ref](**kwargs, **user)
+            return _REGISTRY[ref](**{**kwargs, **user})  # the user's arguments over the data's geometry
         except Exception as exc:  # a bad argument: wrong name, negative size, too large to allocate
             first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             raise OptionError("model_ref", f"{ref}: bad model argument ({type(exc).__name__}: {first})") from None
@@ -190,7 +225,8 @@ def resolve_model(ref: str, kwargs: dict | None = None) -> nn.Module:
 
 
 def model_kwargs(ref: str, sample_shape: tuple[int, ...], num_classes: int, user: dict | None = None) -> dict:
-    """Constructor arguments: a zoo model gets the data's geometry, a user callable only ``user``."""
+    """Constructor arguments: a zoo model gets the data's geometry (which ``user`` arguments,
+    e.g. num_classes, override), a user callable only ``user``."""
     kwargs: dict = {"user": dict(user or {})}
     if ref in _REGISTRY:
         if len(sample_shape) == 1:  # vectors: features as channels

@@ -1,3 +1,4 @@
+import json
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,3 +182,39 @@ def test_residual_network_with_batch_norm_and_max_pooling_converts_exactly():
     assert sum(r.detail.startswith("folded into") for r in rows) == 9  # every BN, shortcuts included
     snn = to_snn(gm, {name: IFNeuron(1.0) for name in spiking_layers(gm)})
     assert sum(isinstance(m, GatedMaxPool) for m in snn.modules()) == 1
+
+
+@pytest.mark.parametrize("model", ["vgg16_bn", "resnet18"])
+def test_deep_zoo_networks_convert_through_the_cli(run_cli, tmp_path, model):
+    """Small random variants (width 8) of the CIFAR-style VGG-16 and ResNet-18: a one-step VSN
+    with zero thresholds gives the ANN's answers exactly; IF runs the same network."""
+    from safetensors.torch import save_file
+
+    from ann2snn.zoo import resolve_model
+
+    net = resolve_model(model, {"width": 8, "num_classes": 4}).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    save_file({"inputs": x, "targets": y}, str(tmp_path / "d.safetensors"))
+    common = ["-m", model, "--model-arg", "width=8", "--model-arg", "num_classes=4"]
+    for neuron, steps in (("vsn", 1), ("if", 16)):
+        code, _, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-d", tmp_path / "d.safetensors",
+                               "--neuron", neuron, "-o", tmp_path / f"{neuron}.json")
+        assert code == 0, err
+        assert run_cli("convert", tmp_path / "w.safetensors", "-c", tmp_path / f"{neuron}.json",
+                       "-o", tmp_path / f"{neuron}.snn")[0] == 0
+        code, _, err = run_cli("evaluate", tmp_path / f"{neuron}.snn", "-d", tmp_path / "d.safetensors", "-T", steps,
+                               "-r", tmp_path / f"rep_{neuron}", "--device", "cpu")
+        assert code == 0, err
+        report = json.loads((tmp_path / f"rep_{neuron}" / "report.json").read_text())
+        assert report["ann"]["accuracy"] == 1.0  # labels are the ANN's answers
+        if neuron == "vsn":
+            assert report["snn"]["accuracy"] == 1.0 and len(report["layers"]) == (14 if model == "vgg16_bn" else 17)

@@ -125,3 +125,15 @@ def test_fetch_refuses_what_it_cannot_fetch_and_finds_what_is_there(run_cli, tmp
         (raw / name).write_bytes(b"")
     code, out, err = run_cli("fetch", "mnist", "--data-dir", tmp_path)  # already there: nothing to run
     assert code == 0 and str(raw) in out
+
+
+def test_fit_and_val_split_the_training_split_without_overlap():
+    from ann2snn.data import VALIDATION_SHARE
+
+    train = open_dataset("feynman-i.9.18", "train")
+    fit, val = open_dataset("feynman-i.9.18", "fit"), open_dataset("feynman-i.9.18", "val")
+    assert len(val) == len(train) // VALIDATION_SHARE and len(fit) + len(val) == len(train)
+    assert torch.equal(torch.cat([fit.inputs, val.inputs]), train.inputs)  # fit first, val the tail
+    assert (fit.split, val.split) == ("fit", "val")
+    with pytest.raises(UserError, match="expected one of train, test, fit, val"):
+        open_dataset("feynman-i.9.18", "validation")

@@ -36,3 +36,49 @@ def test_if_module_keeps_state_and_resets():
     assert torch.equal(m.spikes, torch.ones(2, 3))
     m.reset()
     assert m(x).sum() == 0
+
+
+def test_a_burst_if_neuron_with_one_spike_per_step_is_the_if_neuron_and_more_spikes_cut_latency():
+    from ann2snn.neurons.if_neuron import IFParams, if_init, if_step
+
+    gen = torch.Generator().manual_seed(0)
+    current = torch.rand(64, 10, generator=gen) * 3.0  # up to 3 thresholds per step
+    one, burst = IFParams(torch.tensor(1.0), 0.5, 1), IFParams(torch.tensor(1.0), 0.5, 3)
+    plain = IFParams(torch.tensor(1.0), 0.5)
+    s1, s2, s3 = if_init(current, one), if_init(current, plain), if_init(current, burst)
+    total = torch.zeros_like(current)
+    for _ in range(40):
+        a, s1 = if_step(current, s1, one)
+        b, s2 = if_step(current, s2, plain)
+        c, s3 = if_step(current, s3, burst)
+        assert torch.equal(a, b) and c.max() <= 3 and torch.equal(c, c.floor())
+        total += c
+    # a current of up to 3 thresholds per step is coded without saturation: within one spike of T I
+    assert (total - 40 * current).abs().max() <= 1.0 + 1e-4 and total.max() > 40  # beyond one spike per step
+
+
+def test_per_channel_if_thresholds_are_each_channels_percentile(run_cli, tiny_files):
+    import json
+
+    d = tiny_files["dir"]
+    code, _, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                           "--samples", 60, "--param", "per_channel=true", "--param", "max_spikes=2",
+                           "-o", d / "p.json")
+    assert code == 0, err
+    layers = json.loads((d / "p.json").read_text())["layers"]
+    conv, fc = layers[0]["params"], layers[1]["params"]
+    assert isinstance(conv["threshold"], list) and len(conv["threshold"]) == 4 and conv["max_spikes"] == 2
+    assert isinstance(fc["threshold"], float)  # a fully connected layer keeps one threshold
+    from conftest import tiny_cnn
+    model = tiny_cnn()
+    x = torch.rand(60, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        act = torch.relu(model.bn(model.conv(x)))
+    want = [float(torch.quantile(act[:, c].double().flatten(), 0.999)) for c in range(4)]
+    assert all(abs(a - b) <= 1e-5 * max(b, 1.0) for a, b in zip(conv["threshold"], want))
+    assert run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "p.json", "-o", d / "s.snn")[0] == 0
+    code, _, err = run_cli("evaluate", "--trust-code", d / "s.snn", "-d", tiny_files["data"], "-T", 32, "-r", d / "r",
+                           "--device", "cpu")
+    assert code == 0, err
+    report = json.loads((d / "r" / "report.json").read_text())
+    assert report["snn"]["accuracy"] >= 0.85

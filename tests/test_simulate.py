@@ -248,3 +248,27 @@ def test_an_ann_that_skips_zeros_counts_only_connections_with_a_nonzero_input():
     # missing connection from unit 0 = 3
     assert ann_active_macs(gm, [(x, None)], torch.device("cpu")) == 8 + 3
     assert ann_macs(gm, (3,)) == 12 + 7
+
+
+def test_engines_agree_on_deep_networks_and_on_pooled_graded_events():
+    from ann2snn.neurons.vsn import VSNNeuron
+    from ann2snn.zoo import resolve_model
+    from conftest import tiny_cnn
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 32, 32)
+    for name in ("vgg16_bn", "resnet18"):  # small random variants: residual sums, max pools, 14-17 layers
+        gm, _ = normalize(resolve_model(name, {"width": 4}).eval())
+        layers = spiking_layers(gm)
+        data = TensorData("t", "file", x, gm(x).argmax(1), 10)
+        sim = _engines_agree(lambda: to_snn(gm, {n: IFNeuron(0.05) for n in layers}), gm, data, 7,
+                             memory_budget=200_000)
+        assert sim.spikes[-1].sum() > 0  # activity reaches the last spiking layer
+    gm, _ = normalize(tiny_cnn())
+    layers = spiking_layers(gm)
+    xs = torch.rand(20, 1, 8, 8)
+    data = TensorData("t", "file", xs, gm(xs).argmax(1), 3)
+    runs = [simulate(to_snn(gm, {n: VSNNeuron(0.05) for n in layers}), layers,
+                     fanout_maps(gm, data.sample_shape, graded=True), data, 5, 7, torch.device("cpu"), engine=e,
+                     memory_budget=20_000) for e in ("steps", "layers")]
+    assert torch.equal(runs[0].synops, runs[1].synops) and torch.equal(runs[0].spikes, runs[1].spikes)

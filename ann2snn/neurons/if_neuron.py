@@ -8,7 +8,12 @@ SNN Toolbox. One step, for input current I[t]:
     v[t] = v[t] - theta * s[t]          (reset by subtraction)
 
 with v[0] = v_init * theta. The layer emits ``theta * s[t]`` (spike height theta; on hardware
-the height is folded into the next layer's weights). Its rate transfer function, the mean
+the height is folded into the next layer's weights). A burst neuron (``max_spikes`` k > 1, the
+multi-spike equivalence of docs/science.md section 3) emits s[t] = min(floor(v[t] / theta), k)
+spikes in one step, counted as s[t] spikes (each a synaptic event; on hardware a burst is k
+events in one step, or one event with a small integer payload), and subtracts s[t] theta; it
+reaches a rate k times higher, so T can be up to k times shorter. Thresholds are one per layer,
+or one per channel (``per_channel``: each channel's own percentile). Its rate transfer function, the mean
 output as T -> inf, is ``clamp(I, 0, theta)``; theta is the layer's 99.9th-percentile ANN
 activation (docs/science.md section 3).
 """
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
 class IFParams(NamedTuple):
     threshold: torch.Tensor  # scalar or broadcastable per channel
     v_init: float = 0.5  # initial membrane, as a fraction of the threshold
+    max_spikes: int = 1  # spikes one step may emit (a burst)
 
 
 class IFState(NamedTuple):
@@ -44,34 +50,41 @@ def if_init(current: torch.Tensor, p: IFParams) -> IFState:
 def if_step(current: torch.Tensor, state: IFState, p: IFParams) -> tuple[torch.Tensor, IFState]:
     """Advance one time step; returns binary spikes and the new state."""
     v = state.v + current
-    spikes = (v >= p.threshold).to(current.dtype)
+    if p.max_spikes == 1:
+        spikes = (v >= p.threshold).to(current.dtype)
+    else:
+        spikes = torch.floor(v / p.threshold).clamp(0, p.max_spikes)
     return spikes, IFState(v=v - spikes * p.threshold)
 
 
 def if_transfer(current: torch.Tensor, p: IFParams) -> torch.Tensor:
     """Mean output ``theta * rate`` for a constant current, as T -> inf."""
-    return torch.minimum(current.clamp(min=0), p.threshold)
+    return torch.minimum(current.clamp(min=0), p.max_spikes * p.threshold)
 
 
 class IFNeuron(nn.Module):
     """Stateful wrapper of ``if_step``: keeps the state between calls and the last spikes."""
 
-    def __init__(self, threshold: float, v_init: float = 0.5):
+    def __init__(self, threshold: float | list, v_init: float = 0.5, max_spikes: int = 1):
         super().__init__()
-        self.register_buffer("threshold", torch.tensor(float(threshold)))
-        self.v_init = float(v_init)
+        self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32))
+        self.v_init, self.max_spikes = float(v_init), int(max_spikes)
         self.state: IFState | None = None
         self.spikes: torch.Tensor | None = None
+        if self.max_spikes != 1 or self.threshold.dim():
+            self.scan = None  # the fused scan does one scalar threshold and binary spikes
 
     @property
     def params(self) -> IFParams:
-        return IFParams(self.threshold, self.v_init)
+        return IFParams(self.threshold, self.v_init, self.max_spikes)
 
     def reset(self) -> None:
         self.state, self.spikes = None, None
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         p = self.params
+        if self.threshold.dim():  # one per channel: [C] against [B, C, ...]
+            p = p._replace(threshold=self.threshold.view((-1,) + (1,) * (current.dim() - 2)))
         if self.state is None:
             self.state = if_init(current, p)
         self.spikes, self.state = if_step(current, self.state, p)
@@ -90,18 +103,44 @@ class IFNeuron(nn.Module):
         return out, counts
 
 
-DEFAULTS = {"percentile": 99.9, "v_init": 0.5}
+DEFAULTS = {"percentile": 99.9, "v_init": 0.5, "max_spikes": 1, "per_channel": False}
 
 
 def fit(stats: "LayerStats", options: dict) -> dict:
     """Per-layer parameters from calibration statistics: theta = the chosen percentile
-    (the maximum if the percentile is 0; 1.0 for a layer that never activates)."""
+    (the maximum if the percentile is 0; 1.0 for a layer that never activates); with
+    ``per_channel``, each channel's percentile of its own activations (the layer's theta for a
+    channel whose percentile is 0)."""
     threshold = stats.percentile if stats.percentile > 0 else stats.max
-    return {"threshold": float(threshold) if threshold > 0 else 1.0, "v_init": float(options["v_init"])}
+    threshold = float(threshold) if threshold > 0 else 1.0
+    params = {"threshold": threshold, "v_init": float(options["v_init"]),
+              "max_spikes": int(options.get("max_spikes", 1))}
+    if options.get("per_channel") and stats.shape and len(stats.shape) > 1:
+        params["threshold"] = [t if t > 0 else threshold for t in
+                               _channel_percentiles(stats, float(options.get("percentile", 99.9)))]
+    return params
+
+
+def _channel_percentiles(stats: "LayerStats", percentile: float) -> list[float]:
+    """Each channel's ``percentile`` of its activations (zeros included): from the calibration
+    sample, or from a stored profile's positive quantile tables and positive fractions."""
+    q = percentile / 100
+    if stats.channel_values is not None:
+        return [float(torch.quantile(c.double(), q)) for c in stats.channel_values]
+    out = []
+    for table, positive in zip(stats.channel_quantiles or [], stats.channel_positive_fraction or []):
+        level = 1 - (1 - q) / positive if positive > 0 else -1.0  # the level among positive values
+        if level < 0 or not table:
+            out.append(0.0)
+            continue
+        pos = level * (len(table) - 1)
+        i = min(int(pos), len(table) - 2) if len(table) > 1 else 0
+        out.append(float(table[i] + (pos - i) * (table[i + 1] - table[i])) if len(table) > 1 else float(table[0]))
+    return out
 
 
 def build(params: dict) -> IFNeuron:
-    return IFNeuron(params["threshold"], params.get("v_init", DEFAULTS["v_init"]))
+    return IFNeuron(params["threshold"], params.get("v_init", DEFAULTS["v_init"]), params.get("max_spikes", 1))
 
 
 def readout(options: dict) -> Readout:
@@ -110,6 +149,7 @@ def readout(options: dict) -> Readout:
 
 
 NEURON = Neuron(name="if", defaults=DEFAULTS, fit=fit, build=build, readout=readout,
-                bounds={"percentile": PERCENTILE, "v_init": Bound(-1, 1), "threshold": POSITIVE},
-                param_options=("v_init",), default_timesteps=64,
+                bounds={"percentile": PERCENTILE, "v_init": Bound(-1, 1), "threshold": POSITIVE,
+                        "max_spikes": Bound(1, 255, integer=True), "per_channel": Bound(flag=True)},
+                param_options=("v_init", "max_spikes"), default_timesteps=64,
                 step_ops=StepOps(mac_per_step=0, add_per_step=2, add_per_spike=1))  # v += I; v >= theta; v -= theta
