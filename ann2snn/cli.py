@@ -33,7 +33,7 @@ app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_e
 # piped (a file, SLURM, CI), rich would cut tables at 80 columns; give them the width they need
 console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS", "0") or 0) or 160)
 
-FLAGS = {"preset": "--energy", "neuron_options": "--param", "model_args": "--model-arg", "model_ref": "--model",
+FLAGS = {"fmt": "--format", "preset": "--energy", "neuron_options": "--param", "model_args": "--model-arg", "model_ref": "--model",
          "normalization": "--normalize", "report_dir": "--report"}
 
 
@@ -409,6 +409,22 @@ def finetune(
     console.print(f"ReLU network {watched} {_metric(result.before, m)} before, "
                   f"{_metric(result.after, m)} after; wrote {output} and {result.profile}. "
                   f"Next: ann2snn convert {output} -c {result.profile} -o ...")
+
+
+@app.command()
+def export(
+    artifact: Path = typer.Argument(..., help="SNN artifact written by 'ann2snn convert'."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write (NIR: HDF5, e.g. net.nir)."),
+    fmt: str = typer.Option("nir", "--format", help="nir: the Neuromorphic Intermediate Representation (IF "
+                                                     "networks calibrated with --param reset=zero --param v_init=0)."),
+    model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
+):
+    """Write an SNN artifact in another format for other simulators and chips (NIR).
+
+    Example: ann2snn export lenet5_if.snn.safetensors --format nir -o lenet5.nir
+    """
+    pipeline.export(artifact, output, fmt=fmt, model_ref=model, trust_code=trust_code)
+    console.print(f"wrote {output}")
 
 
 @app.command()

@@ -14,7 +14,7 @@ import torch
 
 from . import distributed, neurons, operating_point
 from .arousal import ArousalPolicy, check_class_scores
-from .artifact import ArtifactMeta, build_neurons, save_artifact
+from .artifact import ArtifactMeta, build_neurons, load_artifact, save_artifact
 from .budget import search, search_arousal
 from .calibration import activation_stats
 from .checkpoint import file_sha256, load_model, load_state
@@ -251,3 +251,18 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
 
 
 from .evaluation import evaluate, merge  # noqa: E402,F401  (the evaluate step has its own module)
+
+
+EXPORT_FORMATS = ("nir",)
+
+
+def export(artifact: str | Path, output: str | Path, *, fmt: str = "nir", model_ref: str | None = None,
+           trust_code: bool = False) -> None:
+    """Write the artifact's network in another format (``nir_export.py``); the output never
+    replaces the artifact."""
+    if fmt not in EXPORT_FORMATS:
+        raise OptionError("fmt", f"{fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    check_outputs([("exported network", output)], [artifact])
+    from .nir_export import write_nir
+
+    write_nir(load_artifact(artifact, model_ref, trust_code), output)

@@ -5,7 +5,7 @@ SNN Toolbox. One step, for input current I[t]:
 
     v[t] = v[t-1] + I[t]
     s[t] = H(v[t] - theta)              (binary spike)
-    v[t] = v[t] - theta * s[t]          (reset by subtraction)
+    v[t] = v[t] - theta * s[t]          (reset by subtraction; ``reset=zero``: v[t] = 0 after a spike)
 
 with v[0] = v_init * theta. The layer emits ``theta * s[t]`` (spike height theta; on hardware
 the height is folded into the next layer's weights). A burst neuron (``max_spikes`` k > 1, the
@@ -37,6 +37,7 @@ class IFParams(NamedTuple):
     threshold: torch.Tensor  # scalar or broadcastable per channel
     v_init: float = 0.5  # initial membrane, as a fraction of the threshold
     max_spikes: int = 1  # spikes one step may emit (a burst)
+    reset_to_zero: bool = False  # v = 0 after a spike instead of v -= theta (NIR's and many chips' IF)
 
 
 class IFState(NamedTuple):
@@ -54,6 +55,8 @@ def if_step(current: torch.Tensor, state: IFState, p: IFParams) -> tuple[torch.T
         spikes = (v >= p.threshold).to(current.dtype)
     else:
         spikes = torch.floor(v / p.threshold).clamp(0, p.max_spikes)
+    if p.reset_to_zero:
+        return spikes, IFState(v=torch.where(spikes > 0, torch.zeros_like(v), v))
     return spikes, IFState(v=v - spikes * p.threshold)
 
 
@@ -65,18 +68,18 @@ def if_transfer(current: torch.Tensor, p: IFParams) -> torch.Tensor:
 class IFNeuron(nn.Module):
     """Stateful wrapper of ``if_step``: keeps the state between calls and the last spikes."""
 
-    def __init__(self, threshold: float | list, v_init: float = 0.5, max_spikes: int = 1):
+    def __init__(self, threshold: float | list, v_init: float = 0.5, max_spikes: int = 1, reset: str = "subtract"):
         super().__init__()
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32))
-        self.v_init, self.max_spikes = float(v_init), int(max_spikes)
+        self.v_init, self.max_spikes, self.reset_mode = float(v_init), int(max_spikes), reset
         self.state: IFState | None = None
         self.spikes: torch.Tensor | None = None
-        if self.max_spikes != 1 or self.threshold.dim():
-            self.scan = None  # the fused scan does one scalar threshold and binary spikes
+        if self.max_spikes != 1 or self.threshold.dim() or reset != "subtract":
+            self.scan = None  # the fused scan does one scalar threshold, binary spikes, reset by subtraction
 
     @property
     def params(self) -> IFParams:
-        return IFParams(self.threshold, self.v_init, self.max_spikes)
+        return IFParams(self.threshold, self.v_init, self.max_spikes, self.reset_mode == "zero")
 
     def reset(self) -> None:
         self.state, self.spikes = None, None
@@ -103,7 +106,7 @@ class IFNeuron(nn.Module):
         return out, counts
 
 
-DEFAULTS = {"percentile": 99.9, "v_init": 0.5, "max_spikes": 1, "per_channel": False}
+DEFAULTS = {"percentile": 99.9, "v_init": 0.5, "max_spikes": 1, "per_channel": False, "reset": "subtract"}
 
 
 def fit(stats: "LayerStats", options: dict) -> dict:
@@ -114,7 +117,7 @@ def fit(stats: "LayerStats", options: dict) -> dict:
     threshold = stats.percentile if stats.percentile > 0 else stats.max
     threshold = float(threshold) if threshold > 0 else 1.0
     params = {"threshold": threshold, "v_init": float(options["v_init"]),
-              "max_spikes": int(options.get("max_spikes", 1))}
+              "max_spikes": int(options.get("max_spikes", 1)), "reset": options.get("reset", "subtract")}
     if options.get("per_channel") and stats.shape and len(stats.shape) > 1:
         params["threshold"] = [t if t > 0 else threshold for t in
                                _channel_percentiles(stats, float(options.get("percentile", 99.9)))]
@@ -140,7 +143,8 @@ def _channel_percentiles(stats: "LayerStats", percentile: float) -> list[float]:
 
 
 def build(params: dict) -> IFNeuron:
-    return IFNeuron(params["threshold"], params.get("v_init", DEFAULTS["v_init"]), params.get("max_spikes", 1))
+    return IFNeuron(params["threshold"], params.get("v_init", DEFAULTS["v_init"]), params.get("max_spikes", 1),
+                    params.get("reset", "subtract"))
 
 
 def readout(options: dict) -> Readout:
@@ -150,6 +154,7 @@ def readout(options: dict) -> Readout:
 
 NEURON = Neuron(name="if", defaults=DEFAULTS, fit=fit, build=build, readout=readout,
                 bounds={"percentile": PERCENTILE, "v_init": Bound(-1, 1), "threshold": POSITIVE,
-                        "max_spikes": Bound(1, 255, integer=True), "per_channel": Bound(flag=True)},
-                param_options=("v_init", "max_spikes"), default_timesteps=64,
+                        "max_spikes": Bound(1, 255, integer=True), "per_channel": Bound(flag=True),
+                        "reset": Bound(words=("subtract", "zero"))},
+                param_options=("v_init", "max_spikes", "reset"), default_timesteps=64,
                 step_ops=StepOps(mac_per_step=0, add_per_step=2, add_per_spike=1))  # v += I; v >= theta; v -= theta
