@@ -66,17 +66,20 @@ class ArousalPolicy:
 
     @classmethod
     def parse(cls, text: str, base: "ArousalPolicy | None" = None) -> "ArousalPolicy":
-        """``low=0.3,high=0.1,at=40,threshold=0.5,test=ratio,recheck=80+120,layers=act2+act3``; keys not
-        given come from ``base`` (e.g. the policy a budget search stored in the artifact), then
-        the defaults."""
+        """``low=0.3;high=0.1;at=40;threshold=0.5;test=ratio;recheck=80,120;layers=act2,act3``:
+        fields separated by ';' and list items by ',', as everywhere in the CLI (``--normalize
+        'MEAN;STD'``, ``--sweep m_f=0.1,0.2``); without a ';' the older form with ',' between
+        fields and '+' in lists (``recheck=80+120``) is read. Keys not given come from ``base``
+        (e.g. the policy a budget search stored in the artifact), then the defaults."""
         values: dict = asdict(base) if base is not None else {}
-        for item in filter(None, text.split(",")):
+        fields, items = (";", ",") if ";" in text else (",", "+")
+        for item in filter(None, (f.strip() for f in text.split(fields))):
             key, sep, value = item.partition("=")
             if not sep or key not in cls.__dataclass_fields__:
                 raise OptionError("arousal_policy", f"{item!r}: expected KEY=VALUE with KEY one of "
                                 f"{', '.join(cls.__dataclass_fields__)}")
             if key == "layers":
-                values[key] = tuple(filter(None, value.split("+")))
+                values[key] = tuple(filter(None, value.split(items)))
                 continue
             if key == "test":
                 if value not in TESTS:
@@ -84,7 +87,7 @@ class ArousalPolicy:
                 values[key] = value
                 continue
             try:
-                values[key] = tuple(int(v) for v in value.split("+")) if key == "recheck" else \
+                values[key] = tuple(int(v) for v in value.split(items)) if key == "recheck" else \
                     (int(value) if key == "at" else float(value))
             except ValueError:
                 raise OptionError("arousal_policy", f"{item!r}: not a number") from None

@@ -105,7 +105,7 @@ def calibrate(
     arousal: bool = typer.Option(False, "--arousal", help="Store an arousal policy (the defaults) for "
                                  "'evaluate --arousal'; with --budget, search its threshold."),
     arousal_policy: Optional[str] = typer.Option(None, "--arousal-policy", help="Implies --arousal; the policy "
-                                                 "to store, e.g. 'low=0.3,high=0.1,at=40'."),
+                                                 "to store, e.g. 'low=0.3;high=0.1;at=40' (fields ';', lists ',')."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
     split: str = typer.Option("train", "--split", help="Split of a named data set to calibrate (and search) on: "
                                                         "train, or val for a model trained on fit "
@@ -239,16 +239,17 @@ def evaluate(
     energy: str = typer.Option(DEFAULT_PRESET, "--energy", help="Energy preset: 45nm-fp32, 45nm-fp16, 45nm-int8."),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="Also run other values of a neuron option, "
                                                                "e.g. m_f=0.1,0.2,0.3 (ASN)."),
-    compare: Optional[List[str]] = typer.Option(None, "--compare", help="Also run another neuron type on the same "
-                                                                        "network and calibration, e.g. if."),
+    compare: Optional[List[str]] = typer.Option(None, "--compare", help="Also run other neuron types on the same "
+                                                                        "network and calibration, e.g. if or if,vsn."),
     arousal: bool = typer.Option(False, "--arousal", help="Per-input precision control with the artifact's "
                                  "stored policy (from 'calibrate --arousal') or the defaults; also runs fixed "
                                  "low and high precision."),
     arousal_policy: Optional[str] = typer.Option(None, "--arousal-policy", help="Implies --arousal; changes the "
-                                                 "policy, e.g. ASN 'low=0.3,high=0.1,at=40,threshold=0.5', VSN "
-                                                 "(-T > 1) 'at=2,threshold=0.5,threshold_scale=0'; test=ratio tests "
-                                                 "1 - p2/p1 instead of the softmax margin p1 - p2, recheck=60+90 "
-                                                 "adds decision steps, layers=act2+act3 limits it to those layers."),
+                                                 "policy, e.g. ASN 'low=0.3;high=0.1;at=40;threshold=0.5', VSN "
+                                                 "(-T > 1) 'at=2;threshold=0.5;threshold_scale=0'; test=ratio tests "
+                                                 "1 - p2/p1 instead of the softmax margin p1 - p2, recheck=60,90 "
+                                                 "adds decision steps, layers=act2,act3 limits it to those layers "
+                                                 "(fields ';', lists ','; the older 'a=1,b=2,recheck=60+90' reads)."),
     plot_format: str = PLOT_FORMAT,
     start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
                                                                    "(default: the neuron's, 0 for IF and ASN; "
@@ -269,7 +270,8 @@ def evaluate(
     policy = arousal_policy if arousal_policy is not None else "" if arousal else None
     _evaluate_with_progress(artifact, dataset, run, report, device=device, source=DataSource(data_dir, download),
                             model_ref=model, trust_code=trust_code, shard=_shard(shard),
-                            sweep=_sweep(sweep), compare=compare, arousal=policy, plot_format=plot_format)
+                            sweep=_sweep(sweep), compare=[n for c in compare or [] for n in c.split(",") if n],
+                            arousal=policy, plot_format=plot_format)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

@@ -189,3 +189,11 @@ def test_arousal_tests_margin_or_ratio_of_the_top_two_softmax_scores():
     assert "1 - top-2 / top-1" in ArousalPolicy.parse("test=ratio").describe(asn.NEURON)
     with pytest.raises(UserError, match="the test is one of margin, ratio"):
         ArousalPolicy.parse("test=entropy")
+
+
+def test_the_policy_reads_one_list_syntax_and_the_older_one():
+    from ann2snn.arousal import ArousalPolicy
+
+    new = ArousalPolicy.parse("low=0.45;high=0.1;at=10;recheck=20,30;layers=act0,act1;test=ratio")
+    old = ArousalPolicy.parse("low=0.45,high=0.1,at=10,recheck=20+30,layers=act0+act1,test=ratio")
+    assert new == old and new.recheck == (20, 30) and new.layers == ("act0", "act1")

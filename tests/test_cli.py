@@ -278,12 +278,12 @@ def test_curve_csv_holds_every_run_in_long_form_and_the_plot_format_is_chosen(ru
     snn = _pipeline(run_cli, tiny_files)
     rep = tiny_files["dir"] / "long"
     code, out, err = run_cli("evaluate", "--trust-code", snn, "-d", tiny_files["data"], "-T", 6, "-r", rep,
-                             "--sweep", "v_init=0,0.25", "--compare", "asn", "--plot-format", "svg")
+                             "--sweep", "v_init=0,0.25", "--compare", "asn,vsn", "--plot-format", "svg")
     assert code == 0, err
     report = json.loads((rep / "report.json").read_text())
     rows = list(csv.DictReader(open(rep / "curve.csv")))
     labels = [report["label"]] + [v["label"] for v in report["variants"]]
-    assert len(labels) == 4 and [r["run"] for r in rows] == [label for label in labels for _ in range(6)]
+    assert len(labels) == 5 and labels[-2:] == ["ASN", "VSN"] and [r["run"] for r in rows] == [label for label in labels for _ in range(6)]
     for label, curve in zip(labels, [report["curve"]] + [v["curve"] for v in report["variants"]]):
         mine = [r for r in rows if r["run"] == label]
         assert [float(r["accuracy"]) for r in mine] == [c["accuracy"] for c in curve]
