@@ -13,7 +13,7 @@ Data may be a ``DataLoader``, a ``Dataset`` or an ``(inputs, targets)`` pair of 
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 from pathlib import Path
 
 import torch
@@ -22,12 +22,13 @@ from torch import nn
 from . import neurons, pipeline
 from .arousal import ArousalPolicy, check_class_scores
 from .artifact import Artifact, ArtifactMeta, build_neurons, load_artifact, save_artifact
+from .checkpoint import state_sha256
 from .checks import model_outputs
 from .graph import MAXPOOL_MODES, graph_signature, spiking_layers, to_snn
 from .data import as_tensor_data, calibration_subset
 from .energy import DEFAULT_PRESET
 from .equivalence import verify
-from .errors import OptionError
+from .errors import OptionError, UserError
 from .evaluation import make_plan, run_plan
 from .files import check_outputs
 from .options import CalibrationOptions, RunOptions
@@ -66,20 +67,26 @@ class SpikingNetwork(nn.Module):
         return Artifact(self.ann, self.snn, self.meta, self.neuron)
 
 
-def state_sha256(model: nn.Module) -> str:
-    """A checksum of a model's weights and buffers (names, shapes, types and values)."""
-    digest = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
-        t = t.detach().contiguous().cpu()
-        digest.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+@contextlib.contextmanager
+def _as_given(model: nn.Module):
+    """The model in eval mode for the block, its own mode restored after; refused off the CPU
+    (ann2snn copies what it needs and runs it on ``device``)."""
+    where = {str(t.device) for t in [*model.parameters(), *model.buffers()]}
+    if where - {"cpu"}:
+        raise OptionError("model", f": its tensors are on {', '.join(sorted(where))}; pass it on the CPU "
+                                   "(device= chooses where ann2snn runs)")
+    training = model.training
+    try:
+        yield model.eval()
+    finally:
+        model.train(training)
 
 
 def _model_info(model: nn.Module) -> ModelInfo:
     cls = type(model)
+    digest = state_sha256(model)
     return ModelInfo(ref=f"{cls.__module__}:{cls.__qualname__}", kwargs={"user": {}}, checkpoint=IN_MEMORY,
-                     checkpoint_sha256=state_sha256(model))
+                     checkpoint_sha256=digest, weights_sha256=digest)
 
 
 def calibrate(model: nn.Module, data, neuron: str = "if", *, budget: float | None = None,
@@ -89,7 +96,9 @@ def calibrate(model: nn.Module, data, neuron: str = "if", *, budget: float | Non
     """Fit per-layer operating points on (a ``samples`` subset drawn with ``seed`` of) ``data``,
     as ``ann2snn calibrate`` does: ``options`` are the neuron's (``--param``), ``budget`` and
     ``timesteps`` search its precision, ``arousal`` (True, or a policy or its text) stores a
-    policy. Returns the ``Profile`` (``profile.save_profile`` writes it)."""
+    policy. Returns the ``Profile`` (``profile.save_profile`` writes it). A DataLoader is read
+    whole, in its own order, before the subset is drawn: a shuffling one gives another subset
+    each call. The model stays as given (its mode is restored; it must be on the CPU)."""
     kind = neurons.get(neuron)
     opts = pipeline.checked_options(kind, options or {})
     policy = ArousalPolicy.parse("" if arousal is True else arousal) if isinstance(arousal, (str, bool)) and \
@@ -99,16 +108,21 @@ def calibrate(model: nn.Module, data, neuron: str = "if", *, budget: float | Non
     tensors = as_tensor_data(data, "data")
     choice = CalibrationOptions(samples=samples, seed=seed, batch_size=batch_size, budget=budget, timesteps=timesteps)
     subset = calibration_subset(tensors, samples, seed) if len(tensors) > samples else tensors
-    model = model.eval()
-    gm, _ = pipeline.normalize_for(model, type(model).__name__, kind)
-    outputs = model_outputs(gm, subset.sample_shape, "data")
-    verify(model, gm, next(subset.batches(batch_size))[0])
+    with _as_given(model):
+        gm, _ = pipeline.normalize_for(model, type(model).__name__, kind)
+        outputs = model_outputs(gm, subset.sample_shape, "data")
+        verify(model, gm, next(subset.batches(batch_size))[0])
+        info = _model_info(model)
+    steps = timesteps or kind.default_timesteps
     if policy is not None:
         policy.check_layers(spiking_layers(gm))
         check_class_scores("data", subset.task, outputs)
+        if budget is not None and policy.at >= steps:
+            raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the {steps} "
+                                         "steps the budget search simulates (timesteps)")
     choose = bool(kind.operating_points) and not set(options or {}) & set(kind.operating_points[0])
-    return pipeline.fit_profile(gm, kind, opts, subset, _model_info(model), IN_MEMORY, choice,
-                                resolve_device(device), policy, choose=choose)
+    return pipeline.fit_profile(gm, kind, opts, subset, info, IN_MEMORY, choice, resolve_device(device), policy,
+                                choose=choose)
 
 
 def convert(model: nn.Module, profile: Profile, *, maxpool: str = "gated") -> SpikingNetwork:
@@ -116,12 +130,17 @@ def convert(model: nn.Module, profile: Profile, *, maxpool: str = "gated") -> Sp
     of ``graph.MAXPOOL_MODES``."""
     if maxpool not in MAXPOOL_MODES:
         raise OptionError("maxpool", f"{maxpool!r}: expected one of {', '.join(MAXPOOL_MODES)}")
-    model = model.eval()
     kind = neurons.get(profile.neuron.type)
-    gm, _ = pipeline.normalize_for(model, type(model).__name__, kind)
-    same = state_sha256(model) if profile.model.checkpoint == IN_MEMORY else profile.model.checkpoint_sha256
-    check_profile(profile, gm, same, "profile")
-    verify(model, gm, torch.randn((4, *profile.input.shape), generator=torch.Generator().manual_seed(0)))
+    with _as_given(model):
+        gm, _ = pipeline.normalize_for(model, type(model).__name__, kind)
+        digest = state_sha256(model)
+        verify(model, gm, torch.randn((4, *profile.input.shape), generator=torch.Generator().manual_seed(0)))
+    if profile.model.weights_sha256 is None:
+        raise UserError(f"profile made for {profile.model.checkpoint} holds no checksum of the weights (an older "
+                        "version wrote it), so convert cannot tell whether this model has them: calibrate again")
+    if profile.model.weights_sha256 != digest:
+        raise UserError(f"profile was made for other weights ({profile.model.checkpoint}); calibrate this model")
+    check_profile(profile, gm, profile.model.checkpoint_sha256, "profile")
     snn = to_snn(gm, build_neurons(kind, profile.layers, "profile"), maxpool)
     meta = ArtifactMeta(model=profile.model, graph=graph_signature(gm), input=profile.input, neuron=profile.neuron,
                         layers=profile.layers, calibration=profile.data, maxpool=maxpool, arousal=profile.arousal)

@@ -58,9 +58,9 @@ class ArousalPolicy:
     layers: tuple[str, ...] = ()  # spiking layers whose precision arousal raises; () = all
 
     def __post_init__(self):
-        if not (0 < self.high <= 2 and 0 < self.low <= 2 and self.at >= 1 and 0 <= self.threshold <= 1
+        if not (0 < self.high < 2 and 0 < self.low < 2 and self.at >= 1 and 0 <= self.threshold <= 1
                 and 0 <= self.threshold_scale <= 1):
-            raise ValueError("needs 0 < high, low <= 2, at >= 1, 0 <= threshold <= 1, 0 <= threshold_scale <= 1")
+            raise ValueError("needs 0 < high, low < 2, at >= 1, 0 <= threshold <= 1, 0 <= threshold_scale <= 1")
         if self.test not in TESTS:
             raise ValueError(f"the test is one of {', '.join(TESTS)}")
 
@@ -69,10 +69,11 @@ class ArousalPolicy:
         """``low=0.3;high=0.1;at=40;threshold=0.5;test=ratio;recheck=80,120;layers=act2,act3``:
         fields separated by ';' and list items by ',', as everywhere in the CLI (``--normalize
         'MEAN;STD'``, ``--sweep m_f=0.1,0.2``); without a ';' the older form with ',' between
-        fields and '+' in lists (``recheck=80+120``) is read. Keys not given come from ``base``
+        fields and '+' in lists (``recheck=80+120``) is read when every ','-part is a KEY=VALUE. Keys not given come from ``base``
         (e.g. the policy a budget search stored in the artifact), then the defaults."""
         values: dict = asdict(base) if base is not None else {}
-        fields, items = (";", ",") if ";" in text else (",", "+")
+        old = ";" not in text and all("=" in part for part in text.split(",") if part.strip())
+        fields, items = (",", "+") if old else (";", ",")
         for item in filter(None, (f.strip() for f in text.split(fields))):
             key, sep, value = item.partition("=")
             if not sep or key not in cls.__dataclass_fields__:
@@ -163,7 +164,7 @@ def matched_run(neuron: "Neuron", policy: ArousalPolicy, spec: "NeuronSpec", lay
     moved = [replace(layer, params=control.between(layer.params, policy, fraction)) if policy.raises(layer.name)
              else layer for layer in layers]
     label = control.between_label(layers[0].params, policy, fraction) + " (spikes as arousal)"
-    return Run(label, neuron, spec, moved)
+    return Run(label, neuron, spec, moved, spike_matched=True)
 
 
 def start_layers(control: "PrecisionControl", policy: ArousalPolicy, layers: list["ProfileLayer"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 import pickle
 import re
@@ -92,3 +94,14 @@ def load_model(ref: str, kwargs: dict, path: str | Path, trust_pickle: bool = Fa
     if ref == EXPORT_REF:
         return read_export(path, trust_pickle)
     return load_weights(resolve_model(ref, kwargs), path, trust_pickle)
+
+
+def state_sha256(model: nn.Module) -> str:
+    """A checksum of a model's weights and buffers (names, shapes, types and values), the same
+    whichever file or process they came from."""
+    digest = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        digest.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -309,6 +309,9 @@ def as_tensor_data(data, name: str = "data", split: str = "in memory") -> Tensor
     if len(inputs) != len(targets) or len(inputs) == 0:
         raise OptionError(name, f": {len(inputs)} inputs and {len(targets)} targets")
     regression = targets.is_floating_point()
+    if targets.dim() > 1 and (not regression or targets.reshape(len(targets), -1).shape[1] > 1):
+        raise OptionError(name, f": targets of shape {tuple(targets.shape)}; give class indices [N] (not one-hot) "
+                                "or one regression value per sample")
     return TensorData(name=name, split=split, inputs=inputs.float(), targets=targets.reshape(len(targets), -1)
                       .squeeze(1) if regression else targets.long().reshape(-1),
                       num_classes=1 if regression else int(targets.max()) + 1,

@@ -76,14 +76,15 @@ def _as_avg(pool: nn.Module):
 
 def pooled_sources(gm: fx.GraphModule, layers: list[str] | None = None) -> dict[str, str]:
     """Spiking layers (ReLU slots, or the modules named ``layers`` in a converted network) whose
-    every user is one average-pool module: layer name -> pool module name."""
+    every user is one average-pool module with a fixed window (not adaptive): layer name -> pool
+    module name."""
     out = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and (node.target in layers if layers is not None else
                                          isinstance(gm.get_submodule(node.target), Slot)):
             users = list(node.users)
             if len(users) == 1 and users[0].op == "call_module" and \
-                    isinstance(gm.get_submodule(users[0].target), AVGPOOL):
+                    isinstance(gm.get_submodule(users[0].target), (nn.AvgPool1d, nn.AvgPool2d)):
                 out[str(node.target)] = str(users[0].target)
     return out
 

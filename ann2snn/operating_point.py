@@ -30,7 +30,7 @@ from .simulate import simulate
 
 def settled(error: torch.Tensor, bar: float) -> int | None:
     """The first step index from which ``error`` stays at or below ``bar`` (None: never)."""
-    above = (error > bar * (1 + 1e-9)).nonzero()
+    above = (~(error <= bar * (1 + 1e-9))).nonzero()  # NaN counts as above
     first = int(above[-1]) + 1 if len(above) else 0
     return first if first < len(error) else None
 

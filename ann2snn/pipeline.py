@@ -17,7 +17,7 @@ from .arousal import ArousalPolicy, check_class_scores
 from .artifact import ArtifactMeta, build_neurons, load_artifact, save_artifact
 from .budget import search, search_arousal
 from .calibration import activation_stats
-from .checkpoint import file_sha256, load_model, load_state
+from .checkpoint import file_sha256, load_model, load_state, state_sha256
 from .graph import MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, \
     spiking_layers, to_snn
 from .data import Normalize, TensorData, calibration_subset, data_files, open_dataset
@@ -83,7 +83,7 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
         policy.check_layers(spiking_layers(gm))
         check_class_scores(dataset, data.task, outputs)
     model_info = ModelInfo(ref=model_ref, kwargs=kwargs, checkpoint=str(checkpoint),
-                           checkpoint_sha256=file_sha256(checkpoint))
+                           checkpoint_sha256=file_sha256(checkpoint), weights_sha256=state_sha256(model))
     choose = bool(kind.operating_points) and not set(neuron_options or {}) & set(kind.operating_points[0])
     profile = fit_profile(gm, kind, opts, subset, model_info, dataset, options, resolve_device(device), policy,
                            choose=choose)
@@ -233,7 +233,8 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     data = open_dataset(dataset, profile.data.split, source.data_dir, source.download, profile.input.normalize)
     subset = calibration_subset(data, profile.data.samples, profile.data.seed)
     gm, _ = normalize_for(tuned, profile.model.ref, neuron)
-    info = replace(profile.model, checkpoint=str(output), checkpoint_sha256=hashlib.sha256(blob).hexdigest())
+    info = replace(profile.model, checkpoint=str(output), checkpoint_sha256=hashlib.sha256(blob).hexdigest(),
+                   weights_sha256=state_sha256(tuned))
     measured = fit_profile(gm, neuron, tuned_options, subset, info,
                             dataset, CalibrationOptions(samples=profile.data.samples,
                                                                      seed=profile.data.seed, split=profile.data.split),

@@ -41,6 +41,7 @@ class ModelInfo:
     kwargs: dict
     checkpoint: str
     checkpoint_sha256: str | None = None
+    weights_sha256: str | None = None  # checkpoint.state_sha256 of the loaded model: the Python API checks it
 
 
 @dataclass(kw_only=True)

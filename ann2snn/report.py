@@ -218,7 +218,7 @@ def provenance(artifact: str | Path | None, data: TensorData, calibration_seed: 
 
 
 def arousal_report(neuron: Neuron, policy, stored_policy: bool, search: SearchRecord | None,
-                   reports: list[Report], fraction: float) -> ArousalReport:
+                   reports: list[Report], fraction: float, matched: Report | None = None) -> ArousalReport:
     """The arousal section: the policy, where it came from, and the three runs side by side."""
     pick = lambda r: {"label": r.label, r.metric: r.snn[r.metric],  # noqa: E731
                       "spikes_per_sample": r.snn["spikes_per_sample"], "firing_rate_hz": r.snn["firing_rate_hz"]}
@@ -228,8 +228,8 @@ def arousal_report(neuron: Neuron, policy, stored_policy: bool, search: SearchRe
         else "--arousal's keys over the defaults",
         calibration_search=search, description=policy.describe(neuron), fraction_aroused=fraction,
         with_arousal=pick(reports[0]), fixed_low=pick(reports[1]), fixed_high=pick(reports[2]),
-        fixed_same_spikes={**pick(reports[3]), "paired_vs_arousal": reports[3].snn.get("paired_vs_main_run")}
-        if len(reports) > 3 else None)
+        fixed_same_spikes={**pick(matched), "paired_vs_arousal": matched.snn.get("paired_vs_main_run")}
+        if matched is not None else None)
 
 
 def within_margin(curve: list[dict], ann_accuracy: float, points: float) -> dict:

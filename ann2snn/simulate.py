@@ -56,13 +56,15 @@ def spiking_modules(snn: fx.GraphModule, names: list[str]) -> dict[str, nn.Modul
 class Run:
     """One simulation ``evaluate`` makes of an artifact's network: its label in the report, the
     neuron type, options and per-layer parameters to build it with, and an optional controller
-    called after every step (arousal)."""
+    called after every step (arousal); ``spike_matched``: the fixed-precision run that spends the
+    arousal run's spikes (``evaluation.with_spike_matched_run``)."""
 
     label: str
     neuron: "Neuron"
     spec: "NeuronSpec"
     layers: list["ProfileLayer"]
     controller: Any = None
+    spike_matched: bool = False
 
 
 @dataclass
@@ -119,7 +121,10 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
     pools = counting_pools(snn, neurons)
     if engine == "layers":
         chunked_step, chunked, scans = layered(step, layers, fan, fused, pools)
-        widest = max(f.numel() for f in fan)
+        # a layer counted after its pool has a pooled fan-out map: its own width is the window's area times that
+        area = {n: math.prod(p.kernel_size) if isinstance(p.kernel_size, tuple) else
+                p.kernel_size ** (2 if isinstance(p, nn.AvgPool2d) else 1) for n, p in pools.items()}
+        widest = max(f.numel() * area.get(name, 1) for name, f in zip(layers, fan))
     batches, retry = data.batches(batch_size), []  # retry: halves of a batch that ran out of memory
     with progress.task(f"{label}: {timesteps} steps (samples)", len(data)) as shown:
         while (item := retry.pop(0) if retry else next(batches, None)) is not None:

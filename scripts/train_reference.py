@@ -6,8 +6,8 @@
 
 Adam with a one-cycle learning-rate schedule; deterministic for a seed on CPU. Prints the test
 accuracy after every epoch. ``--holdout`` trains on the ``fit`` split only, so that settings can
-be chosen on the held-out ``val`` split (``--split val`` of calibrate and evaluate) and the test
-set is touched once, for the final figure.
+be chosen on the held-out ``val`` split (``--split val`` of calibrate and evaluate); the test
+accuracy printed after each epoch is a report, never used to choose anything.
 """
 
 from __future__ import annotations

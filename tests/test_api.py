@@ -69,7 +69,23 @@ def test_api_refuses_what_it_cannot_use():
     other = tiny_cnn()
     with torch.no_grad():
         other.fc2.bias.add_(1.0)
-    with pytest.raises(ann2snn.errors.UserError, match="another checkpoint"):
+    with pytest.raises(ann2snn.errors.UserError, match="made for other weights"):
+        ann2snn.convert(other, profile)
+
+
+def test_a_profile_from_the_cli_converts_the_same_weights_only(run_cli, tiny_files):
+    from ann2snn.profile import load_profile
+
+    d = tiny_files["dir"]
+    assert run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                   "--samples", 40, "-o", d / "p.json")[0] == 0
+    profile = load_profile(d / "p.json")
+    snn = ann2snn.convert(tiny_cnn(), profile)  # the checkpoint was written from tiny_cnn()
+    assert snn.meta.model.checkpoint == str(tiny_files["checkpoint"])
+    other = tiny_cnn()
+    with torch.no_grad():
+        other.conv.weight.mul_(10)
+    with pytest.raises(ann2snn.errors.UserError, match="made for other weights"):
         ann2snn.convert(other, profile)
 
 

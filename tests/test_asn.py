@@ -197,3 +197,10 @@ def test_the_policy_reads_one_list_syntax_and_the_older_one():
     new = ArousalPolicy.parse("low=0.45;high=0.1;at=10;recheck=20,30;layers=act0,act1;test=ratio")
     old = ArousalPolicy.parse("low=0.45,high=0.1,at=10,recheck=20+30,layers=act0+act1,test=ratio")
     assert new == old and new.recheck == (20, 30) and new.layers == ("act0", "act1")
+
+
+def test_one_list_field_alone_reads_in_the_new_syntax():
+    from ann2snn.arousal import ArousalPolicy
+
+    assert ArousalPolicy.parse("layers=act2,act3").layers == ("act2", "act3")
+    assert ArousalPolicy.parse("recheck=60,90").recheck == (60, 90)

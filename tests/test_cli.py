@@ -301,13 +301,15 @@ def test_arousal_is_compared_with_the_fixed_precision_that_spends_its_spikes(run
     assert run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "asn.json",
                    "-o", d / "asn.snn.safetensors")[0] == 0
     code, out, err = run_cli("evaluate", "--trust-code", d / "asn.snn.safetensors", "-d", tiny_files["data"], "-T", 30,
-                             "-r", d / "rep", "--arousal-policy", "low=0.45,high=0.1,at=8,threshold=0.6")
+                             "-r", d / "rep", "--arousal-policy", "low=0.45,high=0.1,at=8,threshold=0.6",
+                             "--compare", "if")  # a compared run must not be taken for the matched one
     assert code == 0, err
     report = json.loads((d / "rep" / "report.json").read_text())
     a = report["arousal"]
     low, aroused, high = (a[k]["spikes_per_sample"] for k in ("fixed_low", "with_arousal", "fixed_high"))
     assert low < aroused < high, "the test needs arousal between the fixed runs"
     m = a["fixed_same_spikes"]
+    assert m["label"].endswith("(spikes as arousal)")
     m_f = float(m["label"].split("m_f=")[1].split()[0])
     assert 0.1 < m_f < 0.45  # between the raised and the start precision
     matched = report["variants"][-1]

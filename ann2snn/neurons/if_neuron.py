@@ -8,12 +8,15 @@ SNN Toolbox. One step, for input current I[t]:
     v[t] = v[t] - theta * s[t]          (reset by subtraction; ``reset=zero``: v[t] = 0 after a spike)
 
 with v[0] = v_init * theta. The layer emits ``theta * s[t]`` (spike height theta; on hardware
-the height is folded into the next layer's weights). A burst neuron (``max_spikes`` k > 1, the
-multi-spike equivalence of docs/science.md section 3) emits s[t] = min(floor(v[t] / theta), k)
-spikes in one step, counted as s[t] spikes (each a synaptic event; on hardware a burst is k
-events in one step, or one event with a small integer payload), and subtracts s[t] theta; it
-reaches a rate k times higher, so T can be up to k times shorter. Thresholds are one per layer,
-or one per channel (``per_channel``: each channel's own percentile). Its rate transfer function, the mean
+the height is folded into the next layer's weights). A burst neuron (``max_spikes`` k > 1)
+emits s[t] = min(floor(v[t] / theta), k) spikes in one step, counted as s[t] spikes (each a
+synaptic event; on hardware a burst is k events in one step, or one event with a small integer
+payload), and subtracts s[t] theta. Its threshold is fitted k times lower (percentile / k), so
+it codes the layer's range in k times finer steps: k spikes of height theta/k carry what one
+spike of height theta does, and the same precision takes up to k times fewer steps. Thresholds
+are one per layer, or one per channel of a convolution (``per_channel``: each channel's
+percentile of its calibration sample, interpolated; the sample is the first 256 calibration
+images, strided). Its rate transfer function, the mean
 output as T -> inf, is ``clamp(I, 0, theta)``; theta is the layer's 99.9th-percentile ANN
 activation (docs/science.md section 3).
 """
@@ -111,16 +114,19 @@ DEFAULTS = {"percentile": 99.9, "v_init": 0.5, "max_spikes": 1, "per_channel": F
 
 def fit(stats: "LayerStats", options: dict) -> dict:
     """Per-layer parameters from calibration statistics: theta = the chosen percentile
-    (the maximum if the percentile is 0; 1.0 for a layer that never activates); with
-    ``per_channel``, each channel's percentile of its own activations (the layer's theta for a
-    channel whose percentile is 0)."""
+    (the maximum if the percentile is 0; 1.0 for a layer that never activates), divided by
+    ``max_spikes``; with ``per_channel``, each convolution channel's percentile of its own
+    activations (the layer's theta for a channel whose percentile is 0)."""
     threshold = stats.percentile if stats.percentile > 0 else stats.max
-    threshold = float(threshold) if threshold > 0 else 1.0
+    threshold = (float(threshold) if threshold > 0 else 1.0) / int(options.get("max_spikes", 1))
     params = {"threshold": threshold, "v_init": float(options["v_init"]),
               "max_spikes": int(options.get("max_spikes", 1)), "reset": options.get("reset", "subtract")}
     if options.get("per_channel") and stats.shape and len(stats.shape) > 1:
-        params["threshold"] = [t if t > 0 else threshold for t in
-                               _channel_percentiles(stats, float(options.get("percentile", 99.9)))]
+        k = int(options.get("max_spikes", 1))
+        channels = [t / k if t > 0 else threshold for t in
+                    _channel_percentiles(stats, float(options.get("percentile", 99.9)))]
+        if channels:  # no per-channel data (a profile without channel tables): one threshold
+            params["threshold"] = channels
     return params
 
 
