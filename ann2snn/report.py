@@ -26,7 +26,7 @@ from .stats import mcnemar, wilson
 
 ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real connection. SNN: synaptic "
                  "energy - one AC per synaptic event of a binary spike (IF, ASN), one MAC per event of a "
-                 "graded spike (VSN); layers fed with analog values cost MACs, the constant input current "
+                 "graded spike (VSN, counted after an average pool that follows the layer); layers fed with analog values cost MACs, the constant input current "
                  "once per sample - plus neuron energy: every neuron's update at every step, multiplies as "
                  "MACs and adds or compares as ACs (Neuron.step_ops). Memory access excluded.")
 MARGINS = (0.1, 0.2, 0.5, 1.0)
