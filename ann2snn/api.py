@@ -32,7 +32,7 @@ from .errors import OptionError, UserError
 from .evaluation import make_plan, run_plan
 from .files import check_outputs
 from .options import CalibrationOptions, RunOptions
-from .profile import InputInfo, ModelInfo, Profile, check_profile
+from .profile import ModelInfo, Profile, check_profile
 from .report import Report, write_report
 from .simulate import resolve_device, stateful_modules
 
@@ -100,27 +100,19 @@ def calibrate(model: nn.Module, data, neuron: str = "if", *, budget: float | Non
     whole, in its own order, before the subset is drawn: a shuffling one gives another subset
     each call. The model stays as given (its mode is restored; it must be on the CPU)."""
     kind = neurons.get(neuron)
-    opts = pipeline.checked_options(kind, options or {})
-    policy = ArousalPolicy.parse("" if arousal is True else arousal) if isinstance(arousal, (str, bool)) and \
-        arousal is not False else arousal or None
-    if policy is not None and kind.precision_control is None:
-        raise OptionError("arousal", f": neuron {kind.name!r} has no precision to raise")
-    tensors = as_tensor_data(data, "data")
     choice = CalibrationOptions(samples=samples, seed=seed, batch_size=batch_size, budget=budget, timesteps=timesteps)
+    opts, policy, choose = pipeline.calibration_request(
+        kind, options, "" if arousal is True else None if arousal is False else arousal, choice)
+    tensors = as_tensor_data(data, "data")
     subset = calibration_subset(tensors, samples, seed) if len(tensors) > samples else tensors
     with _as_given(model):
         gm, _ = pipeline.normalize_for(model, type(model).__name__, kind)
         outputs = model_outputs(gm, subset.sample_shape, "data")
         verify(model, gm, next(subset.batches(batch_size))[0])
         info = _model_info(model)
-    steps = timesteps or kind.default_timesteps
     if policy is not None:
         policy.check_layers(spiking_layers(gm))
         check_class_scores("data", subset.task, outputs)
-        if budget is not None and policy.at >= steps:
-            raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the {steps} "
-                                         "steps the budget search simulates (timesteps)")
-    choose = bool(kind.operating_points) and not set(options or {}) & set(kind.operating_points[0])
     return pipeline.fit_profile(gm, kind, opts, subset, info, IN_MEMORY, choice, resolve_device(device), policy,
                                 choose=choose)
 
@@ -141,9 +133,13 @@ def convert(model: nn.Module, profile: Profile, *, maxpool: str = "gated") -> Sp
     if profile.model.weights_sha256 != digest:
         raise UserError(f"profile was made for other weights ({profile.model.checkpoint}); calibrate this model")
     check_profile(profile, gm, profile.model.checkpoint_sha256, "profile")
-    snn = to_snn(gm, build_neurons(kind, profile.layers, "profile"), maxpool)
+    try:
+        snn = to_snn(gm, build_neurons(kind, profile.layers, "profile"), maxpool, profile.bias_ramps)
+    except UserError as exc:
+        raise exc.within("profile: ") from None
     meta = ArtifactMeta(model=profile.model, graph=graph_signature(gm), input=profile.input, neuron=profile.neuron,
-                        layers=profile.layers, calibration=profile.data, maxpool=maxpool, arousal=profile.arousal)
+                        layers=profile.layers, calibration=profile.data, maxpool=maxpool, arousal=profile.arousal,
+                        bias_ramps=profile.bias_ramps)
     return SpikingNetwork(Artifact(gm.eval(), snn.eval(), meta, kind))
 
 
@@ -157,10 +153,9 @@ def evaluate(snn: SpikingNetwork, data, timesteps: int, *, arousal: str | Arousa
     tensors = as_tensor_data(data, "data")
     run = RunOptions(timesteps=timesteps, batch_size=batch_size, preset=preset, start_ms=start_ms)
     if report_dir is not None:
-        from .report import report_files
+        from .report import report_outputs
 
-        check_outputs([("report", Path(report_dir) / name) for name in report_files(plot_format)], [],
-                      [("report folder", report_dir)])
+        check_outputs(report_outputs(report_dir, plot_format), [], [("report folder", report_dir)])
     policy = "" if arousal is True else None if arousal is False else arousal
     report = run_plan(make_plan(snn.artifact, tensors, run, device, sweep or [], compare or [], policy))
     if report_dir is not None:

@@ -19,6 +19,7 @@ from .graph import MAXPOOL_MODES, check_activations, graph_signature, normalize,
 from .errors import OptionError, UserError
 from .files import check_input, json_text, parse_json, write_safetensors
 from .neurons import Neuron
+from .bias_ramp import BiasRampRecord
 from .profile import ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, ProfileLayer
 from .records import from_json, to_json
 from .torch_export import EXPORT_REF, read_export
@@ -45,6 +46,7 @@ class ArtifactMeta:
     calibration: DataInfo
     maxpool: str = "gated"
     arousal: ArousalRecord | None = None
+    bias_ramps: list[BiasRampRecord] | None = None  # bias_ramp.py
 
     def __post_init__(self):
         if self.maxpool not in MAXPOOL_MODES:
@@ -81,8 +83,8 @@ def variant(meta: ArtifactMeta, base: Neuron, other: Neuron | None, overrides: d
     neuron = other or base
     fixed = [k for k in overrides if k in neuron.calibration_only]
     if fixed:
-        raise OptionError("sweep", f"{fixed[0]}: acts on the calibration statistics only, so every run would be "
-                                   "the same; calibrate again with another value instead")
+        raise OptionError("sweep", f"{fixed[0]}: takes effect when calibrating (statistics, fitted ramps), so a "
+                                   "sweep cannot change it; calibrate again with another value instead")
     neuron.options(overrides, option="sweep")
     if neuron is base:
         options = {**meta.neuron.options, **overrides}
@@ -185,7 +187,10 @@ def rebuild(meta: ArtifactMeta, tensors: dict[str, torch.Tensor], model: torch.n
     if graph_signature(ann) != meta.graph:
         raise UserError(f"{path}: the architecture {meta.model.ref!r} no longer traces to the graph "
                         "this artifact was converted from")
-    snn = to_snn(ann, build_neurons(neuron, meta.layers, str(path)), meta.maxpool)
+    try:
+        snn = to_snn(ann, build_neurons(neuron, meta.layers, str(path)), meta.maxpool, meta.bias_ramps)
+    except UserError as exc:
+        raise exc.within(f"{path}: ") from None
     own = snn.state_dict()
     if set(own) != set(tensors):
         diff = sorted(set(own) ^ set(tensors))[:4]

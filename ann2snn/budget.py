@@ -19,9 +19,10 @@ from dataclasses import replace
 import torch
 from torch import fx
 
-from . import distributed
+from . import bias_ramp, distributed
 from .arousal import ArousalController, ArousalPolicy, start_layers
 from .artifact import build_neurons
+from .bias_ramp import BiasRampRecord
 from .calibration import LayerStats
 from .graph import to_snn
 from .data import TensorData
@@ -36,6 +37,22 @@ def fitted_layers(stats: dict[str, LayerStats], neuron: Neuron, options: dict) -
     """The layers fitted to ``stats`` with ``options`` (as a profile would hold them)."""
     return [ProfileLayer(name=name, activation=s.activation, neurons=s.neurons, params=neuron.fit(s, options))
             for name, s in stats.items()]
+
+
+RAMP_SAMPLES = 256  # images the bias ramps are fitted on
+
+
+def spiking_network(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], options: dict,
+                    data: TensorData, timesteps: int, device: torch.device
+                    ) -> tuple[fx.GraphModule, list[BiasRampRecord] | None]:
+    """The SNN of ``layers`` and, when ``options`` ask for them (``bias_ramp``), its bias ramps
+    fitted on the first ``RAMP_SAMPLES`` images of ``data`` over ``timesteps`` steps."""
+    units = build_neurons(neuron, layers)
+    if not options.get("bias_ramp"):
+        return to_snn(gm, units), None
+    x, _ = next(data.head(RAMP_SAMPLES).batches(RAMP_SAMPLES))
+    ramps = bias_ramp.fit(gm, to_snn(gm, units), [layer.name for layer in layers], x, timesteps, device)
+    return to_snn(gm, units, ramps=ramps), ramps
 
 
 def search(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict, data: TensorData,
@@ -58,7 +75,7 @@ def search(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
     with ranks.phase():  # a rank that fails ends every rank here, before the exchange
         for value in values[ranks.rank::ranks.world]:
             opts = {**options, knob: value}
-            snn = to_snn(gm, build_neurons(neuron, fitted_layers(stats, neuron, opts)))
+            snn, _ = spiking_network(gm, neuron, fitted_layers(stats, neuron, opts), opts, data, timesteps, device)
             readout = neuron.readout_for(opts, timesteps)
             observer = None if regression else OutputError(reference, timesteps)
             sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=observer,
@@ -147,9 +164,10 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neu
     part = ranks.shard(len(data))
     shard = data.subset(torch.arange(part.start, part.stop))
 
+    snn, _ = spiking_network(gm, neuron, params, options, data, timesteps, device)
+
     def run(threshold: float) -> dict:
         controller = ArousalController(replace(policy, threshold=threshold), control)
-        snn = to_snn(gm, build_neurons(neuron, params))
         with ranks.phase():
             sim = simulate(snn, layers, fan, shard, timesteps, batch_size, device, readout, controller=controller,
                            label=f"arousal threshold {threshold:.3g}")

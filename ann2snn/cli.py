@@ -26,7 +26,7 @@ from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from .profile import Profile
 from .records import to_json
 from .files import check_outputs
-from .report import Report, report_files, layer_table, summary_table
+from .report import Report, report_files, report_outputs, layer_table, summary_table
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert trained PyTorch networks into spiking networks and measure accuracy per spike.")
@@ -356,7 +356,7 @@ def demo(
                          ("lenet5_mnist.safetensors", "mnist_calib.safetensors", "mnist_test.safetensors"))
     profile_path, snn_path = out / "lenet5.calib.json", out / "lenet5_if.snn.safetensors"
     check_outputs([("calibration profile", profile_path), ("SNN artifact", snn_path),
-                   *(("report", out / "report" / name) for name in report_files())], [ckpt, calib, test],
+                   *report_outputs(out / "report")], [ckpt, calib, test],
                   [("report folder", out / "report")])  # all three steps' outputs, before the first
     console.rule(f"1/3 ann2snn calibrate {ckpt.name} -m lenet5 -d {calib.name} -o {profile_path}")
     profile, _ = pipeline.calibrate(ckpt, "lenet5", str(calib), profile_path, device=device)

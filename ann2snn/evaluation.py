@@ -34,7 +34,7 @@ from .neurons import Neuron
 from .options import DataSource, RunOptions
 from .records import from_json, to_json
 from .report import (Report, ReportContext, arousal_report, build_report, context, provenance,
-                     report_files, write_report)
+                     report_outputs, write_report)
 from .simulate import Run, SimulationResult, ann_metric_sum, ann_per_sample, nmse, resolve_device, simulate
 from .stats import mcnemar
 from .transfer_training import with_transfer
@@ -130,8 +130,9 @@ def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: Dat
     shards = Ranks(*shard) if shard is not None else ranks
     with ranks.phase():
         if report_dir is not None and (ranks.leader or shard is not None):
-            files = [PARTIAL_FILE] if shard is not None else report_files(plot_format)
-            check_outputs([("report", Path(report_dir) / name) for name in files],
+            files = [("report", Path(report_dir) / PARTIAL_FILE)] if shard is not None else \
+                report_outputs(report_dir, plot_format)
+            check_outputs(files,
                           [artifact, *data_files(dataset, source.data_dir)], [("report folder", report_dir)])
         plan = _prepare(artifact, dataset, run, source, distributed.rank_device(device), sweep or [], compare or [],
                         arousal, model_ref, trust_code)
@@ -183,8 +184,7 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
         raise UserError(f"{partials[0]}: the partial reports must cover shards 0..{n - 1} once each "
                         f"(shard {missing[0]} is missing or repeated)")
     if report_dir is not None:
-        check_outputs([("report", Path(report_dir) / name) for name in report_files(plot_format)],
-                      [*partials, first.artifact, *data_files(first.dataset, source.data_dir)],
+        check_outputs(report_outputs(report_dir, plot_format), [*partials, first.artifact, *data_files(first.dataset, source.data_dir)],
                       [("report folder", report_dir)])
     if file_sha256(check_input(first.artifact, "SNN artifact")) != first.artifact_sha256:
         raise UserError(f"{first.artifact}: the artifact changed since the partial reports were written")
@@ -288,7 +288,8 @@ def _simulate_run(plan: _Plan, r: Run, data: TensorData, on_batch=None) -> tuple
     art, run = plan.art, plan.run
     readout = r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms)
     fan = plan.fan if r.neuron.spike_op != "mac" else fanout_maps(art.ann, data.sample_shape, graded=True)
-    snn = to_snn(art.ann, build_neurons(r.neuron, r.layers), art.meta.maxpool)
+    ramps = art.meta.bias_ramps if r.neuron is art.neuron else None  # fitted for the artifact's own neuron type
+    snn = to_snn(art.ann, build_neurons(r.neuron, r.layers), art.meta.maxpool, ramps)
     controller = _fresh(r.controller)
     start = time.perf_counter()
     sim = simulate(snn, art.meta.layer_names, fan, data, run.timesteps, run.batch_size, plan.device, readout,

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .bias_ramp import BiasRampRecord, attach
+from .bias_ramp import modules as ramp_modules
 from .equivalence import functionalize
 from .errors import OptionError, UserError
 
@@ -359,11 +361,13 @@ MAXPOOL_MODES = {
 }
 
 
-def to_snn(gm: fx.GraphModule, neurons: dict[str, nn.Module], maxpool: str = "gated") -> fx.GraphModule:
+def to_snn(gm: fx.GraphModule, neurons: dict[str, nn.Module], maxpool: str = "gated",
+           ramps: list[BiasRampRecord] | None = None) -> fx.GraphModule:
     """Copy a normalised graph, filling each ReLU slot with its spiking neuron module; each max
     pool (which now always follows a slot) becomes a ``GatedMaxPool`` (``maxpool='gated'``) or
     stays a plain max over the step's spikes (``'spikes'``: cheaper, over-counts when several
-    inputs of a window spike in turn)."""
+    inputs of a window spike in turn). ``ramps``: bias ramps before the layers they name
+    (``bias_ramp.py``)."""
     if maxpool not in MAXPOOL_MODES:
         raise OptionError("maxpool", f"{maxpool!r}: expected one of {', '.join(MAXPOOL_MODES)}")
     snn = copy.deepcopy(gm)
@@ -376,4 +380,4 @@ def to_snn(gm: fx.GraphModule, neurons: dict[str, nn.Module], maxpool: str = "ga
         if maxpool == "gated" and n.op == "call_module" and isinstance(snn.get_submodule(n.target), MAXPOOL):
             snn.add_submodule(n.target, GatedMaxPool(snn.get_submodule(n.target)))
     snn.recompile()
-    return snn
+    return attach(snn, ramp_modules(ramps, spiking_layers(gm))) if ramps else snn

@@ -66,7 +66,7 @@ def to_nir(art: Artifact):
     shape = tuple(art.meta.input.shape)
     x = torch.zeros((1, *shape))
     nodes, edges = {}, []
-    name_of, scale, shape_of = {}, {}, {}  # fx node -> NIR node name, spike height it carries, its shape
+    name_of, scale = {}, {}  # fx node -> NIR node name, spike height it carries
     env = {}
     for node in snn.graph.nodes:
         if node.op == "placeholder":

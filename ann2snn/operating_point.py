@@ -17,10 +17,8 @@ import torch
 from torch import fx
 
 from . import distributed
-from .artifact import build_neurons
-from .budget import OutputError, ann_outputs, fitted_layers
+from .budget import OutputError, ann_outputs, fitted_layers, spiking_network
 from .calibration import LayerStats
-from .graph import to_snn
 from .data import TensorData
 from .energy import fanout_maps
 from .neurons import Neuron
@@ -42,7 +40,7 @@ def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
     fan = fanout_maps(gm, data.sample_shape)
 
     def run(kind: Neuron, opts: dict, timesteps: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
-        snn = to_snn(gm, build_neurons(kind, fitted_layers(stats, kind, opts)))
+        snn, _ = spiking_network(gm, kind, fitted_layers(stats, kind, opts), opts, data, timesteps, device)
         observer = OutputError(reference, timesteps)
         sim = simulate(snn, list(stats), fan, data, timesteps, batch_size, device,
                        kind.readout_for(opts, timesteps), controller=observer, label=f"operating point: {label}")

@@ -15,7 +15,7 @@ import torch
 from . import distributed, neurons, operating_point
 from .arousal import ArousalPolicy, check_class_scores
 from .artifact import ArtifactMeta, build_neurons, load_artifact, save_artifact
-from .budget import search, search_arousal
+from .budget import search, search_arousal, spiking_network
 from .calibration import activation_stats
 from .checkpoint import file_sha256, load_model, load_state, state_sha256
 from .graph import MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, \
@@ -44,6 +44,24 @@ def checked_options(neuron: Neuron, overrides: dict) -> dict:
     return neuron.options(overrides)
 
 
+def calibration_request(kind: Neuron, neuron_options: dict | None, arousal: str | ArousalPolicy | None,
+                        options: CalibrationOptions) -> tuple[dict, ArousalPolicy | None, bool]:
+    """What a calibration asks for, checked before any data is read (the CLI and the API):
+    the neuron's options, the arousal policy (or None) and whether ``calibrate`` chooses the
+    operating point itself (the neuron has candidates and the user named none of their options)."""
+    opts = checked_options(kind, neuron_options or {})
+    policy = ArousalPolicy.parse(arousal) if isinstance(arousal, str) else arousal
+    if policy is not None and kind.precision_control is None:
+        raise OptionError("arousal", f": {{{{neuron}}}} {kind.name!r} has no precision to raise (arousal works with "
+                                     f"{neurons.names(lambda n: n.precision_control is not None)})")
+    steps = options.timesteps or kind.default_timesteps
+    if policy is not None and options.budget is not None and policy.at >= steps:
+        raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the {steps} "
+                                     "steps the budget search simulates ({{timesteps}})")
+    choose = bool(kind.operating_points) and not set(neuron_options or {}) & set(kind.operating_points[0])
+    return opts, policy, choose
+
+
 def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, output: str | Path | None = None, *,
               neuron: str = "if", neuron_options: dict | None = None,
               options: CalibrationOptions = CalibrationOptions(), source: DataSource = DataSource(),
@@ -55,15 +73,7 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     ``options.budget`` the neuron's precision knob is searched - or, given an ``arousal`` policy
     (or its text), its threshold; the policy is stored for ``evaluate``."""
     kind = neurons.get(neuron)
-    opts = checked_options(kind, neuron_options or {})
-    policy = ArousalPolicy.parse(arousal) if isinstance(arousal, str) else arousal
-    if policy is not None and kind.precision_control is None:
-        raise OptionError("arousal", f": {{{{neuron}}}} {kind.name!r} has no precision to raise (arousal works with "
-                                     f"{neurons.names(lambda n: n.precision_control is not None)})")
-    steps = options.timesteps or kind.default_timesteps
-    if policy is not None and options.budget is not None and policy.at >= steps:
-        raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the {steps} "
-                                     "steps the budget search simulates ({{timesteps}})")
+    opts, policy, choose = calibration_request(kind, neuron_options, arousal, options)
     norm = Normalize.parse(normalization) if isinstance(normalization, str) else normalization or Normalize()
     ranks = distributed.start(device)  # under torchrun: the budget search is shared, rank 0 writes
     device = distributed.rank_device(device)
@@ -84,7 +94,6 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
         check_class_scores(dataset, data.task, outputs)
     model_info = ModelInfo(ref=model_ref, kwargs=kwargs, checkpoint=str(checkpoint),
                            checkpoint_sha256=file_sha256(checkpoint), weights_sha256=state_sha256(model))
-    choose = bool(kind.operating_points) and not set(neuron_options or {}) & set(kind.operating_points[0])
     profile = fit_profile(gm, kind, opts, subset, model_info, dataset, options, resolve_device(device), policy,
                            choose=choose)
     if output is not None and ranks.leader:
@@ -123,10 +132,12 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
         search_data = subset.head(options.search_samples or max(256, 128_000 // steps))
         opts, chosen = operating_point.choose(gm, stats, neuron, opts, neurons.BASELINE, search_data,
                                               options.batch_size, dev)
+    layers = make_layers(gm, stats, neuron, opts)
+    ramps = spiking_network(gm, neuron, layers, opts, subset, steps, dev)[1] if opts.get("bias_ramp") else None
     return Profile(model=model, input=InputInfo(shape=list(subset.sample_shape), normalize=subset.normalize),
                    data=DataInfo(dataset=dataset, split=options.split, samples=len(subset), seed=options.seed),
-                   neuron=NeuronSpec(type=neuron.name, options=opts), layers=make_layers(gm, stats, neuron, opts),
-                   budget_search=record, operating_point=chosen,
+                   neuron=NeuronSpec(type=neuron.name, options=opts), layers=layers,
+                   budget_search=record, operating_point=chosen, bias_ramps=ramps,
                    arousal=ArousalRecord(policy=arousal, search=arousal_record) if arousal is not None else None)
 
 
@@ -164,11 +175,14 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
     except UserError:
         raise UserError(f"{calibration}: the profile's input shape {list(shape)} does not fit the model") from None
     verify(model, gm, torch.randn((4, *shape), generator=torch.Generator().manual_seed(0)))
-    snn = to_snn(gm, build_neurons(neuron, profile.layers, str(calibration)), maxpool)
+    try:
+        snn = to_snn(gm, build_neurons(neuron, profile.layers, str(calibration)), maxpool, profile.bias_ramps)
+    except UserError as exc:
+        raise exc.within(f"{calibration}: ") from None
     archive = Path(checkpoint).read_bytes() if ref == EXPORT_REF else None  # the architecture travels along
     meta = ArtifactMeta(model=profile.model, graph=graph_signature(gm), input=profile.input, neuron=profile.neuron,
                         layers=profile.layers, calibration=profile.data, maxpool=maxpool,
-                        arousal=profile.arousal)
+                        arousal=profile.arousal, bias_ramps=profile.bias_ramps)
     save_artifact(output, snn, meta, archive)
     return meta, rows
 
@@ -235,11 +249,17 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     gm, _ = normalize_for(tuned, profile.model.ref, neuron)
     info = replace(profile.model, checkpoint=str(output), checkpoint_sha256=hashlib.sha256(blob).hexdigest(),
                    weights_sha256=state_sha256(tuned))
-    measured = fit_profile(gm, neuron, tuned_options, subset, info,
+    # the ramps (bias_ramp.py) are fitted below, for the layer parameters as trained
+    unramped = {**tuned_options, **({"bias_ramp": False} if "bias_ramp" in tuned_options else {})}
+    measured = fit_profile(gm, neuron, unramped, subset, info,
                             dataset, CalibrationOptions(samples=profile.data.samples,
                                                                      seed=profile.data.seed, split=profile.data.split),
                             dev, None)
-    tuned_profile = replace(measured, layers=[replace(m, params=t.params) for m, t in zip(measured.layers, trained)],
+    layers = [replace(m, params=t.params) for m, t in zip(measured.layers, trained)]
+    ramps = spiking_network(gm, neuron, layers, tuned_options, subset, neuron.default_timesteps, dev)[1] \
+        if tuned_options.get("bias_ramp") else None
+    tuned_profile = replace(measured, neuron=replace(measured.neuron, options=tuned_options), layers=layers,
+                            bias_ramps=ramps,
                             arousal=ArousalRecord(policy=profile.arousal.policy) if profile.arousal else None,
                             finetune={"from_checkpoint": Path(checkpoint).name, "from_profile": Path(calibration).name,
                                       "epochs": o.epochs, "lr": o.lr, "threshold_lr": o.threshold_lr or o.lr,

@@ -18,6 +18,7 @@ from torch import fx
 
 from . import __version__
 from .arousal import ArousalPolicy
+from .bias_ramp import BiasRampRecord
 from .calibration import CHANNEL_QUANTILES, LayerStats, quantile_table
 from .graph import layer_sources, spiking_layers
 from .data import Normalize
@@ -169,6 +170,7 @@ class Profile:
     operating_point: OperatingPointRecord | None = None
     arousal: ArousalRecord | None = None
     finetune: dict | None = None
+    bias_ramps: list[BiasRampRecord] | None = None  # bias_ramp.py
 
     @property
     def layer_names(self) -> list[str]:

@@ -254,6 +254,11 @@ def report_files(plot_format: str = "png") -> tuple[str, str, str]:
     return "report.json", "curve.csv", f"accuracy_vs_spikes.{plot_format}"
 
 
+def report_outputs(directory: str | Path, plot_format: str = "png") -> list[tuple[str, Path]]:
+    """(what, path) of the report files in ``directory``, as ``files.check_outputs`` takes them."""
+    return [("report", Path(directory) / name) for name in report_files(plot_format)]
+
+
 def runs_of(report: Report) -> list[tuple[str, list[dict]]]:
     """(label, curve) of every run in the report: the artifact's own, then sweep/compare/arousal."""
     return [(report.label or report.neuron.upper(), report.curve)] + [(v.label, v.curve) for v in report.variants or []]

@@ -4,8 +4,9 @@ the checkpoint (trained first if missing) to tables, a JSON file and one plot.
 
 The first table uses every default and nothing else: `calibrate` (ASN: the operating point it
 chooses itself on calibration images of the training split), `convert`, `evaluate` with IF at
--T 64, ASN at -T 200, VSN at -T 1; beside them the AdSNN paper's ASN setting (m_f 0.1, tau_gamma
-15 ms, 50 ms readout filter). The second (unless --defaults-only) adds ASN sweeps of m_f (picked
+-T 64, ASN at -T 200, VSN at -T 1; beside them ASN without its bias ramps (docs/science.md
+section 7) and the AdSNN paper's ASN setting (m_f 0.1, tau_gamma 15 ms, 50 ms readout filter, no
+ramps). The second (unless --defaults-only) adds ASN sweeps of m_f (picked
 by looking at the test set: for reference only), fine-tuning and VSN trade-offs.
 
   python scripts/bench_asn_vs_if.py --model lenet5 --dataset mnist \
@@ -207,11 +208,13 @@ def defaults(a, out: Path, common: dict, seed: int = 0) -> list[dict]:
     rows = []
     for method, neuron, overrides, steps in (
             ("IF", "if", {}, a.if_timesteps), ("ASN", "asn", {}, a.timesteps),
-            ("ASN paper setting", "asn", {"m_f": 0.1, "tau_gamma": 15.0, "readout_tau": 50.0}, a.timesteps),
+            ("ASN without bias ramps", "asn", {"bias_ramp": False}, a.timesteps),
+            ("ASN paper setting", "asn", {"m_f": 0.1, "tau_gamma": 15.0, "readout_tau": 50.0, "bias_ramp": False},
+             a.timesteps),
             ("VSN Ts=1", "vsn", {}, 1)):
         if neuron == "vsn" and not a.vsn_tradeoffs.strip():
             continue
-        tag = method.split()[0].lower() + ("_paper" if "paper" in method else "")
+        tag = method.split()[0].lower() + ("_paper" if "paper" in method else "_noramp" if "ramp" in method else "")
         start = time.perf_counter()
         profile, _ = pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / f"default_{tag}.json", neuron=neuron,
                                         neuron_options=overrides, source=DataSource(a.data_dir), device=a.device,

@@ -2,8 +2,6 @@
 the same outputs at every step. Skipped where the optional packages are not installed
 (pip install 'ann2snn[nir]' and spikingjelly)."""
 
-import json
-
 import pytest
 import torch
 

@@ -179,7 +179,7 @@ def test_vsn_converts_a_gelu_network_and_if_is_refused(run_cli, tiny_files):
     import json
     from safetensors.torch import save_file
 
-    d, f = tiny_files["dir"], tiny_files
+    d = tiny_files["dir"]
     torch.manual_seed(0)
     model = _Smooth()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "s.safetensors"))

@@ -266,7 +266,7 @@ def transfer_module(params: dict) -> TransferActivation:
 
 
 DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "readout_tau": 0.0, "start_ms": 0, "percentile": 99.9,
-            "scale": "fit"}
+            "scale": "fit", "bias_ramp": True}
 
 # What calibrate tries when the user names neither m_f nor tau_gamma (operating_point.py): the
 # paper's setting first, then faster threshold decay (a wider linear range of f, docs/science.md
@@ -303,7 +303,9 @@ NEURON = Neuron(
             "tau_phi": Bound(0, 1e6), "tau_gamma": Bound(0.1, 1e6), "tau_eta": Bound(0.1, 1e6),
             "tau_beta": Bound(0, 1e6),
             "readout_tau": NON_NEGATIVE, "start_ms": Bound(0, integer=True), "percentile": PERCENTILE,
-            "scale": Bound(0, lo_open=True, words=("fit",))},
+            "scale": Bound(0, lo_open=True, words=("fit",)), "bias_ramp": Bound(flag=True)},
+    # bias ramps (bias_ramp.py) are fitted by calibrate: a sweep cannot switch them
+    calibration_only=("percentile", "bias_ramp"),
     param_options=("m_f", "theta0", *TAU),
     # per step: S filter 2 mul + add, S_hat decay, theta/2, theta_dyn decay, theta0 + theta_dyn, PSC decay:
     # 6 multiplies, 4 adds and the compare; per spike: S_hat += theta, theta_dyn += m_f theta (2 adds,

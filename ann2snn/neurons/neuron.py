@@ -151,8 +151,8 @@ class Neuron:
     (None: not trainable). ``precision_control``: how arousal acts (None: no arousal).
     ``bounds``: the values each option and layer parameter may take (checked wherever they come
     from: ``--param``, ``--sweep``, a profile, an artifact). ``calibration_only``: options that
-    act on the calibration statistics alone, so re-running a network with another value of
-    them (a sweep) would change nothing. ``param_options``: options that are also layer
+    take effect only when calibrating (on the statistics, or ASN's fitted bias ramps), so a
+    sweep cannot change them. ``param_options``: options that are also layer
     parameters with the same meaning (ASN ``m_f``), which a sweep sets without re-fitting.
     ``step_ops``: what one update of one neuron costs (``StepOps``; counted in the energy).
     ``operating_points``: option sets (all with the same keys) ``calibrate`` tries when the user
