@@ -14,7 +14,8 @@ where z_k is the ANN's pre-activation of the same samples, so c'_k(t) ~ g_k(t) z
 current at the gain the layer actually receives. g_k(t) is fitted once, at calibration, on
 calibration images, layer after layer within each step (each layer sees the ramps below it
 applied), and stored per layer and step; beyond the fitted steps the last value holds. The
-offset is stored per channel (exact for conv and linear biases and folded batch norm). A layer
+offset is stored per channel (dim 1); a layer whose zero-input current is not constant per
+channel (e.g. a Linear on [N, tokens, features]) gets no ramp. A layer
 whose input is the constant image gets g = 1 and no ramp. Cost: one multiply-add per unit and
 step on a value that exists anyway (the bias add), counted with the neuron update.
 """
@@ -87,6 +88,10 @@ def modules(records: list[BiasRampRecord], layers: list[str]) -> dict[str, BiasR
     unknown = [r.layer for r in records if r.layer not in (*layers, OUTPUT)]
     if unknown:
         raise UserError(f"bias ramp for {unknown[0]!r}, which is not a spiking layer of the network")
+    names = [r.layer for r in records]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise UserError(f"two bias ramps for {twice!r}")
     return {r.layer: BiasRamp(torch.tensor(r.offset), torch.tensor(r.gain), r.layer) for r in records}
 
 
@@ -131,13 +136,14 @@ def fit(gm: fx.GraphModule, snn: fx.GraphModule, layers: list[str], x: torch.Ten
     """Ramps for ``snn`` (converted from ``gm``, no ramps yet) fitted on the inputs ``x`` over
     ``timesteps`` steps; layers with no offset or a gain that stays 1 get none."""
     gm, snn, x = gm.to(device).eval(), snn.to(device).eval(), x.to(device)
-    offsets = {k: (v[0].flatten(1).mean(1) if v.dim() > 2 else v[0]) for k, v in
-               _currents(gm, layers, torch.zeros_like(x[:1]), silent=True).items()}
+    zero = _currents(gm, layers, torch.zeros_like(x[:1]), silent=True)
     reference = _currents(gm, layers, x, silent=False)
     probes = {}
-    for name, b in offsets.items():
-        if reference[name].dim() < 2 or reference[name].shape[1] != len(b) or not bool(b.any()):
-            continue  # no offset (or an output that is not [N, C, ...]): nothing to ramp
+    for name, v in zero.items():
+        b = v[0].flatten(1).mean(1) if v.dim() > 2 else v[0]
+        if v.dim() < 2 or not bool(b.any()) or not torch.allclose(v[0], b.view((-1,) + (1,) * (v.dim() - 2))
+                                                                  .expand_as(v[0]), rtol=1e-5, atol=1e-6):
+            continue  # no offset, or one that is not constant per channel (dim 1): not ramped
         probes[name] = BiasRamp(b, torch.ones(1, device=device), name).to(device)
         probes[name].reference = reference[name]
     probe_net = attach(copy.deepcopy(snn), probes)

@@ -27,7 +27,7 @@ from .calibration import LayerStats
 from .graph import to_snn
 from .data import TensorData
 from .energy import fanout_maps
-from .errors import OptionError
+from .errors import OptionError, UserError
 from .neurons import Neuron
 from .profile import ProfileLayer, SearchRecord
 from .simulate import ieee_float32, nmse, simulate
@@ -51,7 +51,12 @@ def spiking_network(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLaye
     if not options.get("bias_ramp"):
         return to_snn(gm, units), None
     x, _ = next(data.head(RAMP_SAMPLES).batches(RAMP_SAMPLES))
-    ramps = bias_ramp.fit(gm, to_snn(gm, units), [layer.name for layer in layers], x, timesteps, device)
+    try:
+        ramps = ieee_float32(bias_ramp.fit)(gm, to_snn(gm, units), [layer.name for layer in layers], x, timesteps,
+                                            device)
+    except torch.OutOfMemoryError:
+        raise UserError(f"fitting the bias ramps: {len(x)} images of this network do not fit in {device} memory at "
+                        "once; run on the CPU or calibrate with --param bias_ramp=false") from None
     return to_snn(gm, units, ramps=ramps), ramps
 
 
@@ -164,10 +169,9 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neu
     part = ranks.shard(len(data))
     shard = data.subset(torch.arange(part.start, part.stop))
 
-    snn, _ = spiking_network(gm, neuron, params, options, data, timesteps, device)
-
     def run(threshold: float) -> dict:
         controller = ArousalController(replace(policy, threshold=threshold), control)
+        snn = to_snn(gm, build_neurons(neuron, params))  # no bias ramps: evaluate runs arousal without
         with ranks.phase():
             sim = simulate(snn, layers, fan, shard, timesteps, batch_size, device, readout, controller=controller,
                            label=f"arousal threshold {threshold:.3g}")

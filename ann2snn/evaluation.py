@@ -288,7 +288,10 @@ def _simulate_run(plan: _Plan, r: Run, data: TensorData, on_batch=None) -> tuple
     art, run = plan.art, plan.run
     readout = r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms)
     fan = plan.fan if r.neuron.spike_op != "mac" else fanout_maps(art.ann, data.sample_shape, graded=True)
-    ramps = art.meta.bias_ramps if r.neuron is art.neuron else None  # fitted for the artifact's own neuron type
+    # the ramps were fitted for the artifact's own network: runs with other layer parameters (a
+    # sweep of m_f or scale, arousal's start precision, another neuron type) run without them
+    own = r.neuron is art.neuron and [x.params for x in r.layers] == [x.params for x in art.meta.layers]
+    ramps = art.meta.bias_ramps if own else None
     snn = to_snn(art.ann, build_neurons(r.neuron, r.layers), art.meta.maxpool, ramps)
     controller = _fresh(r.controller)
     start = time.perf_counter()

@@ -231,3 +231,10 @@ def check_profile(profile: Profile, gm: fx.GraphModule, checkpoint_sha: str, pat
     if profile.layer_names != layers:
         raise UserError(f"{path}: profile layers {profile.layer_names} do not match the model's spiking layers "
                         f"{layers}")
+    if profile.bias_ramps and not profile.neuron.options.get("bias_ramp"):
+        raise UserError(f"{path}: the profile holds bias ramps but its options do not ask for them (bias_ramp)")
+    channels = {layer.name: layer.shape[0] for layer in profile.layers if layer.shape}
+    for ramp in profile.bias_ramps or []:
+        if ramp.layer in channels and len(ramp.offset) != channels[ramp.layer]:
+            raise UserError(f"{path}: bias ramp of {ramp.layer}: {len(ramp.offset)} offsets for "
+                            f"{channels[ramp.layer]} channels")

@@ -89,6 +89,8 @@ def test_a_ramp_naming_no_layer_or_not_fitting_its_layer_is_refused():
     wrong = bias_ramp.BiasRampRecord(layer=layers[1], offset=[0.1, 0.2], gain=[0.5])
     with pytest.raises(UserError, match=f"bias ramp of {layers[1]}: 2 offsets"):
         to_snn(gm, units, ramps=[wrong])(x)
+    with pytest.raises(UserError, match="two bias ramps"):
+        to_snn(gm, units, ramps=[wrong, wrong])
     with pytest.raises(ValueError, match="finite"):
         bias_ramp.BiasRampRecord(layer=layers[1], offset=[0.1], gain=[float("nan")])
 
@@ -111,9 +113,11 @@ def test_asn_profiles_carry_ramps_through_convert_save_and_load(tmp_path):
     again = ann2snn.load(tmp_path / "a.safetensors", tiny_cnn())
     assert torch.equal(again.run(x[:5], 25), snn.run(x[:5], 25))
     assert not torch.equal(ann2snn.convert(model, off).run(x[:5], 25), snn.run(x[:5], 25))
-    # an IF network compared in the same report runs without the ASN's ramps
-    report = ann2snn.evaluate(snn, (x, y), timesteps=10, compare=["if"], device="cpu")
-    assert report.variants and report.variants[-1].neuron == "if"
+    # a sweep at the profile's own m_f is the same network (ramps on); another m_f runs without them
+    report = ann2snn.evaluate(snn, (x, y), timesteps=25, sweep=[{"m_f": 0.3}], compare=["if"], device="cpu")
+    assert report.variants[0].curve == report.curve and report.variants[-1].neuron == "if"
+    off_report = ann2snn.evaluate(ann2snn.convert(model, off), (x, y), timesteps=25, device="cpu")
+    assert report.curve != off_report.curve
 
 
 def test_a_tampered_ramp_in_a_profile_is_refused_in_one_line(run_cli, tiny_files):
@@ -128,3 +132,34 @@ def test_a_tampered_ramp_in_a_profile_is_refused_in_one_line(run_cli, tiny_files
     code, _, err = run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "q.json", "-o", d / "q.snn")
     assert code != 0 and "bias_ramps[0].gain[0]" in err and len(err.strip().splitlines()) == 1
     assert not (d / "q.snn").exists()
+    for edit, match in ((lambda r: r["neuron"]["options"].update(bias_ramp=False), "options do not ask for them"),
+                        (lambda r: r["bias_ramps"][0].update(offset=r["bias_ramps"][0]["offset"] + [0.0]),
+                         "offsets for")):
+        raw = json.loads((d / "p.json").read_text())
+        edit(raw)
+        (d / "r.json").write_text(json.dumps(raw))
+        code, _, err = run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "r.json", "-o", d / "r.snn")
+        assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+class _Tokens(nn.Module):
+    """A Linear on [N, tokens, features]: its offset is per feature (last dim), not per dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.f0, self.f1, self.f2 = nn.Linear(4, 4), nn.Linear(4, 5), nn.Linear(5 * 8, 3)
+        with torch.no_grad():
+            self.f1.bias.copy_(torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2]))
+
+    def forward(self, x):
+        a = torch.relu(self.f0(x.view(-1, 8, 4)))
+        return self.f2(torch.flatten(torch.relu(self.f1(a)), 1))
+
+
+def test_an_offset_that_is_not_constant_per_channel_gets_no_ramp():
+    gm, _ = normalize(_Tokens().eval())
+    layers = spiking_layers(gm)
+    units = {n: ASNNeuron(0.3, scale=1.0, tau_gamma=2.0) for n in layers}
+    ramps = bias_ramp.fit(gm, to_snn(gm, units), layers, torch.rand(16, 32), 10, torch.device("cpu"))
+    assert len(layers) == 2 and {r.layer for r in ramps} == {bias_ramp.OUTPUT}  # not the per-token layer
+

@@ -414,7 +414,7 @@ def test_edited_profile_options_and_input_are_checked(run_cli, flow):
 
 def test_a_sweep_of_the_asn_scale_option_refits_as_calibrate_does(run_cli, flow):
     d = flow["dir"]
-    # bias ramps are fitted by calibrate for its own scale (a sweep keeps them): compare without
+    # bias ramps are fitted by calibrate for its own network (a sweep runs without them): compare without
     cal = ("calibrate", flow["checkpoint"], *MODEL, "-d", flow["data"], "--neuron", "asn", "--samples", 30,
            "--param", "bias_ramp=false")
     assert run_cli(*cal, "-o", d / "a.json")[0] == 0 and run_cli(*cal, "-o", d / "b.json", "--param", "scale=2")[0] == 0
