@@ -94,6 +94,8 @@ def variant(meta: ArtifactMeta, base: Neuron, other: Neuron | None, overrides: d
                 [replace(layer, params={**layer.params, **overrides}) for layer in meta.layers]
     else:
         options = {**neuron.defaults, **overrides}
+        if options.get("bias_ramp"):  # none were fitted for another type: say so in its options
+            options["bias_ramp"] = False
     # refit from the stored statistics (their quantile table stands in for the calibration sample)
     layers = [replace(layer, params=neuron.fit(layer.fit_stats(), options)) for layer in meta.layers]
     return NeuronSpec(type=neuron.name, options=options), layers
