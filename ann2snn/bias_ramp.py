@@ -15,9 +15,9 @@ current at the gain the layer actually receives. g_k(t) is fitted once, at calib
 calibration images, layer after layer within each step (each layer sees the ramps below it
 applied), and stored per layer and step; beyond the fitted steps the last value holds. The
 offset is stored per channel (dim 1); a layer whose zero-input current is not constant per
-channel (e.g. a Linear on [N, tokens, features]) gets no ramp. A layer
-whose input is the constant image gets g = 1 and no ramp. Cost: one multiply-add per unit and
-step on a value that exists anyway (the bias add), counted with the neuron update.
+channel (e.g. a Linear on [N, tokens, features]) gets no ramp, nor does a layer whose input is
+the constant image (g = 1). Cost: per layer and step one multiply per channel (g(t) b); the add
+per unit is the bias add that happens anyway, so nothing is counted separately.
 """
 
 from __future__ import annotations

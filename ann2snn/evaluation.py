@@ -184,7 +184,8 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
         raise UserError(f"{partials[0]}: the partial reports must cover shards 0..{n - 1} once each "
                         f"(shard {missing[0]} is missing or repeated)")
     if report_dir is not None:
-        check_outputs(report_outputs(report_dir, plot_format), [*partials, first.artifact, *data_files(first.dataset, source.data_dir)],
+        check_outputs(report_outputs(report_dir, plot_format),
+                      [*partials, first.artifact, *data_files(first.dataset, source.data_dir)],
                       [("report folder", report_dir)])
     if file_sha256(check_input(first.artifact, "SNN artifact")) != first.artifact_sha256:
         raise UserError(f"{first.artifact}: the artifact changed since the partial reports were written")
