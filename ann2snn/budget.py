@@ -42,22 +42,26 @@ def fitted_layers(stats: dict[str, LayerStats], neuron: Neuron, options: dict) -
 RAMP_SAMPLES = 256  # images the bias ramps are fitted on
 
 
+def fit_ramps(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], data: TensorData, timesteps: int,
+              device: torch.device) -> list[BiasRampRecord]:
+    """The bias ramps of the SNN of ``layers``, fitted on the first ``RAMP_SAMPLES`` images of
+    ``data`` over ``timesteps`` steps (``bias_ramp.fit``)."""
+    x, _ = next(data.head(RAMP_SAMPLES).batches(RAMP_SAMPLES))
+    try:
+        return ieee_float32(bias_ramp.fit)(gm, to_snn(gm, build_neurons(neuron, layers)),
+                                           [layer.name for layer in layers], x, timesteps, device)
+    except torch.OutOfMemoryError:
+        raise UserError(f"fitting the bias ramps: {len(x)} images of this network do not fit in {device} memory at "
+                        "once; run on the CPU or calibrate with --param bias_ramp=false") from None
+
+
 def spiking_network(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], options: dict,
                     data: TensorData, timesteps: int, device: torch.device
                     ) -> tuple[fx.GraphModule, list[BiasRampRecord] | None]:
     """The SNN of ``layers`` and, when ``options`` ask for them (``bias_ramp``), its bias ramps
-    fitted on the first ``RAMP_SAMPLES`` images of ``data`` over ``timesteps`` steps."""
-    units = build_neurons(neuron, layers)
-    if not options.get("bias_ramp"):
-        return to_snn(gm, units), None
-    x, _ = next(data.head(RAMP_SAMPLES).batches(RAMP_SAMPLES))
-    try:
-        ramps = ieee_float32(bias_ramp.fit)(gm, to_snn(gm, units), [layer.name for layer in layers], x, timesteps,
-                                            device)
-    except torch.OutOfMemoryError:
-        raise UserError(f"fitting the bias ramps: {len(x)} images of this network do not fit in {device} memory at "
-                        "once; run on the CPU or calibrate with --param bias_ramp=false") from None
-    return to_snn(gm, units, ramps=ramps), ramps
+    (``fit_ramps`` on ``data``)."""
+    ramps = fit_ramps(gm, neuron, layers, data, timesteps, device) if options.get("bias_ramp") else None
+    return to_snn(gm, build_neurons(neuron, layers), ramps=ramps), ramps
 
 
 def search(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict, data: TensorData,

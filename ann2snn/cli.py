@@ -22,6 +22,7 @@ from .energy import DEFAULT_PRESET
 from .data import default_data_dir
 from .entry import main  # noqa: F401  (the console script; cli.main for callers that import it here)
 from .errors import UserError
+from .operating_point import setting_text
 from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from .profile import Profile
 from .records import to_json
@@ -188,12 +189,12 @@ def _print_operating_point(record) -> None:
                   f"{b['neuron'].upper()}'s output error vs the ANN after its {b['timesteps']} steps, "
                   f"{b['output_error']:.3g} ({b['spikes_per_sample']:,.0f} spikes/sample)")
     for c in record.candidates:
-        setting = " ".join(f"{k}={c[k]:g}" for k in c if k not in
-                           ("output_error", "spikes_per_sample", "settled_step", "spikes_by_then"))
+        setting = setting_text({k: v for k, v in c.items() if k not in
+                                ("output_error", "spikes_per_sample", "settled_step", "spikes_by_then")})
         reached = f"below the bar from step {c['settled_step']}, {c['spikes_by_then']:>9,.0f} spikes by then" \
             if c["settled_step"] else "never below the bar"
         mark = " <- chosen" if c == record.chosen else ""
-        console.print(f"  {setting:<24} error {c['output_error']:<8.3g} at step {record.timesteps}; {reached}{mark}")
+        console.print(f"  {setting:<58} error {c['output_error']:<8.3g} at step {record.timesteps}; {reached}{mark}")
     if not record.bar_met:
         console.print("[yellow]no setting came below the bar; kept the least error at the last step[/]")
 

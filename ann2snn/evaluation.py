@@ -30,6 +30,7 @@ from .distributed import Ranks
 from .energy import counting_active_macs, fanout_maps
 from .errors import OptionError, UserError
 from .files import check_input, check_outputs, json_text, parse_json, read_input, write_text
+from .operating_point import setting_text
 from .neurons import Neuron
 from .options import DataSource, RunOptions
 from .records import from_json, to_json
@@ -421,7 +422,11 @@ def plan_runs(meta: ArtifactMeta, neuron: Neuron, sweep: list[dict], compare: li
     """Every simulation ``evaluate`` makes: the artifact as converted (or, with arousal, its three
     runs: ``arousal.arousal_runs``), then the sweep of its options, then the other neuron types."""
     knob = neuron.precision.knob if neuron.precision else None
-    runs = [Run(neuron.label + (f" {knob}={meta.neuron.options[knob]}" if knob else ""), neuron,
+    options = meta.neuron.options
+    chosen = {k: options.get(k) for k in (neuron.operating_points[0] if neuron.operating_points else ())
+              if k != knob and options.get(k) != neuron.defaults.get(k)}  # e.g. a sigma-delta ASN's theta0, taus
+    runs = [Run(neuron.label + (f" {knob}={options[knob]}" if knob else "") + (f" {setting_text(chosen)}" if chosen
+                                                                               else ""), neuron,
                 *variant(meta, neuron, None, {}))]
     if policy is not None:
         if neuron.precision_control is None:

@@ -26,6 +26,12 @@ from .profile import OperatingPointRecord
 from .simulate import simulate
 
 
+def setting_text(candidate: dict) -> str:
+    """A candidate's options as text, e.g. 'm_f=0.3 tau_gamma=2'; unset options (None) left out."""
+    return " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v}"
+                    for k, v in candidate.items() if v is not None)
+
+
 def settled(error: torch.Tensor, bar: float) -> int | None:
     """The first step index from which ``error`` stays at or below ``bar`` (None: never)."""
     above = (~(error <= bar * (1 + 1e-9))).nonzero()  # NaN counts as above
@@ -57,7 +63,7 @@ def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
         for i in range(ranks.rank, len(neuron.operating_points), ranks.world):
             candidate = neuron.operating_points[i]
             error, spikes = run(neuron, {**options, **candidate}, steps,
-                                " ".join(f"{k}={v:g}" for k, v in candidate.items()))
+                                setting_text(candidate))
             at = settled(error, bar)
             mine.append({**candidate, "output_error": float(error[-1]), "spikes_per_sample": float(spikes[-1]),
                          "settled_step": None if at is None else at + 1,

@@ -15,7 +15,7 @@ import torch
 from . import distributed, neurons, operating_point
 from .arousal import ArousalPolicy, check_class_scores
 from .artifact import ArtifactMeta, build_neurons, load_artifact, save_artifact
-from .budget import search, search_arousal, spiking_network
+from .budget import fit_ramps, search, search_arousal
 from .calibration import activation_stats
 from .checkpoint import file_sha256, load_model, load_state, state_sha256
 from .graph import MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, \
@@ -133,7 +133,7 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
         opts, chosen = operating_point.choose(gm, stats, neuron, opts, neurons.BASELINE, search_data,
                                               options.batch_size, dev)
     layers = make_layers(gm, stats, neuron, opts)
-    ramps = spiking_network(gm, neuron, layers, opts, subset, steps, dev)[1] if opts.get("bias_ramp") else None
+    ramps = fit_ramps(gm, neuron, layers, subset, steps, dev) if opts.get("bias_ramp") else None
     return Profile(model=model, input=InputInfo(shape=list(subset.sample_shape), normalize=subset.normalize),
                    data=DataInfo(dataset=dataset, split=options.split, samples=len(subset), seed=options.seed),
                    neuron=NeuronSpec(type=neuron.name, options=opts), layers=layers,
@@ -256,8 +256,8 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
                                                                      seed=profile.data.seed, split=profile.data.split),
                             dev, None)
     layers = [replace(m, params=t.params) for m, t in zip(measured.layers, trained)]
-    ramps = spiking_network(gm, neuron, layers, tuned_options, subset, neuron.default_timesteps, dev)[1] \
-        if tuned_options.get("bias_ramp") else None
+    ramps = fit_ramps(gm, neuron, layers, subset, neuron.default_timesteps, dev) if tuned_options.get("bias_ramp") \
+        else None
     tuned_profile = replace(measured, neuron=replace(measured.neuron, options=tuned_options), layers=layers,
                             bias_ramps=ramps,
                             arousal=ArousalRecord(policy=profile.arousal.policy) if profile.arousal else None,

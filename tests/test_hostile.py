@@ -414,9 +414,10 @@ def test_edited_profile_options_and_input_are_checked(run_cli, flow):
 
 def test_a_sweep_of_the_asn_scale_option_refits_as_calibrate_does(run_cli, flow):
     d = flow["dir"]
-    # bias ramps are fitted by calibrate for its own network (a sweep runs without them): compare without
+    # bias ramps are fitted by calibrate for its own network (a sweep runs without them): compare without;
+    # m_f named, so that both calibrations keep it (else each chooses its own operating point)
     cal = ("calibrate", flow["checkpoint"], *MODEL, "-d", flow["data"], "--neuron", "asn", "--samples", 30,
-           "--param", "bias_ramp=false")
+           "--param", "bias_ramp=false", "--param", "m_f=0.3")
     assert run_cli(*cal, "-o", d / "a.json")[0] == 0 and run_cli(*cal, "-o", d / "b.json", "--param", "scale=2")[0] == 0
     for name in ("a", "b"):
         assert run_cli("convert", flow["checkpoint"], *MODEL, "-c", d / f"{name}.json", "-o", d / f"{name}.snn")[0] == 0

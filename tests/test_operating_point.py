@@ -5,7 +5,8 @@ import json
 import torch
 
 from ann2snn.budget import OutputError
-from ann2snn.operating_point import settled
+from ann2snn.neurons.asn import OPERATING_POINTS
+from ann2snn.operating_point import setting_text, settled
 
 
 def test_settled_is_the_first_step_from_which_the_error_stays_below_the_bar():
@@ -43,7 +44,7 @@ def test_calibrate_asn_picks_the_cheapest_candidate_that_meets_the_if_bar(run_cl
     record = profile["operating_point"]
     base = record["baseline"]
     assert base["neuron"] == "if" and base["timesteps"] == 64 and base["output_error"] >= 0
-    assert len(record["candidates"]) == 6 and record["samples"] == 40
+    assert len(record["candidates"]) == len(OPERATING_POINTS) and record["samples"] == 40
     for c in record["candidates"]:  # a candidate meets the bar exactly when it settles below it
         assert (c["settled_step"] is not None) == (c["spikes_by_then"] is not None)
         if c["settled_step"] is not None:
@@ -55,7 +56,7 @@ def test_calibrate_asn_picks_the_cheapest_candidate_that_meets_the_if_bar(run_cl
         min(record["candidates"], key=lambda c: c["output_error"])
     assert record["chosen"] == want and record["bar_met"] == bool(met)
     options = profile["neuron"]["options"]
-    assert (options["m_f"], options["tau_gamma"]) == (want["m_f"], want["tau_gamma"])
+    assert all(options[k] == want[k] for k in OPERATING_POINTS[0])
     assert "operating point" in out
 
     code, out, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
@@ -64,3 +65,8 @@ def test_calibrate_asn_picks_the_cheapest_candidate_that_meets_the_if_bar(run_cl
     named = json.loads((d / "b.json").read_text())
     assert "operating_point" not in named and named["neuron"]["options"]["m_f"] == 0.2
     assert named["neuron"]["options"]["tau_gamma"] == 15.0  # the paper's value when the user names m_f
+
+
+def test_a_setting_reads_as_options_with_unset_ones_left_out():
+    assert setting_text({"m_f": 0.3, "tau_gamma": 2.0, "theta0": None, "tau_eta": 50.0}) == "m_f=0.3 tau_gamma=2 tau_eta=50"
+    assert setting_text({"scale": "fit", "bias_ramp": True, "m_f": 0.01}) == "scale=fit bias_ramp=True m_f=0.01"

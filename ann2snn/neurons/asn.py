@@ -139,7 +139,10 @@ def measured_transfer(S: torch.Tensor, p: ASNParams, steps: int = 2000, burn_in:
 
 
 class TransferActivation(nn.Module):
-    """lambda f(x / lambda) as a differentiable activation (for transfer-aware fine-tuning)."""
+    """lambda f(x / lambda) as a differentiable activation (transfer-aware fine-tuning, and the
+    report's "ANN with f"), f the simulated transfer function (``measured_f``): the closed form
+    holds for theta0 = m_f and tau_beta = tau_eta = 50 ms, and is off by up to a third near the
+    threshold for the sigma-delta settings (docs/science.md section 8)."""
 
     def __init__(self, p: ASNParams, scale: float | torch.Tensor = 1.0):
         super().__init__()
@@ -147,7 +150,7 @@ class TransferActivation(nn.Module):
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * asn_transfer(x / self.scale, self.p)
+        return self.scale * measured_f(x / self.scale, self.p)
 
 
 class ASNNeuron(nn.Module):
@@ -205,11 +208,11 @@ def _measured_table(p: ASNParams) -> tuple[torch.Tensor, torch.Tensor]:
 def measured_f(S: torch.Tensor, p: ASNParams) -> torch.Tensor:
     """The simulated transfer function (it includes the 1 kHz cap and coarse coding at low S),
     interpolated on a grid of constant inputs; saturates beyond the grid."""
-    grid, table = _measured_table(p)
-    idx = torch.searchsorted(grid, S.double().clamp(0, S_MAX)).clamp(1, len(grid) - 1)
+    grid, table = (t.to(S.device) for t in _measured_table(p))
+    x = S.double().clamp(0, S_MAX)
+    idx = torch.searchsorted(grid, x.detach()).clamp(1, len(grid) - 1)
     x0, x1, y0, y1 = grid[idx - 1], grid[idx], table[idx - 1], table[idx]
-    w = (S.double().clamp(0, S_MAX) - x0) / (x1 - x0)
-    return (y0 + w * (y1 - y0)).to(S.dtype)
+    return (y0 + (x - x0) / (x1 - x0) * (y1 - y0)).to(S.dtype)  # differentiable in S between grid points
 
 
 def fit_scale(sample: torch.Tensor, p: ASNParams, reference: float) -> float:
@@ -268,11 +271,17 @@ def transfer_module(params: dict) -> TransferActivation:
 DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "readout_tau": 0.0, "start_ms": 0, "percentile": 99.9,
             "scale": "fit", "bias_ramp": True}
 
-# What calibrate tries when the user names neither m_f nor tau_gamma (operating_point.py): the
+# What calibrate tries when the user names none of these options (operating_point.py): the
 # paper's setting first, then faster threshold decay (a wider linear range of f, docs/science.md
-# section 6) at rising m_f (fewer spikes)
-OPERATING_POINTS = tuple({"m_f": m_f, "tau_gamma": tau_gamma} for m_f, tau_gamma in
-                         ((0.1, 15.0), (0.1, 5.0), (0.2, 5.0), (0.3, 2.0), (0.5, 2.0), (1.0, 2.0)))
+# section 6) at rising m_f (fewer spikes); then the sigma-delta limit (docs/science.md section 8):
+# next to no adaptation, a fixed threshold theta0 and a slow leak, which keeps a constant input's
+# code at almost no spikes once it is sent
+_PAPER_TAUS = {"theta0": None, "tau_eta": TAU["tau_eta"], "tau_beta": TAU["tau_beta"]}
+OPERATING_POINTS = tuple(
+    [{"m_f": m_f, "tau_gamma": tau_gamma, **_PAPER_TAUS}
+     for m_f, tau_gamma in ((0.1, 15.0), (0.1, 5.0), (0.2, 5.0), (0.3, 2.0), (0.5, 2.0), (1.0, 2.0))]
+    + [{"m_f": 0.01, "tau_gamma": 2.0, "theta0": theta0, "tau_eta": tau, "tau_beta": tau}
+       for theta0, tau in ((0.5, 100.0), (0.5, 300.0), (1.0, 100.0), (1.0, 300.0))])
 
 
 def _where(policy) -> str:
@@ -282,14 +291,16 @@ def _where(policy) -> str:
 AROUSAL = PrecisionControl(
     value=lambda policy: policy.high,
     mechanism="ASN precision per input: m_f, theta0 and h switched together",
-    start=lambda policy: {"m_f": policy.low},
-    raised=lambda params, policy: {**params, "m_f": policy.high},
-    raised_options=lambda options, policy: {**options, "m_f": policy.high},
+    # theta0 follows m_f (None), as set_precision switches it: a fixed theta0 (the sigma-delta
+    # candidates) is not arousal's knob
+    start=lambda policy: {"m_f": policy.low, "theta0": None},
+    raised=lambda params, policy: {**params, "m_f": policy.high, "theta0": None},
+    raised_options=lambda options, policy: {**options, "m_f": policy.high, "theta0": None},
     start_label=lambda policy: f"ASN m_f={policy.low:g}",
     raised_label=lambda policy: f"ASN m_f={policy.high:g}{_where(policy)}",
     start_text=lambda policy: f"run at m_f {policy.low:g}",
     switch_text=lambda policy, which: f"switch {which} to m_f {policy.high:g}",
-    between=lambda params, policy, f: {**params, "m_f": policy.low ** (1 - f) * policy.high ** f},
+    between=lambda params, policy, f: {**params, "m_f": policy.low ** (1 - f) * policy.high ** f, "theta0": None},
     between_label=lambda params, policy, f: f"ASN m_f={policy.low ** (1 - f) * policy.high ** f:.4g}",
 )
 
