@@ -95,13 +95,6 @@ def run(a, gm, stats, calib, data, ann_class, neuron: str, options: dict, timest
             "spikes_per_layer": (sim.spikes.sum(1) / n).tolist()}
 
 
-def stays(curve: list[dict], key: str, bar: float) -> tuple[int | None, float | None]:
-    """The step from which ``key`` stays at or above ``bar``, and the spikes spent by then."""
-    ok = [c[key] >= bar - 1e-12 for c in curve]
-    first = next((i for i in range(len(ok)) if all(ok[i:])), None)
-    return (None, None) if first is None else (curve[first]["timestep"], curve[first]["spikes_per_sample"])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="lenet5")
@@ -142,7 +135,8 @@ def main() -> None:
     for r in rows:
         for m in MARGINS:
             r[f"within_{m}"] = within_margin(r["curve"], ann, m)
-        r["agreement_at_if_final"] = dict(zip(("step", "spikes"), stays(r["curve"], "agreement", agree_bar)))
+        reached = within_margin([{**c, "accuracy": c["agreement"]} for c in r["curve"]], agree_bar, 0.0)
+        r["agreement_at_if_final"] = {"step": reached["settled"], "spikes": reached["settled_spikes"]}
 
     a.out.mkdir(parents=True, exist_ok=True)
     write_text(a.out / "asn_settings.json", json.dumps(
