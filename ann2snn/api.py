@@ -90,7 +90,7 @@ def _model_info(model: nn.Module) -> ModelInfo:
 
 
 def calibrate(model: nn.Module, data, neuron: str = "if", *, budget: float | None = None,
-              timesteps: int | None = None, options: dict | None = None, samples: int = 1000, seed: int = 0,
+              timesteps: int | None = None, options: dict | None = None, samples: int = 2000, seed: int = 0,
               arousal: str | ArousalPolicy | bool | None = None, batch_size: int = 256,
               device: str = "auto") -> Profile:
     """Fit per-layer operating points on (a ``samples`` subset drawn with ``seed`` of) ``data``,

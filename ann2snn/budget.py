@@ -111,6 +111,30 @@ def ann_outputs(gm: fx.GraphModule, data: TensorData, batch_size: int, device: t
     return torch.cat([gm(x.to(device)).reshape(len(x), -1).double().cpu() for x, _ in data.batches(batch_size)])
 
 
+class Agreement:
+    """An observer in ``simulate``'s controller slot: per step, the samples whose readout argmax
+    is the ANN's class ``ann_class`` (batches arrive in order). Unlike accuracy it does not credit
+    an SNN for errors that land on samples the ANN gets wrong too."""
+
+    decision_steps = ()
+
+    def __init__(self, ann_class: torch.Tensor, timesteps: int):
+        self.ann_class, self.last = ann_class, timesteps - 1
+        self.per_step = torch.zeros(timesteps, dtype=torch.float64)
+        self.done = self.start = 0
+
+    def reset(self, batch: int, device: torch.device) -> None:
+        self.start, self.batch = self.done, batch
+        self._count = torch.zeros(self.last + 1, dtype=torch.float64, device=device)
+
+    def __call__(self, t: int, score: torch.Tensor, layers) -> None:
+        ref = self.ann_class[self.start:self.start + self.batch].to(score.device)
+        self._count[t] += (score.reshape(len(ref), -1).argmax(1) == ref).sum()
+        if t == self.last:
+            self.per_step += self._count.cpu()
+            self.done = self.start + self.batch
+
+
 class OutputError:
     """An observer in the controller slot of ``simulate``: after every step it accumulates
     <y_snn(t), y_ann> and ||y_snn(t)||^2 over the batch's samples (batches arrive in order; a

@@ -97,7 +97,7 @@ def calibrate(
     percentile: float = typer.Option(99.9, "--percentile", help="Activation percentile used as the operating point."),
     param: Optional[List[str]] = typer.Option(None, "--param", help="Neuron option KEY=VALUE, e.g. v_init=0 "
                                                                     "(IF) or m_f=0.2 (ASN)."),
-    samples: int = typer.Option(1000, "--samples", help="Calibration images drawn from the split."),
+    samples: int = typer.Option(2000, "--samples", help="Calibration images drawn from the split."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Spikes per sample to meet: search the neuron's "
                                                                   "precision (ASN m_f, VSN thresholds) by "
                                                                   "simulating calibration images."),
@@ -185,18 +185,25 @@ def _print_calibration(profile: Profile, output: Path) -> None:
 
 def _print_operating_point(record) -> None:
     b = record.baseline
-    console.print(f"operating point (chosen on {record.samples} calibration images): the bar is "
-                  f"{b['neuron'].upper()}'s output error vs the ANN after its {b['timesteps']} steps, "
-                  f"{b['output_error']:.3g} ({b['spikes_per_sample']:,.0f} spikes/sample)")
+    if b["margins"]:
+        what = [f"<= {100 * bar:.2g}%" for bar in b["bars"]]
+        head = (f"the share of images whose class differs from the ANN's ({b['neuron'].upper()} at its defaults: "
+                f"{100 * b['final_error']:.2g}% after {b['timesteps']} steps) stays")
+    else:
+        what = [f"output error {bar:.3g}" for bar in b["bars"]]
+        head = f"{b['neuron'].upper()} at its defaults reaches its output error against the ANN"
+    reach = lambda r, i: (f"from step {r['settled_steps'][i]} ({r['spikes_by_then'][i]:,.0f} spikes)"  # noqa: E731
+                          if r["settled_steps"][i] else "never")
+    console.print(f"operating point (chosen on {record.samples} calibration images): {head} "
+                  + "; ".join(f"{w} {reach(b, i)}" for i, w in enumerate(what)))
+    fields = ("final_error", "spikes_per_sample", "settled_steps", "spikes_by_then", "cost")
     for c in record.candidates:
-        setting = setting_text({k: v for k, v in c.items() if k not in
-                                ("output_error", "spikes_per_sample", "settled_step", "spikes_by_then")})
-        reached = f"below the bar from step {c['settled_step']}, {c['spikes_by_then']:>9,.0f} spikes by then" \
-            if c["settled_step"] else "never below the bar"
+        setting = setting_text({k: v for k, v in c.items() if k not in fields})
+        cost = f"{c['cost']:.2f} x {b['neuron'].upper()}'s spikes" if c["cost"] is not None else "misses a bar"
         mark = " <- chosen" if c == record.chosen else ""
-        console.print(f"  {setting:<58} error {c['output_error']:<8.3g} at step {record.timesteps}; {reached}{mark}")
+        console.print(f"  {setting:<70} " + ", ".join(reach(c, i) for i in range(len(what))) + f": {cost}{mark}")
     if not record.bar_met:
-        console.print("[yellow]no setting came below the bar; kept the least error at the last step[/]")
+        console.print("[yellow]no setting stayed within every bar; kept the least gap at the last step[/]")
 
 
 @app.command()

@@ -40,7 +40,7 @@ class CalibrationOptions:
     policy's threshold - is searched on ``search_samples`` images (default: as many as 256,000
     image-steps allow, at least 256)."""
 
-    samples: int = 1000
+    samples: int = 2000
     seed: int = 0
     split: str = "train"
     batch_size: int = 256

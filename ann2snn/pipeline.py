@@ -129,7 +129,7 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
             opts, record = search(gm, stats, neuron, opts, search_data, options.budget, steps, options.batch_size,
                                   dev)
     elif choose and arousal is None:
-        search_data = subset.head(options.search_samples or max(256, 128_000 // steps))
+        search_data = subset.head(options.search_samples or max(256, 400_000 // steps))
         opts, chosen = operating_point.choose(gm, stats, neuron, opts, neurons.BASELINE, search_data,
                                               options.batch_size, dev)
     layers = make_layers(gm, stats, neuron, opts)

@@ -136,9 +136,10 @@ class SearchRecord:
 
 @dataclass(kw_only=True)
 class OperatingPointRecord:
-    """The operating point calibrate chose by itself (``operating_point.py``): the baseline's
-    output error (the bar), every candidate with the step from which it stays at or below the
-    bar and the spikes per sample spent by then, and the one chosen."""
+    """The operating point calibrate chose by itself (``operating_point.py``): the baseline's bars
+    (accuracy gaps to the ANN, or its output error) with the step from which it stays within each
+    and its spikes by then, every candidate with the same and its cost (worst ratio to the
+    baseline's spikes), and the one chosen."""
 
     baseline: dict
     timesteps: int

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ann2snn import neurons
-from ann2snn.budget import ann_outputs, fitted_layers, spiking_network
+from ann2snn.budget import Agreement, ann_outputs, fitted_layers, spiking_network
 from ann2snn.calibration import activation_stats
 from ann2snn.checkpoint import load_model
 from ann2snn.data import Normalize, calibration_subset, open_dataset
@@ -53,29 +53,6 @@ SETTINGS = [{k: v for k, v in c.items() if v is not None} for c in OPERATING_POI
     {"m_f": 0.1, "theta0": 1.0, "tau_gamma": 2.0, "tau_eta": 300.0, "tau_beta": 300.0},
 ]
 MARGINS = (0.3, 0.1)
-
-
-class Agreement:
-    """An observer in ``simulate``'s controller slot: per step, the images whose readout argmax
-    is the ANN's class (batches arrive in order)."""
-
-    decision_steps = ()
-
-    def __init__(self, ann_class: torch.Tensor, timesteps: int):
-        self.ann_class, self.last = ann_class, timesteps - 1
-        self.per_step = torch.zeros(timesteps, dtype=torch.float64)
-        self.done = self.start = 0
-
-    def reset(self, batch: int, device: torch.device) -> None:
-        self.start, self.batch = self.done, batch
-        self._count = torch.zeros(self.last + 1, dtype=torch.float64, device=device)
-
-    def __call__(self, t: int, score: torch.Tensor, layers) -> None:
-        ref = self.ann_class[self.start:self.start + self.batch].to(score.device)
-        self._count[t] += (score.reshape(len(ref), -1).argmax(1) == ref).sum()
-        if t == self.last:
-            self.per_step += self._count.cpu()
-            self.done = self.start + self.batch
 
 
 def run(a, gm, stats, calib, data, ann_class, neuron: str, options: dict, timesteps: int, device) -> dict:

@@ -234,7 +234,34 @@ def test_arousal_switches_theta0_with_m_f_even_from_a_fixed_threshold():
 
 def test_every_operating_point_names_the_same_options_and_is_valid():
     keys = set(asn.OPERATING_POINTS[0])
-    assert {"m_f", "tau_gamma", "theta0", "tau_eta", "tau_beta"} == keys
+    assert {"m_f", "tau_gamma", "theta0", "tau_eta", "tau_beta", "scale", "onset_ms"} == keys
     for candidate in asn.OPERATING_POINTS:
         assert set(candidate) == keys
         asn.NEURON.options(candidate)  # within the option bounds
+
+
+def test_onset_gain_ramps_linearly_to_one():
+    assert [asn.onset_gain(t, 4) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert asn.onset_gain(0, 0) == 1.0 and asn.onset_gain(2, 2.5) == 1.0
+
+
+def test_onset_ramp_sends_every_unit_in_proportion_to_its_value():
+    # sigma-delta units (m_f ~ 0, theta0 1, slow leak) at constant inputs S from 0.5 to 16 thresholds: with
+    # the input ramped over R = 16 steps, each has sent round(S t / R) thresholds at step t (within one);
+    # without it the units near 16 are still rate-limited (one spike a step) when the small ones are done
+    S = torch.linspace(0.5, 16.0, 32)
+    taus = {"tau_phi": 0.0, "tau_gamma": 2.0, "tau_eta": 1e6, "tau_beta": 1e6}
+
+    def sent(onset: float, steps: int) -> torch.Tensor:
+        neuron = asn.ASNNeuron(0.001, 1.0, 1.0, onset, **taus)
+        count = torch.zeros_like(S)
+        for _ in range(steps):
+            neuron(S)
+            count += neuron.spikes
+        return count
+
+    for t in (4, 8, 12):
+        assert ((sent(16.0, t) - S * t / 16).abs() <= 1.0).all(), t
+    assert ((sent(16.0, 40) - S).abs() <= 1.0).all()  # and the whole value once the ramp is over
+    early = sent(0.0, 8)  # without the ramp, at step 8: the small units are sent in full, the large capped at 8
+    assert (early[S > 8] == 8).all() and (early[S < 4] - S[S < 4]).abs().max() <= 1.0

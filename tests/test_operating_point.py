@@ -6,7 +6,7 @@ import torch
 
 from ann2snn.budget import OutputError
 from ann2snn.neurons.asn import OPERATING_POINTS
-from ann2snn.operating_point import setting_text, settled
+from ann2snn.operating_point import MARGINS, cost, fallback, reached, setting_text, settled
 
 
 def test_settled_is_the_first_step_from_which_the_error_stays_below_the_bar():
@@ -35,7 +35,22 @@ def test_output_error_per_step_is_the_error_after_the_best_gain():
     assert float(observer.per_step()[2]) < 1e-12 and observer.relative() < 1e-12
 
 
-def test_calibrate_asn_picks_the_cheapest_candidate_that_meets_the_if_bar(run_cli, tiny_files):
+def test_reached_cost_and_fallback_follow_the_bars():
+    error = torch.tensor([0.5, 0.02, 0.004, 0.002, 0.0009, 0.0008])
+    spikes = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+    base = reached(error, spikes, [0.003, 0.001])
+    assert base == {"settled_steps": [4, 5], "spikes_by_then": [40.0, 50.0]}
+    assert reached(error, spikes, [0.003, 0.001], by=3) == {"settled_steps": [4, None], "spikes_by_then": [40.0, None]}
+    cheap = {"spikes_by_then": [20.0, 45.0]}  # half and 0.9 of the baseline's: its worst ratio counts
+    assert cost(cheap, base) == 0.9 and cost({"spikes_by_then": [20.0, None]}, base) is None
+    one_bar = [{"name": n, "spikes_by_then": s, "final_error": e, "spikes_per_sample": 99.0}
+               for n, s, e in (("a", [30.0, None], 0.002), ("b", [24.0, None], 0.0025), ("c", [None, None], 0.0001))]
+    assert fallback(one_bar, base)["name"] == "b"  # within the loosest bar, cheaper than a
+    none = [dict(t, spikes_by_then=[None, None]) for t in one_bar]
+    assert fallback(none, base)["name"] == "c"  # within no bar: the least final error
+
+
+def test_calibrate_asn_picks_the_cheapest_candidate_within_the_if_bars(run_cli, tiny_files):
     d = tiny_files["dir"]
     code, out, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
                              "--neuron", "asn", "--samples", 40, "-o", d / "a.json")
@@ -43,17 +58,18 @@ def test_calibrate_asn_picks_the_cheapest_candidate_that_meets_the_if_bar(run_cl
     profile = json.loads((d / "a.json").read_text())
     record = profile["operating_point"]
     base = record["baseline"]
-    assert base["neuron"] == "if" and base["timesteps"] == 64 and base["output_error"] >= 0
+    assert base["neuron"] == "if" and base["timesteps"] == 64 and base["measure"] == "disagreement"
+    assert base["bars"] == [max(m / 100, base["final_error"]) for m in MARGINS]
     assert len(record["candidates"]) == len(OPERATING_POINTS) and record["samples"] == 40
-    for c in record["candidates"]:  # a candidate meets the bar exactly when it settles below it
-        assert (c["settled_step"] is not None) == (c["spikes_by_then"] is not None)
-        if c["settled_step"] is not None:
-            assert c["spikes_by_then"] <= c["spikes_per_sample"] + 1e-9
-        else:
-            assert c["output_error"] > base["output_error"] * (1 - 1e-6) or c["settled_step"] is None
-    met = [c for c in record["candidates"] if c["settled_step"] is not None]
-    want = min(met, key=lambda c: (c["spikes_by_then"], c["output_error"])) if met else \
-        min(record["candidates"], key=lambda c: c["output_error"])
+    for c in record["candidates"]:
+        assert len(c["settled_steps"]) == len(c["spikes_by_then"]) == len(MARGINS)
+        for step, spent in zip(c["settled_steps"], c["spikes_by_then"]):
+            assert (step is None) == (spent is None)
+            if step is not None:  # within the bar from the first half of the run on
+                assert step <= record["timesteps"] // 2 + 1 and spent <= c["spikes_per_sample"] + 1e-9
+        assert (c["cost"] is None) == (None in c["spikes_by_then"])
+    met = [c for c in record["candidates"] if c["cost"] is not None]
+    want = min(met, key=lambda c: (c["cost"], c["final_error"])) if met else fallback(record["candidates"], base)
     assert record["chosen"] == want and record["bar_met"] == bool(met)
     options = profile["neuron"]["options"]
     assert all(options[k] == want[k] for k in OPERATING_POINTS[0])
@@ -65,6 +81,7 @@ def test_calibrate_asn_picks_the_cheapest_candidate_that_meets_the_if_bar(run_cl
     named = json.loads((d / "b.json").read_text())
     assert "operating_point" not in named and named["neuron"]["options"]["m_f"] == 0.2
     assert named["neuron"]["options"]["tau_gamma"] == 15.0  # the paper's value when the user names m_f
+    assert named["neuron"]["options"]["onset_ms"] == 0.0 and named["neuron"]["options"]["scale"] == "fit"
 
 
 def test_a_setting_reads_as_options_with_unset_ones_left_out():

@@ -85,6 +85,15 @@ def asn_step(current: torch.Tensor, state: ASNState, p: ASNParams) -> tuple[torc
     return spikes, ASNState(s, s_hat, theta_dyn, p.theta0 + theta_dyn, psc)
 
 
+def onset_gain(t: int, onset: float) -> float:
+    """The gain on a layer's input current at step index t: a linear ramp min(1, (t + 1) / R)
+    over the first R = ``onset`` steps (0: none). Every unit of a layer then rises in proportion
+    to its final value, at a pace a neuron can follow with at most one spike a step when
+    R >= scale, so the onset sends no transient that positive spikes cannot take back
+    (docs/science.md section 8)."""
+    return 1.0 if onset <= 0 or t + 1 >= onset else (t + 1) / onset
+
+
 def rescaled_state(state: ASNState, mask: torch.Tensor, ratio: torch.Tensor, p: ASNParams) -> ASNState:
     """The state of the ``mask``ed samples carried across a change of m_f by ``ratio`` (arousal):
     the adaptive threshold, built of increments m_f theta, is scaled by ``ratio``, theta
@@ -157,9 +166,11 @@ class ASNNeuron(nn.Module):
     """Stateful wrapper of ``asn_step`` for one layer: input divided by ``scale``, output (the PSC)
     multiplied by it; keeps the last step's binary spikes for accounting."""
 
-    def __init__(self, m_f: float, scale: float | list = 1.0, theta0: float | None = None, **taus: float):
+    def __init__(self, m_f: float, scale: float | list = 1.0, theta0: float | None = None, onset: float = 0.0,
+                 **taus: float):
         super().__init__()
         self.base = make_params(m_f, theta0, **taus)
+        self.onset, self.t = float(onset), 0
         self.taus = taus
         self.p = self.base
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
@@ -167,7 +178,7 @@ class ASNNeuron(nn.Module):
         self.spikes: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.state, self.spikes, self.p = None, None, self.base
+        self.state, self.spikes, self.p, self.t = None, None, self.base, 0
 
     def set_precision(self, samples: torch.Tensor, m_f: float) -> None:
         """From the next step on, the ``samples`` (a boolean mask over the batch) run with
@@ -189,19 +200,20 @@ class ASNNeuron(nn.Module):
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         scale = self._scale_like(current)
-        x = current / scale
+        x = current * (onset_gain(self.t, self.onset) / scale)
+        self.t += 1
         if self.state is None:
             self.state = asn_init(x, self.p)
         self.spikes, self.state = asn_step(x, self.state, self.p)
         return self.state.psc * scale
 
 
-S_MAX = 16.0
+S_MAX = 64.0  # a numeric layer scale maps the percentile activation to S = scale (up to 48 among the candidates)
 
 
 @lru_cache(maxsize=64)
 def _measured_table(p: ASNParams) -> tuple[torch.Tensor, torch.Tensor]:
-    grid = torch.linspace(0.0, S_MAX, 641, dtype=torch.float64)
+    grid = torch.linspace(0.0, S_MAX, 2561, dtype=torch.float64)
     return grid, measured_transfer(grid, p, steps=3000, burn_in=300)[0]
 
 
@@ -246,11 +258,11 @@ def fit(stats: "LayerStats", options: dict) -> dict:
     else:
         scale = ref / float(options["scale"])
     return {"m_f": p.m_f, "theta0": options.get("theta0"), **{k: float(options[k]) for k in TAU},
-            "scale": float(scale)}
+            "onset_ms": float(options.get("onset_ms", 0.0)), "scale": float(scale)}
 
 
 def build(params: dict) -> ASNNeuron:
-    return ASNNeuron(params["m_f"], params["scale"], params.get("theta0"),
+    return ASNNeuron(params["m_f"], params["scale"], params.get("theta0"), params.get("onset_ms", 0.0),
                      **{k: params[k] for k in TAU if k in params})
 
 
@@ -268,20 +280,22 @@ def transfer_module(params: dict) -> TransferActivation:
     return TransferActivation(p, params["scale"])
 
 
-DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "readout_tau": 0.0, "start_ms": 0, "percentile": 99.9,
+DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "onset_ms": 0.0, "readout_tau": 0.0, "start_ms": 0, "percentile": 99.9,
             "scale": "fit", "bias_ramp": True}
 
 # What calibrate tries when the user names none of these options (operating_point.py): the
-# paper's setting first, then faster threshold decay (a wider linear range of f, docs/science.md
-# section 6) at rising m_f (fewer spikes); then the sigma-delta limit (docs/science.md section 8):
-# next to no adaptation, a fixed threshold theta0 and a slow leak, which keeps a constant input's
-# code at almost no spikes once it is sent
-_PAPER_TAUS = {"theta0": None, "tau_eta": TAU["tau_eta"], "tau_beta": TAU["tau_beta"]}
+# paper's equations with faster threshold decay (a wider linear range of f, docs/science.md section
+# 6) and m_f 0.3; then the sigma-delta limit (section 8): next to no adaptation,
+# a fixed threshold theta0 = 1 and a slow leak, so that a constant input's code costs almost no
+# spikes once sent. There the layer scale sets the precision - ``scale`` k maps the layer's
+# percentile activation to k threshold steps, as IF after k steps - and the input ramps up over
+# onset_ms = k steps (``onset_gain``), so that no onset transient is sent that positive spikes
+# cannot take back: coarse steps suit a short horizon, fine ones a long one
+_PAPER = {"theta0": None, "tau_eta": TAU["tau_eta"], "tau_beta": TAU["tau_beta"], "scale": "fit", "onset_ms": 0.0}
+_SIGMA_DELTA = {"m_f": 0.01, "tau_gamma": 2.0, "theta0": 1.0, "tau_eta": 1000.0, "tau_beta": 1000.0}
 OPERATING_POINTS = tuple(
-    [{"m_f": m_f, "tau_gamma": tau_gamma, **_PAPER_TAUS}
-     for m_f, tau_gamma in ((0.1, 15.0), (0.1, 5.0), (0.2, 5.0), (0.3, 2.0), (0.5, 2.0), (1.0, 2.0))]
-    + [{"m_f": 0.01, "tau_gamma": 2.0, "theta0": theta0, "tau_eta": tau, "tau_beta": tau}
-       for theta0, tau in ((0.5, 100.0), (0.5, 300.0), (1.0, 100.0), (1.0, 300.0))])
+    [{"m_f": 0.3, "tau_gamma": 2.0, **_PAPER}]
+    + [{**_SIGMA_DELTA, "scale": k, "onset_ms": k} for k in (8.0, 12.0, 16.0, 24.0, 32.0, 48.0)])
 
 
 def _where(policy) -> str:
@@ -312,15 +326,16 @@ NEURON = Neuron(
     # theta0 (= m_f unless set) below 2: f(1) > 0 needs the firing threshold theta0 / 2 below S = 1
     bounds={"m_f": Bound(0, 2, lo_open=True, hi_open=True), "theta0": Bound(1e-6, 2, hi_open=True, none=True),
             "tau_phi": Bound(0, 1e6), "tau_gamma": Bound(0.1, 1e6), "tau_eta": Bound(0.1, 1e6),
-            "tau_beta": Bound(0, 1e6),
+            "tau_beta": Bound(0, 1e6), "onset_ms": Bound(0, 1e6),
             "readout_tau": NON_NEGATIVE, "start_ms": Bound(0, integer=True), "percentile": PERCENTILE,
             "scale": Bound(0, lo_open=True, words=("fit",)), "bias_ramp": Bound(flag=True)},
     # bias ramps (bias_ramp.py) are fitted by calibrate: a sweep cannot switch them
     calibration_only=("percentile", "bias_ramp"),
-    param_options=("m_f", "theta0", *TAU),
+    param_options=("m_f", "theta0", *TAU, "onset_ms"),
     # per step: S filter 2 mul + add, S_hat decay, theta/2, theta_dyn decay, theta0 + theta_dyn, PSC decay:
     # 6 multiplies, 4 adds and the compare; per spike: S_hat += theta, theta_dyn += m_f theta (2 adds,
-    # the multiply counted as an add of a precomputed m_f theta), PSC += h
-    step_ops=StepOps(mac_per_step=6, add_per_step=4, add_per_spike=3),
+    # the multiply counted as an add of a precomputed m_f theta), PSC += h; during the onset ramp one
+    # more multiply (the input's gain)
+    step_ops=StepOps(mac_per_step=6, add_per_step=4, add_per_spike=3, mac_per_onset_step=1),
     operating_points=OPERATING_POINTS,
 )

@@ -94,11 +94,13 @@ NON_NEGATIVE = Bound(0)
 @dataclass(frozen=True)
 class StepOps:
     """The arithmetic of one neuron's ``*_step``, for the energy count: multiplies (or
-    multiply-adds) and adds or compares every step, and the adds each spike costs besides."""
+    multiply-adds) and adds or compares every step, the adds each spike costs besides, and the
+    multiplies of each step of an input ramp (ASN's ``onset_ms``: the steps whose gain is below 1)."""
 
     mac_per_step: float
     add_per_step: float
     add_per_spike: float = 0.0
+    mac_per_onset_step: float = 0.0
 
 
 @dataclass(frozen=True)
