@@ -199,7 +199,8 @@ def _print_operating_point(record) -> None:
     fields = ("final_error", "spikes_per_sample", "settled_steps", "spikes_by_then", "cost")
     for c in record.candidates:
         setting = setting_text({k: v for k, v in c.items() if k not in fields})
-        cost = f"{c['cost']:.2f} x {b['neuron'].upper()}'s spikes" if c["cost"] is not None else "misses a bar"
+        cost = (f"{c['cost']:.2f} x {b['neuron'].upper()}'s spikes" if c["cost"] is not None else
+                "misses a bar" if None in c["settled_steps"] else f"within only after step {record.timesteps // 2 + 1}")
         mark = " <- chosen" if c == record.chosen else ""
         console.print(f"  {setting:<70} " + ", ".join(reach(c, i) for i in range(len(what))) + f": {cost}{mark}")
     if not record.bar_met:

@@ -9,10 +9,10 @@ per margin of ``MARGINS`` (raised to IF's own final disagreement where IF does n
 for regression it is the output error against the ANN (``budget.OutputError``), IF's final error
 the one bar. Each of the neuron's candidate option sets (``Neuron.operating_points``) is
 simulated on the same images with its own fitted layer scales. At every bar a run costs the
-spikes per sample it has spent by the step from which it stays within the bar; a candidate must
-stay within it at least for the second half of its steps (one that only settles near its end
-is noise), and its cost is its worst ratio to IF's over the bars. The cheapest candidate within
-every bar wins; otherwise ``fallback``, and the record says so.
+spikes per sample it has spent by the step from which it stays within the bar, and a candidate's
+cost is its worst ratio to IF's over the bars. The cheapest candidate within every bar for at
+least the second half of its steps wins (one that settles near its end may be noise); otherwise
+``fallback``, and the record says so.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .neurons import Neuron
 from .profile import OperatingPointRecord
 from .simulate import simulate
 
-MARGINS = (0.3, 0.1)  # accuracy points below the ANN's, as issue 21 and the README's reports state them
+MARGINS = (0.3, 0.1)  # accuracy points below the ANN's, loosest first, as the README's reports state them
 
 
 def setting_text(candidate: dict) -> str:
@@ -45,35 +45,34 @@ def settled(error: torch.Tensor, bar: float) -> int | None:
     return first if first < len(error) else None
 
 
-def reached(error: torch.Tensor, spikes: torch.Tensor, bars: list[float], by: int | None = None) -> dict:
+def reached(error: torch.Tensor, spikes: torch.Tensor, bars: list[float]) -> dict:
     """Per bar: the step (1-based) from which ``error`` stays within it and the spikes per sample
-    spent by then (None where it never does, or, given ``by``, not by step index ``by``)."""
+    spent by then (None where it never does)."""
     at = [settled(error, bar) for bar in bars]
-    at = [None if i is None or (by is not None and i > by) else i for i in at]
     return {"settled_steps": [None if i is None else i + 1 for i in at],
             "spikes_by_then": [None if i is None else float(spikes[i]) for i in at]}
 
 
-def cost(candidate: dict, baseline: dict) -> float | None:
-    """The worst ratio, over the bars, of the candidate's spikes to the baseline's by the step
-    each stays within the bar (None if the candidate misses a bar)."""
-    if any(s is None for s in candidate["spikes_by_then"]):
+def cost(candidate: dict, baseline: dict, bars: int | None = None, by: int | None = None) -> float | None:
+    """The worst ratio, over the bars (the first ``bars`` of them), of the candidate's spikes to
+    the baseline's by the step each stays within the bar (None if the candidate misses one, or,
+    given ``by``, is not within one from step ``by`` on)."""
+    pairs = list(zip(candidate["settled_steps"], candidate["spikes_by_then"], baseline["spikes_by_then"]))[:bars]
+    if any(step is None or (by is not None and step > by) for step, _, _ in pairs):
         return None
-    return max(c / max(b, 1e-12) for c, b in zip(candidate["spikes_by_then"], baseline["spikes_by_then"]))
+    return max(c / max(b, 1e-12) for _, c, b in pairs)
 
 
 def fallback(tried: list[dict], baseline: dict) -> dict:
-    """Where no candidate stays within every bar: the cheapest (worst ratio to the baseline) of
-    those that stay within the most bars, loosest first; where none stays within any, the least
-    final error."""
+    """Where no candidate stays within every bar from the first half of its run on: the cheapest
+    (worst ratio to the baseline) of those within every bar from a later step, else of those
+    within the most bars, loosest first; where none is within any, the least final error."""
     def within(t: dict) -> int:
         return next((i for i, s in enumerate(t["spikes_by_then"]) if s is None), len(t["spikes_by_then"]))
     most = max(within(t) for t in tried)
     if most == 0:
         return min(tried, key=lambda t: (t["final_error"], t["spikes_per_sample"]))
-    ratio = lambda t: max(c / max(b, 1e-12) for c, b in zip(t["spikes_by_then"][:most],  # noqa: E731
-                                                            baseline["spikes_by_then"][:most]))
-    return min((t for t in tried if within(t) == most), key=lambda t: (ratio(t), t["final_error"]))
+    return min((t for t in tried if within(t) == most), key=lambda t: (cost(t, baseline, most), t["final_error"]))
 
 
 def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict, baseline: Neuron,
@@ -110,8 +109,8 @@ def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
             candidate = neuron.operating_points[i]
             error, spikes = run(neuron, {**options, **candidate}, steps, setting_text(candidate))
             row = {**candidate, "final_error": float(error[-1]), "spikes_per_sample": float(spikes[-1]),
-                   **reached(error, spikes, bars, by=steps // 2)}
-            mine.append({**row, "cost": cost(row, base)})
+                   **reached(error, spikes, bars)}
+            mine.append({**row, "cost": cost(row, base, by=steps // 2 + 1)})
     keys = list(neuron.operating_points[0])
     tried = sorted((t for share in ranks.gather(mine) for t in share),
                    key=lambda t: neuron.operating_points.index({k: t[k] for k in keys}))

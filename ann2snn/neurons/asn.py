@@ -208,7 +208,7 @@ class ASNNeuron(nn.Module):
         return self.state.psc * scale
 
 
-S_MAX = 64.0  # a numeric layer scale maps the percentile activation to S = scale (up to 48 among the candidates)
+S_MAX = 64.0  # a numeric scale maps the percentile activation to S = scale (up to 48 among the candidates)
 
 
 @lru_cache(maxsize=64)
