@@ -87,10 +87,11 @@ def asn_step(current: torch.Tensor, state: ASNState, p: ASNParams) -> tuple[torc
 
 def onset_gain(t: int, onset: float) -> float:
     """The gain on a layer's input current at step index t: a linear ramp min(1, (t + 1) / R)
-    over the first R = ``onset`` steps (0: none). Every unit of a layer then rises in proportion
-    to its final value, at a pace a neuron can follow with at most one spike a step when
-    R >= scale, so the onset sends no transient that positive spikes cannot take back
-    (docs/science.md section 8)."""
+    over the first R = ``onset`` steps (0: none). In the first spiking layer every unit then
+    rises in proportion to its final value, at a pace it can follow with at most one spike a
+    step when R >= scale, so the onset sends far fewer transients that positive spikes cannot
+    take back. Every layer applies it, so layer n sees about the n-th power of the ramp and its
+    largest units lag behind near the ramp's end (docs/science.md section 8)."""
     return 1.0 if onset <= 0 or t + 1 >= onset else (t + 1) / onset
 
 
@@ -289,7 +290,7 @@ DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "onset_ms": 0.0, "readout_tau": 0
 # a fixed threshold theta0 = 1 and a slow leak, so that a constant input's code costs almost no
 # spikes once sent. There the layer scale sets the precision - ``scale`` k maps the layer's
 # percentile activation to k threshold steps, as IF after k steps - and the input ramps up over
-# onset_ms = k steps (``onset_gain``), so that no onset transient is sent that positive spikes
+# onset_ms = k steps (``onset_gain``), so that few onset transients are sent that positive spikes
 # cannot take back: coarse steps suit a short horizon, fine ones a long one
 _PAPER = {"theta0": None, "tau_eta": TAU["tau_eta"], "tau_beta": TAU["tau_beta"], "scale": "fit", "onset_ms": 0.0}
 _SIGMA_DELTA = {"m_f": 0.01, "tau_gamma": 2.0, "theta0": 1.0, "tau_eta": 1000.0, "tau_beta": 1000.0}
