@@ -204,7 +204,8 @@ def _print_operating_point(record) -> None:
         mark = " <- chosen" if c == record.chosen else ""
         console.print(f"  {setting:<70} " + ", ".join(reach(c, i) for i in range(len(what))) + f": {cost}{mark}")
     if not record.bar_met:
-        console.print("[yellow]no setting stayed within every bar; kept the least gap at the last step[/]")
+        console.print("[yellow]no setting stayed within every bar from the first half of its run on; kept the "
+                      "cheapest within every bar later, else within the most bars, else the least final gap[/]")
 
 
 @app.command()

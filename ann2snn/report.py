@@ -3,7 +3,6 @@ summary table. One step is 1 ms, so a rate in Hz is spikes / neuron / step x 100
 
 from __future__ import annotations
 
-
 import contextlib
 import csv
 import io
