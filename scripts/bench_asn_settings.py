@@ -35,7 +35,7 @@ from ann2snn.energy import fanout_maps
 from ann2snn.files import write_text
 from ann2snn.graph import normalize
 from ann2snn.neurons.asn import OPERATING_POINTS
-from ann2snn.operating_point import setting_text
+from ann2snn.operating_point import MARGINS, setting_text
 from ann2snn.report import within_margin
 from ann2snn.simulate import resolve_device, simulate
 from ann2snn.stats import wilson
@@ -52,7 +52,6 @@ SETTINGS = [{k: v for k, v in c.items() if v is not None} for c in OPERATING_POI
     {"m_f": 0.01, "theta0": 1.0, "tau_gamma": 2.0, "tau_eta": 1000.0, "tau_beta": 1000.0},
     {"m_f": 0.1, "theta0": 1.0, "tau_gamma": 2.0, "tau_eta": 300.0, "tau_beta": 300.0},
 ]
-MARGINS = (0.3, 0.1)
 
 
 def run(a, gm, stats, calib, data, ann_class, neuron: str, options: dict, timesteps: int, device) -> dict:
