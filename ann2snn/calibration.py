@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from . import progress
-from .graph import Slot, slot_activations, spiking_layers
+from .graph import Slot, analog_fed, slot_activations, spiking_layers
 from .data import TensorData
 from .errors import UserError
 
@@ -47,6 +47,7 @@ class LayerStats:
     sample: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     sample_positive_fraction: float = 1.0
     negative_energy_fraction: float = 0.0
+    analog_input: bool | None = None  # fed by the network's analog input alone (graph.analog_fed); None: not known
     channel_values: torch.Tensor | None = None  # [channels, values], calibration activations
     channel_quantiles: list[list[float]] | None = None
     channel_positive_fraction: list[float] | None = None
@@ -171,9 +172,10 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
     finally:
         for h in hooks:
             h.remove()
-    acts = slot_activations(gm)
+    acts, analog = slot_activations(gm), analog_fed(gm)
     return {name: LayerStats(
         activation=acts[name], neurons=math.prod(shapes[name]), shape=list(shapes[name]), max=q.max,
+        analog_input=name in analog,
         negative_energy_fraction=float(energy[name][0] / energy[name][1].clamp(min=1e-300)),
         mean=q.sum / max(q.n, 1), percentile=q.value, zero_fraction=q.zeros / max(q.n, 1),
         sample=_strided(torch.cat(kept[name]) if kept[name] else torch.zeros(0), SAMPLE_CAP),

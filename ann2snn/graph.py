@@ -305,6 +305,16 @@ def spiking_layers(gm: fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if _is_act(gm, n)]
 
 
+def analog_fed(gm: fx.GraphModule) -> set[str]:
+    """The slots whose input is computed from the network's analog input alone, with no spiking
+    layer on the way (the stem of a ResNet, the first layer of a plain CNN): their input current
+    is the same at every step."""
+    spiking: dict[fx.Node, bool] = {}  # whether a node's value depends on some slot's output
+    for n in gm.graph.nodes:
+        spiking[n] = _is_act(gm, n) or any(spiking[a] for a in n.all_input_nodes)
+    return {str(n.target) for n in gm.graph.nodes if _is_act(gm, n) and not any(spiking[a] for a in n.all_input_nodes)}
+
+
 def slot_activations(gm: fx.GraphModule) -> dict[str, str]:
     """For each slot, the activation it computes: relu, gelu or silu."""
     return {str(n.target): gm.get_submodule(n.target).activation for n in gm.graph.nodes if _is_act(gm, n)}

@@ -94,6 +94,7 @@ class StoredStats:
     positive_quantiles: list[float] = field(default_factory=list)
     channel_positive_fraction: list[float] | None = None
     channel_quantiles: list[list[float]] | None = None
+    analog_input: bool | None = None  # fed by the analog input alone (absent in profiles written before)
 
 
 @dataclass(kw_only=True)
@@ -118,7 +119,8 @@ class ProfileLayer:
                           else s.sample_positive_fraction,
                           negative_energy_fraction=s.negative_energy_fraction or 0.0,
                           channel_quantiles=s.channel_quantiles or [],
-                          channel_positive_fraction=s.channel_positive_fraction or [])
+                          channel_positive_fraction=s.channel_positive_fraction or [],
+                          analog_input=s.analog_input)
 
 
 @dataclass(kw_only=True)
@@ -190,7 +192,8 @@ def make_layers(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron
             negative_energy_fraction=s.negative_energy_fraction,
             positive_quantiles=quantile_table(s.sample),
             channel_positive_fraction=[float(f"{float((c > 0).float().mean()):.6g}") for c in s.channel_values],
-            channel_quantiles=[quantile_table(c[c > 0], CHANNEL_QUANTILES) for c in s.channel_values]),
+            channel_quantiles=[quantile_table(c[c > 0], CHANNEL_QUANTILES) for c in s.channel_values],
+            analog_input=s.analog_input),
         params=_fitted(neuron, name, s, options)) for name, s in stats.items()]
 
 

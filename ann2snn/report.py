@@ -167,8 +167,10 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
     spike_op = run.neuron.spike_op
     synaptic = snn_energy_pj(synops, ctx.input_macs, ctx.analog_macs_per_step, steps, ctx.preset, spike_op)
     ops = run.neuron.step_ops
-    onset = min(steps, max(0, math.ceil(float(run.spec.options.get("onset_ms") or 0)) - 1))  # steps with a gain < 1
-    updates = {"mac": total_units * (steps * ops.mac_per_step + onset * ops.mac_per_onset_step),
+    # per layer, the steps of its input ramp with a gain below 1 (ASN onset_ms, asn.onset_gain)
+    onset = sum(units.get(layer.name, 0) * min(steps, max(0, math.ceil(float(layer.params.get("onset_ms") or 0)) - 1))
+                for layer in run.layers)
+    updates = {"mac": total_units * steps * ops.mac_per_step + onset * ops.mac_per_onset_step,
                "add": total_units * steps * ops.add_per_step + spikes * ops.add_per_spike} if ops else None
     neuron_energy = (updates["mac"] * PRESETS[ctx.preset]["mac_pj"] + updates["add"] * PRESETS[ctx.preset]["ac_pj"]
                      if updates else 0.0)

@@ -234,10 +234,43 @@ def test_arousal_switches_theta0_with_m_f_even_from_a_fixed_threshold():
 
 def test_every_operating_point_names_the_same_options_and_is_valid():
     keys = set(asn.OPERATING_POINTS[0])
-    assert {"m_f", "tau_gamma", "theta0", "tau_eta", "tau_beta", "scale", "onset_ms"} == keys
+    assert {"m_f", "tau_gamma", "theta0", "tau_eta", "tau_beta", "scale", "onset_ms", "onset_layers"} == keys
     for candidate in asn.OPERATING_POINTS:
         assert set(candidate) == keys
         asn.NEURON.options(candidate)  # within the option bounds
+
+
+def test_onset_layers_input_ramps_only_the_layers_the_analog_input_feeds():
+    from torch import nn
+
+    from ann2snn.calibration import LayerStats
+    from ann2snn.graph import analog_fed, normalize, spiking_layers
+
+    class Residual(nn.Module):  # a stem, then a block whose add sums the stem's spikes and a conv of them
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(8, 2)
+            self.side = nn.Conv2d(1, 2, 3, padding=1)  # a second layer fed by the image alone
+
+        def forward(self, x):
+            a = torch.relu(self.stem(x))
+            b = torch.relu(self.conv(a) + a)
+            c = torch.relu(self.side(x))
+            return self.head(torch.flatten(nn.functional.avg_pool2d(b + c, 2), 1))
+
+    gm, _ = normalize(Residual())
+    layers = spiking_layers(gm)
+    assert len(layers) == 3 and analog_fed(gm) == {layers[0], layers[2]}
+    stats = lambda analog: LayerStats(neurons=4, max=2.0, percentile=1.0, analog_input=analog)  # noqa: E731
+    options = asn.NEURON.options({"m_f": 0.01, "theta0": 1.0, "scale": 16, "onset_ms": 16.0, "onset_layers": "input"})
+    assert asn.fit(stats(True), options)["onset_ms"] == 16.0
+    assert asn.fit(stats(False), options)["onset_ms"] == 0.0
+    assert asn.fit(stats(False), {**options, "onset_layers": "all"})["onset_ms"] == 16.0
+    with pytest.raises(UserError, match="onset_layers=input.*calibrate again"):  # a profile from before the flag
+        asn.fit(stats(None), options)
+    assert asn.fit(stats(None), {**options, "onset_layers": "all"})["onset_ms"] == 16.0
+    with pytest.raises(UserError, match="onset_layers=first"):
+        asn.NEURON.options({"onset_layers": "first"})
 
 
 def test_onset_gain_ramps_linearly_to_one():

@@ -108,3 +108,33 @@ def test_calibrate_asn_picks_the_cheapest_candidate_within_the_if_bars(run_cli, 
 def test_a_setting_reads_as_options_with_unset_ones_left_out():
     assert setting_text({"m_f": 0.3, "tau_gamma": 2.0, "theta0": None, "tau_eta": 50.0}) == "m_f=0.3 tau_gamma=2 tau_eta=50"
     assert setting_text({"scale": "fit", "bias_ramp": True, "m_f": 0.01}) == "scale=fit bias_ramp=True m_f=0.01"
+
+
+def test_onset_layers_input_ramps_the_first_layer_only_through_calibrate_convert_and_sweep(run_cli, tiny_files):
+    d, T = tiny_files["dir"], 20
+    code, _, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                           "--neuron", "asn", "--samples", 40, "--param", "m_f=0.01", "--param", "theta0=1",
+                           "--param", "scale=4", "--param", "onset_ms=4", "--param", "onset_layers=input", "-o", d / "p.json")
+    assert code == 0, err
+    profile = json.loads((d / "p.json").read_text())
+    assert [layer["stats"]["analog_input"] for layer in profile["layers"]] == [True, False]  # conv, then fc1
+    assert [layer["params"]["onset_ms"] for layer in profile["layers"]] == [4.0, 0.0]
+    code, _, err = run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "p.json", "-o", d / "p.snn.safetensors")
+    assert code == 0, err
+    code, _, err = run_cli("evaluate", "--trust-code", d / "p.snn.safetensors", "-d", tiny_files["data"], "-T", T,
+                           "-r", d / "rep", "--sweep", "onset_ms=8")
+    assert code == 0, err
+    report = json.loads((d / "rep" / "report.json").read_text())
+    units = [layer["neurons"] for layer in profile["layers"]]
+    # the sweep re-fits: still only the input layer ramps, and only its units pay the ramp's multiply
+    assert report["variants"][0]["snn"]["neuron_updates_per_sample"]["mac"] == sum(units) * T * 6 + units[0] * 7
+
+    for layer in profile["layers"]:  # a profile written before the flag: refused by name, no traceback
+        del layer["stats"]["analog_input"]
+    (d / "old.json").write_text(json.dumps(profile))
+    code, _, err = run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "old.json", "-o", d / "old.snn.safetensors")
+    assert code == 0, err  # its stored parameters still build the network as fitted
+    code, _, err = run_cli("evaluate", "--trust-code", d / "old.snn.safetensors", "-d", tiny_files["data"], "-T", T,
+                           "-r", d / "rep_old", "--sweep", "onset_ms=8")
+    assert code != 0 and "onset_layers=input" in err and "calibrate again" in err and "Traceback" not in err
+    assert not (d / "rep_old" / "report.json").exists()

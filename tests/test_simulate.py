@@ -7,7 +7,7 @@ from ann2snn.data import TensorData
 from ann2snn.energy import ann_macs, fanout_maps
 from ann2snn.neurons.if_neuron import IFNeuron
 from ann2snn.neurons import asn, if_neuron
-from ann2snn.profile import NeuronSpec
+from ann2snn.profile import NeuronSpec, ProfileLayer
 from ann2snn.readout import Readout
 from ann2snn.report import build_report, context
 from ann2snn.simulate import Run, simulate
@@ -53,12 +53,17 @@ def test_spike_accounting_on_a_hand_computed_case():
     assert report.snn["energy_pj_per_sample"] == pytest.approx(3 * 0.9 + 2 * 4.6 + 19 * 0.9)
     assert [c["spikes_per_sample"] for c in report.curve] == [1.0, 2.0, 3.0, 3.0]
     assert report.layers[0].firing_rate_hz == 375.0 and report.layers[0].source == "0"
-    # the same counts read as ASN's: 6 multiplies a step, and one more on each step of an input ramp
-    # (the steps whose gain min(1, t / onset_ms) is below 1; a ramp longer than the run: all its steps)
+    # the same counts read as ASN's: 6 multiplies a step, and one more on each step of a layer's input
+    # ramp (the steps whose gain min(1, t / onset_ms) is below 1; a ramp longer than the run: all its
+    # steps), counted from the layer's own onset_ms (with onset_layers=input, 0 above the input layers)
     for onset, ramp_steps in ((0, 0), (3, 2), (2.5, 2), (10, 4)):
-        asn_run = Run("ASN", asn.NEURON, NeuronSpec(type="asn", options={"onset_ms": onset}), [])
+        layer = ProfileLayer(name="act0", neurons=2, params={"onset_ms": onset})
+        asn_run = Run("ASN", asn.NEURON, NeuronSpec(type="asn", options={"onset_ms": onset}), [layer])
         updates = build_report(sim, asn_run, Readout(), ctx).snn["neuron_updates_per_sample"]
         assert updates == {"mac": 2 * (4 * 6 + ramp_steps), "add": 2 * 4 * 4 + 3 * 3}, onset
+    unramped = ProfileLayer(name="act0", neurons=2, params={"onset_ms": 0.0})  # a layer the ramp skips
+    asn_run = Run("ASN", asn.NEURON, NeuronSpec(type="asn", options={"onset_ms": 3.0}), [unramped])
+    assert build_report(sim, asn_run, Readout(), ctx).snn["neuron_updates_per_sample"]["mac"] == 2 * 4 * 6
 
 
 def test_fanout_through_pooling_matches_brute_force_jacobian():

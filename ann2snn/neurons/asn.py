@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
+from ..errors import OptionError
 from ..readout import Readout
 from .neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
 
@@ -249,9 +250,24 @@ def _params(options: dict) -> ASNParams:
                        **{k: float(options[k]) for k in TAU})
 
 
+def layer_onset(stats: "LayerStats", options: dict) -> float:
+    """The layer's onset ramp in steps: ``onset_ms`` in every layer (``onset_layers`` "all"), or
+    only in the layers fed by the network's analog input ("input": the layers above receive
+    currents that already ramp, and ramping them again compounds to (t/R)^n and delays the output
+    by about R steps; docs/science.md section 8)."""
+    onset = float(options.get("onset_ms", 0.0))
+    if options.get("onset_layers", "all") == "all" or onset == 0:
+        return onset
+    if stats.analog_input is None:
+        raise OptionError("neuron_options", "onset_layers=input: the profile was written by an older release and "
+                                            "does not record which layers the analog input feeds; calibrate again")
+    return onset if stats.analog_input else 0.0
+
+
 def fit(stats: "LayerStats", options: dict) -> dict:
-    """Per-layer ASN parameters: the options, and the scale lambda (fitted, or set so that the
-    layer's percentile activation maps to S = ``scale`` when ``scale`` is a number)."""
+    """Per-layer ASN parameters: the options, the onset (``layer_onset``) and the scale lambda
+    (fitted, or set so that the layer's percentile activation maps to S = ``scale`` when ``scale``
+    is a number)."""
     p = _params(options)
     ref = stats.percentile if stats.percentile > 0 else max(stats.max, 1e-6)
     if options["scale"] == "fit":
@@ -259,7 +275,7 @@ def fit(stats: "LayerStats", options: dict) -> dict:
     else:
         scale = ref / float(options["scale"])
     return {"m_f": p.m_f, "theta0": options.get("theta0"), **{k: float(options[k]) for k in TAU},
-            "onset_ms": float(options.get("onset_ms", 0.0)), "scale": float(scale)}
+            "onset_ms": layer_onset(stats, options), "scale": float(scale)}
 
 
 def build(params: dict) -> ASNNeuron:
@@ -281,7 +297,7 @@ def transfer_module(params: dict) -> TransferActivation:
     return TransferActivation(p, params["scale"])
 
 
-DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "onset_ms": 0.0, "readout_tau": 0.0, "start_ms": 0, "percentile": 99.9,
+DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "onset_ms": 0.0, "onset_layers": "all", "readout_tau": 0.0, "start_ms": 0, "percentile": 99.9,
             "scale": "fit", "bias_ramp": True}
 
 # What calibrate tries when the user names none of these options (operating_point.py): the
@@ -291,12 +307,16 @@ DEFAULTS = {"m_f": 0.1, "theta0": None, **TAU, "onset_ms": 0.0, "readout_tau": 0
 # spikes once sent. There the layer scale sets the precision - ``scale`` k maps the layer's
 # percentile activation to k threshold steps, as IF after k steps - and the input ramps up over
 # onset_ms = k steps (``onset_gain``), so that few onset transients are sent that positive spikes
-# cannot take back: coarse steps suit a short horizon, fine ones a long one
-_PAPER = {"theta0": None, "tau_eta": TAU["tau_eta"], "tau_beta": TAU["tau_beta"], "scale": "fit", "onset_ms": 0.0}
+# cannot take back: coarse steps suit a short horizon, fine ones a long one. The ramp acts in
+# every layer (fewer transients in the layers above, a later output) or only in the layers the
+# analog input feeds (an output as early as IF's; section 8 measures both)
+_PAPER = {"theta0": None, "tau_eta": TAU["tau_eta"], "tau_beta": TAU["tau_beta"], "scale": "fit", "onset_ms": 0.0,
+          "onset_layers": "all"}
 _SIGMA_DELTA = {"m_f": 0.01, "tau_gamma": 2.0, "theta0": 1.0, "tau_eta": 1000.0, "tau_beta": 1000.0}
 OPERATING_POINTS = tuple(
     [{"m_f": 0.3, "tau_gamma": 2.0, **_PAPER}]
-    + [{**_SIGMA_DELTA, "scale": k, "onset_ms": k} for k in (8.0, 12.0, 16.0, 24.0, 32.0, 48.0)])
+    + [{**_SIGMA_DELTA, "scale": k, "onset_ms": k, "onset_layers": "all"} for k in (8.0, 12.0, 16.0, 24.0, 32.0, 48.0)]
+    + [{**_SIGMA_DELTA, "scale": k, "onset_ms": k, "onset_layers": "input"} for k in (16.0, 24.0, 32.0)])
 
 
 def _where(policy) -> str:
@@ -327,12 +347,13 @@ NEURON = Neuron(
     # theta0 (= m_f unless set) below 2: f(1) > 0 needs the firing threshold theta0 / 2 below S = 1
     bounds={"m_f": Bound(0, 2, lo_open=True, hi_open=True), "theta0": Bound(1e-6, 2, hi_open=True, none=True),
             "tau_phi": Bound(0, 1e6), "tau_gamma": Bound(0.1, 1e6), "tau_eta": Bound(0.1, 1e6),
-            "tau_beta": Bound(0, 1e6), "onset_ms": Bound(0, 1e6),
+            "tau_beta": Bound(0, 1e6), "onset_ms": Bound(0, 1e6), "onset_layers": Bound(words=("all", "input")),
             "readout_tau": NON_NEGATIVE, "start_ms": Bound(0, integer=True), "percentile": PERCENTILE,
             "scale": Bound(0, lo_open=True, words=("fit",)), "bias_ramp": Bound(flag=True)},
     # bias ramps (bias_ramp.py) are fitted by calibrate: a sweep cannot switch them
     calibration_only=("percentile", "bias_ramp"),
-    param_options=("m_f", "theta0", *TAU, "onset_ms"),
+    # onset_ms is not one: which layers ramp follows onset_layers and the graph, so a sweep re-fits
+    param_options=("m_f", "theta0", *TAU),
     # per step: S filter 2 mul + add, S_hat decay, theta/2, theta_dyn decay, theta0 + theta_dyn, PSC decay:
     # 6 multiplies, 4 adds and the compare; per spike: S_hat += theta, theta_dyn += m_f theta (2 adds,
     # the multiply counted as an add of a precomputed m_f theta), PSC += h; during the onset ramp one
