@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from torch import fx
 
 from . import __version__, neurons
-from .graph import MAXPOOL_MODES, check_activations, graph_signature, normalize, to_snn
+from .graph import MAXPOOL_MODES, analog_fed, check_activations, graph_signature, normalize, to_snn
 from .errors import OptionError, UserError
 from .files import check_input, json_text, parse_json, write_safetensors
 from .neurons import Neuron
@@ -89,9 +89,10 @@ def variant(meta: ArtifactMeta, base: Neuron, other: Neuron | None, overrides: d
     if neuron is base:
         options = {**meta.neuron.options, **overrides}
         fitted = [k for k in overrides if k not in neuron.readout_options]  # readout_tau: no refit
-        if all(k in neuron.param_options and k in layer.params for k in fitted for layer in meta.layers):
-            return NeuronSpec(type=neuron.name, options=options), \
-                [replace(layer, params={**layer.params, **overrides}) for layer in meta.layers]
+        if all(k in neuron.param_options and (k in layer.params or k in neuron.retuned)
+               for k in fitted for layer in meta.layers):
+            return NeuronSpec(type=neuron.name, options=options), [_swapped(layer, neuron, overrides, options)
+                                                                   for layer in meta.layers]
     else:
         options = {**neuron.defaults, **overrides}
         if options.get("bias_ramp"):  # none were fitted for another type: say so in its options
@@ -99,6 +100,14 @@ def variant(meta: ArtifactMeta, base: Neuron, other: Neuron | None, overrides: d
     # refit from the stored statistics (their quantile table stands in for the calibration sample)
     layers = [replace(layer, params=neuron.fit(layer.fit_stats(), options)) for layer in meta.layers]
     return NeuronSpec(type=neuron.name, options=options), layers
+
+
+def _swapped(layer: ProfileLayer, neuron: Neuron, overrides: dict, options: dict) -> ProfileLayer:
+    """The layer with the overridden parameters swapped in, its fit kept (``Neuron.retune``)."""
+    params = {**layer.params, **{k: v for k, v in overrides.items() if k in layer.params}}
+    if neuron.retune is not None and any(k in neuron.retuned for k in overrides):
+        params = neuron.retune(params, options, layer.stats.analog_input if layer.stats else None)
+    return replace(layer, params=params)
 
 
 def _digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -189,6 +198,9 @@ def rebuild(meta: ArtifactMeta, tensors: dict[str, torch.Tensor], model: torch.n
     if graph_signature(ann) != meta.graph:
         raise UserError(f"{path}: the architecture {meta.model.ref!r} no longer traces to the graph "
                         "this artifact was converted from")
+    analog = analog_fed(ann)  # what artifacts from before analog_input was stored do not say
+    meta.layers = [replace(layer, stats=replace(layer.stats, analog_input=layer.name in analog))
+                   if layer.stats is not None and layer.stats.analog_input is None else layer for layer in meta.layers]
     try:
         snn = to_snn(ann, build_neurons(neuron, meta.layers, str(path)), meta.maxpool, meta.bias_ramps)
     except UserError as exc:

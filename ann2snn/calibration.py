@@ -47,7 +47,7 @@ class LayerStats:
     sample: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     sample_positive_fraction: float = 1.0
     negative_energy_fraction: float = 0.0
-    analog_input: bool | None = None  # fed by the network's analog input alone (graph.analog_fed); None: not known
+    analog_input: bool | None = None  # reached by the analog input through no other slot (graph.analog_fed); None: not known
     channel_values: torch.Tensor | None = None  # [channels, values], calibration activations
     channel_quantiles: list[list[float]] | None = None
     channel_positive_fraction: list[float] | None = None

@@ -306,13 +306,13 @@ def spiking_layers(gm: fx.GraphModule) -> list[str]:
 
 
 def analog_fed(gm: fx.GraphModule) -> set[str]:
-    """The slots whose input is computed from the network's analog input alone, with no spiking
-    layer on the way (the stem of a ResNet, the first layer of a plain CNN): their input current
-    is the same at every step."""
-    spiking: dict[fx.Node, bool] = {}  # whether a node's value depends on some slot's output
+    """The slots that the network's analog input reaches on a path through no other slot (the
+    first layer of a plain CNN, the stem of a ResNet, a layer a skip connection from the input
+    joins): part of their input current is the same at every step from the first on."""
+    analog: dict[fx.Node, bool] = {}  # whether the input reaches a node's value through no slot
     for n in gm.graph.nodes:
-        spiking[n] = _is_act(gm, n) or any(spiking[a] for a in n.all_input_nodes)
-    return {str(n.target) for n in gm.graph.nodes if _is_act(gm, n) and not any(spiking[a] for a in n.all_input_nodes)}
+        analog[n] = n.op == "placeholder" or (not _is_act(gm, n) and any(analog[a] for a in n.all_input_nodes))
+    return {str(n.target) for n in gm.graph.nodes if _is_act(gm, n) and any(analog[a] for a in n.all_input_nodes)}
 
 
 def slot_activations(gm: fx.GraphModule) -> dict[str, str]:

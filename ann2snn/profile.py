@@ -94,7 +94,7 @@ class StoredStats:
     positive_quantiles: list[float] = field(default_factory=list)
     channel_positive_fraction: list[float] | None = None
     channel_quantiles: list[list[float]] | None = None
-    analog_input: bool | None = None  # fed by the analog input alone (absent in profiles written before)
+    analog_input: bool | None = None  # reached by the analog input through no other slot (absent in older profiles)
 
 
 @dataclass(kw_only=True)

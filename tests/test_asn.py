@@ -251,16 +251,19 @@ def test_onset_layers_input_ramps_only_the_layers_the_analog_input_feeds():
             super().__init__()
             self.stem, self.conv, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(8, 2)
             self.side = nn.Conv2d(1, 2, 3, padding=1)  # a second layer fed by the image alone
+            self.skip = nn.Conv2d(1, 2, 3, padding=1)  # a skip connection from the image into a deeper layer
 
         def forward(self, x):
             a = torch.relu(self.stem(x))
             b = torch.relu(self.conv(a) + a)
             c = torch.relu(self.side(x))
-            return self.head(torch.flatten(nn.functional.avg_pool2d(b + c, 2), 1))
+            d = torch.relu(self.conv(b) + self.skip(x))
+            return self.head(torch.flatten(nn.functional.avg_pool2d(b + c + d, 2), 1))
 
     gm, _ = normalize(Residual())
     layers = spiking_layers(gm)
-    assert len(layers) == 3 and analog_fed(gm) == {layers[0], layers[2]}
+    # the image reaches the stem, the side layer and (by the skip) the last one through no spiking layer
+    assert len(layers) == 4 and analog_fed(gm) == {layers[0], layers[2], layers[3]}
     stats = lambda analog: LayerStats(neurons=4, max=2.0, percentile=1.0, analog_input=analog)  # noqa: E731
     options = asn.NEURON.options({"m_f": 0.01, "theta0": 1.0, "scale": 16, "onset_ms": 16.0, "onset_layers": "input"})
     assert asn.fit(stats(True), options)["onset_ms"] == 16.0

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from ..errors import OptionError
+from ..errors import UserError
 from ..readout import Readout
 from .neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
 
@@ -91,8 +91,9 @@ def onset_gain(t: int, onset: float) -> float:
     over the first R = ``onset`` steps (0: none). In the first spiking layer every unit then
     rises in proportion to its final value, at a pace it can follow with at most one spike a
     step when R >= scale, so the onset sends far fewer transients that positive spikes cannot
-    take back. Every layer applies it, so layer n sees about the n-th power of the ramp and its
-    largest units lag behind near the ramp's end (docs/science.md section 8)."""
+    take back. With ``onset_layers`` "all" every layer applies it, so layer n sees about the n-th
+    power of the ramp and its largest units lag behind near the ramp's end; with "input" only
+    the layers the analog input reaches directly (``layer_onset``; docs/science.md section 8)."""
     return 1.0 if onset <= 0 or t + 1 >= onset else (t + 1) / onset
 
 
@@ -250,18 +251,24 @@ def _params(options: dict) -> ASNParams:
                        **{k: float(options[k]) for k in TAU})
 
 
-def layer_onset(stats: "LayerStats", options: dict) -> float:
-    """The layer's onset ramp in steps: ``onset_ms`` in every layer (``onset_layers`` "all"), or
-    only in the layers fed by the network's analog input ("input": the layers above receive
-    currents that already ramp, and ramping them again compounds to (t/R)^n and delays the output
-    by about R steps; docs/science.md section 8)."""
+def layer_onset(options: dict, analog_input: bool | None) -> float:
+    """A layer's onset ramp in steps: ``onset_ms`` in every layer (``onset_layers`` "all"), or
+    only in the layers the network's analog input reaches through no other spiking layer
+    ("input", ``graph.analog_fed``): the layers above receive currents that already ramp, and
+    ramping them again compounds to (t/R)^n and delays the output by about R steps
+    (docs/science.md section 8)."""
     onset = float(options.get("onset_ms", 0.0))
     if options.get("onset_layers", "all") == "all" or onset == 0:
         return onset
-    if stats.analog_input is None:
-        raise OptionError("neuron_options", "onset_layers=input: the profile was written by an older release and "
-                                            "does not record which layers the analog input feeds; calibrate again")
-    return onset if stats.analog_input else 0.0
+    if analog_input is None:
+        raise UserError("onset_layers=input: the profile does not record which layers the analog input reaches "
+                        "(it was written by an older release); calibrate again")
+    return onset if analog_input else 0.0
+
+
+def retune(params: dict, options: dict, analog_input: bool | None) -> dict:
+    """The layer's parameters with its onset following changed options, the fit kept (sweeps)."""
+    return {**params, "onset_ms": layer_onset(options, analog_input)}
 
 
 def fit(stats: "LayerStats", options: dict) -> dict:
@@ -275,7 +282,7 @@ def fit(stats: "LayerStats", options: dict) -> dict:
     else:
         scale = ref / float(options["scale"])
     return {"m_f": p.m_f, "theta0": options.get("theta0"), **{k: float(options[k]) for k in TAU},
-            "onset_ms": layer_onset(stats, options), "scale": float(scale)}
+            "onset_ms": layer_onset(options, stats.analog_input), "scale": float(scale)}
 
 
 def build(params: dict) -> ASNNeuron:
@@ -352,8 +359,8 @@ NEURON = Neuron(
             "scale": Bound(0, lo_open=True, words=("fit",)), "bias_ramp": Bound(flag=True)},
     # bias ramps (bias_ramp.py) are fitted by calibrate: a sweep cannot switch them
     calibration_only=("percentile", "bias_ramp"),
-    # onset_ms is not one: which layers ramp follows onset_layers and the graph, so a sweep re-fits
-    param_options=("m_f", "theta0", *TAU),
+    # onset_ms and onset_layers set each layer's onset through retune (which layers ramp follows the graph)
+    param_options=("m_f", "theta0", *TAU, "onset_ms", "onset_layers"), retune=retune, retuned=("onset_ms", "onset_layers"),
     # per step: S filter 2 mul + add, S_hat decay, theta/2, theta_dyn decay, theta0 + theta_dyn, PSC decay:
     # 6 multiplies, 4 adds and the compare; per spike: S_hat += theta, theta_dyn += m_f theta (2 adds,
     # the multiply counted as an add of a precomputed m_f theta), PSC += h; during the onset ramp one

@@ -155,7 +155,9 @@ class Neuron:
     from: ``--param``, ``--sweep``, a profile, an artifact). ``calibration_only``: options that
     take effect only when calibrating (on the statistics, or ASN's fitted bias ramps), so a
     sweep cannot change them. ``param_options``: options that are also layer
-    parameters with the same meaning (ASN ``m_f``), which a sweep sets without re-fitting.
+    parameters with the same meaning (ASN ``m_f``), which a sweep sets without re-fitting;
+    ``retuned`` of them are turned into layer parameters by ``retune(params, options,
+    analog_input)`` (ASN: each layer's ``onset_ms`` from ``onset_ms`` and ``onset_layers``).
     ``step_ops``: what one update of one neuron costs (``StepOps``; counted in the energy).
     ``operating_points``: option sets (all with the same keys) ``calibrate`` tries when the user
     names none of those keys and no budget (``operating_point.py``); empty: the defaults stand.
@@ -176,6 +178,8 @@ class Neuron:
     bounds: dict[str, Bound] = field(default_factory=dict)
     calibration_only: tuple[str, ...] = ("percentile",)
     param_options: tuple[str, ...] = ()
+    retune: Callable[[dict, dict, bool | None], dict] | None = None
+    retuned: tuple[str, ...] = ()
     step_ops: StepOps | None = None
     operating_points: tuple[dict, ...] = ()
 
