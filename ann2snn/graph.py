@@ -310,9 +310,15 @@ def analog_fed(gm: fx.GraphModule) -> set[str]:
     first layer of a plain CNN, the stem of a ResNet, a layer a skip connection from the input
     joins): part of their input current is the same at every step from the first on."""
     analog: dict[fx.Node, bool] = {}  # whether the input reaches a node's value through no slot
+    fed: set[str] = set()
     for n in gm.graph.nodes:
-        analog[n] = n.op == "placeholder" or (not _is_act(gm, n) and any(analog[a] for a in n.all_input_nodes))
-    return {str(n.target) for n in gm.graph.nodes if _is_act(gm, n) and any(analog[a] for a in n.all_input_nodes)}
+        reached = n.op == "placeholder" or any(analog[a] for a in n.all_input_nodes)
+        if _is_act(gm, n):
+            if reached:
+                fed.add(str(n.target))
+            reached = False  # a slot's output is spikes
+        analog[n] = reached
+    return fed
 
 
 def slot_activations(gm: fx.GraphModule) -> dict[str, str]:

@@ -119,15 +119,21 @@ def test_onset_layers_input_ramps_the_first_layer_only_through_calibrate_convert
     profile = json.loads((d / "p.json").read_text())
     assert [layer["stats"]["analog_input"] for layer in profile["layers"]] == [True, False]  # conv, then fc1
     assert [layer["params"]["onset_ms"] for layer in profile["layers"]] == [4.0, 0.0]
-    code, _, err = run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "p.json", "-o", d / "p.snn.safetensors")
-    assert code == 0, err
-    code, _, err = run_cli("evaluate", "--trust-code", d / "p.snn.safetensors", "-d", tiny_files["data"], "-T", T,
-                           "-r", d / "rep", "--sweep", "onset_ms=8")
-    assert code == 0, err
-    report = json.loads((d / "rep" / "report.json").read_text())
     units = [layer["neurons"] for layer in profile["layers"]]
-    # the sweep re-fits: still only the input layer ramps, and only its units pay the ramp's multiply
-    assert report["variants"][0]["snn"]["neuron_updates_per_sample"]["mac"] == sum(units) * T * 6 + units[0] * 7
+
+    def swept_macs(name: str) -> float:
+        """Convert the profile ``name``.json, evaluate it with --sweep onset_ms=8: the variant's multiplies."""
+        code, _, err = run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / f"{name}.json",
+                               "-o", d / f"{name}.snn.safetensors")
+        assert code == 0, err
+        code, _, err = run_cli("evaluate", "--trust-code", d / f"{name}.snn.safetensors", "-d", tiny_files["data"],
+                               "-T", T, "-r", d / f"rep_{name}", "--sweep", "onset_ms=8")
+        assert code == 0, err
+        report = json.loads((d / f"rep_{name}" / "report.json").read_text())
+        return report["variants"][0]["snn"]["neuron_updates_per_sample"]["mac"]
+
+    # the swept onset goes to the input layer only, and only its units pay the ramp's multiply
+    assert swept_macs("p") == sum(units) * T * 6 + units[0] * 7
 
     # a sweep swaps the onset in and keeps the fit: every scale stays the calibrated one
     from ann2snn.artifact import load_artifact, variant
@@ -142,10 +148,4 @@ def test_onset_layers_input_ramps_the_first_layer_only_through_calibrate_convert
     for layer in profile["layers"]:  # a profile written before the flag: the artifact's graph tells
         del layer["stats"]["analog_input"]
     (d / "old.json").write_text(json.dumps(profile))
-    code, _, err = run_cli("convert", "--trust-code", tiny_files["checkpoint"], "-c", d / "old.json", "-o", d / "old.snn.safetensors")
-    assert code == 0, err
-    code, _, err = run_cli("evaluate", "--trust-code", d / "old.snn.safetensors", "-d", tiny_files["data"], "-T", T,
-                           "-r", d / "rep_old", "--sweep", "onset_ms=8")
-    assert code == 0, err
-    old = json.loads((d / "rep_old" / "report.json").read_text())
-    assert old["variants"][0]["snn"]["neuron_updates_per_sample"]["mac"] == sum(units) * T * 6 + units[0] * 7
+    assert swept_macs("old") == sum(units) * T * 6 + units[0] * 7
