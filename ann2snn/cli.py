@@ -196,7 +196,10 @@ def _print_operating_point(record) -> None:
                           if r["settled_steps"][i] else "never")
     console.print(f"operating point (chosen on {record.samples} calibration images): {head} "
                   + "; ".join(f"{w} {reach(b, i)}" for i, w in enumerate(what)))
-    fields = ("final_error", "spikes_per_sample", "settled_steps", "spikes_by_then", "cost")
+    if b["margins"] and any(m / 100 < bar < b["final_error"] for m, bar in zip(b["margins"], b["bars"])):
+        console.print(f"  (a bar below {b['neuron'].upper()}'s reach: the best candidate's disagreement over the second "
+                      "half of its run, plus one standard error)")
+    fields = ("final_error", "late_error", "spikes_per_sample", "settled_steps", "spikes_by_then", "cost")
     for c in record.candidates:
         setting = setting_text({k: v for k, v in c.items() if k not in fields})
         cost = (f"{c['cost']:.2f} x {b['neuron'].upper()}'s spikes" if c["cost"] is not None else
@@ -346,6 +349,11 @@ def _print_report(result: Report, report_dir: Path, plot_format: str = "png") ->
                       + " / ".join(str(within[k]) if within[k] else "not reached" for k in ("0.1", "0.2", "0.5", "1.0"))
                       + "; to stay within: "
                       + " / ".join(str(settled[k]) if settled[k] else "no" for k in ("0.1", "0.2", "0.5", "1.0")))
+        energy = result.snn.get("settled_energy_pj_within_points_of_ann") or {}
+        if any(energy.get(k) is not None for k in settled):
+            console.print("energy spent by the step it stays within (uJ per sample): "
+                          + " / ".join(f"{energy[k] / 1e6:.3g}" if energy.get(k) is not None else "-"
+                                       for k in ("0.1", "0.2", "0.5", "1.0")))
     console.print(f"device {result.device}, {result.timing['image_steps_per_second']:,.0f} image-steps/s; "
                   f"wrote {report_dir}/" + ", ".join(report_files(plot_format)))
 

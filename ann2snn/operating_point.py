@@ -1,21 +1,27 @@
 """The operating point ``calibrate`` chooses by itself when the user names no precision and no
 spike budget (docs/science.md sections 6 and 8).
 
-The bar is the rate-coded baseline (IF at its defaults, run for its default steps) on the search
-images (drawn from the calibration split, never the test set). For a classifier the measure is
-the disagreement with the ANN - the share of images whose SNN class is not the ANN's, which
-bounds the accuracy gap and, being paired, is less noisy on a few thousand images - with one bar
-per margin of ``MARGINS`` (raised to IF's own final disagreement where IF does not get below it);
-for regression it is the output error against the ANN (``budget.OutputError``), IF's final error
-the one bar. Each of the neuron's candidate option sets (``Neuron.operating_points``) is
-simulated on the same images with its own fitted layer scales. At every bar a run costs the
-spikes per sample it has spent by the step from which it stays within the bar, and a candidate's
-cost is its worst ratio to IF's over the bars. The cheapest candidate within every bar for at
-least the second half of its steps wins (one that settles near its end may be noise); otherwise
-``fallback``, and the record says so.
+The yardstick is the rate-coded baseline (IF at its defaults, run for its default steps) on the
+search images (drawn from the calibration split, never the test set). For a classifier the
+measure is the disagreement with the ANN - the share of images whose SNN class is not the ANN's,
+which bounds the accuracy gap and, being paired, is less noisy on a few thousand images - with
+one bar per margin of ``MARGINS``; for regression it is the output error against the ANN
+(``budget.OutputError``), IF's final error the one bar. Each of the neuron's candidate option
+sets (``Neuron.operating_points``) is simulated on the same images with its own fitted layer
+scales. A classifier's bar is raised where no run gets below the margin, to the best any run
+does (``bars``): IF's final disagreement, or, where a candidate holds a lower one over the
+second half of its run, that level plus one standard error - a network on which IF falls short
+of the ANN gets the candidate that comes closest to it, not one as far off as IF. At every bar a
+run costs the spikes per sample it has spent by the step from which it stays within the bar
+(IF, where it never does, its whole run's: a lower bound on what it would need), and a
+candidate's cost is its worst ratio to IF's over the bars. The cheapest candidate within every
+bar for at least the second half of its steps wins (one that settles near its end may be
+noise); otherwise ``fallback``, and the record says so.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import fx
@@ -55,12 +61,27 @@ def reached(error: torch.Tensor, spikes: torch.Tensor, bars: list[float]) -> dic
 
 def cost(candidate: dict, baseline: dict, bars: int | None = None, by: int | None = None) -> float | None:
     """The worst ratio, over the bars (the first ``bars`` of them), of the candidate's spikes to
-    the baseline's by the step each stays within the bar (None if the candidate misses one, or,
-    given ``by``, is not within one from step ``by`` on)."""
+    the baseline's by the step each stays within the bar - the baseline's whole run where it
+    never does (None if the candidate misses one, or, given ``by``, is not within one from step
+    ``by`` on)."""
     pairs = list(zip(candidate["settled_steps"], candidate["spikes_by_then"], baseline["spikes_by_then"]))[:bars]
     if any(step is None or (by is not None and step > by) for step, _, _ in pairs):
         return None
-    return max(c / max(b, 1e-12) for _, c, b in pairs)
+    return max(c / max(b if b is not None else baseline["spikes_per_sample"], 1e-12) for _, c, b in pairs)
+
+
+def late_error(error: torch.Tensor) -> float:
+    """The lowest bar a run stays within for the second half of its steps: its worst error there."""
+    return float(error[len(error) // 2:].max())
+
+
+def bars(margins: tuple[float, ...], baseline_final: float, best_late: float, samples: int) -> list[float]:
+    """A classifier's disagreement bars: each margin (in accuracy points), raised where no run gets
+    below it to the best any run does - the baseline's final disagreement, or the best candidate's
+    ``late_error`` plus its binomial standard error sqrt(e (1 - e) / n) where that is lower (the
+    candidates within it are as faithful as the best on this many images)."""
+    floor = min(baseline_final, best_late + math.sqrt(best_late * (1 - best_late) / max(samples, 1)))
+    return [max(m / 100, floor) for m in margins]
 
 
 def fallback(tried: list[dict], baseline: dict) -> dict:
@@ -95,25 +116,26 @@ def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
     base_options = baseline.options({"percentile": options["percentile"]} if "percentile" in baseline.defaults
                                     and "percentile" in options else {})
     base_error, base_spikes = run(baseline, base_options, baseline.default_timesteps, f"{baseline.label} bar")
-    final = float(base_error[-1])
-    bars = [max(m / 100, final) for m in MARGINS] if classify else [final]
-    base = {"neuron": baseline.name, "options": base_options, "timesteps": baseline.default_timesteps,
-            "measure": "disagreement" if classify else "output error",
-            "margins": list(MARGINS) if classify else None, "bars": bars, "final_error": final,
-            "spikes_per_sample": float(base_spikes[-1]), **reached(base_error, base_spikes, bars)}
     steps = neuron.default_timesteps
     ranks = distributed.current()  # under torchrun the ranks share the candidates, each all the images
     mine = []
     with ranks.phase():
         for i in range(ranks.rank, len(neuron.operating_points), ranks.world):
             candidate = neuron.operating_points[i]
-            error, spikes = run(neuron, {**options, **candidate}, steps, setting_text(candidate))
-            row = {**candidate, "final_error": float(error[-1]), "spikes_per_sample": float(spikes[-1]),
-                   **reached(error, spikes, bars)}
-            mine.append({**row, "cost": cost(row, base, by=steps // 2 + 1)})
+            mine.append((i, *run(neuron, {**options, **candidate}, steps, setting_text(candidate))))
+    runs = sorted((r for share in ranks.gather(mine) for r in share), key=lambda r: r[0])
+    final = float(base_error[-1])
+    limits = (bars(MARGINS, final, min(late_error(e) for _, e, _ in runs), len(data)) if classify else [final])
+    base = {"neuron": baseline.name, "options": base_options, "timesteps": baseline.default_timesteps,
+            "measure": "disagreement" if classify else "output error",
+            "margins": list(MARGINS) if classify else None, "bars": limits, "final_error": final,
+            "spikes_per_sample": float(base_spikes[-1]), **reached(base_error, base_spikes, limits)}
+    tried = []
+    for i, error, spikes in runs:
+        row = {**neuron.operating_points[i], "final_error": float(error[-1]), "late_error": late_error(error),
+               "spikes_per_sample": float(spikes[-1]), **reached(error, spikes, limits)}
+        tried.append({**row, "cost": cost(row, base, by=steps // 2 + 1)})
     keys = list(neuron.operating_points[0])
-    tried = sorted((t for share in ranks.gather(mine) for t in share),
-                   key=lambda t: neuron.operating_points.index({k: t[k] for k in keys}))
     met = [t for t in tried if t["cost"] is not None]
     chosen = min(met, key=lambda t: (t["cost"], t["final_error"])) if met else fallback(tried, base)
     record = OperatingPointRecord(baseline=base, timesteps=steps, samples=len(data), candidates=tried,

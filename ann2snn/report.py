@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,22 +164,28 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
     cum_spikes = (sim.spikes.sum(0).cumsum(0) / n).tolist()
     cum_synops = (sim.synops.sum(0).cumsum(0) / n).tolist()
     spike_op = run.neuron.spike_op
-    synaptic = snn_energy_pj(synops, ctx.input_macs, ctx.analog_macs_per_step, steps, ctx.preset, spike_op)
     ops = run.neuron.step_ops
-    # per layer, the steps of its input ramp with a gain below 1 (ASN onset_ms, asn.onset_gain)
-    onset = sum(units.get(layer.name, 0) * min(steps, max(0, math.ceil(float(layer.params.get("onset_ms") or 0)) - 1))
-                for layer in run.layers)
-    updates = {"mac": total_units * steps * ops.mac_per_step + onset * ops.mac_per_onset_step,
-               "add": total_units * steps * ops.add_per_step + spikes * ops.add_per_spike} if ops else None
-    neuron_energy = (updates["mac"] * PRESETS[ctx.preset]["mac_pj"] + updates["add"] * PRESETS[ctx.preset]["ac_pj"]
-                     if updates else 0.0)
+    # per layer, the steps of its input ramp (ASN onset_ms: asn.ramp_steps)
+    ramp = [(units.get(layer.name, 0), ops.onset_steps(layer.params)) for layer in run.layers
+            if ops and ops.onset_steps]
+
+    def energy(t: int, synops_by_t: float, spikes_by_t: float) -> tuple[float, float, dict | None]:
+        """(synaptic, neuron energy in pJ per sample, neuron updates) of the first ``t`` steps."""
+        updates = {"mac": total_units * t * ops.mac_per_step + sum(u * min(t, r) for u, r in ramp) * ops.mac_per_onset_step,
+                   "add": total_units * t * ops.add_per_step + spikes_by_t * ops.add_per_spike} if ops else None
+        neuron = (updates["mac"] * PRESETS[ctx.preset]["mac_pj"] + updates["add"] * PRESETS[ctx.preset]["ac_pj"]
+                  if updates else 0.0)
+        return snn_energy_pj(synops_by_t, ctx.input_macs, ctx.analog_macs_per_step, t, ctx.preset, spike_op), neuron, updates
+
+    synaptic, neuron_energy, updates = energy(steps, synops, spikes)
     rate = lambda s, count: s / max(count, 1) / steps * 1000.0  # noqa: E731
     layers = [LayerReport(name=name, source=ctx.sources.get(name, ""), neurons=units[name],
                           spikes_per_sample=float(layer_spikes[i]) / n,
                           firing_rate_hz=rate(float(layer_spikes[i]) / n, units[name]),
                           synops_per_sample=float(sim.synops[i].sum()) / n) for i, name in enumerate(sim.layers)]
     curve = [{"timestep": t + 1, metric: values[t], "spikes_per_sample": cum_spikes[t],
-              "synops_per_sample": cum_synops[t]} for t in range(steps)]
+              "synops_per_sample": cum_synops[t], "energy_pj_per_sample": sum(energy(t + 1, cum_synops[t], cum_spikes[t])[:2])}
+             for t in range(steps)]
     snn = {metric: values[-1], "spikes_per_sample": spikes, "synops_per_sample": synops,
            "firing_rate_hz": rate(spikes, total_units),
            "spike_percent": 100.0 * spikes / max(total_units * steps, 1), "neurons": total_units,
@@ -195,6 +200,7 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
         within = {f"{m}": within_margin(curve, ctx.ann["accuracy"], m) for m in MARGINS}
         snn["first_timestep_within_points_of_ann"] = {m: w["first"] for m, w in within.items()}
         snn["settled_timestep_within_points_of_ann"] = {m: w["settled"] for m, w in within.items()}
+        snn["settled_energy_pj_within_points_of_ann"] = {m: w["settled_energy_pj"] for m, w in within.items()}
     return Report(dataset=ctx.dataset, metric=metric, neuron=run.spec.type, neuron_options=run.spec.options,
                   timesteps=steps, device=ctx.device,
                   ann={**ctx.ann, "energy_pj_per_sample": ann_energy_pj(ctx.ann["macs_per_sample"], ctx.preset),
@@ -238,13 +244,15 @@ def arousal_report(neuron: Neuron, policy, stored_policy: bool, search: SearchRe
 
 def within_margin(curve: list[dict], ann_accuracy: float, points: float) -> dict:
     """First time step at which the SNN comes within ``points`` of the ANN, and the step from
-    which it stays within (None if never), with the spikes per sample spent by then."""
+    which it stays within (None if never), with the spikes per sample spent by then (and the
+    energy, where the curve has it)."""
     ok = [c["accuracy"] >= ann_accuracy - points / 100 - 1e-12 for c in curve]
     first = next((i for i, v in enumerate(ok) if v), None)
     settled = next((i for i in range(len(ok)) if all(ok[i:])), None)
-    at = lambda i: (curve[i]["timestep"], curve[i]["spikes_per_sample"]) if i is not None else (None, None)  # noqa
-    return {"first": at(first)[0], "first_spikes": at(first)[1], "settled": at(settled)[0],
-            "settled_spikes": at(settled)[1]}
+    at = lambda i, key: curve[i].get(key) if i is not None else None  # noqa: E731
+    return {"first": at(first, "timestep"), "first_spikes": at(first, "spikes_per_sample"),
+            "settled": at(settled, "timestep"), "settled_spikes": at(settled, "spikes_per_sample"),
+            "settled_energy_pj": at(settled, "energy_pj_per_sample")}
 
 
 PLOT_FORMATS = ("png", "svg", "pdf")

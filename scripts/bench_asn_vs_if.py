@@ -14,7 +14,8 @@ by looking at the test set: for reference only), fine-tuning and VSN trade-offs.
 
 For each setting it reports the final accuracy and, for margins of 0.1 and 0.3 points below
 the ANN, the first time step (and spikes per sample spent by then) at which the SNN reaches
-that accuracy and the step from which it stays there.
+that accuracy and the step from which it stays there, with the spikes and the energy (45 nm,
+synaptic events and every neuron update of those steps) spent by then.
 """
 
 from __future__ import annotations
@@ -231,15 +232,18 @@ def defaults(a, out: Path, common: dict, seed: int = 0) -> list[dict]:
 
 def show(rows: list[dict], title: str) -> None:
     table = Table(title=title)
-    for col in ("method", "setting", "ANN", "its ANN / with f", "SNN final", "spikes final",
-                *(f"first within {m} (step/spikes)" for m in MARGINS), *(f"stays within {m} from" for m in MARGINS)):
+    for col in ("method", "setting", "ANN", "its ANN / with f", "SNN final", "spikes final", "uJ final",
+                *(f"first within {m} (step/spikes)" for m in MARGINS),
+                *(f"stays within {m} from (step/spikes/uJ)" for m in MARGINS)):
         table.add_column(col, justify="left" if col in ("method", "setting") else "right")
-    fmt = lambda w, k: f"{w[k]} / {w[k + '_spikes']:,.0f}" if w[k] else "-"  # noqa: E731
+    fmt = lambda w, k: (f"{w[k]} / {w[k + '_spikes']:,.0f}" + (f" / {w[k + '_energy_pj'] / 1e6:.2f}"  # noqa: E731
+                        if w.get(k + "_energy_pj") is not None else "")) if w[k] else "-"
     for r in rows:
         own = f"{100 * r['own_ann_accuracy']:.2f}%" + (f" / {100 * r['transfer_accuracy']:.2f}%"
                                                         if r["transfer_accuracy"] is not None else "")
         table.add_row(r["method"], r["setting"], f"{100 * r['ann_accuracy']:.2f}%", own, f"{100 * r['accuracy']:.2f}%",
-                      f"{r['spikes_per_sample']:,.0f}", *(fmt(r[f"within_{m}"], "first") for m in MARGINS),
+                      f"{r['spikes_per_sample']:,.0f}", f"{r['energy_pj_per_sample'] / 1e6:.2f}",
+                      *(fmt(r[f"within_{m}"], "first") for m in MARGINS),
                       *(fmt(r[f"within_{m}"], "settled") for m in MARGINS))
     Console(width=200).print(table)
 

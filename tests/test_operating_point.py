@@ -1,12 +1,13 @@
 """The operating point calibrate picks by itself: the bar, the per-step output error, the choice."""
 
 import json
+import math
 
 import torch
 
 from ann2snn.budget import OutputError
 from ann2snn.neurons.asn import OPERATING_POINTS
-from ann2snn.operating_point import MARGINS, cost, fallback, reached, setting_text, settled
+from ann2snn.operating_point import MARGINS, bars, cost, fallback, late_error, reached, setting_text, settled
 
 
 def test_settled_is_the_first_step_from_which_the_error_stays_below_the_bar():
@@ -44,6 +45,9 @@ def test_reached_cost_and_fallback_follow_the_bars():
     assert cost(cheap, base) == 0.9 and cost(cheap, base, bars=1) == 0.5
     assert cost(cheap, base, by=4) is None and cost(cheap, base, by=5) == 0.9  # within from step 5: too late for 4
     assert cost({"settled_steps": [2, None], "spikes_by_then": [20.0, None]}, base) is None
+    short = {**reached(error, spikes, [0.003, 0.0001]), "spikes_per_sample": 60.0}  # never within the second bar
+    assert short["settled_steps"] == [4, None]
+    assert cost(cheap, short) == 45.0 / 60.0  # its whole run's spikes stand in where it never gets there
 
     def row(name, steps, spent, final):
         return {"name": name, "settled_steps": steps, "spikes_by_then": spent, "final_error": final,
@@ -57,6 +61,16 @@ def test_reached_cost_and_fallback_follow_the_bars():
     assert fallback(none, base)["name"] == "c"  # within no bar: the least final error
 
 
+def test_the_bars_are_the_margins_raised_to_the_best_any_run_does():
+    assert late_error(torch.tensor([0.9, 0.5, 0.02, 0.04, 0.01], dtype=torch.float64)) == 0.04  # worst of the last three steps
+    assert bars((0.3, 0.1), 0.0005, 0.0004, 2000) == [0.003, 0.001]  # IF gets below both margins
+    assert bars((0.3, 0.1), 0.002, 0.004, 2000) == [0.003, 0.002]  # IF's final disagreement raises the tight one
+    # IF ends far off (5%); a candidate holds 1% over its second half: its level plus one standard error
+    want = 0.01 + math.sqrt(0.01 * 0.99 / 2000)
+    assert bars((0.3, 0.1), 0.05, 0.01, 2000) == [want, want]
+    assert bars((0.3, 0.1), 0.011, 0.01, 2000) == [0.011, 0.011]  # IF is within that standard error: its own
+
+
 def test_calibrate_asn_picks_the_cheapest_candidate_within_the_if_bars(run_cli, tiny_files):
     d = tiny_files["dir"]
     code, out, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
@@ -66,8 +80,9 @@ def test_calibrate_asn_picks_the_cheapest_candidate_within_the_if_bars(run_cli, 
     record = profile["operating_point"]
     base = record["baseline"]
     assert base["neuron"] == "if" and base["timesteps"] == 64 and base["measure"] == "disagreement"
-    assert base["bars"] == [max(m / 100, base["final_error"]) for m in MARGINS]
     assert len(record["candidates"]) == len(OPERATING_POINTS) and record["samples"] == 40
+    best = min(c["late_error"] for c in record["candidates"])
+    assert base["bars"] == bars(MARGINS, base["final_error"], best, 40)
     for c in record["candidates"]:
         assert len(c["settled_steps"]) == len(c["spikes_by_then"]) == len(MARGINS)
         for step, spent in zip(c["settled_steps"], c["spikes_by_then"]):
@@ -79,16 +94,16 @@ def test_calibrate_asn_picks_the_cheapest_candidate_within_the_if_bars(run_cli, 
     cands = record["candidates"]
     for c in cands:  # the cost, recomputed: the worst ratio of spikes to IF's over the bars
         if c["cost"] is not None:
-            assert c["cost"] == max(x / y for x, y in zip(c["spikes_by_then"], base["spikes_by_then"]))
+            ifs = [y if y is not None else base["spikes_per_sample"] for y in base["spikes_by_then"]]
+            assert c["cost"] == max(x / y for x, y in zip(c["spikes_by_then"], ifs))
     met = [c for c in cands if c["cost"] is not None]
     late = [c for c in cands if None not in c["settled_steps"]]
     loosest = [c for c in cands if c["settled_steps"][0] is not None]
     if met:
         want = min(met, key=lambda c: (c["cost"], c["final_error"]))
     elif late or loosest:  # the cheapest within every bar late, else within the loosest bar
-        pool, bars = (late, 2) if late else (loosest, 1)
-        want = min(pool, key=lambda c: (max(x / y for x, y in zip(c["spikes_by_then"][:bars], base["spikes_by_then"])),
-                                        c["final_error"]))
+        pool, n = (late, 2) if late else (loosest, 1)
+        want = min(pool, key=lambda c: (cost(c, base, bars=n), c["final_error"]))
     else:
         want = min(cands, key=lambda c: (c["final_error"], c["spikes_per_sample"]))
     assert record["chosen"] == want and record["bar_met"] == bool(met)

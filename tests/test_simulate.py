@@ -9,7 +9,7 @@ from ann2snn.neurons.if_neuron import IFNeuron
 from ann2snn.neurons import asn, if_neuron
 from ann2snn.profile import NeuronSpec, ProfileLayer
 from ann2snn.readout import Readout
-from ann2snn.report import build_report, context
+from ann2snn.report import build_report, context, within_margin
 from ann2snn.simulate import Run, simulate
 
 from conftest import tiny_cnn
@@ -52,6 +52,14 @@ def test_spike_accounting_on_a_hand_computed_case():
     assert report.snn["neuron_energy_pj_per_sample"] == pytest.approx(19 * 0.9)
     assert report.snn["energy_pj_per_sample"] == pytest.approx(3 * 0.9 + 2 * 4.6 + 19 * 0.9)
     assert [c["spikes_per_sample"] for c in report.curve] == [1.0, 2.0, 3.0, 3.0]
+    # the energy by each step: synaptic events and neuron updates so far, the constant input once
+    by_step = [2 * 4.6 + spent * 0.9 + (2 * t * 2 + spent) * 0.9 for t, spent in zip(range(1, 5), (1, 2, 3, 3))]
+    assert [c["energy_pj_per_sample"] for c in report.curve] == pytest.approx(by_step)
+    assert report.curve[-1]["energy_pj_per_sample"] == pytest.approx(report.snn["energy_pj_per_sample"])
+    curve = [dict(c, accuracy=a) for c, a in zip(report.curve, (0.5, 0.999, 0.99, 0.998))]
+    w = within_margin(curve, 1.0, 0.3)  # within 0.3 points at steps 2 and 4: stays within from step 4
+    assert (w["first"], w["settled"], w["settled_spikes"]) == (2, 4, 3.0)
+    assert w["settled_energy_pj"] == report.curve[3]["energy_pj_per_sample"]
     assert report.layers[0].firing_rate_hz == 375.0 and report.layers[0].source == "0"
     # the same counts read as ASN's: 6 multiplies a step, and one more on each step of a layer's input
     # ramp (the steps whose gain min(1, t / onset_ms) is below 1; a ramp longer than the run: all its

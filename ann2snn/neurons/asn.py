@@ -97,6 +97,12 @@ def onset_gain(t: int, onset: float) -> float:
     return 1.0 if onset <= 0 or t + 1 >= onset else (t + 1) / onset
 
 
+def ramp_steps(params: dict) -> int:
+    """The steps of a layer's input ramp whose ``onset_gain`` is below 1 (each costs one more
+    multiply per neuron, ``StepOps.mac_per_onset_step``): t + 1 < onset_ms, so ceil(onset_ms) - 1."""
+    return max(0, math.ceil(float(params.get("onset_ms") or 0.0)) - 1)
+
+
 def rescaled_state(state: ASNState, mask: torch.Tensor, ratio: torch.Tensor, p: ASNParams) -> ASNState:
     """The state of the ``mask``ed samples carried across a change of m_f by ``ratio`` (arousal):
     the adaptive threshold, built of increments m_f theta, is scaled by ``ratio``, theta
@@ -326,6 +332,14 @@ OPERATING_POINTS = tuple(
     + [{**_SIGMA_DELTA, "scale": k, "onset_ms": k, "onset_layers": "input"} for k in (16.0, 24.0, 32.0)])
 
 
+def conflict(options: dict) -> str | None:
+    """``onset_layers`` places the ``onset_ms`` ramp: without a ramp it would do nothing (and, named,
+    it still turns off calibrate's own choice)."""
+    if options.get("onset_layers") == "input" and not float(options.get("onset_ms") or 0) > 0:
+        return "onset_layers=input places the onset_ms ramp, which is 0: name onset_ms as well (e.g. onset_ms=24)"
+    return None
+
+
 def _where(policy) -> str:
     return f" in {'+'.join(policy.layers)}" if policy.layers else ""
 
@@ -365,6 +379,6 @@ NEURON = Neuron(
     # 6 multiplies, 4 adds and the compare; per spike: S_hat += theta, theta_dyn += m_f theta (2 adds,
     # the multiply counted as an add of a precomputed m_f theta), PSC += h; during the onset ramp one
     # more multiply (the input's gain)
-    step_ops=StepOps(mac_per_step=6, add_per_step=4, add_per_spike=3, mac_per_onset_step=1),
-    operating_points=OPERATING_POINTS,
+    step_ops=StepOps(mac_per_step=6, add_per_step=4, add_per_spike=3, mac_per_onset_step=1, onset_steps=ramp_steps),
+    operating_points=OPERATING_POINTS, conflict=conflict,
 )

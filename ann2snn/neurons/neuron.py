@@ -95,12 +95,14 @@ NON_NEGATIVE = Bound(0)
 class StepOps:
     """The arithmetic of one neuron's ``*_step``, for the energy count: multiplies (or
     multiply-adds) and adds or compares every step, the adds each spike costs besides, and the
-    multiplies of each step of an input ramp (ASN's ``onset_ms``: the steps whose gain is below 1)."""
+    multiplies of each step of an input ramp, and how many steps a layer's ramp has, from its
+    parameters (ASN's ``onset_ms``: the steps whose gain is below 1, ``asn.ramp_steps``)."""
 
     mac_per_step: float
     add_per_step: float
     add_per_spike: float = 0.0
     mac_per_onset_step: float = 0.0
+    onset_steps: Callable[[dict], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,8 @@ class Neuron:
     ``step_ops``: what one update of one neuron costs (``StepOps``; counted in the energy).
     ``operating_points``: option sets (all with the same keys) ``calibrate`` tries when the user
     names none of those keys and no budget (``operating_point.py``); empty: the defaults stand.
+    ``conflict(options) -> str | None``: a problem of options together (each within its bounds),
+    e.g. one that would silently do nothing without another.
     """
 
     name: str
@@ -182,6 +186,7 @@ class Neuron:
     retuned: tuple[str, ...] = ()
     step_ops: StepOps | None = None
     operating_points: tuple[dict, ...] = ()
+    conflict: Callable[[dict], str | None] | None = None
 
     @property
     def label(self) -> str:
@@ -198,6 +203,9 @@ class Neuron:
             problem = self.bounds[key].problem(value) if key in self.bounds else None
             if problem:
                 raise OptionError(option, f"{key}={value}: {problem}")
+        problem = self.conflict(options) if self.conflict else None
+        if problem:
+            raise OptionError(option, problem)
         return options
 
     def check_options(self, options: dict, source: str) -> None:
@@ -209,6 +217,9 @@ class Neuron:
             problem = self.bounds[key].problem(value) if key in self.bounds else None
             if problem:
                 raise UserError(f"{source}: {self.name.upper()} option {key}={value}: {problem}")
+        problem = self.conflict({**self.defaults, **options}) if self.conflict else None
+        if problem:
+            raise UserError(f"{source}: {self.name.upper()} options: {problem}")
 
     def check_params(self, layer: str, params: dict) -> None:
         """Refuse a layer parameter out of its bounds or unknown (e.g. from a hand-edited profile)."""
