@@ -122,7 +122,8 @@ def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
     with ranks.phase():
         for i in range(ranks.rank, len(neuron.operating_points), ranks.world):
             candidate = neuron.operating_points[i]
-            mine.append((i, *run(neuron, {**options, **candidate}, steps, setting_text(candidate))))
+            error, spikes = run(neuron, {**options, **candidate}, steps, setting_text(candidate))
+            mine.append((i, error.cpu(), spikes.cpu()))  # gathered across ranks: no device tensors
     runs = sorted((r for share in ranks.gather(mine) for r in share), key=lambda r: r[0])
     final = float(base_error[-1])
     limits = (bars(MARGINS, final, min(late_error(e) for _, e, _ in runs), len(data)) if classify else [final])

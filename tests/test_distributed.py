@@ -152,3 +152,15 @@ def test_merge_refuses_forged_or_foreign_partials(run_cli, tiny_files, asn_artif
     (rep / "report.json").symlink_to(asn_artifact)
     code, _, err = run_cli("merge", *parts, *MODEL, "-r", rep)
     assert code == 2 and "would replace the input" in err and (rep / "report.json").is_symlink()
+
+
+def test_the_operating_point_on_two_ranks_is_chosen_as_one_process_chooses_it(run_cli, tiny_files):
+    # the ranks share the candidates; the bars need every candidate's curve, gathered on every rank
+    f, d = tiny_files, tiny_files["dir"]
+    args = ["calibrate", f["checkpoint"], *MODEL, "-d", f["data"], "--neuron", "asn", "--samples", 20, "--device", "cpu"]
+    assert run_cli(*args, "-o", d / "one.json")[0] == 0
+    done = _torchrun([*args, "-o", d / "two.json"], d)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((d / n).read_text()) for n in ("one.json", "two.json"))
+    assert two["operating_point"] == one["operating_point"] and two["neuron"] == one["neuron"]
+    assert two["layers"] == one["layers"]
