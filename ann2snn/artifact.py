@@ -85,7 +85,7 @@ def variant(meta: ArtifactMeta, base: Neuron, other: Neuron | None, overrides: d
     if fixed:
         raise OptionError("sweep", f"{fixed[0]}: takes effect when calibrating (statistics, fitted ramps), so a "
                                    "sweep cannot change it; calibrate again with another value instead")
-    neuron.options(overrides, option="sweep")
+    neuron.options(overrides, option="sweep", over=meta.neuron.options if neuron is base else None)
     if neuron is base:
         options = {**meta.neuron.options, **overrides}
         fitted = [k for k in overrides if k not in neuron.readout_options]  # readout_tau: no refit

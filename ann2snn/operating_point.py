@@ -8,9 +8,9 @@ which bounds the accuracy gap and, being paired, is less noisy on a few thousand
 one bar per margin of ``MARGINS``; for regression it is the output error against the ANN
 (``budget.OutputError``), IF's final error the one bar. Each of the neuron's candidate option
 sets (``Neuron.operating_points``) is simulated on the same images with its own fitted layer
-scales. A classifier's bar is raised where no run gets below the margin, to the best any run
-does (``bars``): IF's final disagreement, or, where a candidate holds a lower one over the
-second half of its run, that level plus one standard error - a network on which IF falls short
+scales. A classifier's bar is raised where the margin is below the best level a run shows
+(``bars``): IF's final disagreement, or, where a candidate holds a lower one over the second
+half of its run, that level plus one standard error (the noise of n images) - a network on which IF falls short
 of the ANN gets the candidate that comes closest to it, not one as far off as IF. At every bar a
 run costs the spikes per sample it has spent by the step from which it stays within the bar
 (IF, where it never does, its whole run's: a lower bound on what it would need), and a
@@ -76,10 +76,11 @@ def late_error(error: torch.Tensor) -> float:
 
 
 def bars(margins: tuple[float, ...], baseline_final: float, best_late: float, samples: int) -> list[float]:
-    """A classifier's disagreement bars: each margin (in accuracy points), raised where no run gets
-    below it to the best any run does - the baseline's final disagreement, or the best candidate's
-    ``late_error`` plus its binomial standard error sqrt(e (1 - e) / n) where that is lower (the
-    candidates within it are as faithful as the best on this many images)."""
+    """A classifier's disagreement bars: each margin (in accuracy points, as a share), raised where
+    it is below the best level a run shows - the baseline's final disagreement, or, where lower,
+    the best candidate's ``late_error`` (its worst over the second half of its run) plus its
+    binomial standard error sqrt(e (1 - e) / n): on n images a level is known to about that, and
+    a bar at the best run's own level would pass the single luckiest candidate."""
     floor = min(baseline_final, best_late + math.sqrt(best_late * (1 - best_late) / max(samples, 1)))
     return [max(m / 100, floor) for m in margins]
 

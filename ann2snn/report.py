@@ -277,7 +277,8 @@ def runs_of(report: Report) -> list[tuple[str, list[dict]]]:
 
 
 def curve_csv(report: Report) -> str:
-    """Every run's curve in long form: run, timestep, metric, spikes and synaptic ops per sample."""
+    """Every run's curve in long form: run, timestep, metric, and per sample the spikes, synaptic
+    ops and energy (pJ) of the steps so far."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["run", *report.curve[0]], lineterminator="\n")
     writer.writeheader()

@@ -274,13 +274,16 @@ def test_onset_layers_input_ramps_only_the_layers_the_analog_input_feeds():
     assert asn.fit(stats(None), {**options, "onset_layers": "all"})["onset_ms"] == 16.0
     with pytest.raises(UserError, match="onset_layers=first"):
         asn.NEURON.options({"onset_layers": "first"})
-    # "input" places the onset_ms ramp: with none (the default 0) it would do nothing, so it is refused,
-    # from the command line and from a file alike
-    with pytest.raises(UserError, match="onset_layers=input places the onset_ms ramp, which is 0"):
+    # a named "input" places the onset_ms ramp: with none (the default 0) it would do nothing, so it is
+    # refused, over the defaults or over an artifact's options (a sweep); onset_ms 0 named on its own is
+    # a network without a ramp, and a file holding the pair is loaded as the network it is
+    with pytest.raises(UserError, match="onset_layers=input places the onset_ms ramp, and onset_ms is 0 here"):
         asn.NEURON.options({"onset_layers": "input"})
-    with pytest.raises(UserError, match="p.json: ASN options: onset_layers=input"):
-        asn.NEURON.check_options({"onset_layers": "input", "onset_ms": 0.0}, "p.json")
-    asn.NEURON.check_options({"onset_layers": "input", "onset_ms": 8.0}, "p.json")
+    with pytest.raises(UserError, match="onset_layers=input places"):
+        asn.NEURON.options({"onset_layers": "input"}, over={"onset_ms": 0.0, "onset_layers": "all"})
+    assert asn.NEURON.options({"onset_layers": "input"}, over={"onset_ms": 8.0})["onset_ms"] == 8.0
+    assert asn.NEURON.options({"onset_ms": 0.0}, over={"onset_ms": 8.0, "onset_layers": "input"})["onset_ms"] == 0.0
+    asn.NEURON.check_options({"onset_layers": "input", "onset_ms": 0.0}, "p.json")
 
 
 def test_onset_gain_ramps_linearly_to_one():

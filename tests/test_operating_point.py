@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from ann2snn.budget import OutputError
@@ -69,6 +70,12 @@ def test_the_bars_are_the_margins_raised_to_the_best_any_run_does():
     want = 0.01 + math.sqrt(0.01 * 0.99 / 2000)
     assert bars((0.3, 0.1), 0.05, 0.01, 2000) == [want, want]
     assert bars((0.3, 0.1), 0.011, 0.01, 2000) == [0.011, 0.011]  # IF is within that standard error: its own
+    # the best candidate's level counts with its standard error: 0.08% on 2,000 images is 0.08% +- 0.063%,
+    # so the 0.1% margin is raised to 0.143% (a bar at the best's own level would pass only the luckiest)
+    assert bars((0.3, 0.1), 0.005, 0.0008, 2000) == [0.003, 0.0008 + math.sqrt(0.0008 * 0.9992 / 2000)]
+    assert bars((0.3, 0.1), 0.005, 0.0001, 2000) == [0.003, 0.001]  # clearly within the margin: kept
+    # a run at 0.25% +- 0.11% is not known to be within 0.3% on 2,000 images: both bars 0.36%
+    assert bars((0.3, 0.1), 0.05, 0.0025, 2000) == [0.0025 + math.sqrt(0.0025 * 0.9975 / 2000)] * 2
 
 
 def test_calibrate_asn_picks_the_cheapest_candidate_within_the_if_bars(run_cli, tiny_files):
@@ -160,7 +167,45 @@ def test_onset_layers_input_ramps_the_first_layer_only_through_calibrate_convert
         _, layers = variant(meta, asn.NEURON, None, overrides)
         assert [layer.params["scale"] for layer in layers] == [layer.params["scale"] for layer in meta.layers]
         assert [layer.params["onset_ms"] for layer in layers] == onsets, overrides
+    # a sweep's options go over the artifact's: "input" on an artifact that ramps every layer (onset 4)
+    # is the input ramp; on one without a ramp it would do nothing and is refused
+    from dataclasses import replace
+
+    from ann2snn.errors import UserError
+
+    every = replace(meta, neuron=replace(meta.neuron, options={**meta.neuron.options, "onset_layers": "all"}))
+    _, layers = variant(every, asn.NEURON, None, {"onset_layers": "input"})
+    assert [layer.params["onset_ms"] for layer in layers] == [4.0, 0.0]
+    flat = replace(meta, neuron=replace(meta.neuron, options={**every.neuron.options, "onset_ms": 0.0}))
+    with pytest.raises(UserError, match="onset_layers=input places the onset_ms ramp"):
+        variant(flat, asn.NEURON, None, {"onset_layers": "input"})
     for layer in profile["layers"]:  # a profile written before the flag: the artifact's graph tells
         del layer["stats"]["analog_input"]
     (d / "old.json").write_text(json.dumps(profile))
     assert swept_macs("old") == sum(units) * T * 6 + units[0] * 7
+
+
+def test_calibrate_prints_a_bar_if_never_reaches_and_the_candidate_that_set_it(monkeypatch):
+    from rich.console import Console
+
+    from ann2snn import cli
+    from ann2snn.profile import OperatingPointRecord
+
+    console = Console(record=True, width=300)
+    monkeypatch.setattr(cli, "console", console)
+    limit = bars(MARGINS, 0.05, 0.01, 2000)  # IF ends at 5%, a candidate holds 1%: raised to 1.22%
+    base = {"neuron": "if", "timesteps": 64, "margins": list(MARGINS), "bars": limit, "final_error": 0.05,
+            "spikes_per_sample": 100.0, "settled_steps": [None, None], "spikes_by_then": [None, None]}
+    chosen = {"scale": 32.0, "final_error": 0.01, "late_error": 0.01, "spikes_per_sample": 60.0,
+              "settled_steps": [30, 30], "spikes_by_then": [40.0, 40.0]}
+    chosen["cost"] = cost(chosen, base)
+    assert chosen["cost"] == 0.4  # against IF's whole run, where it never gets within
+    far = {**chosen, "scale": 8.0, "final_error": 0.04, "late_error": 0.045, "settled_steps": [None, None],
+           "spikes_by_then": [None, None], "cost": None}
+    cli._print_operating_point(OperatingPointRecord(baseline=base, timesteps=200, samples=2000,
+                                                    candidates=[far, chosen], chosen=chosen, bar_met=True))
+    out = console.export_text()
+    assert "<= 1.2% never; <= 1.2% never" in out  # IF never within the raised bars
+    assert "the best candidate's disagreement over the second half" in out
+    assert "scale=8 " in out and "misses a bar" in out and "late_error" not in out
+    assert "from step 30 (40 spikes)" in out and "0.40 x IF's spikes <- chosen" in out

@@ -69,6 +69,12 @@ def test_spike_accounting_on_a_hand_computed_case():
         asn_run = Run("ASN", asn.NEURON, NeuronSpec(type="asn", options={"onset_ms": onset}), [layer])
         updates = build_report(sim, asn_run, Readout(), ctx).snn["neuron_updates_per_sample"]
         assert updates == {"mac": 2 * (4 * 6 + ramp_steps), "add": 2 * 4 * 4 + 3 * 3}, onset
+    # by step t the ramp has cost min(t, ramp steps) multiplies per unit: onset 3 ramps steps 1 and 2
+    layer = ProfileLayer(name="act0", neurons=2, params={"onset_ms": 3.0})
+    curve = build_report(sim, Run("ASN", asn.NEURON, NeuronSpec(type="asn", options={}), [layer]), Readout(), ctx).curve
+    for t, spent in zip(range(1, 5), (1, 2, 3, 3)):
+        mac, add = 2 * (t * 6 + min(t, 2)), 2 * t * 4 + spent * 3
+        assert curve[t - 1]["energy_pj_per_sample"] == pytest.approx(2 * 4.6 + spent * 0.9 + mac * 4.6 + add * 0.9)
     unramped = ProfileLayer(name="act0", neurons=2, params={"onset_ms": 0.0})  # a layer the ramp skips
     asn_run = Run("ASN", asn.NEURON, NeuronSpec(type="asn", options={"onset_ms": 3.0}), [unramped])
     assert build_report(sim, asn_run, Readout(), ctx).snn["neuron_updates_per_sample"]["mac"] == 2 * 4 * 6

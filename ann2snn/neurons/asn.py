@@ -332,11 +332,12 @@ OPERATING_POINTS = tuple(
     + [{**_SIGMA_DELTA, "scale": k, "onset_ms": k, "onset_layers": "input"} for k in (16.0, 24.0, 32.0)])
 
 
-def conflict(options: dict) -> str | None:
-    """``onset_layers`` places the ``onset_ms`` ramp: without a ramp it would do nothing (and, named,
-    it still turns off calibrate's own choice)."""
-    if options.get("onset_layers") == "input" and not float(options.get("onset_ms") or 0) > 0:
-        return "onset_layers=input places the onset_ms ramp, which is 0: name onset_ms as well (e.g. onset_ms=24)"
+def conflict(options: dict, named: set) -> str | None:
+    """A named ``onset_layers`` places the ``onset_ms`` ramp: without one it would do nothing (and,
+    named at calibrate, it still turns off calibrate's own choice)."""
+    if "onset_layers" in named and options.get("onset_layers") == "input" and not float(options.get("onset_ms") or 0) > 0:
+        return ("onset_layers=input places the onset_ms ramp, and onset_ms is 0 here: nothing would ramp "
+                "(set onset_ms too)")
     return None
 
 

@@ -163,8 +163,9 @@ class Neuron:
     ``step_ops``: what one update of one neuron costs (``StepOps``; counted in the energy).
     ``operating_points``: option sets (all with the same keys) ``calibrate`` tries when the user
     names none of those keys and no budget (``operating_point.py``); empty: the defaults stand.
-    ``conflict(options) -> str | None``: a problem of options together (each within its bounds),
-    e.g. one that would silently do nothing without another.
+    ``conflict(options, named) -> str | None``: a problem of options together (each within its
+    bounds), e.g. a ``named`` one that would silently do nothing without another; checked where a
+    user sets options (``--param``, ``--sweep``), not on files, whose networks are well defined.
     """
 
     name: str
@@ -186,24 +187,25 @@ class Neuron:
     retuned: tuple[str, ...] = ()
     step_ops: StepOps | None = None
     operating_points: tuple[dict, ...] = ()
-    conflict: Callable[[dict], str | None] | None = None
+    conflict: Callable[[dict, set], str | None] | None = None
 
     @property
     def label(self) -> str:
         return self.name.upper()
 
-    def options(self, overrides: dict, option: str = "neuron_options") -> dict:
-        """The defaults with ``overrides`` over them, refusing a key that is not an option."""
+    def options(self, overrides: dict, option: str = "neuron_options", over: dict | None = None) -> dict:
+        """The defaults (with the options ``over``, e.g. an artifact's, on them) with ``overrides``
+        over them, refusing a key that is not an option, a value out of bounds and a ``conflict``."""
         unknown = set(overrides) - set(self.defaults)
         if unknown:
             raise OptionError(option, f"{sorted(unknown)[0]}: not an option of neuron {self.name!r} "
                                       f"(options: {', '.join(self.defaults)})")
-        options = {**self.defaults, **overrides}
+        options = {**self.defaults, **(over or {}), **overrides}
         for key, value in options.items():
             problem = self.bounds[key].problem(value) if key in self.bounds else None
             if problem:
                 raise OptionError(option, f"{key}={value}: {problem}")
-        problem = self.conflict(options) if self.conflict else None
+        problem = self.conflict(options, set(overrides)) if self.conflict else None
         if problem:
             raise OptionError(option, problem)
         return options
@@ -217,9 +219,6 @@ class Neuron:
             problem = self.bounds[key].problem(value) if key in self.bounds else None
             if problem:
                 raise UserError(f"{source}: {self.name.upper()} option {key}={value}: {problem}")
-        problem = self.conflict({**self.defaults, **options}) if self.conflict else None
-        if problem:
-            raise UserError(f"{source}: {self.name.upper()} options: {problem}")
 
     def check_params(self, layer: str, params: dict) -> None:
         """Refuse a layer parameter out of its bounds or unknown (e.g. from a hand-edited profile)."""
