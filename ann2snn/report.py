@@ -171,11 +171,13 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
 
     def energy(t: int, synops_by_t: float, spikes_by_t: float) -> tuple[float, float, dict | None]:
         """(synaptic, neuron energy in pJ per sample, neuron updates) of the first ``t`` steps."""
-        updates = {"mac": total_units * t * ops.mac_per_step + sum(u * min(t, r) for u, r in ramp) * ops.mac_per_onset_step,
+        ramped = sum(u * min(t, r) for u, r in ramp)
+        updates = {"mac": total_units * t * ops.mac_per_step + ramped * ops.mac_per_onset_step,
                    "add": total_units * t * ops.add_per_step + spikes_by_t * ops.add_per_spike} if ops else None
         neuron = (updates["mac"] * PRESETS[ctx.preset]["mac_pj"] + updates["add"] * PRESETS[ctx.preset]["ac_pj"]
                   if updates else 0.0)
-        return snn_energy_pj(synops_by_t, ctx.input_macs, ctx.analog_macs_per_step, t, ctx.preset, spike_op), neuron, updates
+        synaptic = snn_energy_pj(synops_by_t, ctx.input_macs, ctx.analog_macs_per_step, t, ctx.preset, spike_op)
+        return synaptic, neuron, updates
 
     synaptic, neuron_energy, updates = energy(steps, synops, spikes)
     rate = lambda s, count: s / max(count, 1) / steps * 1000.0  # noqa: E731
@@ -184,8 +186,8 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
                           firing_rate_hz=rate(float(layer_spikes[i]) / n, units[name]),
                           synops_per_sample=float(sim.synops[i].sum()) / n) for i, name in enumerate(sim.layers)]
     curve = [{"timestep": t + 1, metric: values[t], "spikes_per_sample": cum_spikes[t],
-              "synops_per_sample": cum_synops[t], "energy_pj_per_sample": sum(energy(t + 1, cum_synops[t], cum_spikes[t])[:2])}
-             for t in range(steps)]
+              "synops_per_sample": cum_synops[t],
+              "energy_pj_per_sample": sum(energy(t + 1, cum_synops[t], cum_spikes[t])[:2])} for t in range(steps)]
     snn = {metric: values[-1], "spikes_per_sample": spikes, "synops_per_sample": synops,
            "firing_rate_hz": rate(spikes, total_units),
            "spike_percent": 100.0 * spikes / max(total_units * steps, 1), "neurons": total_units,

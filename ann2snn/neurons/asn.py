@@ -335,7 +335,8 @@ OPERATING_POINTS = tuple(
 def conflict(options: dict, named: set) -> str | None:
     """A named ``onset_layers`` places the ``onset_ms`` ramp: without one it would do nothing (and,
     named at calibrate, it still turns off calibrate's own choice)."""
-    if "onset_layers" in named and options.get("onset_layers") == "input" and not float(options.get("onset_ms") or 0) > 0:
+    ramp = float(options.get("onset_ms") or 0)
+    if "onset_layers" in named and options.get("onset_layers") == "input" and not ramp > 0:
         return ("onset_layers=input places the onset_ms ramp, and onset_ms is 0 here: nothing would ramp "
                 "(set onset_ms too)")
     return None
@@ -380,6 +381,7 @@ NEURON = Neuron(
     # 6 multiplies, 4 adds and the compare; per spike: S_hat += theta, theta_dyn += m_f theta (2 adds,
     # the multiply counted as an add of a precomputed m_f theta), PSC += h; during the onset ramp one
     # more multiply (the input's gain)
-    step_ops=StepOps(mac_per_step=6, add_per_step=4, add_per_spike=3, mac_per_onset_step=1, onset_steps=ramp_steps),
+    step_ops=StepOps(mac_per_step=6, add_per_step=4, add_per_spike=3, mac_per_onset_step=1,
+                     onset_steps=ramp_steps),
     operating_points=OPERATING_POINTS, conflict=conflict,
 )
