@@ -168,12 +168,17 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
     # per layer, the steps of its input ramp (ASN onset_ms: asn.ramp_steps)
     ramp = [(units.get(layer.name, 0), ops.onset_steps(layer.params)) for layer in run.layers
             if ops and ops.onset_steps]
+    # per step, every unit's update (StepOps.per_step: what its layer's parameters leave out is not counted)
+    params = {layer.name: layer.params for layer in run.layers}
+    step_ops = [ops.per_step(params[name] if ops.unused else {}) for name in units] if ops else []
+    step_mac = sum(u * mac for u, (mac, _) in zip(units.values(), step_ops))
+    step_add = sum(u * add for u, (_, add) in zip(units.values(), step_ops))
 
     def energy(t: int, synops_by_t: float, spikes_by_t: float) -> tuple[float, float, dict | None]:
         """(synaptic, neuron energy in pJ per sample, neuron updates) of the first ``t`` steps."""
         ramped = sum(u * min(t, r) for u, r in ramp)
-        updates = {"mac": total_units * t * ops.mac_per_step + ramped * ops.mac_per_onset_step,
-                   "add": total_units * t * ops.add_per_step + spikes_by_t * ops.add_per_spike} if ops else None
+        updates = {"mac": step_mac * t + ramped * ops.mac_per_onset_step,
+                   "add": step_add * t + spikes_by_t * ops.add_per_spike} if ops else None
         neuron = (updates["mac"] * PRESETS[ctx.preset]["mac_pj"] + updates["add"] * PRESETS[ctx.preset]["ac_pj"]
                   if updates else 0.0)
         synaptic = snn_energy_pj(synops_by_t, ctx.input_macs, ctx.analog_macs_per_step, t, ctx.preset, spike_op)

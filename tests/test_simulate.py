@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -78,6 +80,24 @@ def test_spike_accounting_on_a_hand_computed_case():
     unramped = ProfileLayer(name="act0", neurons=2, params={"onset_ms": 0.0})  # a layer the ramp skips
     asn_run = Run("ASN", asn.NEURON, NeuronSpec(type="asn", options={"onset_ms": 3.0}), [unramped])
     assert build_report(sim, asn_run, Readout(), ctx).snn["neuron_updates_per_sample"]["mac"] == 2 * 4 * 6
+    # a layer without a membrane filter (tau_phi 0: S = c) does 2 multiplies and an add fewer a step,
+    # one with plain output spikes (tau_beta 0: psc = h s) a multiply fewer; a filtered one (its
+    # tau_phi, or the default 2.5 where the parameters name none) does not
+    for params, mac, add in (({"tau_phi": 0.0}, 4, 3), ({"tau_phi": 2.5}, 6, 4), ({}, 6, 4),
+                             ({"tau_beta": 0.0}, 5, 4), ({"tau_phi": 1e-4, "tau_beta": 0.0}, 3, 3)):
+        layer = ProfileLayer(name="act0", neurons=2, params={"onset_ms": 0.0, **params})
+        asn_run = Run("ASN", asn.NEURON, NeuronSpec(type="asn", options={}), [layer])
+        updates = build_report(sim, asn_run, Readout(), ctx).snn["neuron_updates_per_sample"]
+        assert updates == {"mac": 2 * 4 * mac, "add": 2 * 4 * add + 3 * 3}, params
+    # counted layer by layer: beside act0 (2 units, filtered) a silent act1 of 3 units without a filter
+    two = replace(ctx, units={"act0": 2, "act1": 3})
+    layers = [ProfileLayer(name="act0", neurons=2, params={"onset_ms": 0.0}),
+              ProfileLayer(name="act1", neurons=3, params={"onset_ms": 0.0, "tau_phi": 0.0})]
+    report = build_report(sim, Run("ASN", asn.NEURON, NeuronSpec(type="asn", options={}), layers), Readout(), two)
+    assert report.snn["neuron_updates_per_sample"] == {"mac": 4 * (2 * 6 + 3 * 4), "add": 4 * (2 * 4 + 3 * 3) + 3 * 3}
+    for t, spent in zip(range(1, 5), (1, 2, 3, 3)):
+        mac, add = t * (2 * 6 + 3 * 4), t * (2 * 4 + 3 * 3) + spent * 3
+        assert report.curve[t - 1]["energy_pj_per_sample"] == pytest.approx(2 * 4.6 + spent * 0.9 + mac * 4.6 + add * 0.9)
 
 
 def test_fanout_through_pooling_matches_brute_force_jacobian():

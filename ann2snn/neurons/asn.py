@@ -61,11 +61,16 @@ class ASNState(NamedTuple):
     psc: torch.Tensor
 
 
+def decay(tau: float) -> float:
+    """The factor d = exp(-1 / tau) a state decays by in one step (tau 0: none is kept)."""
+    return math.exp(-1.0 / tau) if tau > 0 else 0.0
+
+
 def make_params(m_f: float, theta0: float | None = None, tau_phi: float = 2.5, tau_gamma: float = 15.0,
                 tau_eta: float = 50.0, tau_beta: float = 50.0) -> ASNParams:
     theta0 = m_f if theta0 is None else theta0
     h = normalised_h(m_f, theta0, tau_gamma, tau_eta)
-    d = lambda tau: math.exp(-1.0 / tau) if tau > 0 else 0.0  # noqa: E731
+    d = decay
     h_out = h * (1.0 - d(tau_beta)) / (1.0 - d(tau_eta))
     return ASNParams(m_f, theta0, h, d(tau_phi), d(tau_gamma), d(tau_eta), d(tau_beta), h_out, tau_gamma, tau_eta)
 
@@ -101,6 +106,15 @@ def ramp_steps(params: dict) -> int:
     """The steps of a layer's input ramp whose ``onset_gain`` is below 1 (each costs one more
     multiply per neuron, ``StepOps.mac_per_onset_step``): t + 1 < onset_ms, so ceil(onset_ms) - 1."""
     return max(0, math.ceil(float(params.get("onset_ms") or 0.0)) - 1)
+
+
+def unused_ops(params: dict) -> tuple[float, float]:
+    """The (multiplies, adds) per step that a layer's time constants leave out: with no membrane
+    filter (tau_phi 0, so d_phi 0) S = (1 - d_phi) c + d_phi S is S = c, 2 multiplies and an add;
+    with plain spikes for an output (tau_beta 0) psc = psc d_beta + h s is h s, 1 multiply."""
+    unfiltered = decay(float(params.get("tau_phi", TAU["tau_phi"]))) == 0.0
+    plain = decay(float(params.get("tau_beta", TAU["tau_beta"]))) == 0.0
+    return 2.0 * unfiltered + 1.0 * plain, 1.0 * unfiltered
 
 
 def rescaled_state(state: ASNState, mask: torch.Tensor, ratio: torch.Tensor, p: ASNParams) -> ASNState:
@@ -377,11 +391,11 @@ NEURON = Neuron(
     calibration_only=("percentile", "bias_ramp"),
     # onset_ms and onset_layers set each layer's onset through retune (which layers ramp follows the graph)
     param_options=("m_f", "theta0", *TAU, "onset_ms", "onset_layers"), retune=retune, retuned=("onset_ms", "onset_layers"),
-    # per step: S filter 2 mul + add, S_hat decay, theta/2, theta_dyn decay, theta0 + theta_dyn, PSC decay:
-    # 6 multiplies, 4 adds and the compare; per spike: S_hat += theta, theta_dyn += m_f theta (2 adds,
-    # the multiply counted as an add of a precomputed m_f theta), PSC += h; during the onset ramp one
-    # more multiply (the input's gain)
+    # per step: S filter 2 mul + add, S_hat decay, theta/2, theta_dyn decay, theta0 + theta_dyn, PSC
+    # decay: 6 multiplies, 4 adds and the compare (less what tau_phi or tau_beta 0 leave out, unused_ops); per spike:
+    # S_hat += theta, theta_dyn += m_f theta (2 adds, the multiply counted as an add of a precomputed
+    # m_f theta), PSC += h; during the onset ramp one more multiply (the input's gain)
     step_ops=StepOps(mac_per_step=6, add_per_step=4, add_per_spike=3, mac_per_onset_step=1,
-                     onset_steps=ramp_steps),
+                     onset_steps=ramp_steps, unused=unused_ops),
     operating_points=OPERATING_POINTS, conflict=conflict,
 )

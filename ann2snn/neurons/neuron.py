@@ -96,13 +96,21 @@ class StepOps:
     """The arithmetic of one neuron's ``*_step``, for the energy count: multiplies (or
     multiply-adds) and adds or compares every step, the adds each spike costs besides, and the
     multiplies of each step of an input ramp, and how many steps a layer's ramp has, from its
-    parameters (ASN's ``onset_ms``: the steps whose gain is below 1, ``asn.ramp_steps``)."""
+    parameters (ASN's ``onset_ms``: the steps whose gain is below 1, ``asn.ramp_steps``);
+    ``unused``: the (multiplies, adds) per step that a layer's parameters leave out (ASN without a
+    membrane filter, tau_phi 0: S = c; ``asn.unused_ops``)."""
 
     mac_per_step: float
     add_per_step: float
     add_per_spike: float = 0.0
     mac_per_onset_step: float = 0.0
     onset_steps: Callable[[dict], int] | None = None
+    unused: Callable[[dict], tuple[float, float]] | None = None
+
+    def per_step(self, params: dict) -> tuple[float, float]:
+        """(multiplies, adds) one unit of a layer with these parameters does every step."""
+        mac, add = self.unused(params) if self.unused else (0.0, 0.0)
+        return self.mac_per_step - mac, self.add_per_step - add
 
 
 @dataclass(frozen=True)
