@@ -209,6 +209,10 @@ def _print_operating_point(record) -> None:
     if not record.bar_met:
         console.print("[yellow]no setting stayed within every bar from the first half of its run on; kept the "
                       "cheapest within every bar later, else within the most bars, else the least final gap[/]")
+    elif record.chosen["cost"] > 1:
+        console.print(f"[yellow]every setting within the bars spends more spikes than {b['neuron'].upper()} at its "
+                      f"defaults on these images (the cheapest {record.chosen['cost']:.2f} times): here "
+                      f"{b['neuron'].upper()} is the cheaper SNN[/]")
 
 
 @app.command()

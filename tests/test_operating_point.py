@@ -209,3 +209,13 @@ def test_calibrate_prints_a_bar_if_never_reaches_and_the_candidate_that_set_it(m
     assert "the best candidate's disagreement over the second half" in out
     assert "scale=8 " in out and "misses a bar" in out and "late_error" not in out
     assert "from step 30 (40 spikes)" in out and "0.40 x IF's spikes <- chosen" in out
+    assert "is the cheaper SNN" not in out
+    # a choice dearer than IF is said to be so
+    console = Console(record=True, width=300)
+    monkeypatch.setattr(cli, "console", console)
+    dear = {**chosen, "cost": 1.04}
+    cli._print_operating_point(OperatingPointRecord(baseline=base, timesteps=200, samples=2000,
+                                                    candidates=[far, dear], chosen=dear, bar_met=True))
+    out = console.export_text()
+    assert "1.04 x IF's spikes <- chosen" in out
+    assert "spends more spikes than IF at its defaults on these images (the cheapest 1.04 times)" in out
