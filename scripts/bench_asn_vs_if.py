@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ann2snn import pipeline
+from ann2snn.cli import key_values
 from ann2snn.options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from ann2snn.files import write_text
 from ann2snn.records import to_json
@@ -43,7 +44,18 @@ MARGINS = (0.1, 0.3)
 def evaluate(a, artifact: Path, run: RunOptions, sweep: list[dict] | None = None) -> dict:
     """The report of ``artifact`` on the test split, as JSON values."""
     return pipeline.evaluate(artifact, a.dataset, run, source=DataSource(a.data_dir), device=a.device,
-                             sweep=sweep).to_json()
+                             sweep=sweep, model_ref=a.model).to_json()
+
+
+def calibrate(a, checkpoint: Path, *args, **kwargs):
+    """``pipeline.calibrate`` of the named model with the --model-arg arguments."""
+    return pipeline.calibrate(checkpoint, a.model, *args, model_args=a.model_args, **kwargs)
+
+
+def convert(a, checkpoint: Path, profile: Path, artifact: Path) -> None:
+    """``pipeline.convert``; the architecture named by --model is the one the command line trusts
+    (as ``ann2snn convert -m``: a ``package.module:callable`` runs that module's code)."""
+    pipeline.convert(checkpoint, profile, artifact, model_ref=a.model)
 
 
 def rows_of(report: dict, method: str, reference: float | None = None) -> list[dict]:
@@ -66,7 +78,9 @@ def rows_of(report: dict, method: str, reference: float | None = None) -> list[d
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="lenet5")
+    p.add_argument("--model", default="lenet5", help="a zoo name or package.module:callable (its code is run)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument of the architecture, as for calibrate (repeatable), e.g. width=16")
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--train-epochs", type=int, default=8, help="if the checkpoint is missing")
@@ -97,10 +111,12 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="calibration-subset seeds of the first table, e.g. 0,1,2: "
                                                "each seed's table, then mean and spread")
     a = p.parse_args()
+    a.model_args = key_values(a.model_arg, "--model-arg")
     out = a.out
     if not a.checkpoint.exists():
         subprocess.run([sys.executable, str(Path(__file__).with_name("train_reference.py")), "--model", a.model,
                         "--dataset", a.dataset, "--epochs", str(a.train_epochs), "-o", str(a.checkpoint)]
+                       + [f"--model-arg={v}" for v in a.model_arg]
                        + (["--data-dir", a.data_dir] if a.data_dir else []), check=True)
     common = dict(limit=a.limit, batch_size=a.batch_size)
     mfs = [float(v) for v in a.mf.split(",")]
@@ -120,10 +136,11 @@ def main() -> None:
     checkpoints = [("ASN m_f sweep" if a.select_on is None else f"ASN m_f picked on {a.select_on}", a.checkpoint)]
     calib = CalibrationOptions(split=a.calibration_split)
     if a.finetune_epochs:
-        pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "asn.json", neuron="asn", source=DataSource(a.data_dir),
+        calibrate(a, a.checkpoint, a.dataset, out / "asn.json", neuron="asn", source=DataSource(a.data_dir),
                            device=a.device, neuron_options={"m_f": mfs[0]}, options=calib)
         ft = out / "finetuned.safetensors"
         result = pipeline.finetune(a.checkpoint, out / "asn.json", a.dataset, ft, source=DataSource(a.data_dir),
+                                   model_ref=a.model,
                                    options=FinetuneOptions(epochs=a.finetune_epochs, lr=a.finetune_lr,
                                                            split="fit" if a.select_on == "val" else "train"),
                                    device=a.device)
@@ -134,9 +151,9 @@ def main() -> None:
         profile = ckpt.with_suffix(".calib.json")  # fine-tuned: the profile it was trained with
         if ckpt == a.checkpoint:
             profile = out / f"{tag}.json"
-            pipeline.calibrate(ckpt, a.model, a.dataset, profile, neuron="asn", source=DataSource(a.data_dir),
+            calibrate(a, ckpt, a.dataset, profile, neuron="asn", source=DataSource(a.data_dir),
                                device=a.device, neuron_options={"m_f": mfs[0]}, options=calib)
-        pipeline.convert(ckpt, profile, out / f"{tag}.snn.safetensors")
+        convert(a, ckpt, profile, out / f"{tag}.snn.safetensors")
         artifact = out / f"{tag}.snn.safetensors"
         if a.select_on is None:
             report = evaluate(a, artifact, RunOptions(a.timesteps, start_ms=a.start_ms, **common),
@@ -217,11 +234,11 @@ def defaults(a, out: Path, common: dict, seed: int = 0) -> list[dict]:
             continue
         tag = method.split()[0].lower() + ("_paper" if "paper" in method else "_noramp" if "ramp" in method else "")
         start = time.perf_counter()
-        profile, _ = pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / f"default_{tag}.json", neuron=neuron,
+        profile, _ = calibrate(a, a.checkpoint, a.dataset, out / f"default_{tag}.json", neuron=neuron,
                                         neuron_options=overrides, source=DataSource(a.data_dir), device=a.device,
                                         options=CalibrationOptions(seed=seed, split=a.calibration_split))
         seconds = time.perf_counter() - start
-        pipeline.convert(a.checkpoint, out / f"default_{tag}.json", out / f"default_{tag}.snn.safetensors")
+        convert(a, a.checkpoint, out / f"default_{tag}.json", out / f"default_{tag}.snn.safetensors")
         report = evaluate(a, out / f"default_{tag}.snn.safetensors", RunOptions(steps, **common))
         for row in rows_of(report, method, reference=rows[0]["ann_accuracy"] if rows else None):
             row.update(seed=seed, calibrate_seconds=round(seconds, 1), options=profile.neuron.options,
@@ -270,32 +287,33 @@ def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) ->
     split = a.calibration_split
     if tradeoffs:
         first = {"tradeoff": tradeoffs[0]} if tradeoffs[0] > 0 else {}
-        pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn.json", neuron="vsn", source=DataSource(a.data_dir),
+        calibrate(a, a.checkpoint, a.dataset, out / "vsn.json", neuron="vsn", source=DataSource(a.data_dir),
                            device=a.device, neuron_options=first, options=CalibrationOptions(split=split))
-        pipeline.convert(a.checkpoint, out / "vsn.json", out / "vsn.snn.safetensors")
+        convert(a, a.checkpoint, out / "vsn.json", out / "vsn.snn.safetensors")
         report = evaluate(a, out / "vsn.snn.safetensors", RunOptions(1, **common),
                           sweep=[{"tradeoff": t} for t in tradeoffs[1:]])
         rows += rows_of(report, "VSN Ts=1", reference)
     for budget in [float(v) for v in a.vsn_budgets.split(",") if v.strip()]:
         profile = out / f"vsn_budget{budget:g}.json"  # thresholds searched on training images
-        pipeline.calibrate(a.checkpoint, a.model, a.dataset, profile, neuron="vsn", source=DataSource(a.data_dir),
+        calibrate(a, a.checkpoint, a.dataset, profile, neuron="vsn", source=DataSource(a.data_dir),
                            device=a.device, options=CalibrationOptions(budget=budget, timesteps=1, split=split))
-        pipeline.convert(a.checkpoint, profile, profile.with_suffix(".snn.safetensors"))
+        convert(a, a.checkpoint, profile, profile.with_suffix(".snn.safetensors"))
         report = evaluate(a, profile.with_suffix(".snn.safetensors"), RunOptions(1, **common))
         report["label"] = f"budget {budget:g}"
         rows += rows_of(report, "VSN Ts=1 budget", reference)
     penalties = [float(v) for v in a.vsn_penalties.split(",") if v.strip()]
     if penalties:
-        pipeline.calibrate(a.checkpoint, a.model, a.dataset, out / "vsn_start.json", neuron="vsn",
+        calibrate(a, a.checkpoint, a.dataset, out / "vsn_start.json", neuron="vsn",
                            source=DataSource(a.data_dir), device=a.device, neuron_options={"tradeoff": a.vsn_start},
                            options=CalibrationOptions(split=split))
     for penalty in penalties:
         ft = out / f"vsn_ft{penalty:g}.safetensors"
         pipeline.finetune(a.checkpoint, out / "vsn_start.json", a.dataset, ft, source=DataSource(a.data_dir),
+                          model_ref=a.model,
                           options=FinetuneOptions(epochs=a.vsn_epochs, lr=a.vsn_lr, threshold_lr=a.vsn_threshold_lr,
                                                   spike_penalty=penalty,
                                                   split="fit" if split == "val" else "train"), device=a.device)
-        pipeline.convert(ft, ft.with_suffix(".calib.json"), ft.with_suffix(".snn.safetensors"))
+        convert(a, ft, ft.with_suffix(".calib.json"), ft.with_suffix(".snn.safetensors"))
         tuned = evaluate(a, ft.with_suffix(".snn.safetensors"), RunOptions(1, **common))
         tuned["label"] = f"penalty {penalty:g}"
         rows += rows_of(tuned, "VSN Ts=1 fine-tuned", reference)
