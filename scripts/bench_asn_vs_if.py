@@ -137,7 +137,7 @@ def main() -> None:
     calib = CalibrationOptions(split=a.calibration_split)
     if a.finetune_epochs:
         calibrate(a, a.checkpoint, a.dataset, out / "asn.json", neuron="asn", source=DataSource(a.data_dir),
-                           device=a.device, neuron_options={"m_f": mfs[0]}, options=calib)
+                  device=a.device, neuron_options={"m_f": mfs[0]}, options=calib)
         ft = out / "finetuned.safetensors"
         result = pipeline.finetune(a.checkpoint, out / "asn.json", a.dataset, ft, source=DataSource(a.data_dir),
                                    model_ref=a.model,
@@ -152,7 +152,7 @@ def main() -> None:
         if ckpt == a.checkpoint:
             profile = out / f"{tag}.json"
             calibrate(a, ckpt, a.dataset, profile, neuron="asn", source=DataSource(a.data_dir),
-                               device=a.device, neuron_options={"m_f": mfs[0]}, options=calib)
+                      device=a.device, neuron_options={"m_f": mfs[0]}, options=calib)
         convert(a, ckpt, profile, out / f"{tag}.snn.safetensors")
         artifact = out / f"{tag}.snn.safetensors"
         if a.select_on is None:
@@ -235,8 +235,8 @@ def defaults(a, out: Path, common: dict, seed: int = 0) -> list[dict]:
         tag = method.split()[0].lower() + ("_paper" if "paper" in method else "_noramp" if "ramp" in method else "")
         start = time.perf_counter()
         profile, _ = calibrate(a, a.checkpoint, a.dataset, out / f"default_{tag}.json", neuron=neuron,
-                                        neuron_options=overrides, source=DataSource(a.data_dir), device=a.device,
-                                        options=CalibrationOptions(seed=seed, split=a.calibration_split))
+                               neuron_options=overrides, source=DataSource(a.data_dir), device=a.device,
+                               options=CalibrationOptions(seed=seed, split=a.calibration_split))
         seconds = time.perf_counter() - start
         convert(a, a.checkpoint, out / f"default_{tag}.json", out / f"default_{tag}.snn.safetensors")
         report = evaluate(a, out / f"default_{tag}.snn.safetensors", RunOptions(steps, **common))
@@ -288,7 +288,7 @@ def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) ->
     if tradeoffs:
         first = {"tradeoff": tradeoffs[0]} if tradeoffs[0] > 0 else {}
         calibrate(a, a.checkpoint, a.dataset, out / "vsn.json", neuron="vsn", source=DataSource(a.data_dir),
-                           device=a.device, neuron_options=first, options=CalibrationOptions(split=split))
+                  device=a.device, neuron_options=first, options=CalibrationOptions(split=split))
         convert(a, a.checkpoint, out / "vsn.json", out / "vsn.snn.safetensors")
         report = evaluate(a, out / "vsn.snn.safetensors", RunOptions(1, **common),
                           sweep=[{"tradeoff": t} for t in tradeoffs[1:]])
@@ -296,7 +296,7 @@ def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) ->
     for budget in [float(v) for v in a.vsn_budgets.split(",") if v.strip()]:
         profile = out / f"vsn_budget{budget:g}.json"  # thresholds searched on training images
         calibrate(a, a.checkpoint, a.dataset, profile, neuron="vsn", source=DataSource(a.data_dir),
-                           device=a.device, options=CalibrationOptions(budget=budget, timesteps=1, split=split))
+                  device=a.device, options=CalibrationOptions(budget=budget, timesteps=1, split=split))
         convert(a, a.checkpoint, profile, profile.with_suffix(".snn.safetensors"))
         report = evaluate(a, profile.with_suffix(".snn.safetensors"), RunOptions(1, **common))
         report["label"] = f"budget {budget:g}"
@@ -304,8 +304,8 @@ def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) ->
     penalties = [float(v) for v in a.vsn_penalties.split(",") if v.strip()]
     if penalties:
         calibrate(a, a.checkpoint, a.dataset, out / "vsn_start.json", neuron="vsn",
-                           source=DataSource(a.data_dir), device=a.device, neuron_options={"tradeoff": a.vsn_start},
-                           options=CalibrationOptions(split=split))
+                  source=DataSource(a.data_dir), device=a.device, neuron_options={"tradeoff": a.vsn_start},
+                  options=CalibrationOptions(split=split))
     for penalty in penalties:
         ft = out / f"vsn_ft{penalty:g}.safetensors"
         pipeline.finetune(a.checkpoint, out / "vsn_start.json", a.dataset, ft, source=DataSource(a.data_dir),

@@ -392,9 +392,9 @@ NEURON = Neuron(
     # onset_ms and onset_layers set each layer's onset through retune (which layers ramp follows the graph)
     param_options=("m_f", "theta0", *TAU, "onset_ms", "onset_layers"), retune=retune, retuned=("onset_ms", "onset_layers"),
     # per step: S filter 2 mul + add, S_hat decay, theta/2, theta_dyn decay, theta0 + theta_dyn, PSC
-    # decay: 6 multiplies, 4 adds and the compare (less what tau_phi or tau_beta 0 leave out, unused_ops); per spike:
-    # S_hat += theta, theta_dyn += m_f theta (2 adds, the multiply counted as an add of a precomputed
-    # m_f theta), PSC += h; during the onset ramp one more multiply (the input's gain)
+    # decay: 6 multiplies, 4 adds and the compare (less what tau_phi or tau_beta 0 leave out,
+    # unused_ops); per spike: S_hat += theta, theta_dyn += m_f theta (2 adds, the multiply counted as
+    # an add of a precomputed m_f theta), PSC += h; during the onset ramp one more multiply (the input's gain)
     step_ops=StepOps(mac_per_step=6, add_per_step=4, add_per_spike=3, mac_per_onset_step=1,
                      onset_steps=ramp_steps, unused=unused_ops),
     operating_points=OPERATING_POINTS, conflict=conflict,
