@@ -70,9 +70,9 @@ def make_params(m_f: float, theta0: float | None = None, tau_phi: float = 2.5, t
                 tau_eta: float = 50.0, tau_beta: float = 50.0) -> ASNParams:
     theta0 = m_f if theta0 is None else theta0
     h = normalised_h(m_f, theta0, tau_gamma, tau_eta)
-    d = decay
-    h_out = h * (1.0 - d(tau_beta)) / (1.0 - d(tau_eta))
-    return ASNParams(m_f, theta0, h, d(tau_phi), d(tau_gamma), d(tau_eta), d(tau_beta), h_out, tau_gamma, tau_eta)
+    h_out = h * (1.0 - decay(tau_beta)) / (1.0 - decay(tau_eta))
+    return ASNParams(m_f, theta0, h, decay(tau_phi), decay(tau_gamma), decay(tau_eta), decay(tau_beta), h_out,
+                     tau_gamma, tau_eta)
 
 
 def asn_init(current: torch.Tensor, p: ASNParams) -> ASNState:
