@@ -33,6 +33,7 @@ from rich.table import Table
 
 from ann2snn import pipeline
 from ann2snn.cli import key_values
+from ann2snn.errors import UserError
 from ann2snn.options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from ann2snn.files import write_text
 from ann2snn.records import to_json
@@ -321,4 +322,7 @@ def vsn(a, out: Path, tradeoffs: list[float], common: dict, reference: float) ->
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:  # a bad option, model or file: one line and a non-zero exit, as the CLI
+        sys.exit(f"bench_asn_vs_if.py: error: {exc}")
