@@ -92,15 +92,17 @@ def _model_info(model: nn.Module) -> ModelInfo:
 def calibrate(model: nn.Module, data, neuron: str = "if", *, budget: float | None = None,
               timesteps: int | None = None, options: dict | None = None, samples: int = 2000, seed: int = 0,
               arousal: str | ArousalPolicy | bool | None = None, batch_size: int = 256,
-              device: str = "auto") -> Profile:
+              device: str = "auto", search_samples: int | None = None) -> Profile:
     """Fit per-layer operating points on (a ``samples`` subset drawn with ``seed`` of) ``data``,
     as ``ann2snn calibrate`` does: ``options`` are the neuron's (``--param``), ``budget`` and
     ``timesteps`` search its precision, ``arousal`` (True, or a policy or its text) stores a
-    policy. Returns the ``Profile`` (``profile.save_profile`` writes it). A DataLoader is read
+    policy; ``search_samples`` of the subset are simulated by that search or by the operating-point
+    choice (``CalibrationOptions``). Returns the ``Profile`` (``profile.save_profile`` writes it). A DataLoader is read
     whole, in its own order, before the subset is drawn: a shuffling one gives another subset
     each call. The model stays as given (its mode is restored; it must be on the CPU)."""
     kind = neurons.get(neuron)
-    choice = CalibrationOptions(samples=samples, seed=seed, batch_size=batch_size, budget=budget, timesteps=timesteps)
+    choice = CalibrationOptions(samples=samples, seed=seed, batch_size=batch_size, budget=budget, timesteps=timesteps,
+                                search_samples=search_samples)
     opts, policy, choose = pipeline.calibration_request(
         kind, options, "" if arousal is True else None if arousal is False else arousal, choice)
     tensors = as_tensor_data(data, "data")

@@ -22,7 +22,7 @@ from .energy import DEFAULT_PRESET
 from .data import default_data_dir
 from .entry import main  # noqa: F401  (the console script; cli.main for callers that import it here)
 from .errors import UserError
-from .operating_point import setting_text
+from .operating_point import few_image_bars, setting_text
 from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
 from .profile import Profile
 from .records import to_json
@@ -98,6 +98,10 @@ def calibrate(
     param: Optional[List[str]] = typer.Option(None, "--param", help="Neuron option KEY=VALUE, e.g. v_init=0 "
                                                                     "(IF) or m_f=0.2 (ASN)."),
     samples: int = typer.Option(2000, "--samples", help="Calibration images drawn from the split."),
+    search_samples: Optional[int] = typer.Option(None, "--search-samples", help="Of those, the images the "
+                                                 "--budget search or ASN's operating-point choice simulates "
+                                                 "(default: 2,000 at 200 steps; more: a steadier choice, "
+                                                 "a longer calibrate)."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Spikes per sample to meet: search the neuron's "
                                                                   "precision (ASN m_f, VSN thresholds) by "
                                                                   "simulating calibration images."),
@@ -122,7 +126,7 @@ def calibrate(
     Example: ann2snn calibrate lenet5.safetensors -m lenet5 -d mnist -o lenet5.calib.json
     """
     options = CalibrationOptions(samples=samples, seed=seed, split=split, batch_size=batch_size, budget=budget,
-                                 timesteps=timesteps)
+                                 timesteps=timesteps, search_samples=search_samples)
     profile, _ = pipeline.calibrate(
         checkpoint, model, dataset, output, neuron=neuron,
         neuron_options={"percentile": percentile, **key_values(param, "--param")}, options=options,
@@ -199,6 +203,10 @@ def _print_operating_point(record) -> None:
     if b["margins"] and any(m / 100 < bar < b["final_error"] for m, bar in zip(b["margins"], b["bars"])):
         console.print(f"  (a bar below {b['neuron'].upper()}'s reach: the best candidate's disagreement over the second "
                       "half of its run, plus one standard error)")
+    for bar, n, enough in few_image_bars(record):
+        console.print(f"  (the {100 * bar:.2g}% bar allows {n} of these {record.samples:,} images to disagree: which "
+                      f"setting stays within it rests on an image or two; --search-samples {enough} with --samples "
+                      f"{enough} makes the choice steadier)")
     fields = ("final_error", "late_error", "spikes_per_sample", "settled_steps", "spikes_by_then", "cost")
     for c in record.candidates:
         setting = setting_text({k: v for k, v in c.items() if k not in fields})

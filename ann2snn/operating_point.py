@@ -85,6 +85,25 @@ def bars(margins: tuple[float, ...], baseline_final: float, best_late: float, sa
     return [max(m / 100, floor) for m in margins]
 
 
+FEW_IMAGES = 3  # a bar that allows fewer disagreeing images than this is decided by one image more or less
+
+
+def few_image_bars(record: OperatingPointRecord) -> list[tuple[float, int, int]]:
+    """The disagreement bars that allow fewer than ``FEW_IMAGES`` of the search images to
+    disagree, each with that number and the search images (in thousands) that would allow
+    ``FEW_IMAGES``: which candidate stays within such a bar is partly chance (a count of k images
+    varies by about sqrt(k) from one image set to the next), and more search images make it
+    steadier (MNIST LeNet-5, calibration seed 2: docs/science.md section 6)."""
+    if not record.baseline["margins"]:
+        return []
+    out = []
+    for bar in record.baseline["bars"]:
+        allowed = math.floor(bar * record.samples + 1e-9)
+        if allowed < FEW_IMAGES and bar > 0:
+            out.append((bar, allowed, 1000 * math.ceil(FEW_IMAGES / bar / 1000 - 1e-9)))
+    return out
+
+
 def fallback(tried: list[dict], baseline: dict) -> dict:
     """Where no candidate stays within every bar from the first half of its run on: the cheapest
     (worst ratio to the baseline) of those within every bar from a later step, else of those

@@ -81,15 +81,20 @@ def test_the_bars_are_the_margins_raised_to_the_best_any_run_does():
 def test_calibrate_asn_picks_the_cheapest_candidate_within_the_if_bars(run_cli, tiny_files):
     d = tiny_files["dir"]
     code, out, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
-                             "--neuron", "asn", "--samples", 40, "-o", d / "a.json")
+                             "--neuron", "asn", "--samples", 40, "--search-samples", 30, "-o", d / "a.json")
     assert code == 0, err
     profile = json.loads((d / "a.json").read_text())
     record = profile["operating_point"]
     base = record["baseline"]
     assert base["neuron"] == "if" and base["timesteps"] == 64 and base["measure"] == "disagreement"
-    assert len(record["candidates"]) == len(OPERATING_POINTS) and record["samples"] == 40
+    # statistics on the 40 calibration images, the choice on the first 30 of them
+    assert len(record["candidates"]) == len(OPERATING_POINTS) and record["samples"] == 30
+    assert profile["data"]["samples"] == 40
     best = min(c["late_error"] for c in record["candidates"])
-    assert base["bars"] == bars(MARGINS, base["final_error"], best, 40)
+    assert base["bars"] == bars(MARGINS, base["final_error"], best, 30)
+    for bar in base["bars"]:  # a bar that allows fewer than 3 of the 30 images to disagree is said to rest on few
+        said = f"the {100 * bar:.2g}% bar allows {math.floor(bar * 30 + 1e-9)} of these 30 images" in out
+        assert said == (math.floor(bar * 30 + 1e-9) < 3)
     for c in record["candidates"]:
         assert len(c["settled_steps"]) == len(c["spikes_by_then"]) == len(MARGINS)
         for step, spent in zip(c["settled_steps"], c["spikes_by_then"]):
@@ -125,6 +130,29 @@ def test_calibrate_asn_picks_the_cheapest_candidate_within_the_if_bars(run_cli, 
     assert "operating_point" not in named and named["neuron"]["options"]["m_f"] == 0.2
     assert named["neuron"]["options"]["tau_gamma"] == 15.0  # the paper's value when the user names m_f
     assert named["neuron"]["options"]["onset_ms"] == 0.0 and named["neuron"]["options"]["scale"] == "fit"
+
+
+def test_search_samples_beyond_the_calibration_images_are_refused(run_cli, tiny_files):
+    d = tiny_files["dir"]
+    code, out, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                             "--neuron", "asn", "--samples", 40, "--search-samples", 50, "-o", d / "c.json")
+    assert code == 2 and not (d / "c.json").exists()
+    assert err.strip().splitlines() == ["ann2snn: error: --search-samples 50: more than the 40 calibration images it "
+                                        "is drawn from (raise --samples too)"]
+
+
+def test_a_bar_of_a_few_images_is_flagged_with_the_search_set_that_would_steady_it():
+    from ann2snn.operating_point import few_image_bars
+    from ann2snn.profile import OperatingPointRecord
+
+    def record(samples: int, bars: list[float]) -> OperatingPointRecord:
+        return OperatingPointRecord(baseline={"margins": list(MARGINS), "bars": bars}, timesteps=200, samples=samples,
+                                    candidates=[], chosen={}, bar_met=True)
+
+    assert few_image_bars(record(2000, [0.003, 0.001])) == [(0.001, 2, 3000)]  # 0.1% of 2,000 is 2 images
+    assert few_image_bars(record(4000, [0.003, 0.001])) == []  # 4 and 12 images
+    assert few_image_bars(record(2000, [0.003, 0.0017])) == []  # a raised bar: 3 images
+    assert few_image_bars(record(500, [0.003, 0.001])) == [(0.003, 1, 1000), (0.001, 0, 3000)]
 
 
 def test_a_setting_reads_as_options_with_unset_ones_left_out():
