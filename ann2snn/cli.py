@@ -205,8 +205,8 @@ def _print_operating_point(record) -> None:
                       "half of its run, plus one standard error)")
     for bar, n, enough in few_image_bars(record):
         console.print(f"  (the {100 * bar:.2g}% bar allows {n} of these {record.samples:,} images to disagree: which "
-                      f"setting stays within it rests on an image or two; --search-samples {enough} with --samples "
-                      f"{enough} makes the choice steadier)")
+                      f"setting stays within it rests on an image or two; {enough:,} search images would allow "
+                      f"3: --search-samples with --samples)")
     fields = ("final_error", "late_error", "spikes_per_sample", "settled_steps", "spikes_by_then", "cost")
     for c in record.candidates:
         setting = setting_text({k: v for k, v in c.items() if k not in fields})

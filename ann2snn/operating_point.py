@@ -92,8 +92,8 @@ def few_image_bars(record: OperatingPointRecord) -> list[tuple[float, int, int]]
     """The disagreement bars that allow fewer than ``FEW_IMAGES`` of the search images to
     disagree, each with that number and the search images (in thousands) that would allow
     ``FEW_IMAGES``: which candidate stays within such a bar is partly chance (a count of k images
-    varies by about sqrt(k) from one image set to the next), and more search images make it
-    steadier (MNIST LeNet-5, calibration seed 2: docs/science.md section 6)."""
+    varies by about sqrt(k) from one image set to the next). More search images narrow that
+    noise; they do not lower a bar no candidate can meet (docs/science.md section 6)."""
     if not record.baseline["margins"]:
         return []
     out = []
