@@ -98,10 +98,10 @@ def calibrate(
     param: Optional[List[str]] = typer.Option(None, "--param", help="Neuron option KEY=VALUE, e.g. v_init=0 "
                                                                     "(IF) or m_f=0.2 (ASN)."),
     samples: int = typer.Option(2000, "--samples", help="Calibration images drawn from the split."),
-    search_samples: Optional[int] = typer.Option(None, "--search-samples", help="Of those, the images the "
-                                                 "--budget search or ASN's operating-point choice simulates "
-                                                 "(default: 2,000 at 200 steps; more: a steadier choice, "
-                                                 "a longer calibrate)."),
+    search_samples: Optional[int] = typer.Option(None, "--search-samples", help="Of those, the images ASN's "
+                                                 "operating-point choice or the --budget search simulates "
+                                                 "(default: 400,000 or 256,000 image-steps' worth, 2,000 or "
+                                                 "1,280 at 200 steps); more take longer."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Spikes per sample to meet: search the neuron's "
                                                                   "precision (ASN m_f, VSN thresholds) by "
                                                                   "simulating calibration images."),

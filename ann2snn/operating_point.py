@@ -90,8 +90,8 @@ FEW_IMAGES = 3  # a bar that allows fewer disagreeing images than this is decide
 
 def few_image_bars(record: OperatingPointRecord) -> list[tuple[float, int, int]]:
     """The disagreement bars that allow fewer than ``FEW_IMAGES`` of the search images to
-    disagree, each with that number and the search images (in thousands) that would allow
-    ``FEW_IMAGES``: which candidate stays within such a bar is partly chance (a count of k images
+    disagree, each with that number and the search images that would allow ``FEW_IMAGES``
+    (rounded up to a thousand): which candidate stays within such a bar is partly chance (a count of k images
     varies by about sqrt(k) from one image set to the next). More search images narrow that
     noise; they do not lower a bar no candidate can meet (docs/science.md section 6)."""
     if not record.baseline["margins"]:
