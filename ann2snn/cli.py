@@ -430,7 +430,7 @@ def finetune(
     """
     options = FinetuneOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, spike_penalty=spike_penalty,
                               threshold_lr=threshold_lr, split=split)
-    watched = "val" if split == "fit" else "test"
+    watched = pipeline.scored_on(dataset, split)
     result = pipeline.finetune(checkpoint, calibration, dataset, output, options=options, device=device,
                                source=DataSource(data_dir, download), trust_pickle=trust_pickle,
                                model_ref=model, trust_code=trust_code,

@@ -220,6 +220,12 @@ def _feynman(spec: str, split: str) -> TensorData:
 FEYNMAN = ("feynman-i.6.2a", "feynman-i.9.18")
 
 
+def has_splits(spec: str) -> bool:
+    """Whether ``spec`` names a data set with train/test splits (a file or folder has none: every
+    split of it is the whole of it)."""
+    return spec in NAMED or spec in FEYNMAN
+
+
 def open_dataset(spec: str, split: str = "test", root: str | Path | None = None, download: bool = False,
                  normalize: Normalize | None = None) -> TensorData:
     """Open a data set by spec; ``split`` applies to named sets only: train, test, or the two
@@ -228,7 +234,7 @@ def open_dataset(spec: str, split: str = "test", root: str | Path | None = None,
     if split not in SPLITS:
         raise OptionError("split", f"{split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(root) if root else default_data_dir()
-    if spec in NAMED or spec in FEYNMAN:
+    if has_splits(spec):
         whole = "test" if split == "test" else "train"
         data = _load_named(spec, whole, root, download) if spec in NAMED else _feynman(spec, whole)
         if split in ("fit", "val"):

@@ -20,7 +20,7 @@ from .calibration import activation_stats
 from .checkpoint import file_sha256, load_model, load_state, state_sha256
 from .graph import MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, \
     spiking_layers, to_snn
-from .data import Normalize, TensorData, calibration_subset, data_files, open_dataset
+from .data import Normalize, TensorData, calibration_subset, data_files, has_splits, open_dataset
 from .checks import check_memory, model_outputs
 from .equivalence import verify
 from .errors import OptionError, UserError
@@ -190,10 +190,21 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
 @dataclass
 class FinetuneResult:
     metric: str  # accuracy, or nmse for regression
-    before: float  # the ANN (with its own activations) on the watched split (test, or val), before
-    transfer: list[float]  # the transfer network on the watched split after each epoch
+    before: float  # the ANN (with its own activations) on what scored_on names (test, val or the file), before
+    transfer: list[float]  # the transfer network on the same after each epoch
     after: float
     profile: Path  # the profile written beside the checkpoint
+
+
+def scored_split(split: str) -> str:
+    """The split fine-tuning scores each epoch on, training on ``split``: val for fit, else test."""
+    return "val" if split == "fit" else "test"
+
+
+def scored_on(dataset: str, split: str) -> str:
+    """That split's name for the user; a file or folder has no splits, so there it is the
+    training data itself."""
+    return scored_split(split) if has_splits(dataset) else "training data (the file has no held-out split)"
 
 
 def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, output: str | Path, *,
@@ -220,8 +231,8 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     model = load_model(profile.model.ref, profile.model.kwargs, checkpoint, trust_pickle)
     check_profile(profile, normalize(model)[0], file_sha256(checkpoint), calibration)
     train = open_dataset(dataset, options.split, source.data_dir, source.download, profile.input.normalize)
-    watched = "val" if options.split == "fit" else "test"  # what each epoch is scored on
-    test = open_dataset(dataset, watched, source.data_dir, source.download, profile.input.normalize)
+    test = open_dataset(dataset, scored_split(options.split), source.data_dir, source.download,
+                        profile.input.normalize)
     dev = resolve_device(device)
     metric = "nmse" if test.task == "regression" else "accuracy"
     before = ann_accuracy(model, test, 1000, dev)  # fine-tuning trains a traced copy: model stays as loaded

@@ -113,6 +113,8 @@ def test_asn_budget_search_sweep_compare_and_finetune(run_cli, tiny_files):
     code, out, err = run_cli("finetune", "--trust-code", tiny_files["checkpoint"], "-c", d / "asn.json", "-d", tiny_files["data"],
                              "--epochs", 1, "-o", d / "ft.safetensors", "--device", "cpu")
     assert code == 0, err
+    # a tensor file has no held-out split: the epochs are scored on the training data, and said to be
+    assert "epoch 1/1: training data (the file has no held-out split) accuracy" in out and " test " not in out
     from safetensors.torch import load_file
     before, after = load_file(str(tiny_files["checkpoint"])), load_file(str(d / "ft.safetensors"))
     assert before.keys() == after.keys()
