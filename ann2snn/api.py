@@ -96,8 +96,8 @@ def calibrate(model: nn.Module, data, neuron: str = "if", *, budget: float | Non
     """Fit per-layer operating points on (a ``samples`` subset drawn with ``seed`` of) ``data``,
     as ``ann2snn calibrate`` does: ``options`` are the neuron's (``--param``), ``budget`` and
     ``timesteps`` search its precision, ``arousal`` (True, or a policy or its text) stores a
-    policy; that search, or the operating-point choice, simulates the first ``search_samples`` of
-    the subset (``CalibrationOptions``). Returns the ``Profile`` (``profile.save_profile`` writes
+    policy; that search, or the operating-point choice, simulates ``search_samples`` of the subset,
+    drawn at random (``CalibrationOptions``). Returns the ``Profile`` (``profile.save_profile`` writes
     it). A DataLoader is read whole, in its own order, before the subset is drawn: a shuffling one
     gives another subset each call. The model stays as given (its mode is restored; it must be on the CPU)."""
     kind = neurons.get(neuron)

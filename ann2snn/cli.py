@@ -98,10 +98,11 @@ def calibrate(
     param: Optional[List[str]] = typer.Option(None, "--param", help="Neuron option KEY=VALUE, e.g. v_init=0 "
                                                                     "(IF) or m_f=0.2 (ASN)."),
     samples: int = typer.Option(2000, "--samples", help="Calibration images drawn from the split."),
-    search_samples: Optional[int] = typer.Option(None, "--search-samples", help="Of those, the images ASN's "
-                                                 "operating-point choice or the --budget search simulates "
-                                                 "(default: 400,000 or 256,000 image-steps' worth, 2,000 or "
-                                                 "1,280 at 200 steps); more take longer."),
+    search_samples: Optional[int] = typer.Option(None, "--search-samples", help="Of those, the images (drawn at "
+                                                 "random) ASN's operating-point choice or the --budget search "
+                                                 f"simulates (default: {pipeline.CHOICE_IMAGE_STEPS:,} or "
+                                                 f"{pipeline.BUDGET_IMAGE_STEPS:,} image-steps' worth, at least "
+                                                 "256); more take longer."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Spikes per sample to meet: search the neuron's "
                                                                   "precision (ASN m_f, VSN thresholds) by "
                                                                   "simulating calibration images."),
@@ -198,15 +199,15 @@ def _print_operating_point(record) -> None:
         head = f"{b['neuron'].upper()} at its defaults reaches its output error against the ANN"
     reach = lambda r, i: (f"from step {r['settled_steps'][i]} ({r['spikes_by_then'][i]:,.0f} spikes)"  # noqa: E731
                           if r["settled_steps"][i] else "never")
-    console.print(f"operating point (chosen on {record.samples} calibration images): {head} "
+    console.print(f"operating point (chosen on {record.samples:,} calibration images): {head} "
                   + "; ".join(f"{w} {reach(b, i)}" for i, w in enumerate(what)))
     if b["margins"] and any(m / 100 < bar < b["final_error"] for m, bar in zip(b["margins"], b["bars"])):
         console.print(f"  (a bar below {b['neuron'].upper()}'s reach: the best candidate's disagreement over the second "
                       "half of its run, plus one standard error)")
     for bar, n, enough in few_image_bars(record):
         console.print(f"  (the {100 * bar:.2g}% bar allows {n} of these {record.samples:,} images to disagree: which "
-                      f"setting stays within it rests on an image or two; {enough:,} search images would allow "
-                      f"3: --search-samples with --samples)")
+                      f"setting stays within it rests on an image or two; at this bar {enough:,} search images "
+                      f"would allow 3: raise --samples and --search-samples)")
     fields = ("final_error", "late_error", "spikes_per_sample", "settled_steps", "spikes_by_then", "cost")
     for c in record.candidates:
         setting = setting_text({k: v for k, v in c.items() if k not in fields})
@@ -438,7 +439,7 @@ def finetune(
                                on_epoch=lambda e, v, m: console.print(f"epoch {e}/{epochs}: {watched} {_metric(v, m)} "
                                                                       "with the spiking layers' transfer function"))
     m = result.metric
-    console.print(f"ReLU network {watched} {_metric(result.before, m)} before, "
+    console.print(f"ReLU network {result.scored_on} {_metric(result.before, m)} before, "
                   f"{_metric(result.after, m)} after; wrote {output} and {result.profile}. "
                   f"Next: ann2snn convert {output} -c {result.profile} -o ...")
 

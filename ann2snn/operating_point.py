@@ -90,17 +90,21 @@ FEW_IMAGES = 3  # a bar that allows fewer disagreeing images than this is decide
 
 def few_image_bars(record: OperatingPointRecord) -> list[tuple[float, int, int]]:
     """The disagreement bars that allow fewer than ``FEW_IMAGES`` of the search images to
-    disagree, each with that number and the search images that would allow ``FEW_IMAGES``
-    (rounded up to a thousand): which candidate stays within such a bar is partly chance (a count of k images
-    varies by about sqrt(k) from one image set to the next). More search images narrow that
-    noise; they do not lower a bar no candidate can meet (docs/science.md section 6)."""
+    disagree, each with that number and the search images on which the same bar would allow
+    ``FEW_IMAGES`` (rounded up to two significant digits): which candidate stays within such a
+    bar is partly chance (a count of k images varies by about sqrt(k) from one image set to the
+    next). More search images narrow that noise; they do not lower a bar no candidate can meet,
+    and a bar raised to a candidate's level plus its standard error moves with them
+    (docs/science.md section 6)."""
     if not record.baseline["margins"]:
         return []
     out = []
-    for bar in record.baseline["bars"]:
+    for bar in dict.fromkeys(record.baseline["bars"]):  # two margins raised to one level: said once
         allowed = math.floor(bar * record.samples + 1e-9)
         if allowed < FEW_IMAGES and bar > 0:
-            out.append((bar, allowed, 1000 * math.ceil(FEW_IMAGES / bar / 1000 - 1e-9)))
+            need = math.ceil(FEW_IMAGES / bar - 1e-9)
+            unit = 10 ** max(0, len(str(need)) - 2)
+            out.append((bar, allowed, unit * math.ceil(need / unit)))
     return out
 
 

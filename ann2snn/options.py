@@ -37,9 +37,9 @@ class DataSource:
 class CalibrationOptions:
     """``samples`` calibration images drawn with ``seed`` from ``split``; with ``budget`` (spikes
     per sample over ``timesteps`` steps, default the neuron's) the precision knob - or an arousal
-    policy's threshold - is searched on the first ``search_samples`` of them (default: as many as
-    256,000 image-steps allow, at least 256), and so is the operating point ``calibrate`` chooses
-    without a budget (default: 400,000 image-steps, 2,000 images at ASN's 200 steps)."""
+    policy's threshold - is searched on ``search_samples`` of them, drawn at random, and so is the
+    operating point ``calibrate`` chooses without a budget (defaults: ``pipeline.search_set``, 1,280
+    and 2,000 images at ASN's 200 steps)."""
 
     samples: int = 2000
     seed: int = 0
@@ -59,7 +59,7 @@ class CalibrationOptions:
         _positive("search_samples", self.search_samples)
         if self.search_samples is not None and self.search_samples > self.samples:
             raise OptionError("search_samples", f"{self.search_samples}: more than the {self.samples} calibration "
-                                                "images it is drawn from (raise --samples too)")
+                                                "images (raise --samples, or the data set has no more)")
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,26 @@ def calibration_request(kind: Neuron, neuron_options: dict | None, arousal: str 
         raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the {steps} "
                                      "steps the budget search simulates ({{timesteps}})")
     choose = bool(kind.operating_points) and not set(neuron_options or {}) & set(kind.operating_points[0])
+    if options.search_samples is not None and options.budget is None and not (choose and policy is None):
+        raise OptionError("search_samples", f"{options.search_samples}: nothing is searched here (it sets the images "
+                                            "of a --budget search or of the operating point ASN chooses when no "
+                                            "precision option is named)")
     return opts, policy, choose
+
+
+BUDGET_IMAGE_STEPS = 256_000  # a --budget search simulates as many images as this allows (at least 256) ...
+CHOICE_IMAGE_STEPS = 400_000  # ... and the operating-point choice, at the neuron's default steps
+
+
+def search_set(subset: TensorData, wanted: int | None, image_steps: int, steps: int, seed: int) -> TensorData:
+    """The images a search simulates: ``wanted`` of the calibration subset (refused beyond it),
+    or as many as ``image_steps`` allow at ``steps`` a sample (at least 256); drawn at random
+    from the subset (with its seed), since a subset in index order may be sorted by class."""
+    if wanted is not None and wanted > len(subset):
+        raise OptionError("search_samples", f"{wanted}: more than the {len(subset)} calibration images "
+                                            "(raise --samples, or the data set has no more)")
+    n = wanted or max(256, image_steps // steps)
+    return subset if n >= len(subset) else calibration_subset(subset, n, seed)
 
 
 def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, output: str | Path | None = None, *,
@@ -121,7 +140,7 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
         check_memory(steps, len(spiking_layers(gm)), 1)
     stats = activation_stats(gm, subset, float(opts.get("percentile", 100.0)), options.batch_size, str(dev))
     if options.budget is not None:
-        search_data = subset.head(options.search_samples or max(256, 256_000 // steps))
+        search_data = search_set(subset, options.search_samples, BUDGET_IMAGE_STEPS, steps, options.seed)
         if arousal is not None:
             arousal, arousal_record = search_arousal(gm, stats, neuron, opts, arousal, search_data, options.budget,
                                                      steps, options.batch_size, dev)
@@ -129,7 +148,8 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
             opts, record = search(gm, stats, neuron, opts, search_data, options.budget, steps, options.batch_size,
                                   dev)
     elif choose and arousal is None:
-        search_data = subset.head(options.search_samples or max(256, 400_000 // steps))
+        search_data = search_set(subset, options.search_samples, CHOICE_IMAGE_STEPS, neuron.default_timesteps,
+                                 options.seed)
         opts, chosen = operating_point.choose(gm, stats, neuron, opts, neurons.BASELINE, search_data,
                                               options.batch_size, dev)
     layers = make_layers(gm, stats, neuron, opts)
@@ -194,6 +214,7 @@ class FinetuneResult:
     transfer: list[float]  # the transfer network on the same after each epoch
     after: float
     profile: Path  # the profile written beside the checkpoint
+    scored_on: str = "test"  # what before, transfer and after were measured on (``scored_on``)
 
 
 def scored_split(split: str) -> str:
@@ -279,7 +300,8 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     with atomic_path(output) as tmp_checkpoint:
         tmp_checkpoint.write_bytes(blob)
         save_profile(tuned_profile, profile_output)
-    return FinetuneResult(metric, before, history, ann_accuracy(tuned, test, 1000, dev), profile_output)
+    return FinetuneResult(metric, before, history, ann_accuracy(tuned, test, 1000, dev), profile_output,
+                          scored_on(dataset, options.split))
 
 
 from .evaluation import evaluate, merge  # noqa: E402,F401  (the evaluate step has its own module)

@@ -87,14 +87,18 @@ def test_calibrate_asn_picks_the_cheapest_candidate_within_the_if_bars(run_cli, 
     record = profile["operating_point"]
     base = record["baseline"]
     assert base["neuron"] == "if" and base["timesteps"] == 64 and base["measure"] == "disagreement"
-    # statistics on the 40 calibration images, the choice on the first 30 of them
+    # statistics on the 40 calibration images, the choice on 30 of them drawn at random
     assert len(record["candidates"]) == len(OPERATING_POINTS) and record["samples"] == 30
     assert profile["data"]["samples"] == 40
     best = min(c["late_error"] for c in record["candidates"])
     assert base["bars"] == bars(MARGINS, base["final_error"], best, 30)
-    for bar in base["bars"]:  # a bar that allows fewer than 3 of the 30 images to disagree is said to rest on few
-        said = f"the {100 * bar:.2g}% bar allows {math.floor(bar * 30 + 1e-9)} of these 30 images" in out
-        assert said == (math.floor(bar * 30 + 1e-9) < 3)
+    # IF agrees with the ANN on every search image (the labels are the ANN's), so the bars are the margins,
+    # and each allows none of the 30 images to disagree: calibrate says so, with the set that would allow 3
+    assert base["bars"] == [0.003, 0.001]
+    said = " ".join(out.split())  # as printed, unwrapped
+    assert ("(the 0.3% bar allows 0 of these 30 images to disagree: which setting stays within it rests on an image "
+            "or two; at this bar 1,000 search images would allow 3: raise --samples and --search-samples)") in said
+    assert "(the 0.1% bar allows 0 of these 30 images to disagree" in said and "at this bar 3,000 search images" in said
     for c in record["candidates"]:
         assert len(c["settled_steps"]) == len(c["spikes_by_then"]) == len(MARGINS)
         for step, spent in zip(c["settled_steps"], c["spikes_by_then"]):
@@ -137,8 +141,8 @@ def test_search_samples_beyond_the_calibration_images_are_refused(run_cli, tiny_
     code, out, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
                              "--neuron", "asn", "--samples", 40, "--search-samples", 50, "-o", d / "c.json")
     assert code == 2 and not (d / "c.json").exists()
-    assert err.strip().splitlines() == ["ann2snn: error: --search-samples 50: more than the 40 calibration images it "
-                                        "is drawn from (raise --samples too)"]
+    assert err.strip().splitlines() == ["ann2snn: error: --search-samples 50: more than the 40 calibration images "
+                                        "(raise --samples, or the data set has no more)"]
 
 
 def test_a_bar_of_a_few_images_is_flagged_with_the_search_set_that_would_steady_it():
@@ -152,7 +156,38 @@ def test_a_bar_of_a_few_images_is_flagged_with_the_search_set_that_would_steady_
     assert few_image_bars(record(2000, [0.003, 0.001])) == [(0.001, 2, 3000)]  # 0.1% of 2,000 is 2 images
     assert few_image_bars(record(4000, [0.003, 0.001])) == []  # 4 and 12 images
     assert few_image_bars(record(2000, [0.003, 0.0017])) == []  # a raised bar: 3 images
+    assert few_image_bars(record(2000, [0.003, 0.0013])) == [(0.0013, 2, 2400)]  # 3 / 0.13% = 2,308, two digits up
     assert few_image_bars(record(500, [0.003, 0.001])) == [(0.003, 1, 1000), (0.001, 0, 3000)]
+    assert few_image_bars(record(40, [0.05, 0.05])) == [(0.05, 2, 60)]  # both margins raised to one bar: once
+    regression = OperatingPointRecord(baseline={"margins": None, "bars": [0.01]}, timesteps=200, samples=10,
+                                      candidates=[], chosen={}, bar_met=True)
+    assert few_image_bars(regression) == []  # an output-error bar counts no images
+
+
+def test_the_search_images_are_drawn_at_random_from_the_calibration_subset():
+    from ann2snn.data import TensorData
+    from ann2snn.errors import OptionError
+    from ann2snn.pipeline import search_set
+
+    sorted_by_class = TensorData("sorted", "file", torch.rand(100, 1, 4, 4), torch.arange(10).repeat_interleave(10), 10)
+    picked = search_set(sorted_by_class, 20, 400_000, 200, seed=0)
+    assert len(picked) == 20 and len(set(picked.targets.tolist())) >= 6  # the first 20 would be classes 0 and 1
+    again = search_set(sorted_by_class, 20, 400_000, 200, seed=0)
+    assert torch.equal(picked.inputs, again.inputs)  # the same seed, the same images
+    assert search_set(sorted_by_class, None, 400_000, 200, seed=0) is sorted_by_class  # 2,000 >= 100: all of them
+    assert search_set(sorted_by_class, None, 256_000, 4000, seed=0) is sorted_by_class  # at least 256: all 100
+    with pytest.raises(OptionError, match="more than the 100 calibration images"):
+        search_set(sorted_by_class, 101, 400_000, 200, seed=0)
+
+
+def test_search_samples_where_nothing_is_searched_are_refused(run_cli, tiny_files):
+    d = tiny_files["dir"]
+    code, out, err = run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],
+                             "--samples", 40, "--search-samples", 30, "-o", d / "if.json")
+    assert code == 2 and not (d / "if.json").exists()
+    assert err.strip().splitlines() == ["ann2snn: error: --search-samples 30: nothing is searched here (it sets the "
+                                        "images of a --budget search or of the operating point ASN chooses when no "
+                                        "precision option is named)"]
 
 
 def test_a_setting_reads_as_options_with_unset_ones_left_out():
