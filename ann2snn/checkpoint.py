@@ -92,7 +92,7 @@ def load_model(ref: str, kwargs: dict, path: str | Path, trust_pickle: bool = Fa
     """Build the architecture ``ref`` (zoo name or ``module:callable``) and load its weights;
     a ``torch.export`` archive (``ref`` 'pt2') carries both."""
     if ref == EXPORT_REF:
-        return read_export(path, trust_pickle)
+        return read_export(path)
     return load_weights(resolve_model(ref, kwargs), path, trust_pickle)
 
 
