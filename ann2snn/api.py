@@ -129,12 +129,7 @@ def convert(model: nn.Module, profile: Profile, *, maxpool: str = "gated") -> Sp
         gm, _ = pipeline.normalize_for(model, type(model).__name__, kind)
         digest = state_sha256(model)
         verify(model, gm, torch.randn((4, *profile.input.shape), generator=torch.Generator().manual_seed(0)))
-    if profile.model.weights_sha256 is None:
-        raise UserError(f"profile made for {profile.model.checkpoint} holds no checksum of the weights (an older "
-                        "version wrote it), so convert cannot tell whether this model has them: calibrate again")
-    if profile.model.weights_sha256 != digest:
-        raise UserError(f"profile was made for other weights ({profile.model.checkpoint}); calibrate this model")
-    check_profile(profile, gm, profile.model.checkpoint_sha256, "profile")
+    check_profile(profile, gm, "profile", digest)
     try:
         snn = to_snn(gm, build_neurons(kind, profile.layers, "profile"), maxpool, profile.bias_ramps)
     except UserError as exc:

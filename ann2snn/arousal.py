@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import OptionError
+from .options import parse_number
 from .simulate import Run
 
 if TYPE_CHECKING:
@@ -87,11 +88,8 @@ class ArousalPolicy:
                     raise OptionError("arousal_policy", f"{item!r}: the test is one of {', '.join(TESTS)}")
                 values[key] = value
                 continue
-            try:
-                values[key] = tuple(int(v) for v in value.split(items)) if key == "recheck" else \
-                    (int(value) if key == "at" else float(value))
-            except ValueError:
-                raise OptionError("arousal_policy", f"{item!r}: not a number") from None
+            number = lambda v: parse_number(v, "arousal_policy", key in ("at", "recheck"), item)  # noqa: E731
+            values[key] = tuple(map(number, value.split(items))) if key == "recheck" else number(value)
         try:
             return cls(**values)
         except ValueError as exc:

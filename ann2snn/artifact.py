@@ -20,7 +20,7 @@ from .errors import OptionError, UserError
 from .files import check_input, json_text, parse_json, write_safetensors
 from .neurons import Neuron
 from .bias_ramp import BiasRampRecord
-from .profile import ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, ProfileLayer
+from .profile import ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, ProfileLayer, check_layer_shapes
 from .records import from_json, to_json
 from .torch_export import EXPORT_REF, read_export
 from .zoo import resolve_model, stored_reference
@@ -198,6 +198,10 @@ def rebuild(meta: ArtifactMeta, tensors: dict[str, torch.Tensor], model: torch.n
     if graph_signature(ann) != meta.graph:
         raise UserError(f"{path}: the architecture {meta.model.ref!r} no longer traces to the graph "
                         "this artifact was converted from")
+    check_layer_shapes(meta.layers, ann, tuple(meta.input.shape), path)
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise UserError(f"{path}: tensor {bad!r} holds NaN or infinite values")
     analog = analog_fed(ann)  # what artifacts from before analog_input was stored do not say
     meta.layers = [replace(layer, stats=replace(layer.stats, analog_input=layer.name in analog))
                    if layer.stats is not None and layer.stats.analog_input is None else layer for layer in meta.layers]

@@ -20,19 +20,21 @@ from .artifact import ArtifactMeta, read_artifact
 from .graph import Row
 from .energy import DEFAULT_PRESET
 from .data import default_data_dir
-from .entry import main  # noqa: F401  (the console script; cli.main for callers that import it here)
-from .errors import UserError
+from .entry import interruption, main  # noqa: F401  (main: the console script, also as cli.main)
+from .errors import OptionError, UserError
 from .operating_point import few_image_bars, setting_text
-from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
+from .options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions, parse_number
 from .profile import Profile
 from .records import to_json
 from .files import check_outputs
+from .markup import literal, printable
 from .report import Report, report_files, report_outputs, layer_table, summary_table
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert trained PyTorch networks into spiking networks and measure accuracy per spike.")
 # piped (a file, SLURM, CI), rich would cut tables at 80 columns; give them the width they need
-console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS", "0") or 0) or 160)
+console = Console(emoji=False) if sys.stdout.isatty() else \
+    Console(emoji=False, width=int(os.environ.get("COLUMNS", "0") or 0) or 160)
 
 FLAGS = {"fmt": "--format", "preset": "--energy", "neuron_options": "--param", "model_args": "--model-arg", "model_ref": "--model",
          "normalization": "--normalize", "report_dir": "--report"}
@@ -46,6 +48,9 @@ def flag(option: str) -> str:
 DATA_DIR = typer.Option(None, "--data-dir", help="Where named data sets live (default: $ANN2SNN_DATA or "
                                                   "~/.cache/ann2snn/data).")
 DOWNLOAD = typer.Option(False, "--download", help="Let torchvision download a missing named data set (online only).")
+SKIP_BAD = typer.Option(False, "--skip-bad-images", help="Leave out the images of a folder: data set that cannot be "
+                                                          "read (corrupt, truncated, not images), and say how many, "
+                                                          "rather than stop at the first.")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
 TRUST = typer.Option(False, "--trust-pickle", help="Allow a .pt checkpoint to run pickle code on load. "
                                                      "Only for files you trust.")
@@ -57,14 +62,15 @@ MODEL = typer.Option(None, "--model", "-m", help="The architecture, as the profi
 
 
 def key_values(items: list[str] | None, option: str) -> dict:
-    """``KEY=VALUE`` options as a dict, each value read as JSON where it parses (1, true, [2, 3])."""
+    """``KEY=VALUE`` options (of the library parameter ``option``) as a dict, each value read as
+    JSON where it parses (1, true, [2, 3]); JSON's integers through ``options.parse_number``."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UserError(f"{option} {item!r}: expected KEY=VALUE")
+            raise OptionError(option, f"{item!r}: expected KEY=VALUE")
         try:
-            out[key] = json.loads(value)
+            out[key] = json.loads(value, parse_int=lambda s: parse_number(s, option, integer=True, item=item))
         except json.JSONDecodeError:
             out[key] = value
     return out
@@ -77,7 +83,7 @@ def _preflight(rows: list[Row]) -> Table:
     colours = {"converted": "green", "rewritten": "yellow", "removed": "dim", "unsupported": "red"}
     for r in rows:
         c = colours.get(r.status, "")
-        table.add_row(r.node, r.op, f"[{c}]{r.status}[/]" if c else r.status, r.detail)
+        table.add_row(literal(r.node), literal(r.op), f"[{c}]{r.status}[/]" if c else r.status, literal(r.detail))
     return table
 
 
@@ -121,6 +127,7 @@ def calibrate(
     model_arg: Optional[List[str]] = typer.Option(None, "--model-arg", help="Model constructor argument KEY=VALUE."),
     batch_size: int = typer.Option(256, "--batch-size", help="Samples simulated (or passed through the ANN) at once."),
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
+    skip_bad_images: bool = SKIP_BAD,
 ):
     """Fit per-layer operating points (thresholds) on calibration data.
 
@@ -130,9 +137,9 @@ def calibrate(
                                  timesteps=timesteps, search_samples=search_samples)
     profile, _ = pipeline.calibrate(
         checkpoint, model, dataset, output, neuron=neuron,
-        neuron_options={"percentile": percentile, **key_values(param, "--param")}, options=options,
-        source=DataSource(data_dir, download), device=device, normalization=normalize,
-        model_args=key_values(model_arg, "--model-arg"), trust_pickle=trust_pickle,
+        neuron_options={"percentile": percentile, **key_values(param, "neuron_options")}, options=options,
+        source=DataSource(data_dir, download, skip_bad_images), device=device, normalization=normalize,
+        model_args=key_values(model_arg, "model_args"), trust_pickle=trust_pickle,
         arousal=arousal_policy if arousal_policy is not None else "" if arousal else None)
     _print_calibration(profile, output)
 
@@ -151,7 +158,8 @@ def _fmt_value(v) -> str:
 
 
 def _fmt(values: dict) -> str:
-    return ", ".join(f"{k}={_fmt_value(v)}" for k, v in values.items())
+    """``k=v, ...`` for printing (user-given values printed as they are)."""
+    return literal(", ".join(f"{k}={_fmt_value(v)}" for k, v in values.items()))
 
 
 def _print_calibration(profile: Profile, output: Path) -> None:
@@ -159,13 +167,13 @@ def _print_calibration(profile: Profile, output: Path) -> None:
     q = options.get("percentile", 100)
     data = profile.data
     table = Table(title=f"Calibration: {profile.neuron.type.upper()}, {data.samples} images of "
-                        f"{data.dataset} {data.split}, p{q:g}")
+                        f"{literal(data.dataset)} {literal(data.split)}, p{q:g}")
     for col in ("layer", "after", "neurons", "max", f"p{q:g}", "zeros", "layer parameters"):
         table.add_column(col, justify="left" if col in ("layer", "after", "layer parameters") else "right")
     for layer in profile.layers:
         s = layer.stats
-        table.add_row(layer.name, layer.source, f"{layer.neurons:,}", f"{s.max:.4g}", f"{s.percentile:.4g}",
-                      f"{100 * s.zero_fraction:.1f}%",
+        table.add_row(literal(layer.name), literal(layer.source), f"{layer.neurons:,}", f"{s.max:.4g}",
+                      f"{s.percentile:.4g}", f"{100 * s.zero_fraction:.1f}%",
                       _fmt({k: v for k, v in layer.params.items() if options.get(k, object()) != v}))
     console.print(table)
     console.print(f"options: {_fmt(options)}")
@@ -185,7 +193,7 @@ def _print_calibration(profile: Profile, output: Path) -> None:
                           "kept the sparsest[/]")
     if profile.operating_point:
         _print_operating_point(profile.operating_point)
-    console.print(f"wrote {output}")
+    console.print(f"wrote {literal(output)}")
 
 
 def _print_operating_point(record) -> None:
@@ -248,7 +256,7 @@ def convert(
 def _print_conversion(meta: ArtifactMeta, rows: list[Row], output: Path) -> None:
     console.print(_preflight(rows))
     console.print(f"{len(meta.layers)} spiking layers ({meta.neuron.type.upper()}), "
-                  f"{sum(layer.neurons for layer in meta.layers):,} neurons; wrote {output}")
+                  f"{sum(layer.neurons for layer in meta.layers):,} neurons; wrote {literal(output)}")
 
 
 @app.command()
@@ -285,6 +293,7 @@ def evaluate(
                                         "shards up (for schedulers without torchrun, e.g. a SLURM array)."),
     model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
+    skip_bad_images: bool = SKIP_BAD,
 ):
     """Simulate the SNN and report accuracy versus spikes, per layer and per time step.
 
@@ -294,7 +303,8 @@ def evaluate(
     run = RunOptions(timesteps=timesteps, split=split, limit=limit, batch_size=batch_size, preset=energy,
                      start_ms=start_ms)
     policy = arousal_policy if arousal_policy is not None else "" if arousal else None
-    _evaluate_with_progress(artifact, dataset, run, report, device=device, source=DataSource(data_dir, download),
+    _evaluate_with_progress(artifact, dataset, run, report, device=device,
+                            source=DataSource(data_dir, download, skip_bad_images),
                             model_ref=model, trust_code=trust_code, shard=_shard(shard),
                             sweep=_sweep(sweep), compare=[n for c in compare or [] for n in c.split(",") if n],
                             arousal=policy, plot_format=plot_format)
@@ -304,9 +314,11 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     i, sep, n = text.partition("/")
-    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
-        raise UserError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
-    return int(i), int(n)
+    if sep:
+        i, n = (parse_number(part, "shard", integer=True, item=text) for part in (i, n))
+    if not sep or not 0 <= i < n:
+        raise OptionError("shard", f"{text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return i, n
 
 
 @app.command()
@@ -315,12 +327,14 @@ def merge(
     report: Path = typer.Option(..., "--report", "-r", help="Directory for report.json, curve.csv and the plot."),
     model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE, plot_format: str = PLOT_FORMAT,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
+    skip_bad_images: bool = SKIP_BAD,
 ):
     """Add up the partial reports of 'evaluate --shard I/N' into the report one run would write.
 
     Example: ann2snn merge runs/shard*/partial.json -r runs/lenet5
     """
-    result = pipeline.merge(partials, report, source=DataSource(data_dir, download), device=device,
+    result = pipeline.merge(partials, report, source=DataSource(data_dir, download, skip_bad_images),
+                            device=device,
                             model_ref=model, trust_code=trust_code, plot_format=plot_format)
     _print_report(result, report, plot_format)
 
@@ -330,14 +344,14 @@ def _sweep(text: str | None) -> list[dict]:
         return []
     key, sep, values = text.partition("=")
     if not sep or not key or not values:
-        raise UserError(f"--sweep {text!r}: expected KEY=V1,V2,..., e.g. m_f=0.1,0.2,0.3")
-    return [key_values([f"{key}={v}"], "--sweep") for v in values.split(",")]
+        raise OptionError("sweep", f"{text!r}: expected KEY=V1,V2,..., e.g. m_f=0.1,0.2,0.3")
+    return [key_values([f"{key}={v}"], "sweep") for v in values.split(",")]
 
 
 def _evaluate_with_progress(artifact: Path, dataset: str, run: RunOptions, report: Path, **kwargs) -> None:
     result = pipeline.evaluate(artifact, dataset, run, report_dir=report, **kwargs)
     if result is None:
-        console.print(f"wrote {report}/partial.json; 'ann2snn merge' adds the shards up")
+        console.print(f"wrote {literal(report)}/partial.json; 'ann2snn merge' adds the shards up")
     else:
         _print_report(result, report, kwargs.get("plot_format", "png"))
 
@@ -347,11 +361,11 @@ def _print_report(result: Report, report_dir: Path, plot_format: str = "png") ->
     console.print(summary_table(result))
     if result.arousal:
         a = result.arousal
-        console.print(f"arousal: {a.description}; {100 * a.fraction_aroused:.1f}% of inputs aroused")
+        console.print(f"arousal: {literal(a.description)}; {100 * a.fraction_aroused:.1f}% of inputs aroused")
         m = a.fixed_same_spikes
         if m and "accuracy" in m:
             test = m.get("paired_vs_arousal") or {}
-            console.print(f"the same spikes at fixed precision ({m['label']}): {100 * m['accuracy']:.2f}% "
+            console.print(f"the same spikes at fixed precision ({literal(m['label'])}): {100 * m['accuracy']:.2f}% "
                           f"({m['spikes_per_sample']:,.0f} spikes) against arousal's "
                           f"{100 * a.with_arousal['accuracy']:.2f}% ({a.with_arousal['spikes_per_sample']:,.0f}); "
                           f"McNemar p={test.get('p_value', float('nan')):.2g}")
@@ -367,8 +381,9 @@ def _print_report(result: Report, report_dir: Path, plot_format: str = "png") ->
             console.print("energy spent by the step it stays within (uJ per sample): "
                           + " / ".join(f"{energy[k] / 1e6:.3g}" if energy.get(k) is not None else "-"
                                        for k in ("0.1", "0.2", "0.5", "1.0")))
-    console.print(f"device {result.device}, {result.timing['image_steps_per_second']:,.0f} image-steps/s; "
-                  f"wrote {report_dir}/" + ", ".join(report_files(plot_format)))
+    console.print(f"device {literal(result.device)}, {result.timing['image_steps_per_second']:,.0f} image-steps/s; "
+                  f"wrote {literal(report_dir)}/"
+                  + ", ".join(name for name in report_files(plot_format) if (report_dir / name).exists()))
 
 
 @app.command()
@@ -389,13 +404,13 @@ def demo(
     check_outputs([("calibration profile", profile_path), ("SNN artifact", snn_path),
                    *report_outputs(out / "report")], [ckpt, calib, test],
                   [("report folder", out / "report")])  # all three steps' outputs, before the first
-    console.rule(f"1/3 ann2snn calibrate {ckpt.name} -m lenet5 -d {calib.name} -o {profile_path}")
+    console.rule(literal(f"1/3 ann2snn calibrate {ckpt.name} -m lenet5 -d {calib.name} -o {profile_path}"))
     profile, _ = pipeline.calibrate(ckpt, "lenet5", str(calib), profile_path, device=device)
     _print_calibration(profile, profile_path)
-    console.rule(f"2/3 ann2snn convert {ckpt.name} -c {profile_path} -o {snn_path}")
+    console.rule(literal(f"2/3 ann2snn convert {ckpt.name} -c {profile_path} -o {snn_path}"))
     meta, rows = pipeline.convert(ckpt, profile_path, snn_path)
     _print_conversion(meta, rows, snn_path)
-    console.rule(f"3/3 ann2snn evaluate {snn_path} -d {test.name} -T {timesteps} -r {out / 'report'}")
+    console.rule(literal(f"3/3 ann2snn evaluate {snn_path} -d {test.name} -T {timesteps} -r {out / 'report'}"))
     _evaluate_with_progress(snn_path, str(test), RunOptions(timesteps=timesteps), out / "report", device=device)
 
 
@@ -422,6 +437,7 @@ def finetune(
                                                         "epoch is then scored on val instead of test)."),
     model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
+    skip_bad_images: bool = SKIP_BAD,
 ):
     """Train the ANN a few epochs with the spiking layers' transfer function in place of ReLU.
 
@@ -431,17 +447,17 @@ def finetune(
     """
     options = FinetuneOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, spike_penalty=spike_penalty,
                               threshold_lr=threshold_lr, split=split)
-    watched = pipeline.scored_on(dataset, split)
+    watched = literal(pipeline.scored_on(dataset, split))
     result = pipeline.finetune(checkpoint, calibration, dataset, output, options=options, device=device,
-                               source=DataSource(data_dir, download), trust_pickle=trust_pickle,
+                               source=DataSource(data_dir, download, skip_bad_images), trust_pickle=trust_pickle,
                                model_ref=model, trust_code=trust_code,
                                profile_output=profile_output,
                                on_epoch=lambda e, v, m: console.print(f"epoch {e}/{epochs}: {watched} {_metric(v, m)} "
                                                                       "with the spiking layers' transfer function"))
     m = result.metric
-    console.print(f"ReLU network {result.scored_on} {_metric(result.before, m)} before, "
-                  f"{_metric(result.after, m)} after; wrote {output} and {result.profile}. "
-                  f"Next: ann2snn convert {output} -c {result.profile} -o ...")
+    console.print(f"ReLU network {literal(result.scored_on)} {_metric(result.before, m)} before, "
+                  f"{_metric(result.after, m)} after; wrote {literal(output)} and {literal(result.profile)}. "
+                  f"Next: ann2snn convert {literal(output)} -c {literal(result.profile)} -o ...")
 
 
 @app.command()
@@ -457,7 +473,7 @@ def export(
     Example: ann2snn export lenet5_if.snn.safetensors --format nir -o lenet5.nir
     """
     pipeline.export(artifact, output, fmt=fmt, model_ref=model, trust_code=trust_code)
-    console.print(f"wrote {output}")
+    console.print(f"wrote {literal(output)}")
 
 
 @app.command()
@@ -475,7 +491,7 @@ def fetch(
 
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     for name in datasets:
-        console.print(f"{name}: {fetch_one(name, root)}")
+        console.print(f"{literal(name)}: {literal(fetch_one(name, root))}")
 
 
 @app.command()
@@ -485,15 +501,16 @@ def info(artifact: Path = typer.Argument(..., help="SNN artifact.")):
     Example: ann2snn info lenet5.snn.safetensors
     """
     meta, tensors = read_artifact(artifact)
-    console.print(f"{artifact}: written by {meta.tool}, format {meta.format} v{meta.version}")
-    console.print(f"model {meta.model.ref} {meta.model.kwargs}, checkpoint {meta.model.checkpoint}")
-    console.print(f"neuron {meta.neuron.type} {meta.neuron.options}; input {meta.input.shape}"
-                  f"; calibrated on {to_json(meta.calibration)}; max pooling {meta.maxpool}")
+    console.print(literal(f"{artifact}: written by {meta.tool}, format {meta.format} v{meta.version}"))
+    console.print(literal(f"model {meta.model.ref} {meta.model.kwargs}, checkpoint {meta.model.checkpoint}"))
+    console.print(literal(f"neuron {meta.neuron.type} {meta.neuron.options}; input {meta.input.shape}"
+                          f"; calibrated on {to_json(meta.calibration)}; max pooling {meta.maxpool}"))
     table = Table()
     for col in ("layer", "after", "neurons", "parameters"):
         table.add_column(col)
     for layer in meta.layers:
-        table.add_row(layer.name, layer.source, f"{layer.neurons:,}", json.dumps(layer.params))
+        table.add_row(literal(layer.name), literal(layer.source), f"{layer.neurons:,}",
+                      literal(json.dumps(layer.params)))
     console.print(table)
     console.print(f"{len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} values")
 
@@ -510,12 +527,15 @@ def run(args: list[str] | None = None) -> int:
     command line click cannot parse - is one line on stderr and status 2."""
     console.quiet = os.environ.get("RANK", "0") not in ("", "0")  # under torchrun rank 0 alone prints
     if not console.quiet:  # long steps report on stderr: bars on a terminal, else a line every 30 s
-        progress.install(progress.Bars(Console(stderr=True)) if sys.stderr.isatty() else
+        progress.install(progress.Bars(Console(stderr=True, emoji=False)) if sys.stderr.isatty() else
                          lambda label, total: progress.PlainLine(label, total, sys.stderr))
+        progress.install_notes(_notes())
     errors.name_parameters(flag)  # messages passed on as text (e.g. between ranks) name our flags
     try:
         result = app(args=args, standalone_mode=False)
     except UserError as exc:
+        if interruption(exc) is not None:  # an error that a signal set off: entry.main says "interrupted"
+            raise
         if getattr(exc, "reported", False):  # printed on every rank already (distributed.RankFailure)
             return 2
         return _fail(exc.render(flag))
@@ -529,6 +549,12 @@ def run(args: list[str] | None = None) -> int:
         return _fail(exc.format_message(), exc.exit_code)
     except typer.Abort:
         return _fail("interrupted; no partial output was written", 130)
+    except SystemExit as exc:  # our commands return: this came from code they ran (a user's model)
+        if isinstance(exc.__context__, BrokenPipeError):  # rich's own exit when the reader left (| head)
+            raise
+        status = exc.code if isinstance(exc.code, int) and exc.code != 0 else 1
+        return _fail(f"the command did not finish: code it ran (the model's?) called sys.exit({str(exc.code)[:40]}); "
+                     "no partial output was written", status)
     except OSError as exc:  # standard output closed or full (a pipe, /dev/full): outputs are complete
         if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO):
             raise
@@ -536,12 +562,26 @@ def run(args: list[str] | None = None) -> int:
         return _fail(f"cannot write to standard output ({exc.strerror}); the output files are complete")
     finally:
         progress.install(None)
+        progress.install_notes(None)
         distributed.stop()
         errors.name_parameters(None)
     return result if isinstance(result, int) else 0
 
 
+def _notes():
+    """Each note (``progress.notify``) once, as a line on stderr."""
+    shown: set[str] = set()
+
+    def note(text: str) -> None:
+        if text not in shown:
+            shown.add(text)
+            sys.stderr.write(f"ann2snn: note: {' '.join(text.split())}\n")
+            sys.stderr.flush()
+
+    return note
+
+
 def _fail(message: str, code: int = 2) -> int:
-    sys.stderr.write(f"ann2snn: error: {' '.join(message.split())}\n")  # one write: no interleaving
+    sys.stderr.write(f"ann2snn: error: {printable(' '.join(message.split()))}\n")  # plain text, one write
     sys.stderr.flush()
     return code

@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 
 from .errors import OptionError, UserError
+from .options import parse_number
 
 NAMED = {  # spec -> (torchvision class, folder torchvision reads, classes)
     "mnist": ("MNIST", "MNIST", 10),
@@ -62,12 +63,9 @@ class Normalize:
         """Parse ``"MEAN;STD"`` with comma-separated channels, e.g. ``"0.1307;0.3081"``."""
         if not text or text == "none":
             return cls()
-        try:
-            mean_s, std_s = text.split(";")
-            mean = [float(v) for v in mean_s.split(",")]
-            std = [float(v) for v in std_s.split(",")]
-        except ValueError:
-            raise OptionError("normalization", f"{text!r}: expected 'MEAN;STD', e.g. '0.1307;0.3081'") from None
+        if text.count(";") != 1:
+            raise OptionError("normalization", f"{text!r}: expected 'MEAN;STD', e.g. '0.1307;0.3081'")
+        mean, std = ([parse_number(v, "normalization", item=text) for v in part.split(",")] for part in text.split(";"))
         try:
             return cls(mean, std)
         except ValueError as exc:
@@ -94,6 +92,7 @@ class TensorData:
     num_classes: int
     normalize: Normalize = field(default_factory=Normalize)
     task: str = "classification"
+    skipped: tuple[str, ...] = ()  # files of an image folder left out as unreadable (skip_bad_images)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -172,20 +171,26 @@ def _load_tensor_file(spec: str, path: Path) -> TensorData:
     if inputs.dim() < 2 or targets.dim() != 1 or len(inputs) != len(targets) or len(targets) == 0:
         raise OptionError("dataset", f"{spec}: 'inputs' must be [N, ...] and 'targets' [N] with N > 0, "
                         f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
+    return checked_samples(path.name, "file", inputs, targets, "dataset", f"{spec}: ")
+
+
+def checked_samples(name: str, split: str, inputs: torch.Tensor, targets: torch.Tensor, option: str,
+                    where: str = "") -> TensorData:
+    """Samples from a file or an API call, refused (naming ``option``) where a value is not a
+    finite number or a class index is negative; float targets are regression targets."""
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-        raise OptionError("dataset", f"{spec}: 'inputs' holds NaN or infinite values")
+        raise OptionError(option, f"{where}'inputs' holds NaN or infinite values")
     if targets.is_floating_point():
         if not torch.isfinite(targets).all():
-            raise OptionError("dataset", f"{spec}: 'targets' holds NaN or infinite values")
-        return TensorData(path.name, "file", inputs, targets.float(), 1, task="regression")
+            raise OptionError(option, f"{where}'targets' holds NaN or infinite values")
+        return TensorData(name, split, inputs, targets.float(), 1, task="regression")
     if targets.min() < 0:
-        raise OptionError("dataset", f"{spec}: 'targets' must be non-negative class indices or real values")
-    return TensorData(path.name, "file", inputs, targets.long(), int(targets.max()) + 1)
+        raise OptionError(option, f"{where}'targets' must be non-negative class indices or real values")
+    return TensorData(name, split, inputs, targets.long(), int(targets.max()) + 1)
 
 
-def _load_folder(spec: str, path: Path) -> TensorData:
+def _load_folder(spec: str, path: Path, skip_bad: bool = False) -> TensorData:
     import torchvision
-    from torchvision.transforms.functional import pil_to_tensor
 
     if not _exists(path) or not path.is_dir():
         raise OptionError("dataset", f"{spec}: folder not found")
@@ -193,10 +198,45 @@ def _load_folder(spec: str, path: Path) -> TensorData:
         ds = torchvision.datasets.ImageFolder(str(path))
     except Exception as exc:
         raise OptionError("dataset", f"{spec}: not an image folder ({exc})") from None
-    images = [pil_to_tensor(ds.loader(p)) for p, _ in ds.samples]
+    images, targets, skipped = [], [], []
+    for file, target in ds.samples:  # in this process: no DataLoader worker wraps the error
+        try:
+            images.append(_read_image(file, ds.loader))
+            targets.append(target)
+        except UserError:
+            if not skip_bad:
+                raise
+            skipped.append(file)
+    if skipped:
+        from .progress import notify
+
+        notify(f"skipped {len(skipped)} unreadable image{'s' * (len(skipped) > 1)} of {spec}: "
+               + ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else ""))
+    if not images:
+        raise OptionError("dataset", f"{spec}: none of its {len(skipped)} images can be read")
     if len({tuple(im.shape) for im in images}) != 1:
         raise OptionError("dataset", f"{spec}: images differ in size or channels; resize them first")
-    return TensorData(path.name, "folder", torch.stack(images), torch.tensor(ds.targets), len(ds.classes))
+    return TensorData(path.name, "folder", torch.stack(images), torch.tensor(targets), len(ds.classes),
+                      skipped=tuple(skipped))
+
+
+def _read_image(file: str, loader) -> torch.Tensor:
+    """One image of a folder as a uint8 tensor; a corrupt, truncated or non-image file is a
+    one-line error naming it (an interruption passes, even one that a decoder wrapped)."""
+    from PIL import UnidentifiedImageError
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from .entry import interruption
+
+    try:
+        return pil_to_tensor(loader(file))
+    except Exception as exc:
+        if interruption(exc) is not None:
+            raise
+        why = ("not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError) else
+               getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+        raise UserError(f"{file}: cannot read this image ({why}); repair or remove it, or add "
+                        "{{skip_bad_images}} to skip unreadable images") from None
 
 
 def _feynman(spec: str, split: str) -> TensorData:
@@ -227,10 +267,12 @@ def has_splits(spec: str) -> bool:
 
 
 def open_dataset(spec: str, split: str = "test", root: str | Path | None = None, download: bool = False,
-                 normalize: Normalize | None = None) -> TensorData:
+                 normalize: Normalize | None = None, skip_bad_images: bool = False) -> TensorData:
     """Open a data set by spec; ``split`` applies to named sets only: train, test, or the two
     parts of train, ``fit`` and the held-out ``val`` (its last 1/``VALIDATION_SHARE``), for a
-    model trained on ``fit`` whose settings are chosen on ``val`` and measured once on test."""
+    model trained on ``fit`` whose settings are chosen on ``val`` and measured once on test.
+    An unreadable image of a folder is an error naming it, or with ``skip_bad_images`` left
+    out (``TensorData.skipped``, and a ``progress.notify`` line)."""
     if split not in SPLITS:
         raise OptionError("split", f"{split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(root) if root else default_data_dir()
@@ -242,7 +284,7 @@ def open_dataset(spec: str, split: str = "test", root: str | Path | None = None,
             data = dataclasses.replace(data.subset(torch.arange(cut) if split == "fit" else
                                                    torch.arange(cut, len(data))), split=split)
     elif spec.startswith("folder:"):
-        data = _load_folder(spec, Path(spec[len("folder:"):]))
+        data = _load_folder(spec, Path(spec[len("folder:"):]), skip_bad_images)
     elif spec.endswith((".safetensors", ".pt", ".pth")):
         data = _load_tensor_file(spec, Path(spec))
     else:
@@ -318,7 +360,5 @@ def as_tensor_data(data, name: str = "data", split: str = "in memory") -> Tensor
     if targets.dim() > 1 and (not regression or targets.reshape(len(targets), -1).shape[1] > 1):
         raise OptionError(name, f": targets of shape {tuple(targets.shape)}; give class indices [N] (not one-hot) "
                                 "or one regression value per sample")
-    return TensorData(name=name, split=split, inputs=inputs.float(), targets=targets.reshape(len(targets), -1)
-                      .squeeze(1) if regression else targets.long().reshape(-1),
-                      num_classes=1 if regression else int(targets.max()) + 1,
-                      task="regression" if regression else "classification")
+    targets = targets.reshape(len(targets), -1).squeeze(1) if regression else targets.reshape(-1)
+    return checked_samples(name, split, inputs.float(), targets, name, ": ")

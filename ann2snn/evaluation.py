@@ -12,6 +12,8 @@ order (a regression's squared errors may differ in the last bits, and timing dif
 
 from __future__ import annotations
 
+import hashlib
+
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +38,7 @@ from .options import DataSource, RunOptions
 from .records import from_json, to_json
 from .report import (Report, ReportContext, arousal_report, build_report, context, provenance,
                      report_outputs, write_report)
-from .simulate import Run, SimulationResult, ann_metric_sum, ann_per_sample, nmse, resolve_device, simulate
+from .simulate import Run, SimulationResult, ann_metric_sum, ann_per_sample, resolve_device, simulate
 from .stats import mcnemar
 from .transfer_training import with_transfer
 
@@ -149,7 +151,7 @@ def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: Dat
                              run=to_json(run), sweep=sweep or [], compare=compare or [],
                              arousal=to_json(plan.policy) if plan.policy is not None else None,
                              shard=list(shard), shard_sha256=shard_data.sha256(), sums=sums)
-            write_text(Path(report_dir) / PARTIAL_FILE, json_text(to_json(record)) + "\n")
+            write_text(Path(report_dir) / PARTIAL_FILE, json_text(_sealed(to_json(record))) + "\n")
         return None
     if ranks.active:
         sums = _all_reduce(ranks, sums)
@@ -161,6 +163,26 @@ def evaluate(artifact: str | Path, dataset: str, run: RunOptions, *, source: Dat
     return report
 
 
+def _digest(body: dict) -> str:
+    return hashlib.sha256(json_text(body, sort_keys=True).encode()).hexdigest()
+
+
+def _sealed(body: dict) -> dict:
+    """A partial report with the sha256 of its contents, which ``merge`` checks: a report edited
+    by hand or damaged in transit is refused (a checksum, not a signature: whoever edits the
+    numbers can recompute it, as with an artifact's)."""
+    return {**body, "sha256": _digest(body)}
+
+
+def _unsealed(raw, path) -> dict:
+    if not isinstance(raw, dict) or not isinstance(raw.get("sha256"), str):
+        raise UserError(f"{path}: not an ann2snn partial report (no checksum)")
+    body = {k: v for k, v in raw.items() if k != "sha256"}
+    if raw["sha256"] != _digest(body):
+        raise UserError(f"{path}: checksum mismatch: the partial report was modified after ann2snn wrote it")
+    return body
+
+
 def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, source: DataSource = DataSource(),
           device: str = "cpu", model_ref: str | None = None, trust_code: bool = False,
           plot_format: str = "png") -> Report:
@@ -169,7 +191,7 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
     that an arousal report lacks the spike-matched fixed-precision run, which needs the total."""
     if not partials:
         raise OptionError("partials", ": give the partial reports of every shard")
-    records = [from_json(Partial, parse_json(read_input(p, "partial report"), str(p), "partial report"),
+    records = [from_json(Partial, _unsealed(parse_json(read_input(p, "partial report"), str(p), "partial report"), p),
                          f"{p}: partial report") for p in partials]
     first, n = records[0], records[0].shard[1]
     for path, rec in zip(partials, records):
@@ -239,7 +261,8 @@ def _check_sums(sums: Sums, plan: _Plan, part: range, path) -> None:
 def _prepare(artifact, dataset: str, run: RunOptions, source: DataSource, device: str, sweep: list[dict],
              compare: list[str], arousal, model_ref: str | None, trust_code: bool) -> _Plan:
     art = load_artifact(artifact, model_ref, trust_code)
-    data = open_dataset(dataset, run.split, source.data_dir, source.download, art.meta.input.normalize)
+    data = open_dataset(dataset, run.split, source.data_dir, source.download, art.meta.input.normalize,
+                        source.skip_bad_images)
     return make_plan(art, data.head(run.limit), run, device, sweep, compare, arousal, str(artifact), dataset)
 
 
@@ -374,7 +397,7 @@ def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
     ctx, data, run = plan.ctx, plan.data, plan.run
     n = max(sums.samples, 1)
     ctx = replace(ctx, ann=dict(ctx.ann), ann_final=torch.tensor(sums.ann_final, dtype=torch.float64))
-    ctx.ann[ctx.metric] = nmse(sums.ann, data) if ctx.metric == "nmse" else sums.ann / n
+    ctx.ann[ctx.metric] = sums.ann / ctx.metric_norm if ctx.metric == "nmse" else sums.ann / n  # as the SNN's
     if sums.transfer is not None:
         ctx.ann["transfer_accuracy"] = sums.transfer / n
     ctx.ann["macs_per_sample_skipping_zeros"] = sums.ann_active_macs / n

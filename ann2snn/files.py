@@ -5,9 +5,11 @@ renamed only when complete), never replaces anything but a regular file, and the
 always gives the same bytes. ``check_outputs`` runs before any long work: it refuses an output
 that is one of the command's inputs (same resolved path or inode), that exists and is not a
 regular file (a directory, a device such as /dev/null, a FIFO, a socket), or that cannot be
-written (a parent that is a file, a read-only folder, a name too long), so a mistake costs a
-second, not a simulation. Input: ``read_input`` opens only regular files (a FIFO would block
-forever), JSON is read with a nesting limit and written strictly (no NaN or Infinity).
+written (a parent that is a file, a read-only folder), so a mistake costs a second, not a
+simulation. Every path in or out goes through ``checked_path`` first: a name the file system or
+our records cannot take (not UTF-8, over 255 bytes) is a one-line error naming it. Input:
+``read_input`` opens only regular files (a FIFO would block forever), JSON is read with a
+nesting limit and written strictly (no NaN or Infinity).
 """
 
 from __future__ import annotations
@@ -25,12 +27,29 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .errors import UserError
+from .markup import printable
 
 PathLike = str | os.PathLike
 
 
 def _why(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
+
+
+def checked_path(path: PathLike, what: str) -> Path:
+    """``path`` if the file system and our records can take its name, else a one-line error: UTF-8
+    (it is printed, and recorded in profiles and artifacts), no NUL, each name at most 255 bytes
+    and the whole at most 4,095."""
+    text = os.fsdecode(path)
+    raw = text.encode("utf-8", "surrogatepass")  # a lone surrogate (bytes that are not UTF-8) is refused first
+    why = ("is not valid UTF-8; rename it" if any("\ud800" <= c <= "\udfff" for c in text) else
+           "holds a NUL character" if b"\0" in raw else
+           "has a name longer than 255 bytes, the file system's limit" if max(map(len, raw.split(b"/"))) > 255 else
+           "is longer than 4,095 bytes, the system's limit" if len(raw) > 4095 else None)
+    if why:
+        shown = printable(text)
+        raise UserError(f"{shown[:300]}{'...' * (len(shown) > 300)}: the {what}'s path {why}")
+    return Path(text)
 
 
 def check_outputs(outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterable[PathLike | None],
@@ -42,7 +61,7 @@ def check_outputs(outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterab
     for what, folder in directories:
         if folder is None:
             continue
-        folder = Path(folder)
+        folder = checked_path(folder, what)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder}: the {what} must be a folder; this is a file")
         _check_writable_folder(folder, what, folder, probed)
@@ -54,7 +73,7 @@ def check_outputs(outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterab
     for what, path in outputs:
         if path is None:
             continue
-        path = Path(path)
+        path = checked_path(path, what)
         ident = _identity(path)
         if ident is not None and ident in ins:
             raise UserError(f"{path}: the {what} would replace the input {ins[ident]}; choose another path")
@@ -69,7 +88,7 @@ def check_outputs(outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterab
 def _identity(path: Path) -> tuple | None:
     try:
         st = path.stat()
-    except OSError:
+    except (OSError, ValueError):  # missing, or a name the system cannot take (checked_path says which)
         return None
     return (st.st_dev, st.st_ino)
 
@@ -98,8 +117,6 @@ def _check_writable_folder(folder: Path, what: str, target: Path, probed: set[Pa
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"{target}: cannot write the {what}: {probe} is a file, not a folder")
-    if len(target.name.encode()) > 255:
-        raise UserError(f"{target}: cannot write the {what}: the file name is longer than 255 bytes")
     if probe in probed:
         return
     trial = probe / f".a2s-{secrets.token_hex(4)}.part"
@@ -116,7 +133,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
     Refuses to replace anything but a regular file; any OS failure (permission, disk full, a
     name too long) is a ``UserError`` naming ``path``, and leaves no temporary file behind."""
-    path = Path(path)
+    path = checked_path(path, "output")
     _check_replaceable(path, "output")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +189,7 @@ def read_input(path: PathLike, what: str) -> bytes:
 
 def check_input(path: PathLike, what: str) -> Path:
     """``path`` if it is a regular file, else a one-line error saying what it is."""
-    path = Path(path)
+    path = checked_path(path, what)
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:

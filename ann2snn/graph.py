@@ -305,6 +305,20 @@ def spiking_layers(gm: fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if _is_act(gm, n)]
 
 
+def slot_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Each slot's output shape (without the batch) for one blank input of ``input_shape``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [gm.get_submodule(name).register_forward_hook(
+        lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:]))) for name in spiking_layers(gm)]
+    try:
+        with torch.no_grad():
+            gm(torch.zeros((1, *input_shape)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
 def analog_fed(gm: fx.GraphModule) -> set[str]:
     """The slots that the network's analog input reaches on a path through no other slot (the
     first layer of a plain CNN, the stem of a ResNet, a layer a skip connection from the input

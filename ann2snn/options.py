@@ -7,11 +7,28 @@ names the library parameter at fault (``errors.OptionError``), which the CLI ren
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .energy import DEFAULT_PRESET, PRESETS
 from .errors import OptionError
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_REAL = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE)
+
+
+def parse_number(text: str, option: str, integer: bool = False, item: str | None = None) -> int | float:
+    """``text`` (spaces around it aside) as an integer or, unless ``integer``, a real number, written
+    in ASCII: Python's ``int`` and ``float`` also read '١٢' or '1_000', and fail on '²'. Anything
+    else is an ``OptionError`` naming ``option`` and ``item`` (the value it is part of)."""
+    s = text.strip()
+    why = (f"{s!r} is not {'an integer' if integer else 'a number'} written in digits 0-9"
+           if not (_INTEGER if integer else _REAL).fullmatch(s) else "more than 100 digits" if len(s) > 100 else None)
+    if why:
+        raise OptionError(option, f"{item if item is not None else text!r}: {why}")
+    return int(s) if integer else float(s)
 
 
 def _positive(name: str, value: float | None) -> None:
@@ -26,11 +43,13 @@ def _seed(value: int) -> None:
 
 @dataclass(frozen=True)
 class DataSource:
-    """Where named data sets live (default: $ANN2SNN_DATA or ~/.cache/ann2snn/data) and whether
-    torchvision may download a missing one."""
+    """Where named data sets live (default: $ANN2SNN_DATA or ~/.cache/ann2snn/data), whether
+    torchvision may download a missing one, and whether an image folder's unreadable images are
+    skipped (counted) rather than an error."""
 
     data_dir: str | Path | None = None
     download: bool = False
+    skip_bad_images: bool = False
 
 
 @dataclass(frozen=True)

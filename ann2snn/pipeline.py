@@ -99,7 +99,7 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
     if ranks.leader:
         check_outputs([("calibration profile", output)], [checkpoint, *data_files(dataset, source.data_dir)])
     model_ref = _model_ref(model_ref, checkpoint)
-    data = open_dataset(dataset, options.split, source.data_dir, source.download, norm)
+    data = open_dataset(dataset, options.split, source.data_dir, source.download, norm, source.skip_bad_images)
     subset = calibration_subset(data, options.samples, options.seed)
     if model_ref == EXPORT_REF and model_args:
         raise OptionError("model_args", f": {checkpoint} is a torch.export archive; its architecture takes no arguments")
@@ -188,7 +188,7 @@ def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path,
     ref = stored_reference(profile.model.ref, model_ref, trust_code, str(calibration), "calibration profile")
     model = load_model(ref, profile.model.kwargs, checkpoint, trust_pickle)
     gm, rows = normalize(model)
-    check_profile(profile, gm, file_sha256(checkpoint), calibration)
+    check_profile(profile, gm, calibration, state_sha256(model), file_sha256(checkpoint))
     shape = tuple(profile.input.shape)
     try:
         model_outputs(gm, shape, "")
@@ -250,10 +250,11 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     tuned_options = neuron.options(profile.neuron.options)  # checked now, not after training
     build_neurons(neuron, profile.layers, str(calibration))
     model = load_model(profile.model.ref, profile.model.kwargs, checkpoint, trust_pickle)
-    check_profile(profile, normalize(model)[0], file_sha256(checkpoint), calibration)
-    train = open_dataset(dataset, options.split, source.data_dir, source.download, profile.input.normalize)
+    check_profile(profile, normalize(model)[0], calibration, state_sha256(model), file_sha256(checkpoint))
+    train = open_dataset(dataset, options.split, source.data_dir, source.download, profile.input.normalize,
+                         source.skip_bad_images)
     test = open_dataset(dataset, scored_split(options.split), source.data_dir, source.download,
-                        profile.input.normalize)
+                        profile.input.normalize, source.skip_bad_images)
     dev = resolve_device(device)
     metric = "nmse" if test.task == "regression" else "accuracy"
     before = ann_accuracy(model, test, 1000, dev)  # fine-tuning trains a traced copy: model stays as loaded
@@ -276,7 +277,8 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     blob = safetensors_bytes(state, {"finetuned_from": Path(checkpoint).name, "neuron": neuron.name})
     tuned = load_state(resolve_model(profile.model.ref, profile.model.kwargs), state, output)
     # statistics of the new weights on the same calibration subset; the layer parameters as trained
-    data = open_dataset(dataset, profile.data.split, source.data_dir, source.download, profile.input.normalize)
+    data = open_dataset(dataset, profile.data.split, source.data_dir, source.download, profile.input.normalize,
+                        source.skip_bad_images)
     subset = calibration_subset(data, profile.data.samples, profile.data.seed)
     gm, _ = normalize_for(tuned, profile.model.ref, neuron)
     info = replace(profile.model, checkpoint=str(output), checkpoint_sha256=hashlib.sha256(blob).hexdigest(),

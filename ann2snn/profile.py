@@ -9,6 +9,7 @@ artifact's metadata (``artifact.ArtifactMeta``).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from . import __version__
 from .arousal import ArousalPolicy
 from .bias_ramp import BiasRampRecord
 from .calibration import CHANNEL_QUANTILES, LayerStats, quantile_table
-from .graph import layer_sources, spiking_layers
+from .graph import layer_sources, slot_shapes, spiking_layers
 from .data import Normalize
 from .errors import UserError
 from .files import json_text, parse_json, read_input, write_text
@@ -226,19 +227,48 @@ def load_profile(path: str | Path) -> Profile:
     return profile
 
 
-def check_profile(profile: Profile, gm: fx.GraphModule, checkpoint_sha: str, path: str | Path) -> None:
-    """Refuse a profile made for another model or checkpoint, naming what differs."""
-    if profile.model.checkpoint_sha256 not in (None, checkpoint_sha):
-        raise UserError(f"{path}: calibration profile was made for another checkpoint "
-                        f"({profile.model.checkpoint})")
+def check_profile(profile: Profile, gm: fx.GraphModule, path: str | Path, weights_sha: str,
+                  checkpoint_sha: str | None = None) -> None:
+    """Refuse a profile made for other weights (``checkpoint.state_sha256`` of the model, or,
+    for profiles that record only the file, the checkpoint file's sha256) or another model,
+    naming what differs; a profile with no checksum at all is refused."""
+    model = profile.model
+    if model.weights_sha256 is None and model.checkpoint_sha256 is None:
+        raise UserError(f"{path}: the calibration profile holds no checksum of the weights it was made for, so "
+                        "nothing tells whether these are the same: calibrate again")
+    if model.weights_sha256 not in (None, weights_sha) or \
+            model.weights_sha256 is None and model.checkpoint_sha256 != checkpoint_sha:
+        raise UserError(f"{path}: calibration profile was made for other weights ({model.checkpoint}); "
+                        "calibrate this model")
     layers = spiking_layers(gm)
     if profile.layer_names != layers:
         raise UserError(f"{path}: profile layers {profile.layer_names} do not match the model's spiking layers "
                         f"{layers}")
     if profile.bias_ramps and not profile.neuron.options.get("bias_ramp"):
         raise UserError(f"{path}: the profile holds bias ramps but its options do not ask for them (bias_ramp)")
+    check_layer_shapes(profile.layers, gm, tuple(profile.input.shape), path)
     channels = {layer.name: layer.shape[0] for layer in profile.layers if layer.shape}
     for ramp in profile.bias_ramps or []:
         if ramp.layer in channels and len(ramp.offset) != channels[ramp.layer]:
             raise UserError(f"{path}: bias ramp of {ramp.layer}: {len(ramp.offset)} offsets for "
                             f"{channels[ramp.layer]} channels")
+
+
+def check_layer_shapes(layers: list[ProfileLayer], gm: fx.GraphModule, input_shape: tuple[int, ...],
+                       path: str | Path) -> None:
+    """Refuse layers (of a profile or an artifact) whose recorded shape is not the model's, or a
+    per-channel parameter whose length is not the layer's channel count."""
+    try:
+        actual = slot_shapes(gm, input_shape)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, in one line
+        raise UserError(f"{path}: the recorded input shape {list(input_shape)} does not fit the model "
+                        f"({type(exc).__name__})") from None
+    for layer in layers:
+        shape = list(actual.get(layer.name, ()))
+        if layer.shape and layer.shape != shape or layer.neurons != math.prod(shape):
+            raise UserError(f"{path}: layer {layer.name} is recorded as {layer.shape or layer.neurons} neurons, "
+                            f"the model's layer has shape {shape}")
+        for key, value in layer.params.items():
+            if isinstance(value, list) and len(value) != shape[0]:
+                raise UserError(f"{path}: layer {layer.name}: {key} has {len(value)} per-channel values, the "
+                                f"layer has {shape[0]} channels")

@@ -1,7 +1,8 @@
-"""Progress of long steps. The library reports (``task``); the front end chooses how it is shown
-(``install``): nothing by default, so the Python API and tests stay silent. The CLI shows a
-bar on stderr when stderr is a terminal, otherwise (nohup, SLURM, CI) a plain line at most
-every 30 s with done/total and an estimate of the time left. Stdout is never touched.
+"""Progress of long steps, and notes. The library reports (``task``, ``notify``); the front end
+chooses how it is shown (``install``, ``install_notes``): nothing by default, so the Python API
+and tests stay silent. The CLI shows a bar on stderr when stderr is a terminal, otherwise
+(nohup, SLURM, CI) a plain line at most every 30 s with done/total and an estimate of the time
+left, and each note once, as a line on stderr. Stdout is never touched.
 """
 
 from __future__ import annotations
@@ -28,6 +29,22 @@ def install(reporter: Callable[[str, int | None], Task] | None) -> None:
     """Show every later ``task`` with ``reporter(label, total)`` (None: show nothing)."""
     global _reporter
     _reporter = reporter
+
+
+_noter: Callable[[str], None] | None = None
+
+
+def install_notes(noter: Callable[[str], None] | None) -> None:
+    """Show every later ``notify`` line with ``noter(text)`` (None: show nothing)."""
+    global _noter
+    _noter = noter
+
+
+def notify(text: str) -> None:
+    """One line for the user about what was done other than asked (an image skipped, a plot not
+    drawn), shown as the front end chose."""
+    if _noter is not None:
+        _noter(text)
 
 
 @contextlib.contextmanager
@@ -70,6 +87,9 @@ class Bars:
     def __init__(self, console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        from .markup import literal
+
+        self.literal = literal  # a label may hold a user's words (a sweep's values)
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), console=console, transient=True)
         self.open = 0
@@ -78,7 +98,7 @@ class Bars:
         if self.open == 0:
             self.progress.start()
         self.open += 1
-        bars, key = self, self.progress.add_task(label, total=total)
+        bars, key = self, self.progress.add_task(self.literal(label), total=total)
 
         class Bar(Task):
             def advance(self, n: int = 1) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .data import TensorData
 from .errors import OptionError
 from .energy import PRESETS, ann_energy_pj, ann_macs, snn_energy_pj
 from .files import atomic_path, file_sha256, json_text
+from .markup import literal
 from .neurons import Neuron
 from .profile import SearchRecord
 from .readout import Readout
@@ -143,12 +145,14 @@ def context(ann: torch.nn.Module, data: TensorData, fan: dict[str, torch.Tensor]
     is ``energy.fanout_maps(ann, ...)``. The ANN's metric is filled in later (``ann[metric]``)."""
     metric = "nmse" if data.task == "regression" else "accuracy"
     shape = data.sample_shape
+    norm = float(((data.targets.double() - data.targets.double().mean()) ** 2).sum())
     return ReportContext(
         metric=metric, units={name: int(fan[name].numel()) for name in layers}, sources=sources,
         ann={metric: None, "macs_per_sample": ann_macs(ann, shape)},
         dataset={"name": Path(dataset).name if Path(dataset).exists() else dataset, "split": data.split,
-                 "samples": len(data), "task": data.task},
-        metric_norm=float(((data.targets.double() - data.targets.double().mean()) ** 2).sum()),
+                 "samples": len(data), "task": data.task,
+                 **({"skipped_unreadable_images": len(data.skipped)} if data.skipped else {})},
+        metric_norm=norm if norm > 0 else float("nan"),  # targets that do not vary: NMSE is undefined
         device=device, input_macs=float(fan["input"].sum()),
         analog_macs_per_step=float(sum(f.sum() for k, f in fan.items() if k.endswith(":out"))), preset=preset)
 
@@ -295,19 +299,36 @@ def curve_csv(report: Report) -> str:
 
 
 def write_report(report: Report, directory: str | Path, plot_format: str = "png") -> list[Path]:
-    """Write the three report files; all are written to temporary files first and renamed only
-    when all are whole, ``report.json`` last, so an interrupted run leaves no report. Returns
-    their paths."""
+    """Write the report files; returns their paths. The plot is drawn first, in memory, and a plot
+    that cannot be drawn never costs the numbers (``plot_bytes``; an earlier run's plot is then
+    removed). All are written to temporary files and renamed only when all are whole,
+    ``report.json`` last, so an interrupted run leaves no report."""
     directory = Path(directory)
     paths = [directory / name for name in report_files(plot_format)]
+    image = plot_bytes(runs_of(report), report.ann[report.metric],
+                       f"{report.dataset['name']} ({report.dataset['samples']} samples), {report.timesteps} steps",
+                       report.metric, plot_format, paths[2].name)
+    written = paths if image is not None else paths[:2]
     with contextlib.ExitStack() as stack:  # exits in reverse: report.json is renamed last
-        json_tmp, csv_tmp, plot_tmp = (stack.enter_context(atomic_path(p)) for p in paths)
+        json_tmp, csv_tmp, *plot_tmp = [stack.enter_context(atomic_path(p)) for p in written]
         csv_tmp.write_text(curve_csv(report))
-        plot(runs_of(report), report.ann[report.metric], plot_tmp,
-             f"{report.dataset['name']} ({report.dataset['samples']} samples), {report.timesteps} steps",
-             report.metric, plot_format)
-        json_tmp.write_text(json_text({**report.to_json(), "timing": report.timing or {}}, indent=2) + "\n")
-    return paths
+        for tmp in plot_tmp:
+            tmp.write_bytes(image)
+        json_tmp.write_text(json_text(_nulls({**report.to_json(), "timing": report.timing or {}}), indent=2) + "\n")
+    if image is None:
+        with contextlib.suppress(FileNotFoundError):
+            paths[2].unlink()  # an earlier run's plot would pass for this run's
+    return written
+
+
+def _nulls(value):
+    """``value`` with NaN and infinities as None: JSON's null for a figure that is undefined
+    (the NMSE of targets that do not vary: one sample, or all equal)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nulls(v) for k, v in value.items()}
+    return [_nulls(v) for v in value] if isinstance(value, list) else value
 
 
 def figure(series: list[tuple[str, list[dict]]], ann_value: float, title: str, metric: str = "accuracy"):
@@ -319,8 +340,10 @@ def figure(series: list[tuple[str, list[dict]]], ann_value: float, title: str, m
 
     fig = Figure(figsize=(11, 4.2), dpi=120, layout="constrained")
     err = (lambda c: 100.0 * (1.0 - c["accuracy"])) if metric == "accuracy" else (lambda c: c[metric])  # noqa: E731
+    series = [(label, [c for c in curve if math.isfinite(err(c))]) for label, curve in series]  # NaN: not drawn
+    series = [(label, curve) for label, curve in series if curve]
     ann_err = 100.0 * (1.0 - ann_value) if metric == "accuracy" else ann_value
-    values = [ann_err] + [err(c) for _, cur in series for c in cur]
+    values = [v for v in [ann_err] if math.isfinite(v)] + [err(c) for _, cur in series for c in cur]
     floor = min([v for v in values if v > 0] or [1e-3]) / 2
     top = max(max(values) * 1.5, floor * 10)
     ref = f"ANN {100 * ann_value:.2f}%" if metric == "accuracy" else f"ANN {ann_value:.3g}"
@@ -329,7 +352,8 @@ def figure(series: list[tuple[str, list[dict]]], ann_value: float, title: str, m
         for label, curve in series:
             ax.plot([c[x_key] for c in curve], [max(err(c), floor) for c in curve], label=label,
                     marker="o" if len(curve) < 16 else None)
-        ax.axhline(max(ann_err, floor), color="k", ls="--", lw=1, label=ref)
+        if math.isfinite(ann_err):
+            ax.axhline(max(ann_err, floor), color="k", ls="--", lw=1, label=ref)
         ax.set_ylim(floor * 0.8, top)  # before the log scale: all-equal values would warn
         ax.set_yscale("log")
         if x_key == "spikes_per_sample" and any(c[x_key] > 0 for _, cur in series for c in cur):
@@ -337,18 +361,50 @@ def figure(series: list[tuple[str, list[dict]]], ann_value: float, title: str, m
         ax.set_xlabel(x_label)
         ax.set_ylabel("error (%), log scale" if metric == "accuracy" else "NMSE")
         ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="best", fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    for text in ax.legend(loc="best", fontsize=8).get_texts():
+        text.set_parse_math(False)  # a user's name is printed as it is: '$' is not mathtext
+    fig.suptitle(title, fontsize=10, parse_math=False)
     return fig
+
+
+def plot_bytes(series: list[tuple[str, list[dict]]], ann_value: float, title: str, metric: str = "accuracy",
+               plot_format: str = "png", name: str = "the plot") -> bytes | None:
+    """``figure`` as the bytes of a ``plot_format`` file, or None where it cannot be drawn. What is
+    left out - points whose metric is NaN or infinite, or the whole plot - is one
+    ``progress.notify`` line saying why; an interruption (even one that an import turned into an
+    ImportError) still stops the command."""
+    from .entry import interruption
+    from .progress import notify
+
+    values = [c[metric] for _, curve in series for c in curve]
+    bad = sum(not math.isfinite(v) for v in values)
+    what = "NMSE" if metric == "nmse" else metric
+    hint = " (undefined where the targets do not vary: one sample, or all equal)" if metric == "nmse" else ""
+    if bad == len(values):
+        notify(f"{name} was not drawn: the {what} is NaN or infinite at every step{hint}; report.json and "
+               "curve.csv hold the numbers")
+        return None
+    try:
+        fig, buf = figure(series, ann_value, title, metric), io.BytesIO()
+        fig.savefig(buf, format=plot_format, metadata={"Software": None} if plot_format == "png" else
+                    {"Date": None} if plot_format == "svg" else {"CreationDate": None})
+    except Exception as exc:  # a figure is no reason to lose a run
+        if interruption(exc) is not None:
+            raise
+        notify(f"{name} was not drawn ({type(exc).__name__}: {exc}); report.json and curve.csv hold the numbers")
+        return None
+    if bad:
+        notify(f"{name}: {bad} of {len(values)} points not drawn, their {what} being NaN or infinite{hint}")
+    return buf.getvalue()
 
 
 def plot(series: list[tuple[str, list[dict]]], ann_value: float, path: Path, title: str,
          metric: str = "accuracy", plot_format: str = "png") -> None:
-    """``figure`` written to ``path`` (atomically) in ``plot_format``."""
-    fig = figure(series, ann_value, title, metric)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=plot_format, metadata={"Software": None} if plot_format == "png" else
-                    {"Date": None} if plot_format == "svg" else {"CreationDate": None})
+    """``plot_bytes`` written to ``path`` (atomically), where it could be drawn."""
+    image = plot_bytes(series, ann_value, title, metric, plot_format, Path(path).name)
+    if image is not None:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(image)
 
 
 def summary_table(report: Report) -> Table:
@@ -358,8 +414,9 @@ def summary_table(report: Report) -> Table:
         if "accuracy_ci95" in d else "-"  # noqa: E731
     paired = lambda d: f"p={d['paired_vs_ann']['p_value']:.2g}{' *' if d['paired_vs_ann']['significant'] else ''}" \
         if "paired_vs_ann" in d else "-"  # noqa: E731
+    data = report.dataset
     table = Table(title=f"{report.neuron.upper()} SNN, {report.timesteps} steps, "
-                        f"{report.dataset['name']} {report.dataset['split']} ({report.dataset['samples']})",
+                        f"{literal(data['name'])} {literal(data['split'])} ({data['samples']})",
                   caption="95% CI: Wilson interval; vs ANN: McNemar's exact test on the same samples "
                           "(* = the difference is significant at p < 0.05)" if metric == "accuracy" else None)
     for col in ("", metric if metric == "accuracy" else "NMSE", "95% CI", "vs ANN", "spikes/sample", "spikes %",
@@ -374,7 +431,7 @@ def summary_table(report: Report) -> Table:
     if "transfer_accuracy" in ann:
         table.add_row("ANN, ReLU -> f", fmt(ann["transfer_accuracy"]), "-", "-", "-", "-", "-", "-", "-")
     for label, s in [(report.label or "SNN", snn)] + [(v.label, v.snn) for v in report.variants or []]:
-        table.add_row(f"SNN {label}", fmt(s[metric]), ci(s), paired(s), f"{s['spikes_per_sample']:,.0f}",
+        table.add_row(f"SNN {literal(label)}", fmt(s[metric]), ci(s), paired(s), f"{s['spikes_per_sample']:,.0f}",
                       f"{s['spike_percent']:.1f}",
                       f"{s['synops_per_sample']:,.0f} {'SynOps' if s['synaptic_event_op'] == 'AC' else 'MACs'}",
                       f"{s['firing_rate_hz']:.1f}", f"{s['energy_pj_per_sample'] / 1e6:.3f}")
@@ -386,6 +443,7 @@ def layer_table(report: Report) -> Table:
     for col in ("layer", "after", "neurons", "spikes/sample", "rate (Hz)", "SynOps/sample"):
         table.add_column(col, justify="left" if col in ("layer", "after") else "right")
     for layer in report.layers:
-        table.add_row(layer.name, layer.source, f"{layer.neurons:,}", f"{layer.spikes_per_sample:,.0f}",
-                      f"{layer.firing_rate_hz:.1f}", f"{layer.synops_per_sample:,.0f}")
+        table.add_row(literal(layer.name), literal(layer.source), f"{layer.neurons:,}",
+                      f"{layer.spikes_per_sample:,.0f}", f"{layer.firing_rate_hz:.1f}",
+                      f"{layer.synops_per_sample:,.0f}")
     return table

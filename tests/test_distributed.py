@@ -115,15 +115,21 @@ def test_shards_and_merge_give_the_single_process_report(run_cli, tiny_files, as
     assert code == 2 and "--shard '3/3'" in err
     tampered = json.loads(parts[0].read_text())
     tampered["sums"]["runs"][0]["metric"] = tampered["sums"]["runs"][0]["metric"][:-1]
-    (d / "t.json").write_text(json.dumps(tampered))
+    (d / "t.json").write_text(json.dumps(_resealed(tampered)))
     code, _, err = run_cli("merge", d / "t.json", *parts[1:], *MODEL, "-r", d / "m4")
     assert code == 2 and "do not fit its shard" in err and not (d / "m4").exists()
     for i, part in enumerate(parts):  # every shard names an option ann2snn does not have
         tampered = json.loads(part.read_text())
         tampered["run"]["bogus"] = 1
-        (d / f"t{i}.json").write_text(json.dumps(tampered))
+        (d / f"t{i}.json").write_text(json.dumps(_resealed(tampered)))
     code, _, err = run_cli("merge", *(d / f"t{i}.json" for i in range(3)), *MODEL, "-r", d / "m5")
     assert code == 2 and "unknown field 'bogus'" in err
+
+
+def _resealed(raw: dict) -> dict:
+    from ann2snn.evaluation import _sealed
+
+    return _sealed({k: v for k, v in raw.items() if k != "sha256"})
 
 
 def test_merge_refuses_forged_or_foreign_partials(run_cli, tiny_files, asn_artifact):
@@ -133,11 +139,18 @@ def test_merge_refuses_forged_or_foreign_partials(run_cli, tiny_files, asn_artif
         assert run_cli(*args, "--shard", f"{i}/2", "-r", d / f"p{i}")[0] == 0
     parts = [d / "p0" / "partial.json", d / "p1" / "partial.json"]
 
-    def forged(edit, name):
+    def forged(edit, name, seal=True):  # resealed, as someone who recomputes the checksum can
         raw = json.loads(parts[0].read_text())
         edit(raw)
-        (d / name).write_text(json.dumps(raw))
+        (d / name).write_text(json.dumps(_resealed(raw) if seal else raw))
         return d / name
+
+    def tenfold(raw):
+        spikes = raw["sums"]["runs"][0]["spikes"]
+        spikes[:] = [[v * 10 for v in row] if isinstance(row, list) else row * 10 for row in spikes]
+
+    code, _, err = run_cli("merge", forged(tenfold, "x10.json", seal=False), parts[1], *MODEL, "-r", d / "mx")
+    assert code == 2 and "checksum mismatch" in err and not (d / "mx").exists(), err
 
     cases = [(lambda r: r["sums"]["runs"][0]["metric"].__setitem__(-1, -20.0), "inconsistent", parts[1]),
              (lambda r: r["sums"].__setitem__("ann", 3.0), "inconsistent", parts[1]),

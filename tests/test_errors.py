@@ -174,7 +174,7 @@ def test_profile_for_another_checkpoint_or_model(run_cli, tiny_files):
     save_file(state, str(other))
     out = f["dir"] / "snn2.safetensors"
     _assert_clean_error(*run_cli("convert", "--trust-code", other, "-c", f["dir"] / "out.json", "-o", out),
-                        "made for another checkpoint", [out])
+                        "made for other weights", [out])
     _assert_clean_error(*run_cli("convert", "--trust-code", f["checkpoint"], "-c", f["dir"] / "out.json", "-o", out, "-m", "lenet5"),
                         "was made for 'conftest:tiny_cnn'", [out])
     junk = f["dir"] / "junk.json"
@@ -345,7 +345,7 @@ def test_interrupted_report_writing_leaves_nothing(run_cli, tiny_files, monkeypa
 
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(ann2snn.report, "plot", interrupted)  # Ctrl-C while the plot is drawn
+    monkeypatch.setattr(ann2snn.report, "figure", interrupted)  # Ctrl-C while the plot is drawn
     code, out, err = run_cli("evaluate", "--trust-code", snn, "-d", f["data"], "-r", rep, "-T", 4, "--device", "cpu")
     assert code == 130 and err.strip() == "ann2snn: error: interrupted; no partial output was written"
     assert not rep.exists() or not list(rep.iterdir())

