@@ -1,3 +1,3 @@
-from .entry import main
+from ann2snn.app.entry import main
 
 main()

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .energy import DEFAULT_PRESET, PRESETS
-from .errors import OptionError
+from ann2snn.sim.energy import DEFAULT_PRESET, PRESETS
+from ann2snn.errors import OptionError
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")

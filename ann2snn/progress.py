@@ -87,7 +87,7 @@ class Bars:
     def __init__(self, console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from .markup import literal
+        from ann2snn.io.markup import literal
 
         self.literal = literal  # a label may hold a user's words (a sweep's values)
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

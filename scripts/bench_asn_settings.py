@@ -27,19 +27,19 @@ from rich.console import Console
 from rich.table import Table
 
 from ann2snn import neurons
-from ann2snn.budget import Agreement, ann_outputs, fitted_layers, spiking_network
-from ann2snn.calibration import activation_stats
-from ann2snn.checkpoint import load_model
-from ann2snn.data import Normalize, calibration_subset, open_dataset
-from ann2snn.energy import fanout_maps
-from ann2snn.files import write_text
-from ann2snn.graph import normalize
+from ann2snn.search.budget import Agreement, ann_outputs, fitted_layers, spiking_network
+from ann2snn.conversion.statistics import activation_stats
+from ann2snn.io.checkpoint import load_model
+from ann2snn.io.data import Normalize, calibration_subset, open_dataset
+from ann2snn.sim.energy import fanout_maps
+from ann2snn.io.files import write_text
+from ann2snn.conversion.graph import normalize
 from ann2snn.neurons.asn import OPERATING_POINTS
-from ann2snn.operating_point import MARGINS, setting_text
-from ann2snn.report import within_margin
-from ann2snn.simulate import resolve_device, simulate
-from ann2snn.stats import wilson
-from ann2snn.zoo import model_kwargs
+from ann2snn.search.operating_point import MARGINS, setting_text
+from ann2snn.evaluation.report import within_margin
+from ann2snn.sim.simulate import resolve_device, simulate
+from ann2snn.evaluation.stats import wilson
+from ann2snn.io.zoo import model_kwargs
 
 # calibrate's own candidates (neurons/asn.py), then the variants docs/science.md section 8 reports
 SETTINGS = [{k: v for k, v in c.items() if v is not None} for c in OPERATING_POINTS] + [

@@ -31,13 +31,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ann2snn import pipeline
-from ann2snn.cli import key_values
+from ann2snn.app import pipeline
+from ann2snn.app.cli import key_values
 from ann2snn.errors import UserError
 from ann2snn.options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions
-from ann2snn.files import write_text
-from ann2snn.records import to_json
-from ann2snn.report import plot, within_margin
+from ann2snn.io.files import write_text
+from ann2snn.io.records import to_json
+from ann2snn.evaluation.report import plot, within_margin
 
 MARGINS = (0.1, 0.3)
 

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-from ann2snn import pipeline
-from ann2snn.artifact import load_artifact
-from ann2snn.cli import key_values
-from ann2snn.data import open_dataset
-from ann2snn.energy import fanout_maps
-from ann2snn.files import write_text
+from ann2snn.app import pipeline
+from ann2snn.store.artifact import load_artifact
+from ann2snn.app.cli import key_values
+from ann2snn.io.data import open_dataset
+from ann2snn.sim.energy import fanout_maps
+from ann2snn.io.files import write_text
 from ann2snn.options import DataSource
-from ann2snn.readout import Readout
-from ann2snn.simulate import resolve_device, simulate
+from ann2snn.neurons.readout import Readout
+from ann2snn.sim.simulate import resolve_device, simulate
 
 
 def _timed(device: torch.device, fn):
@@ -130,8 +130,8 @@ def main() -> None:
             for engine in ("layers", "steps"):
                 runs.append((f"ann2snn {neuron.upper()} {engine}",
                              lambda d, n=neuron, e=engine: ours(artifacts[n], d, T, B, device, e)))
-        from ann2snn.checkpoint import load_model
-        from ann2snn.zoo import model_kwargs
+        from ann2snn.io.checkpoint import load_model
+        from ann2snn.io.zoo import model_kwargs
         model = load_model(args.model, model_kwargs(args.model, data.sample_shape, data.num_classes, user),
                            args.checkpoint)
         runs.append(("SpikingJelly IF (RateCodingRecipe 99.9%)",

@@ -30,10 +30,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ann2snn import pipeline
-from ann2snn.data import open_dataset
+from ann2snn.app import pipeline
+from ann2snn.io.data import open_dataset
 from ann2snn.options import CalibrationOptions, FinetuneOptions, RunOptions
-from ann2snn.files import write_text
+from ann2snn.io.files import write_text
 
 SETS = ("feynman-i.9.18", "feynman-i.6.2a")
 

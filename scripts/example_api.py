@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import ann2snn
-from ann2snn.zoo import lenet5
+from ann2snn.io.zoo import lenet5
 
 
 def mnist(name: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ann2snn.cli import run
+from ann2snn.app.cli import run
 
 if __name__ == "__main__":
     sys.exit(run(["fetch", *sys.argv[1:]]))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ann2snn.data import calibration_subset, open_dataset
+from ann2snn.io.data import calibration_subset, open_dataset
 
 ASSETS = Path(__file__).resolve().parents[1] / "ann2snn" / "assets"
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ann2snn.cli import key_values
-from ann2snn.data import Normalize, open_dataset
-from ann2snn.files import write_safetensors, write_text
-from ann2snn.simulate import ann_accuracy, resolve_device
-from ann2snn.zoo import model_kwargs, resolve_model
+from ann2snn.app.cli import key_values
+from ann2snn.io.data import Normalize, open_dataset
+from ann2snn.io.files import write_safetensors, write_text
+from ann2snn.sim.simulate import ann_accuracy, resolve_device
+from ann2snn.io.zoo import model_kwargs, resolve_model
 
 
 def train(args: argparse.Namespace) -> dict:

@@ -56,7 +56,7 @@ def tiny_files(tmp_path):
 @pytest.fixture
 def run_cli(capsys, monkeypatch):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    from ann2snn.cli import main
+    from ann2snn.app.entry import main
 
     def run(*args: str):
         monkeypatch.setattr(sys, "argv", ["ann2snn", *map(str, args)])

@@ -74,7 +74,7 @@ def test_api_refuses_what_it_cannot_use():
 
 
 def test_a_profile_from_the_cli_converts_the_same_weights_only(run_cli, tiny_files):
-    from ann2snn.profile import load_profile
+    from ann2snn.store.profile import load_profile
 
     d = tiny_files["dir"]
     assert run_cli("calibrate", tiny_files["checkpoint"], "-m", "conftest:tiny_cnn", "-d", tiny_files["data"],

@@ -11,11 +11,12 @@ import torch
 
 from ann2snn import neurons
 from ann2snn.errors import OptionError, UserError
-from ann2snn.neurons import Neuron, if_neuron
+from ann2snn.neurons import Neuron
+from ann2snn.neurons import if_neuron
 from ann2snn.options import CalibrationOptions, RunOptions
-from ann2snn.profile import Profile, load_profile, save_profile
-from ann2snn.readout import Readout
-from ann2snn.records import from_json
+from ann2snn.store.profile import Profile, load_profile, save_profile
+from ann2snn.neurons.readout import Readout
+from ann2snn.io.records import from_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "calibration").glob("*.json"))
@@ -48,7 +49,7 @@ def test_a_broken_profile_names_the_key_at_fault(tmp_path):
 
 
 def test_records_build_only_declared_types():
-    from ann2snn.arousal import ArousalPolicy
+    from ann2snn.neurons.arousal_policy import ArousalPolicy
 
     policy = from_json(ArousalPolicy, {"low": 0.3, "recheck": [60, 90], "layers": ["act1"]}, "f")
     assert policy.recheck == (60, 90) and policy.layers == ("act1",) and policy.high == 0.1
@@ -92,7 +93,7 @@ def test_every_registered_neuron_keeps_the_contract():
 
 
 def _params(neuron: Neuron) -> dict:
-    from ann2snn.calibration import LayerStats
+    from ann2snn.conversion.statistics import LayerStats
 
     stats = LayerStats(neurons=4, max=2.0, percentile=1.5, sample=torch.linspace(0.01, 2, 50))
     return neuron.fit(stats, neuron.defaults)
@@ -121,7 +122,7 @@ def test_a_new_neuron_type_is_one_description_and_one_registry_line(run_cli, tin
 
 def test_safetensors_files_are_the_same_bytes_in_every_process(tmp_path):
     """safetensors orders its metadata by hash map, a new order in every process; ours is canonical."""
-    code = ("import sys, torch; from ann2snn.files import write_safetensors; "
+    code = ("import sys, torch; from ann2snn.io.files import write_safetensors; "
             "write_safetensors(sys.argv[1], {'w': torch.arange(6.).view(2, 3), 'b': torch.ones(2)}, "
             "{k: k * 2 for k in 'abcdef'})")
     paths = [tmp_path / f"{i}.safetensors" for i in range(3)]

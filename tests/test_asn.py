@@ -5,6 +5,7 @@ import torch
 
 from ann2snn.errors import UserError
 from ann2snn.neurons import asn
+from ann2snn.evaluation.report import describe_policy
 
 
 def test_h_normalisation_matches_published_values():
@@ -148,10 +149,11 @@ def test_the_state_rescaled_at_the_switch_leaves_no_burst():
 
 
 def test_arousal_of_named_layers_leaves_the_others_at_low_precision():
-    from ann2snn.arousal import ArousalController, ArousalPolicy
+    from ann2snn.sim.arousal import ArousalController
+    from ann2snn.neurons.arousal_policy import ArousalPolicy
 
     policy = ArousalPolicy.parse("low=0.3,high=0.1,at=3,threshold=0.5,layers=act1")
-    assert policy.layers == ("act1",) and "ASN layers act1" in policy.describe(asn.NEURON)
+    assert policy.layers == ("act1",) and "ASN layers act1" in describe_policy(policy, asn.NEURON)
     layers = {"act0": asn.ASNNeuron(0.3), "act1": asn.ASNNeuron(0.3)}
     control = ArousalController(policy, asn.NEURON.precision_control)
     control.reset(2, torch.device("cpu"))
@@ -169,7 +171,8 @@ def test_arousal_of_named_layers_leaves_the_others_at_low_precision():
 
 
 def test_arousal_tests_margin_or_ratio_of_the_top_two_softmax_scores():
-    from ann2snn.arousal import ArousalController, ArousalPolicy, certainty
+    from ann2snn.sim.arousal import ArousalController, certainty
+    from ann2snn.neurons.arousal_policy import ArousalPolicy
 
     # softmax of log-probabilities gives back p: sample 0 has p1 = 0.6, p2 = 0.3 (margin 0.3,
     # ratio 1 - 0.5 = 0.5); sample 1 has p1 = 0.5, p2 = 0.45 (margin 0.05, ratio 0.1).
@@ -186,13 +189,13 @@ def test_arousal_tests_margin_or_ratio_of_the_top_two_softmax_scores():
         control(0, score, {"act0": neuron})
         aroused[test] = control.aroused.tolist()
     assert aroused == {"margin": [True, True], "ratio": [False, True]}
-    assert "1 - top-2 / top-1" in ArousalPolicy.parse("test=ratio").describe(asn.NEURON)
+    assert "1 - top-2 / top-1" in describe_policy(ArousalPolicy.parse("test=ratio"), asn.NEURON)
     with pytest.raises(UserError, match="the test is one of margin, ratio"):
         ArousalPolicy.parse("test=entropy")
 
 
 def test_the_policy_reads_one_list_syntax_and_the_older_one():
-    from ann2snn.arousal import ArousalPolicy
+    from ann2snn.neurons.arousal_policy import ArousalPolicy
 
     new = ArousalPolicy.parse("low=0.45;high=0.1;at=10;recheck=20,30;layers=act0,act1;test=ratio")
     old = ArousalPolicy.parse("low=0.45,high=0.1,at=10,recheck=20+30,layers=act0+act1,test=ratio")
@@ -200,7 +203,7 @@ def test_the_policy_reads_one_list_syntax_and_the_older_one():
 
 
 def test_one_list_field_alone_reads_in_the_new_syntax():
-    from ann2snn.arousal import ArousalPolicy
+    from ann2snn.neurons.arousal_policy import ArousalPolicy
 
     assert ArousalPolicy.parse("layers=act2,act3").layers == ("act2", "act3")
     assert ArousalPolicy.parse("recheck=60,90").recheck == (60, 90)
@@ -224,7 +227,7 @@ def test_the_transfer_activation_is_the_simulated_neuron_and_has_a_gradient(opti
 
 
 def test_arousal_switches_theta0_with_m_f_even_from_a_fixed_threshold():
-    from ann2snn.arousal import ArousalPolicy
+    from ann2snn.neurons.arousal_policy import ArousalPolicy
     control, policy = asn.NEURON.precision_control, ArousalPolicy(low=0.3, high=0.1)
     params = {"m_f": 0.01, "theta0": 0.5, "tau_eta": 100.0, "scale": 1.0}
     assert control.start(policy) == {"m_f": 0.3, "theta0": None}
@@ -243,8 +246,8 @@ def test_every_operating_point_names_the_same_options_and_is_valid():
 def test_onset_layers_input_ramps_only_the_layers_the_analog_input_feeds():
     from torch import nn
 
-    from ann2snn.calibration import LayerStats
-    from ann2snn.graph import analog_fed, normalize, spiking_layers
+    from ann2snn.conversion.statistics import LayerStats
+    from ann2snn.conversion.graph import analog_fed, normalize, spiking_layers
 
     class Residual(nn.Module):  # a stem, then a block whose add sums the stem's spikes and a conv of them
         def __init__(self):

@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 import ann2snn
-from ann2snn import bias_ramp
-from ann2snn.data import TensorData
+from ann2snn.conversion import bias_ramp
+from ann2snn.io.data import TensorData
 from ann2snn.errors import UserError
-from ann2snn.energy import fanout_maps
-from ann2snn.graph import normalize, spiking_layers, to_snn
+from ann2snn.sim.energy import fanout_maps
+from ann2snn.conversion.graph import normalize, spiking_layers, to_snn
 from ann2snn.neurons.asn import ASNNeuron
-from ann2snn.simulate import simulate
+from ann2snn.sim.simulate import simulate
 from conftest import tiny_cnn
 
 

@@ -3,9 +3,9 @@ import math
 import numpy as np
 import torch
 
-from ann2snn import calibration as cal
-from ann2snn.graph import normalize
-from ann2snn.data import TensorData
+from ann2snn.conversion import statistics as cal
+from ann2snn.conversion.graph import normalize
+from ann2snn.io.data import TensorData
 
 from conftest import tiny_cnn
 
@@ -70,7 +70,7 @@ def test_activation_stats_exact_and_batch_size_independent():
 
 
 def test_output_error_ignores_gain_follows_batches_and_survives_a_retry():
-    from ann2snn.budget import OutputError
+    from ann2snn.search.budget import OutputError
 
     gen = torch.Generator().manual_seed(0)
     ref = torch.randn(10, 3, generator=gen, dtype=torch.float64)

@@ -141,7 +141,7 @@ def test_outputs_get_the_usual_permissions(run_cli, tiny_files):
 def test_regression_pipeline_reports_nmse(run_cli, tmp_path):
     import torch
     from safetensors.torch import save_file
-    from ann2snn.zoo import resolve_model
+    from ann2snn.io.zoo import resolve_model
 
     torch.manual_seed(0)
     model = resolve_model("regression_mlp", {"in_channels": 3, "num_classes": 1, "input_size": 1, "user": {"hidden": 8}})

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ann2snn.graph import GatedMaxPool, Slot, normalize, spiking_layers, to_snn
+from ann2snn.conversion.graph import GatedMaxPool, Slot, normalize, spiking_layers, to_snn
 from ann2snn.errors import OptionError, UserError
 from ann2snn.neurons.if_neuron import IFNeuron
-from ann2snn.zoo import list_models, resolve_model
+from ann2snn.io.zoo import list_models, resolve_model
 
 from conftest import tiny_cnn
 
@@ -190,7 +190,7 @@ def test_deep_zoo_networks_convert_through_the_cli(run_cli, tmp_path, model):
     with zero thresholds gives the ANN's answers exactly; IF runs the same network."""
     from safetensors.torch import save_file
 
-    from ann2snn.zoo import resolve_model
+    from ann2snn.io.zoo import resolve_model
 
     net = resolve_model(model, {"width": 8, "num_classes": 4}).eval()
     torch.manual_seed(0)

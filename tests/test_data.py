@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ann2snn.data import Normalize, calibration_subset, open_dataset
+from ann2snn.io.data import Normalize, calibration_subset, open_dataset
 from ann2snn.errors import OptionError, UserError
 
 
@@ -128,7 +128,7 @@ def test_fetch_refuses_what_it_cannot_fetch_and_finds_what_is_there(run_cli, tmp
 
 
 def test_fit_and_val_split_the_training_split_without_overlap():
-    from ann2snn.data import VALIDATION_SHARE
+    from ann2snn.io.data import VALIDATION_SHARE
 
     train = open_dataset("feynman-i.9.18", "train")
     fit, val = open_dataset("feynman-i.9.18", "fit"), open_dataset("feynman-i.9.18", "val")

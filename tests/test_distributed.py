@@ -66,7 +66,7 @@ def test_a_budget_search_on_two_ranks_chooses_as_one_does(run_cli, tiny_files):
 
 
 def test_a_failing_rank_ends_every_rank_with_one_line(tiny_files, asn_artifact, monkeypatch):
-    from ann2snn import pipeline
+    from ann2snn.app import pipeline
 
     d = tiny_files["dir"]
     (d / "flaky.py").write_text("import os\nfrom conftest import tiny_cnn\n\n"
@@ -127,7 +127,7 @@ def test_shards_and_merge_give_the_single_process_report(run_cli, tiny_files, as
 
 
 def _resealed(raw: dict) -> dict:
-    from ann2snn.evaluation import _sealed
+    from ann2snn.evaluation.evaluate import _sealed
 
     return _sealed({k: v for k, v in raw.items() if k != "sha256"})
 

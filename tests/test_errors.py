@@ -318,7 +318,7 @@ def test_ctrl_c_mid_evaluation_leaves_no_report(run_cli, tiny_files):
     snn = _converted(run_cli, f)
     rep = f["dir"] / "rep"
     argv = ["ann2snn", "evaluate", "--trust-code", str(snn), "-d", str(f["data"]), "-T", "1000000", "-r", str(rep), "--device", "cpu"]
-    script = ("import sys, ann2snn.cli as cli; sys.argv = %r; print('ready', flush=True); cli.main()" % argv)
+    script = ("import sys, ann2snn.app.entry as entry; sys.argv = %r; print('ready', flush=True); entry.main()" % argv)
     tests = str(Path(__file__).parent)
     path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -333,7 +333,7 @@ def test_ctrl_c_mid_evaluation_leaves_no_report(run_cli, tiny_files):
 
 
 def test_interrupted_report_writing_leaves_nothing(run_cli, tiny_files, monkeypatch):
-    import ann2snn.report
+    import ann2snn.evaluation.report
 
     f = tiny_files
     snn = _converted(run_cli, f)
@@ -345,7 +345,7 @@ def test_interrupted_report_writing_leaves_nothing(run_cli, tiny_files, monkeypa
 
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(ann2snn.report, "figure", interrupted)  # Ctrl-C while the plot is drawn
+    monkeypatch.setattr(ann2snn.evaluation.report, "figure", interrupted)  # Ctrl-C while the plot is drawn
     code, out, err = run_cli("evaluate", "--trust-code", snn, "-d", f["data"], "-r", rep, "-T", 4, "--device", "cpu")
     assert code == 130 and err.strip() == "ann2snn: error: interrupted; no partial output was written"
     assert not rep.exists() or not list(rep.iterdir())

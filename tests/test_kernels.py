@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from ann2snn.kernels import if_scan
+from ann2snn.neurons.kernels import if_scan
 from ann2snn.neurons.if_neuron import IFParams, if_init, if_step
 
 SCRIPT = r"""
 import torch
-from ann2snn.kernels import _if_scan_triton, if_scan
+from ann2snn.neurons.kernels import _if_scan_triton, if_scan
 torch.manual_seed(0)
 for constant in (False, True):
     x = torch.rand(5 if constant else 7 * 5, 3, 4) * 0.9

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from ann2snn.budget import OutputError
+from ann2snn.search.budget import OutputError
 from ann2snn.neurons.asn import OPERATING_POINTS
-from ann2snn.operating_point import MARGINS, bars, cost, fallback, late_error, reached, setting_text, settled
+from ann2snn.search.operating_point import MARGINS, bars, cost, fallback, late_error, reached, setting_text, settled
 
 
 def test_settled_is_the_first_step_from_which_the_error_stays_below_the_bar():
@@ -146,8 +146,8 @@ def test_search_samples_beyond_the_calibration_images_are_refused(run_cli, tiny_
 
 
 def test_a_bar_of_a_few_images_is_flagged_with_the_search_set_that_would_steady_it():
-    from ann2snn.operating_point import few_image_bars
-    from ann2snn.profile import OperatingPointRecord
+    from ann2snn.search.operating_point import few_image_bars
+    from ann2snn.store.profile import OperatingPointRecord
 
     def record(samples: int, bars: list[float]) -> OperatingPointRecord:
         return OperatingPointRecord(baseline={"margins": list(MARGINS), "bars": bars}, timesteps=200, samples=samples,
@@ -165,9 +165,9 @@ def test_a_bar_of_a_few_images_is_flagged_with_the_search_set_that_would_steady_
 
 
 def test_the_search_images_are_drawn_at_random_from_the_calibration_subset():
-    from ann2snn.data import TensorData
+    from ann2snn.io.data import TensorData
     from ann2snn.errors import OptionError
-    from ann2snn.pipeline import search_set
+    from ann2snn.app.pipeline import search_set
 
     sorted_by_class = TensorData("sorted", "file", torch.rand(100, 1, 4, 4), torch.arange(10).repeat_interleave(10), 10)
     picked = search_set(sorted_by_class, 20, 400_000, 200, seed=0)
@@ -221,7 +221,7 @@ def test_onset_layers_input_ramps_the_first_layer_only_through_calibrate_convert
     assert swept_macs("p") == sum(units) * T * 6 + units[0] * 7
 
     # a sweep swaps the onset in and keeps the fit: every scale stays the calibrated one
-    from ann2snn.artifact import load_artifact, variant
+    from ann2snn.store.artifact import load_artifact, variant
     from ann2snn.neurons import asn
 
     meta = load_artifact(d / "p.snn.safetensors", trust_code=True).meta
@@ -251,8 +251,8 @@ def test_onset_layers_input_ramps_the_first_layer_only_through_calibrate_convert
 def test_calibrate_prints_a_bar_if_never_reaches_and_the_candidate_that_set_it(monkeypatch):
     from rich.console import Console
 
-    from ann2snn import cli
-    from ann2snn.profile import OperatingPointRecord
+    from ann2snn.app import cli
+    from ann2snn.store.profile import OperatingPointRecord
 
     console = Console(record=True, width=300)
     monkeypatch.setattr(cli, "console", console)

@@ -4,15 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from ann2snn.graph import normalize, spiking_layers, to_snn
-from ann2snn.data import TensorData
-from ann2snn.energy import ann_macs, fanout_maps
+from ann2snn.conversion.graph import normalize, spiking_layers, to_snn
+from ann2snn.io.data import TensorData
+from ann2snn.sim.energy import ann_macs, fanout_maps
 from ann2snn.neurons.if_neuron import IFNeuron
-from ann2snn.neurons import asn, if_neuron
-from ann2snn.profile import NeuronSpec, ProfileLayer
-from ann2snn.readout import Readout
-from ann2snn.report import build_report, context, within_margin
-from ann2snn.simulate import Run, simulate
+from ann2snn.neurons import asn
+from ann2snn.neurons import if_neuron
+from ann2snn.store.profile import NeuronSpec, ProfileLayer
+from ann2snn.neurons.readout import Readout
+from ann2snn.evaluation.report import build_report, context, within_margin
+from ann2snn.evaluation.plan import Run
+from ann2snn.sim.simulate import simulate
 
 from conftest import tiny_cnn
 
@@ -134,7 +136,7 @@ def test_snn_approaches_ann_with_time():
 
 def test_static_split_is_the_same_network():
     from ann2snn.neurons.asn import ASNNeuron
-    from ann2snn.simulate import split_static
+    from ann2snn.sim.simulate import split_static
 
     gm, _ = normalize(tiny_cnn())
     layers = spiking_layers(gm)
@@ -176,7 +178,7 @@ def _engines_agree(snn_of, gm, data, timesteps, **kwargs):
 def test_layered_engine_equals_the_step_by_step_reference():
     from ann2snn.neurons.asn import ASNNeuron
     from ann2snn.neurons.vsn import VSNNeuron
-    from ann2snn.readout import Readout
+    from ann2snn.neurons.readout import Readout
 
     torch.manual_seed(0)
     gm, _ = normalize(_ResidualPool().eval())
@@ -193,7 +195,8 @@ def test_layered_engine_equals_the_step_by_step_reference():
 
 
 def test_arousal_runs_the_same_in_both_engines():
-    from ann2snn.arousal import ArousalController, ArousalPolicy
+    from ann2snn.sim.arousal import ArousalController
+    from ann2snn.neurons.arousal_policy import ArousalPolicy
     from ann2snn.neurons.asn import NEURON, ASNNeuron
 
     gm, _ = normalize(tiny_cnn())
@@ -213,7 +216,7 @@ def test_arousal_runs_the_same_in_both_engines():
 
 
 def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(monkeypatch):
-    import ann2snn.engine
+    import ann2snn.sim.engine
 
     gm, _ = normalize(tiny_cnn())
     x = torch.rand(12, 1, 8, 8)
@@ -222,7 +225,7 @@ def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(monkeypatch):
     fan = fanout_maps(gm, data.sample_shape)
     reference = simulate(to_snn(gm, {n: IFNeuron(0.5) for n in layers}), layers, fan, data, 10, 12,
                          torch.device("cpu"))
-    original = ann2snn.engine.TimeScan.forward
+    original = ann2snn.sim.engine.TimeScan.forward
     seen = []
 
     def forward(self, x):  # as if the device could hold only 6 samples
@@ -231,7 +234,7 @@ def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(monkeypatch):
             raise torch.OutOfMemoryError("out of memory")
         return original(self, x)
 
-    monkeypatch.setattr(ann2snn.engine.TimeScan, "forward", forward)
+    monkeypatch.setattr(ann2snn.sim.engine.TimeScan, "forward", forward)
     sim = simulate(to_snn(gm, {n: IFNeuron(0.5) for n in layers}), layers, fan, data, 10, 12, torch.device("cpu"))
     assert 12 in seen and max(b for b in seen if b <= 6) == 6
     assert torch.equal(sim.spikes, reference.spikes) and torch.equal(sim.metric, reference.metric)
@@ -262,7 +265,7 @@ def test_cuda_fused_engine_equals_the_unfused_one_and_agrees_with_the_cpu():
 def test_intervals_and_paired_tests_match_hand_computed_values():
     import math
 
-    from ann2snn.stats import mcnemar, wilson
+    from ann2snn.evaluation.stats import mcnemar, wilson
 
     lo, hi = wilson(95, 100)  # Wilson 1927: p = 0.95, n = 100, z = 1.96
     assert lo == pytest.approx(0.8882, abs=1e-4) and hi == pytest.approx(0.9785, abs=1e-4)
@@ -279,7 +282,7 @@ def test_intervals_and_paired_tests_match_hand_computed_values():
 def test_an_ann_that_skips_zeros_counts_only_connections_with_a_nonzero_input():
     from torch import nn
 
-    from ann2snn.energy import ann_active_macs, ann_macs
+    from ann2snn.sim.energy import ann_active_macs, ann_macs
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -297,7 +300,7 @@ def test_an_ann_that_skips_zeros_counts_only_connections_with_a_nonzero_input():
 
 def test_engines_agree_on_deep_networks_and_on_pooled_graded_events():
     from ann2snn.neurons.vsn import VSNNeuron
-    from ann2snn.zoo import resolve_model
+    from ann2snn.io.zoo import resolve_model
     from conftest import tiny_cnn
 
     torch.manual_seed(0)

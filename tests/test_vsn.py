@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ann2snn.graph import normalize, spiking_layers, to_snn
+from ann2snn.conversion.graph import normalize, spiking_layers, to_snn
 from ann2snn.neurons import vsn
 
 from conftest import tiny_cnn
@@ -147,9 +147,9 @@ class _Smooth(torch.nn.Module):
 
 
 def test_gelu_and_silu_slots_compute_the_ann_and_a_one_step_vsn_gates_them():
-    from ann2snn.calibration import activation_stats
-    from ann2snn.graph import slot_activations
-    from ann2snn.data import TensorData
+    from ann2snn.conversion.statistics import activation_stats
+    from ann2snn.conversion.graph import slot_activations
+    from ann2snn.io.data import TensorData
 
     torch.manual_seed(4)
     model = _Smooth().eval()
@@ -210,9 +210,9 @@ def test_vsn_converts_a_gelu_network_and_if_is_refused(run_cli, tiny_files):
 def test_zoo_lenet5_takes_the_activation_as_a_model_argument():
     import pytest
 
-    from ann2snn.graph import slot_activations
+    from ann2snn.conversion.graph import slot_activations
     from ann2snn.errors import UserError
-    from ann2snn.zoo import resolve_model
+    from ann2snn.io.zoo import resolve_model
 
     gm, _ = normalize(resolve_model("lenet5", {"activation": "silu", "user": {}}))
     assert set(slot_activations(gm).values()) == {"silu"} and len(slot_activations(gm)) == 4

@@ -4,9 +4,11 @@ description - the contract in ``neuron.py``), registered here by name (the ``--n
 
 from __future__ import annotations
 
-from ..errors import OptionError, UserError
-from . import asn, if_neuron, vsn
-from .neuron import Neuron, Precision, PrecisionControl, StepOps
+from ann2snn.errors import OptionError, UserError
+from ann2snn.neurons import asn
+from ann2snn.neurons import if_neuron
+from ann2snn.neurons import vsn
+from ann2snn.neurons.neuron import Neuron, Precision, PrecisionControl, StepOps
 
 NEURONS: dict[str, Neuron] = {n.name: n for n in (if_neuron.NEURON, asn.NEURON, vsn.NEURON)}
 BASELINE = if_neuron.NEURON  # the rate-coded reference every report and default operating point compares with

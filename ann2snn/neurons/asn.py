@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..readout import Readout
-from .neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
+from ann2snn.errors import UserError
+from ann2snn.neurons.readout import Readout
+from ann2snn.neurons.neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
 
 if TYPE_CHECKING:
-    from ..calibration import LayerStats
+    from ann2snn.conversion.statistics import LayerStats
 
 TAU = {"tau_phi": 2.5, "tau_gamma": 15.0, "tau_eta": 50.0, "tau_beta": 50.0}
 

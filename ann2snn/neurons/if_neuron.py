@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from ..kernels import if_scan
-from ..readout import Readout
-from .neuron import PERCENTILE, POSITIVE, Bound, Neuron, StepOps
+from ann2snn.neurons.kernels import if_scan
+from ann2snn.neurons.readout import Readout
+from ann2snn.neurons.neuron import PERCENTILE, POSITIVE, Bound, Neuron, StepOps
 
 if TYPE_CHECKING:
-    from ..calibration import LayerStats
+    from ann2snn.conversion.statistics import LayerStats
 
 
 class IFParams(NamedTuple):

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
-from ..errors import OptionError, UserError
-from ..readout import Readout
+from ann2snn.errors import OptionError, UserError
+from ann2snn.neurons.readout import Readout
 
 if TYPE_CHECKING:
-    from ..arousal import ArousalPolicy
-    from ..calibration import LayerStats
+    from ann2snn.neurons.arousal_policy import ArousalPolicy
+    from ann2snn.conversion.statistics import LayerStats
 
 
 FLOAT32_MAX = 3.4e38  # parameters become float32 tensors: larger magnitudes overflow,

@@ -1,0 +1,325 @@
+"""The product steps as library calls - calibrate, convert, evaluate (``evaluation.py``),
+finetune - so the CLI, the demo and users' scripts share one path. Each takes typed options
+(``options.py``), resolves the neuron type once and returns typed records (``Profile``,
+``ArtifactMeta``, ``Report``)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ann2snn.sim import distributed
+from ann2snn import neurons
+from ann2snn.search import operating_point
+from ann2snn.neurons.arousal_policy import ArousalPolicy
+from ann2snn.sim.arousal import check_class_scores
+from ann2snn.store.artifact import ArtifactMeta, build_neurons, load_artifact, save_artifact
+from ann2snn.search.budget import fit_ramps, search, search_arousal
+from ann2snn.conversion.statistics import activation_stats
+from ann2snn.io.checkpoint import file_sha256, load_model, load_state, state_sha256
+from ann2snn.conversion.graph import (MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, spiking_layers, to_snn)
+from ann2snn.io.data import Normalize, TensorData, calibration_subset, data_files, has_splits, open_dataset
+from ann2snn.conversion.checks import check_memory, model_outputs
+from ann2snn.conversion.equivalence import verify
+from ann2snn.errors import OptionError, UserError
+from ann2snn.io.files import atomic_path, check_outputs, safetensors_bytes
+from ann2snn.neurons import Neuron
+from ann2snn.options import CalibrationOptions, DataSource, FinetuneOptions
+from ann2snn.store.profile import (ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, Profile, check_profile, load_profile, make_layers, save_profile)
+from ann2snn.sim.simulate import ann_accuracy, resolve_device
+from ann2snn.io.export_archive import EXPORT_REF, SUFFIX, is_archive
+from ann2snn.search.transfer_training import train_with_transfer
+from ann2snn.io.zoo import model_kwargs, resolve_model, stored_reference
+
+
+def checked_options(neuron: Neuron, overrides: dict) -> dict:
+    """The neuron's defaults with the user's overrides, each checked against its bounds; the
+    calibration percentile, which has its own parameter in front ends, first."""
+    percentile = overrides.get("percentile", 100)
+    if not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
+        raise OptionError("percentile", f"{percentile}: must be in (0, 100]")
+    return neuron.options(overrides)
+
+
+def calibration_request(kind: Neuron, neuron_options: dict | None, arousal: str | ArousalPolicy | None,
+                        options: CalibrationOptions) -> tuple[dict, ArousalPolicy | None, bool]:
+    """What a calibration asks for, checked before any data is read (the CLI and the API):
+    the neuron's options, the arousal policy (or None) and whether ``calibrate`` chooses the
+    operating point itself (the neuron has candidates and the user named none of their options)."""
+    opts = checked_options(kind, neuron_options or {})
+    policy = ArousalPolicy.parse(arousal) if isinstance(arousal, str) else arousal
+    if policy is not None and kind.precision_control is None:
+        raise OptionError("arousal", f": {{{{neuron}}}} {kind.name!r} has no precision to raise (arousal works with "
+                                     f"{neurons.names(lambda n: n.precision_control is not None)})")
+    steps = options.timesteps or kind.default_timesteps
+    if policy is not None and options.budget is not None and policy.at >= steps:
+        raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the {steps} "
+                                     "steps the budget search simulates ({{timesteps}})")
+    choose = bool(kind.operating_points) and not set(neuron_options or {}) & set(kind.operating_points[0])
+    if options.search_samples is not None and options.budget is None and not (choose and policy is None):
+        raise OptionError("search_samples", f"{options.search_samples}: nothing is searched here (it sets the images "
+                                            "of a --budget search or of the operating point ASN chooses when no "
+                                            "precision option is named)")
+    return opts, policy, choose
+
+
+BUDGET_IMAGE_STEPS = 256_000  # a --budget search simulates as many images as this allows (at least 256) ...
+CHOICE_IMAGE_STEPS = 400_000  # ... and the operating-point choice, at the neuron's default steps
+
+
+def search_set(subset: TensorData, wanted: int | None, image_steps: int, steps: int, seed: int) -> TensorData:
+    """The images a search simulates: ``wanted`` of the calibration subset (refused beyond it),
+    or as many as ``image_steps`` allow at ``steps`` a sample (at least 256); drawn at random
+    from the subset (with its seed), since a subset in index order may be sorted by class."""
+    if wanted is not None and wanted > len(subset):
+        raise OptionError("search_samples", f"{wanted}: more than the {len(subset)} calibration images "
+                                            "(raise --samples, or the data set has no more)")
+    n = wanted or max(256, image_steps // steps)
+    return subset if n >= len(subset) else calibration_subset(subset, n, seed)
+
+
+def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, output: str | Path | None = None, *,
+              neuron: str = "if", neuron_options: dict | None = None,
+              options: CalibrationOptions = CalibrationOptions(), source: DataSource = DataSource(),
+              device: str = "auto", normalization: Normalize | str | None = None, model_args: dict | None = None,
+              trust_pickle: bool = False, arousal: str | ArousalPolicy | None = None) -> tuple[Profile, list[Row]]:
+    """Fit per-layer operating points on a calibration subset, write the profile to ``output``
+    (when given) and return (profile, pre-flight rows). ``normalization``: the input
+    normalisation the model was trained with (``Normalize`` or its text 'MEAN;STD'). With
+    ``options.budget`` the neuron's precision knob is searched - or, given an ``arousal`` policy
+    (or its text), its threshold; the policy is stored for ``evaluate``."""
+    kind = neurons.get(neuron)
+    opts, policy, choose = calibration_request(kind, neuron_options, arousal, options)
+    norm = Normalize.parse(normalization) if isinstance(normalization, str) else normalization or Normalize()
+    ranks = distributed.start(device)  # under torchrun: the budget search is shared, rank 0 writes
+    device = distributed.rank_device(device)
+    if ranks.leader:
+        check_outputs([("calibration profile", output)], [checkpoint, *data_files(dataset, source.data_dir)])
+    model_ref = _model_ref(model_ref, checkpoint)
+    data = open_dataset(dataset, options.split, source.data_dir, source.download, norm, source.skip_bad_images)
+    subset = calibration_subset(data, options.samples, options.seed)
+    if model_ref == EXPORT_REF and model_args:
+        raise OptionError("model_args", f": {checkpoint} is a torch.export archive; its architecture takes no arguments")
+    kwargs = model_kwargs(model_ref, data.sample_shape, data.num_classes, model_args)
+    model = load_model(model_ref, kwargs, checkpoint, trust_pickle)
+    gm, rows = normalize_for(model, model_ref, kind)
+    outputs = model_outputs(gm, subset.sample_shape, dataset)
+    verify(model, gm, next(subset.batches(options.batch_size))[0])
+    if policy is not None:
+        policy.check_layers(spiking_layers(gm))
+        check_class_scores(dataset, data.task, outputs)
+    model_info = ModelInfo(ref=model_ref, kwargs=kwargs, checkpoint=str(checkpoint),
+                           checkpoint_sha256=file_sha256(checkpoint), weights_sha256=state_sha256(model))
+    profile = fit_profile(gm, kind, opts, subset, model_info, dataset, options, resolve_device(device), policy,
+                           choose=choose)
+    if output is not None and ranks.leader:
+        save_profile(profile, output)
+    return profile, rows
+
+
+def normalize_for(model: torch.nn.Module, model_ref: str, neuron: Neuron):
+    """The normalised graph and pre-flight rows of ``model``, refused if ``neuron`` cannot fill it."""
+    gm, rows = normalize(model)
+    if not spiking_layers(gm):
+        raise OptionError("model_ref", f"{model_ref}: the network has no ReLU to turn into spiking neurons")
+    check_activations(slot_activations(gm), neuron.name, neuron.activations)
+    return gm, rows
+
+
+def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: ModelInfo, dataset: str,
+                 options: CalibrationOptions, dev: torch.device, arousal: ArousalPolicy | None,
+                 choose: bool = False) -> Profile:
+    """Statistics on ``subset``, the budget or arousal search (or, with ``choose`` and neither,
+    the operating point ``operating_point.choose`` picks), and the fitted layers."""
+    record = arousal_record = chosen = None
+    steps = options.timesteps or neuron.default_timesteps
+    if options.budget is not None:
+        check_memory(steps, len(spiking_layers(gm)), 1)
+    stats = activation_stats(gm, subset, float(opts.get("percentile", 100.0)), options.batch_size, str(dev))
+    if options.budget is not None:
+        search_data = search_set(subset, options.search_samples, BUDGET_IMAGE_STEPS, steps, options.seed)
+        if arousal is not None:
+            arousal, arousal_record = search_arousal(gm, stats, neuron, opts, arousal, search_data, options.budget,
+                                                     steps, options.batch_size, dev)
+        else:
+            opts, record = search(gm, stats, neuron, opts, search_data, options.budget, steps, options.batch_size,
+                                  dev)
+    elif choose and arousal is None:
+        search_data = search_set(subset, options.search_samples, CHOICE_IMAGE_STEPS, neuron.default_timesteps,
+                                 options.seed)
+        opts, chosen = operating_point.choose(gm, stats, neuron, opts, neurons.BASELINE, search_data,
+                                              options.batch_size, dev)
+    layers = make_layers(gm, stats, neuron, opts)
+    ramps = fit_ramps(gm, neuron, layers, subset, steps, dev) if opts.get("bias_ramp") else None
+    return Profile(model=model, input=InputInfo(shape=list(subset.sample_shape), normalize=subset.normalize),
+                   data=DataInfo(dataset=dataset, split=options.split, samples=len(subset), seed=options.seed),
+                   neuron=NeuronSpec(type=neuron.name, options=opts), layers=layers,
+                   budget_search=record, operating_point=chosen, bias_ramps=ramps,
+                   arousal=ArousalRecord(policy=arousal, search=arousal_record) if arousal is not None else None)
+
+
+def _model_ref(model_ref: str | None, checkpoint: str | Path) -> str:
+    """The architecture: given by ``model_ref``, or carried by a ``torch.export`` archive."""
+    if is_archive(checkpoint):
+        if model_ref not in (None, EXPORT_REF):
+            raise OptionError("model_ref", f"{model_ref}: {checkpoint} is a torch.export archive, which carries its own "
+                                       "architecture; leave {{model_ref}} out")
+        return EXPORT_REF
+    if model_ref is None:
+        raise OptionError("model_ref", f": required for {checkpoint} (a zoo name or package.module:callable); only "
+                                   f"a torch.export archive ({SUFFIX}) carries its own architecture")
+    return model_ref
+
+
+def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path, *, model_ref: str | None = None,
+            trust_pickle: bool = False, trust_code: bool = False, maxpool: str = "gated"
+            ) -> tuple[ArtifactMeta, list[Row]]:
+    """Swap the ANN's ReLUs for the profile's neurons and write the SNN artifact; ``maxpool``
+    picks how max pooling acts on spikes (``graph.MAXPOOL_MODES``). A profile naming a
+    ``module:callable`` architecture is built only with the same ``model_ref`` or ``trust_code``."""
+    if maxpool not in MAXPOOL_MODES:
+        raise OptionError("maxpool", f"{maxpool!r}: expected one of {', '.join(MAXPOOL_MODES)}")
+    check_outputs([("SNN artifact", output)], [checkpoint, calibration])
+    profile = load_profile(calibration)
+    neuron = neurons.get(profile.neuron.type)
+    ref = stored_reference(profile.model.ref, model_ref, trust_code, str(calibration), "calibration profile")
+    model = load_model(ref, profile.model.kwargs, checkpoint, trust_pickle)
+    gm, rows = normalize(model)
+    check_profile(profile, gm, calibration, state_sha256(model), file_sha256(checkpoint))
+    shape = tuple(profile.input.shape)
+    try:
+        model_outputs(gm, shape, "")
+    except UserError:
+        raise UserError(f"{calibration}: the profile's input shape {list(shape)} does not fit the model") from None
+    verify(model, gm, torch.randn((4, *shape), generator=torch.Generator().manual_seed(0)))
+    try:
+        snn = to_snn(gm, build_neurons(neuron, profile.layers, str(calibration)), maxpool, profile.bias_ramps)
+    except UserError as exc:
+        raise exc.within(f"{calibration}: ") from None
+    archive = Path(checkpoint).read_bytes() if ref == EXPORT_REF else None  # the architecture travels along
+    meta = ArtifactMeta(model=profile.model, graph=graph_signature(gm), input=profile.input, neuron=profile.neuron,
+                        layers=profile.layers, calibration=profile.data, maxpool=maxpool,
+                        arousal=profile.arousal, bias_ramps=profile.bias_ramps)
+    save_artifact(output, snn, meta, archive)
+    return meta, rows
+
+
+@dataclass
+class FinetuneResult:
+    metric: str  # accuracy, or nmse for regression
+    before: float  # the ANN (with its own activations) on what scored_on names (test, val or the file), before
+    transfer: list[float]  # the transfer network on the same after each epoch
+    after: float
+    profile: Path  # the profile written beside the checkpoint
+    scored_on: str = "test"  # what before, transfer and after were measured on (``scored_on``)
+
+
+def scored_split(split: str) -> str:
+    """The split fine-tuning scores each epoch on, training on ``split``: val for fit, else test."""
+    return "val" if split == "fit" else "test"
+
+
+def scored_on(dataset: str, split: str) -> str:
+    """That split's name for the user; a file or folder has no splits, so there it is the
+    training data itself."""
+    return scored_split(split) if has_splits(dataset) else "training data (the file has no held-out split)"
+
+
+def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, output: str | Path, *,
+             options: FinetuneOptions = FinetuneOptions(), source: DataSource = DataSource(), device: str = "auto",
+             trust_pickle: bool = False, profile_output: str | Path | None = None, model_ref: str | None = None,
+             trust_code: bool = False, on_epoch: Callable[[int, float, str], None] | None = None) -> FinetuneResult:
+    """Transfer-aware fine-tuning with the profile's neuron; writes a new checkpoint and its
+    profile (``profile_output``, default OUTPUT with suffix ``.calib.json``): statistics measured
+    on the new weights, layer parameters as trained - ASN scales kept (the network has learnt
+    lambda f(x / lambda) for those lambda; a re-fit would move them), VSN thresholds learnt."""
+    if Path(output).suffix != ".safetensors":
+        raise OptionError("output", f"{output}: the fine-tuned checkpoint is written as .safetensors; name it so")
+    profile_output = Path(profile_output) if profile_output else Path(output).with_suffix(".calib.json")
+    check_outputs([("checkpoint", output), ("calibration profile", profile_output)],
+                  [checkpoint, calibration, *data_files(dataset, source.data_dir)])
+    profile = load_profile(calibration)
+    neuron = neurons.get(profile.neuron.type)
+    if profile.model.ref == EXPORT_REF:
+        raise UserError(f"{checkpoint}: fine-tuning needs the model's code; a torch.export archive holds an "
+                        "inference graph only")
+    stored_reference(profile.model.ref, model_ref, trust_code, str(calibration), "calibration profile")
+    tuned_options = neuron.options(profile.neuron.options)  # checked now, not after training
+    build_neurons(neuron, profile.layers, str(calibration))
+    model = load_model(profile.model.ref, profile.model.kwargs, checkpoint, trust_pickle)
+    check_profile(profile, normalize(model)[0], calibration, state_sha256(model), file_sha256(checkpoint))
+    train = open_dataset(dataset, options.split, source.data_dir, source.download, profile.input.normalize,
+                         source.skip_bad_images)
+    test = open_dataset(dataset, scored_split(options.split), source.data_dir, source.download,
+                        profile.input.normalize, source.skip_bad_images)
+    dev = resolve_device(device)
+    metric = "nmse" if test.task == "regression" else "accuracy"
+    before = ann_accuracy(model, test, 1000, dev)  # fine-tuning trains a traced copy: model stays as loaded
+    model.cpu()
+    history: list[float] = []
+
+    def epoch_done(epoch: int, acc: float) -> None:
+        history.append(acc)
+        if on_epoch:
+            on_epoch(epoch, acc, metric)
+
+    o = options
+    state, trained = train_with_transfer(model, neuron, profile.layers, train, test, o.epochs, o.lr, o.batch_size,
+                                         o.seed, dev, o.spike_penalty, o.threshold_lr, epoch_done)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise OptionError("lr", f"{o.lr:g}: training diverged ({bad} holds NaN or infinite values after "
+                                f"{o.epochs} epoch(s)); nothing was written - lower the learning rate")
+    # the checkpoint and its profile are written together at the end, when both are whole
+    blob = safetensors_bytes(state, {"finetuned_from": Path(checkpoint).name, "neuron": neuron.name})
+    tuned = load_state(resolve_model(profile.model.ref, profile.model.kwargs), state, output)
+    # statistics of the new weights on the same calibration subset; the layer parameters as trained
+    data = open_dataset(dataset, profile.data.split, source.data_dir, source.download, profile.input.normalize,
+                        source.skip_bad_images)
+    subset = calibration_subset(data, profile.data.samples, profile.data.seed)
+    gm, _ = normalize_for(tuned, profile.model.ref, neuron)
+    info = replace(profile.model, checkpoint=str(output), checkpoint_sha256=hashlib.sha256(blob).hexdigest(),
+                   weights_sha256=state_sha256(tuned))
+    # the ramps (bias_ramp.py) are fitted below, for the layer parameters as trained
+    unramped = {**tuned_options, **({"bias_ramp": False} if "bias_ramp" in tuned_options else {})}
+    measured = fit_profile(gm, neuron, unramped, subset, info,
+                            dataset, CalibrationOptions(samples=profile.data.samples,
+                                                                     seed=profile.data.seed, split=profile.data.split),
+                            dev, None)
+    layers = [replace(m, params=t.params) for m, t in zip(measured.layers, trained)]
+    ramps = fit_ramps(gm, neuron, layers, subset, neuron.default_timesteps, dev) if tuned_options.get("bias_ramp") \
+        else None
+    tuned_profile = replace(measured, neuron=replace(measured.neuron, options=tuned_options), layers=layers,
+                            bias_ramps=ramps,
+                            arousal=ArousalRecord(policy=profile.arousal.policy) if profile.arousal else None,
+                            finetune={"from_checkpoint": Path(checkpoint).name, "from_profile": Path(calibration).name,
+                                      "epochs": o.epochs, "lr": o.lr, "threshold_lr": o.threshold_lr or o.lr,
+                                      "seed": o.seed, "spike_penalty": o.spike_penalty, "split": o.split,
+                                      "layer_params": "as trained (not re-fitted)"})
+    with atomic_path(output) as tmp_checkpoint:
+        tmp_checkpoint.write_bytes(blob)
+        save_profile(tuned_profile, profile_output)
+    return FinetuneResult(metric, before, history, ann_accuracy(tuned, test, 1000, dev), profile_output,
+                          scored_on(dataset, options.split))
+
+
+from ann2snn.evaluation.evaluate import evaluate, merge  # noqa: E402,F401  (the evaluate step has its own module)
+
+
+EXPORT_FORMATS = ("nir",)
+
+
+def export(artifact: str | Path, output: str | Path, *, fmt: str = "nir", model_ref: str | None = None,
+           trust_code: bool = False) -> None:
+    """Write the artifact's network in another format (``nir_export.py``); the output never
+    replaces the artifact."""
+    if fmt not in EXPORT_FORMATS:
+        raise OptionError("fmt", f"{fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    check_outputs([("exported network", output)], [artifact])
+    from ann2snn.store.nir_export import write_nir
+
+    write_nir(load_artifact(artifact, model_ref, trust_code), output)
