@@ -6,6 +6,7 @@ names the library parameter at fault (``errors.OptionError``), which the CLI ren
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +30,17 @@ def parse_number(text: str, option: str, integer: bool = False, item: str | None
     if why:
         raise OptionError(option, f"{item if item is not None else text!r}: {why}")
     return int(s) if integer else float(s)
+
+
+def default_of(options: type, name: str):
+    """The default of the field ``name`` of an options dataclass (``CalibrationOptions``...): what a
+    front end (a CLI flag, an API keyword) gives when the user names nothing, stated once, here."""
+    for f in dataclasses.fields(options):
+        if f.name == name:
+            if f.default is dataclasses.MISSING:
+                raise TypeError(f"{options.__name__}.{name} has no default")
+            return f.default
+    raise AttributeError(f"{options.__name__} has no field {name!r}")
 
 
 def _positive(name: str, value: float | None) -> None:

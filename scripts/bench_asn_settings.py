@@ -31,13 +31,13 @@ from ann2snn.search.budget import Agreement, ann_outputs, fitted_layers, spiking
 from ann2snn.conversion.statistics import activation_stats
 from ann2snn.io.checkpoint import load_model
 from ann2snn.io.data import Normalize, calibration_subset, open_dataset
-from ann2snn.sim.energy import fanout_maps
+from ann2snn.sim.network import Fanouts
 from ann2snn.io.files import write_text
 from ann2snn.conversion.graph import normalize
 from ann2snn.neurons.asn import OPERATING_POINTS
 from ann2snn.search.operating_point import MARGINS, setting_text
 from ann2snn.evaluation.report import within_margin
-from ann2snn.sim.simulate import resolve_device, simulate
+from ann2snn.sim.simulate import resolve_device
 from ann2snn.evaluation.stats import wilson
 from ann2snn.io.zoo import model_kwargs
 
@@ -57,10 +57,10 @@ SETTINGS = [{k: v for k, v in c.items() if v is not None} for c in OPERATING_POI
 def run(a, gm, stats, calib, data, ann_class, neuron: str, options: dict, timesteps: int, device) -> dict:
     kind = neurons.get(neuron)
     opts = kind.options(options)
-    snn, _ = spiking_network(gm, kind, fitted_layers(stats, kind, opts), opts, calib, timesteps, device)
+    net = spiking_network(gm, kind, fitted_layers(stats, kind, opts), opts, calib, timesteps, device,
+                          Fanouts(gm, data.sample_shape))
     agree = Agreement(ann_class, timesteps)
-    sim = simulate(snn, list(stats), fanout_maps(gm, data.sample_shape), data, timesteps, a.batch_size, device,
-                   kind.readout_for(opts, timesteps), controller=agree, label=f"{neuron} {options}")
+    sim = net.simulate(data, timesteps, a.batch_size, device, observers=[agree], label=f"{neuron} {options}")
     n = len(data)
     spikes = (sim.spikes.sum(0).cumsum(0) / n).tolist()
     curve = [{"timestep": t + 1, "accuracy": float(sim.metric[t]) / n, "agreement": float(agree.per_step[t]) / n,

@@ -78,13 +78,13 @@ def test_output_error_ignores_gain_follows_batches_and_survives_a_retry():
     for start, n in ((0, 6), (0, 3), (3, 3), (6, 4)):  # the first batch "runs out of memory", then halves
         obs.reset(n, torch.device("cpu"))
         for t in range(4 if (start, n) != (0, 6) else 2):
-            obs(t, (2.5 * ref[start:start + n]).float(), [])
+            obs(t, (2.5 * ref[start:start + n]).float())
     assert obs.done == 10 and abs(obs.relative()) < 1e-6  # a scaled copy of the ANN's outputs: no error
 
     noisy = OutputError(ref, timesteps=1)
     noise = torch.randn(10, 3, generator=gen, dtype=torch.float64)
     noisy.reset(10, torch.device("cpu"))
-    noisy(0, ref + noise, [])
+    noisy(0, ref + noise)
     a = float((ref + noise).flatten() @ ref.flatten()) / float(((ref + noise) ** 2).sum())
     expected = float(((a * (ref + noise) - ref) ** 2).sum()) / float(((ref - ref.mean(0)) ** 2).sum())
     assert abs(noisy.relative() - expected) < 1e-9 and expected > 0.05

@@ -28,7 +28,7 @@ def test_output_error_per_step_is_the_error_after_the_best_gain():
     for start, stop in ((0, 6), (6, 10)):  # two batches, in order
         observer.reset(stop - start, torch.device("cpu"))
         for t in range(3):
-            observer(t, scores[t, start:stop], None)
+            observer(t, scores[t, start:stop])
     for t in range(2):
         s = scores[t].reshape(-1)
         a = float(s @ ref.reshape(-1)) / float(s @ s)

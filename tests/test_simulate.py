@@ -318,5 +318,5 @@ def test_engines_agree_on_deep_networks_and_on_pooled_graded_events():
     data = TensorData("t", "file", xs, gm(xs).argmax(1), 3)
     runs = [simulate(to_snn(gm, {n: VSNNeuron(0.05) for n in layers}), layers,
                      fanout_maps(gm, data.sample_shape, graded=True), data, 5, 7, torch.device("cpu"), engine=e,
-                     memory_budget=20_000) for e in ("steps", "layers")]
+                     memory_budget=20_000, graded=True) for e in ("steps", "layers")]
     assert torch.equal(runs[0].synops, runs[1].synops) and torch.equal(runs[0].spikes, runs[1].spikes)

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import sys
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 from typing import List, Optional
@@ -16,21 +17,22 @@ from rich.console import Console
 from rich.table import Table
 
 from ann2snn import errors, progress
+from ann2snn.neurons import NEURONS
 from ann2snn.version import __version__
 from ann2snn.sim import distributed
 from ann2snn.app import pipeline
 from ann2snn.store.artifact import ArtifactMeta, read_artifact
 from ann2snn.conversion.graph import Row
-from ann2snn.sim.energy import DEFAULT_PRESET
 from ann2snn.io.data import default_data_dir
 from ann2snn.signals import interruption
 from ann2snn.errors import OptionError, UserError
 from ann2snn.search.operating_point import few_image_bars, setting_text
-from ann2snn.options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions, parse_number
+from ann2snn.options import CalibrationOptions, DataSource, FinetuneOptions, RunOptions, default_of, parse_number
 from ann2snn.store.profile import Profile
 from ann2snn.io.records import to_json
 from ann2snn.io.files import check_outputs
 from ann2snn.io.markup import literal, printable
+from ann2snn.io.zoo import list_models
 from ann2snn.evaluation.report import Report, report_files, report_outputs, layer_table, summary_table
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -48,12 +50,28 @@ def flag(option: str) -> str:
     return FLAGS.get(option, "--" + option.replace("_", "-"))
 
 
-DATA_DIR = typer.Option(None, "--data-dir", help="Where named data sets live (default: $ANN2SNN_DATA or "
-                                                  "~/.cache/ann2snn/data).")
-DOWNLOAD = typer.Option(False, "--download", help="Let torchvision download a missing named data set (online only).")
-SKIP_BAD = typer.Option(False, "--skip-bad-images", help="Leave out the images of a folder: data set that cannot be "
-                                                          "read (corrupt, truncated, not images), and say how many, "
-                                                          "rather than stop at the first.")
+def _or(names) -> str:
+    """'a, b or c'."""
+    names = list(names)
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+
+
+# option defaults are the options dataclasses' own (options.py), stated there once
+CAL, RUN, TUNE, SOURCE = (partial(default_of, cls) for cls in (CalibrationOptions, RunOptions, FinetuneOptions,
+                                                                DataSource))
+NEURON_NAMES = _or(NEURONS)  # the registered neuron types, as help lists them
+PRECISION_STEPS = ", ".join(f"{n.label} {n.default_timesteps}" for n in NEURONS.values() if n.precision is not None)
+_COMPARE = list(NEURONS)
+PERCENTILES = ", ".join(f"{name} {n.defaults['percentile']:g}" for name, n in NEURONS.items())
+
+DATA_DIR = typer.Option(SOURCE("data_dir"), "--data-dir", help="Where named data sets live (default: "
+                                                                "$ANN2SNN_DATA or ~/.cache/ann2snn/data).")
+DOWNLOAD = typer.Option(SOURCE("download"), "--download", help="Let torchvision download a missing named data set "
+                                                               "(online only).")
+SKIP_BAD = typer.Option(SOURCE("skip_bad_images"), "--skip-bad-images", help="Leave out the images of a folder: data "
+                                                                             "set that cannot be read (corrupt, "
+                                                                             "truncated, not images), and say how "
+                                                                             "many, rather than stop at the first.")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
 TRUST = typer.Option(False, "--trust-pickle", help="Allow a .pt checkpoint to run pickle code on load. "
                                                      "Only for files you trust.")
@@ -94,41 +112,42 @@ def _preflight(rows: list[Row]) -> Table:
 def calibrate(
     checkpoint: Path = typer.Argument(..., help="ANN weights: .safetensors or a .pt/.pth state dict; or a "
                                                 "torch.export archive (.pt2), which needs no --model."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name (mlp, lenet5, vgg_small, vgg16_bn, "
-                                                                  "resnet_small, resnet18, regression_mlp) or "
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Zoo name ({', '.join(list_models())}) or "
                                                                   "package.module:callable."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, cifar100, "
                                                            "feynman-i.6.2a, feynman-i.9.18, folder:PATH or a "
                                                            ".safetensors/.pt tensor file."),
     output: Path = typer.Option(..., "--output", "-o", help="Calibration profile to write (JSON)."),
-    neuron: str = typer.Option("if", "--neuron", help="Neuron type: if (integrate-and-fire), asn (adaptive) or "
-                                                      "vsn (variable, graded spikes)."),
-    percentile: float = typer.Option(99.9, "--percentile", help="Activation percentile used as the operating point."),
+    neuron: str = typer.Option("if", "--neuron", help=f"Neuron type: {NEURON_NAMES}."),
+    percentile: Optional[float] = typer.Option(None, "--percentile", help="Activation percentile used as the "
+                                               f"operating point (default: the neuron's, {PERCENTILES})."),
     param: Optional[List[str]] = typer.Option(None, "--param", help="Neuron option KEY=VALUE, e.g. v_init=0 "
                                                                     "(IF) or m_f=0.2 (ASN)."),
-    samples: int = typer.Option(2000, "--samples", help="Calibration images drawn from the split."),
-    search_samples: Optional[int] = typer.Option(None, "--search-samples", help="Of those, the images (drawn at "
-                                                 "random) ASN's operating-point choice or the --budget search "
-                                                 f"simulates (default: {pipeline.CHOICE_IMAGE_STEPS:,} or "
-                                                 f"{pipeline.BUDGET_IMAGE_STEPS:,} image-steps' worth, at least "
-                                                 "256); more take longer."),
-    budget: Optional[float] = typer.Option(None, "--budget", help="Spikes per sample to meet: search the neuron's "
-                                                                  "precision (ASN m_f, VSN thresholds) by "
-                                                                  "simulating calibration images."),
-    timesteps: Optional[int] = typer.Option(None, "--timesteps", "-T", help="Steps per sample for --budget "
-                                                                          "(default: ASN 200, VSN 1)."),
+    samples: int = typer.Option(CAL("samples"), "--samples", help="Calibration images drawn from the split."),
+    search_samples: Optional[int] = typer.Option(CAL("search_samples"), "--search-samples", help="Of those, the "
+                                                 "images (drawn at random) ASN's operating-point choice or the "
+                                                 "--budget search simulates (default: "
+                                                 f"{pipeline.CHOICE_IMAGE_STEPS:,} or {pipeline.BUDGET_IMAGE_STEPS:,} "
+                                                 "image-steps' worth, at least 256); more take longer."),
+    budget: Optional[float] = typer.Option(CAL("budget"), "--budget", help="Spikes per sample to meet: search the "
+                                                                         "neuron's precision (ASN m_f, VSN "
+                                                                         "thresholds) by simulating calibration "
+                                                                         "images."),
+    timesteps: Optional[int] = typer.Option(CAL("timesteps"), "--timesteps", "-T", help="Steps per sample for "
+                                            f"--budget (default: the neuron's, {PRECISION_STEPS})."),
     arousal: bool = typer.Option(False, "--arousal", help="Store an arousal policy (the defaults) for "
                                  "'evaluate --arousal'; with --budget, search its threshold."),
     arousal_policy: Optional[str] = typer.Option(None, "--arousal-policy", help="Implies --arousal; the policy "
                                                  "to store, e.g. 'low=0.3;high=0.1;at=40' (fields ';', lists ',')."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
-    split: str = typer.Option("train", "--split", help="Split of a named data set to calibrate (and search) on: "
+    seed: int = typer.Option(CAL("seed"), "--seed", help="Seed of the calibration subset."),
+    split: str = typer.Option(CAL("split"), "--split", help="Split of a named data set to calibrate (and search) on: "
                                                         "train, or val for a model trained on fit "
                                                         "('train_reference.py --holdout')."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Input normalisation 'MEAN;STD' per "
                                                                       "channel, e.g. '0.1307;0.3081'."),
     model_arg: Optional[List[str]] = typer.Option(None, "--model-arg", help="Model constructor argument KEY=VALUE."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Samples simulated (or passed through the ANN) at once."),
+    batch_size: int = typer.Option(CAL("batch_size"), "--batch-size", help="Samples simulated (or passed through the "
+                                                                          "ANN) at once."),
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
     skip_bad_images: bool = SKIP_BAD,
 ):
@@ -140,7 +159,8 @@ def calibrate(
                                  timesteps=timesteps, search_samples=search_samples)
     profile, _ = pipeline.calibrate(
         checkpoint, model, dataset, output, neuron=neuron,
-        neuron_options={"percentile": percentile, **key_values(param, "neuron_options")}, options=options,
+        neuron_options={**({} if percentile is None else {"percentile": percentile}),
+                        **key_values(param, "neuron_options")}, options=options,
         source=DataSource(data_dir, download, skip_bad_images), device=device, normalization=normalize,
         model_args=key_values(model_arg, "model_args"), trust_pickle=trust_pickle,
         arousal=arousal_policy if arousal_policy is not None else "" if arousal else None)
@@ -241,9 +261,10 @@ def convert(
     calibration: Path = typer.Option(..., "--calibration", "-c", help="Profile written by 'ann2snn calibrate'."),
     output: Path = typer.Option(..., "--output", "-o", help="SNN artifact to write (.safetensors)."),
     model: Optional[str] = MODEL,
-    maxpool: str = typer.Option("gated", "--maxpool", help="Max pooling on spikes: gated (pass the unit that "
-                                                           "has fired most so far) or spikes (max of each step's "
-                                                           "spikes: cheaper, over-counts)."),
+    maxpool: str = typer.Option(pipeline.DEFAULT_MAXPOOL, "--maxpool", help="Max pooling on spikes: gated (pass "
+                                                                          "the unit that has fired most so far) or "
+                                                                          "spikes (max of each step's spikes: "
+                                                                          "cheaper, over-counts)."),
     trust_pickle: bool = TRUST, trust_code: bool = TRUST_CODE,
 ):
     """Swap the ANN's ReLUs for spiking neurons and write the SNN artifact.
@@ -268,16 +289,18 @@ def evaluate(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Data set to evaluate on (as for calibrate)."),
     timesteps: int = typer.Option(..., "--timesteps", "-T", help="Simulation steps per sample (1 step = 1 ms)."),
     report: Path = typer.Option(..., "--report", "-r", help="Directory for report.json, curve.csv and the plot."),
-    split: str = typer.Option("test", "--split", help="Split of a named data set to evaluate on: test, train, or "
+    split: str = typer.Option(RUN("split"), "--split", help="Split of a named data set to evaluate on: test, train, or "
                                                        "train's parts fit and val (its last 1/12, held out by "
                                                        "'train_reference.py --holdout')."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N samples."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Samples simulated (or passed through the ANN) at once."),
-    energy: str = typer.Option(DEFAULT_PRESET, "--energy", help="Energy preset: 45nm-fp32, 45nm-fp16, 45nm-int8."),
+    limit: Optional[int] = typer.Option(RUN("limit"), "--limit", help="Evaluate only the first N samples."),
+    batch_size: int = typer.Option(RUN("batch_size"), "--batch-size", help="Samples simulated (or passed through the "
+                                                                          "ANN) at once."),
+    energy: str = typer.Option(RUN("preset"), "--energy", help="Energy preset: 45nm-fp32, 45nm-fp16, 45nm-int8."),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="Also run other values of a neuron option, "
                                                                "e.g. m_f=0.1,0.2,0.3 (ASN)."),
-    compare: Optional[List[str]] = typer.Option(None, "--compare", help="Also run other neuron types on the same "
-                                                                        "network and calibration, e.g. if or if,vsn."),
+    compare: Optional[List[str]] = typer.Option(None, "--compare", help=f"Also run other neuron types ({NEURON_NAMES}) "
+                                                "on the same network and calibration, e.g. "
+                                                f"{_COMPARE[0]} or {_COMPARE[0]},{_COMPARE[-1]}."),
     arousal: bool = typer.Option(False, "--arousal", help="Per-input precision control with the artifact's "
                                  "stored policy (from 'calibrate --arousal') or the defaults; also runs fixed "
                                  "low and high precision."),
@@ -288,7 +311,7 @@ def evaluate(
                                                  "adds decision steps, layers=act2,act3 limits it to those layers "
                                                  "(fields ';', lists ','; the older 'a=1,b=2,recheck=60+90' reads)."),
     plot_format: str = PLOT_FORMAT,
-    start_ms: Optional[int] = typer.Option(None, "--start-ms", help="Read the output from this step on "
+    start_ms: Optional[int] = typer.Option(RUN("start_ms"), "--start-ms", help="Read the output from this step on "
                                                                    "(default: the neuron's, 0 for IF and ASN; "
                                                                    "a value beyond -T reads from step 0)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: simulate only the I-th of N equal shards of "
@@ -427,16 +450,16 @@ def finetune(
     profile_output: Optional[Path] = typer.Option(None, "--profile-output", help="Its calibration profile, with "
                                                   "the trained layer parameters (default: OUTPUT with the "
                                                   "suffix .calib.json)."),
-    epochs: int = typer.Option(2, "--epochs", help="Passes over the training split."),
-    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate of the weights."),
-    spike_penalty: float = typer.Option(0.0, "--spike-penalty", help="Weight of spikes per sample / 1000 in the "
-                                        "loss (VSN: trains thresholds and weights toward fewer spikes)."),
-    threshold_lr: Optional[float] = typer.Option(None, "--threshold-lr", help="Learning rate of VSN thresholds "
-                                                 "(default: --lr)."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Training batch size."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the shuffling and initial state: the same seed gives the "
-                                               "same checkpoint."),
-    split: str = typer.Option("train", "--split", help="Train on train, or on fit to keep val held out (each "
+    epochs: int = typer.Option(TUNE("epochs"), "--epochs", help="Passes over the training split."),
+    lr: float = typer.Option(TUNE("lr"), "--lr", help="Adam learning rate of the weights."),
+    spike_penalty: float = typer.Option(TUNE("spike_penalty"), "--spike-penalty", help="Weight of spikes per sample "
+                                        "/ 1000 in the loss (VSN: trains thresholds and weights toward fewer spikes)."),
+    threshold_lr: Optional[float] = typer.Option(TUNE("threshold_lr"), "--threshold-lr", help="Learning rate of VSN "
+                                                 "thresholds (default: --lr)."),
+    batch_size: int = typer.Option(TUNE("batch_size"), "--batch-size", help="Training batch size."),
+    seed: int = typer.Option(TUNE("seed"), "--seed", help="Seed of the shuffling and initial state: the same seed "
+                                                        "gives the same checkpoint."),
+    split: str = typer.Option(TUNE("split"), "--split", help="Train on train, or on fit to keep val held out (each "
                                                         "epoch is then scored on val instead of test)."),
     model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,

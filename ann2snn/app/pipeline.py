@@ -1,7 +1,12 @@
 """The product steps as library calls - calibrate, convert, evaluate (``evaluation.py``),
 finetune - so the CLI, the demo and users' scripts share one path. Each takes typed options
 (``options.py``), resolves the neuron type once and returns typed records (``Profile``,
-``ArtifactMeta``, ``Report``)."""
+``ArtifactMeta``, ``Report``).
+
+Calibration and conversion are one pipeline on in-memory objects - ``calibrate_model`` (a model,
+``TensorData`` and a checked ``CalibrationRequest`` to a ``Profile``) and ``convert_model`` (a
+model and a profile to an ``Artifact``) - that the Python API (``api.py``) calls as it is; the
+file-based ``calibrate`` and ``convert`` load the files, call it and save what it returns."""
 
 from __future__ import annotations
 
@@ -11,13 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ann2snn.sim import distributed
 from ann2snn import neurons
 from ann2snn.search import operating_point
 from ann2snn.neurons.arousal_policy import ArousalPolicy
 from ann2snn.sim.arousal import check_class_scores
-from ann2snn.store.artifact import ArtifactMeta, build_neurons, load_artifact, save_artifact
+from ann2snn.store.artifact import Artifact, ArtifactMeta, build_neurons, load_artifact, save_artifact
 from ann2snn.search.budget import fit_ramps, search, search_arousal
 from ann2snn.conversion.statistics import activation_stats
 from ann2snn.io.checkpoint import file_sha256, load_model, load_state, state_sha256
@@ -36,20 +42,38 @@ from ann2snn.search.transfer_training import train_with_transfer
 from ann2snn.io.zoo import model_kwargs, resolve_model, stored_reference
 
 
+IN_MEMORY = "(in memory)"  # what a profile records as the data set or checkpoint of objects given in memory
+DEFAULT_MAXPOOL = next(iter(MAXPOOL_MODES))  # gated
+
+
 def checked_options(neuron: Neuron, overrides: dict) -> dict:
     """The neuron's defaults with the user's overrides, each checked against its bounds; the
-    calibration percentile, which has its own parameter in front ends, first."""
+    calibration percentile, which has its own parameter in front ends, first (a front end that
+    is given none passes none: the neuron's own default, ``Neuron.defaults``, stands)."""
     percentile = overrides.get("percentile", 100)
     if not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
         raise OptionError("percentile", f"{percentile}: must be in (0, 100]")
     return neuron.options(overrides)
 
 
-def calibration_request(kind: Neuron, neuron_options: dict | None, arousal: str | ArousalPolicy | None,
-                        options: CalibrationOptions) -> tuple[dict, ArousalPolicy | None, bool]:
-    """What a calibration asks for, checked before any data is read (the CLI and the API):
-    the neuron's options, the arousal policy (or None) and whether ``calibrate`` chooses the
-    operating point itself (the neuron has candidates and the user named none of their options)."""
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What a calibration asks for, checked (``calibration_request``) before any data is read."""
+
+    neuron: Neuron
+    neuron_options: dict  # the neuron's defaults with the user's options, checked
+    arousal: ArousalPolicy | None  # the policy to store (and, with a budget, search), or None
+    choose: bool  # calibrate chooses the operating point itself (``operating_point.choose``)
+    options: CalibrationOptions
+
+
+def calibration_request(neuron: str | Neuron, neuron_options: dict | None, arousal: str | ArousalPolicy | None,
+                        options: CalibrationOptions) -> CalibrationRequest:
+    """What a calibration asks for, checked before any data is read (the CLI and the API): the
+    neuron type (a name is looked up), its options, the arousal policy (or None) and whether
+    ``calibrate`` chooses the operating point itself (the neuron has candidates and the user
+    named none of their options)."""
+    kind = neurons.get(neuron) if isinstance(neuron, str) else neuron
     opts = checked_options(kind, neuron_options or {})
     policy = ArousalPolicy.parse(arousal) if isinstance(arousal, str) else arousal
     if policy is not None and kind.precision_control is None:
@@ -64,7 +88,7 @@ def calibration_request(kind: Neuron, neuron_options: dict | None, arousal: str 
         raise OptionError("search_samples", f"{options.search_samples}: nothing is searched here (it sets the images "
                                             "of a --budget search or of the operating point ASN chooses when no "
                                             "precision option is named)")
-    return opts, policy, choose
+    return CalibrationRequest(kind, opts, policy, choose, options)
 
 
 BUDGET_IMAGE_STEPS = 256_000  # a --budget search simulates as many images as this allows (at least 256) ...
@@ -82,18 +106,48 @@ def search_set(subset: TensorData, wanted: int | None, image_steps: int, steps: 
     return subset if n >= len(subset) else calibration_subset(subset, n, seed)
 
 
+def in_memory_info(model: nn.Module, digest: str) -> ModelInfo:
+    """How a profile names a model given in memory: its class, and ``digest`` of its weights
+    (``checkpoint.state_sha256``) for the checkpoint too."""
+    cls = type(model)
+    return ModelInfo(ref=f"{cls.__module__}:{cls.__qualname__}", kwargs={"user": {}}, checkpoint=IN_MEMORY,
+                     checkpoint_sha256=digest, weights_sha256=digest)
+
+
+def calibrate_model(model: nn.Module, data: TensorData, request: CalibrationRequest, *, device: str = "auto",
+                    info: ModelInfo | None = None, model_ref: str | None = None, data_name: str = "data",
+                    dataset: str = IN_MEMORY) -> tuple[Profile, list[Row]]:
+    """Fit per-layer operating points on (the ``request.options.samples`` subset, drawn with its
+    seed, of) ``data``; returns (profile, pre-flight rows). ``info``: where the model came from
+    (its ``weights_sha256`` is set here; default ``in_memory_info``); ``model_ref`` names the
+    model in errors (default its class), ``data_name`` the data, ``dataset`` is what the profile
+    records. The model's own mode is left to the caller (``verify`` puts it in eval mode)."""
+    o = request.options
+    subset = calibration_subset(data, o.samples, o.seed) if len(data) > o.samples else data
+    gm, rows = normalize_for(model, model_ref or type(model).__name__, request.neuron)
+    outputs = model_outputs(gm, subset.sample_shape, data_name)
+    verify(model, gm, next(subset.batches(o.batch_size))[0])
+    digest = state_sha256(model)
+    info = replace(info, weights_sha256=digest) if info is not None else in_memory_info(model, digest)
+    if request.arousal is not None:
+        request.arousal.check_layers(spiking_layers(gm))
+        check_class_scores(data_name, subset.task, outputs)
+    profile = fit_profile(gm, request.neuron, request.neuron_options, subset, info, dataset, o,
+                          resolve_device(device), request.arousal, choose=request.choose)
+    return profile, rows
+
+
 def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, output: str | Path | None = None, *,
               neuron: str = "if", neuron_options: dict | None = None,
               options: CalibrationOptions = CalibrationOptions(), source: DataSource = DataSource(),
               device: str = "auto", normalization: Normalize | str | None = None, model_args: dict | None = None,
               trust_pickle: bool = False, arousal: str | ArousalPolicy | None = None) -> tuple[Profile, list[Row]]:
-    """Fit per-layer operating points on a calibration subset, write the profile to ``output``
-    (when given) and return (profile, pre-flight rows). ``normalization``: the input
-    normalisation the model was trained with (``Normalize`` or its text 'MEAN;STD'). With
-    ``options.budget`` the neuron's precision knob is searched - or, given an ``arousal`` policy
-    (or its text), its threshold; the policy is stored for ``evaluate``."""
-    kind = neurons.get(neuron)
-    opts, policy, choose = calibration_request(kind, neuron_options, arousal, options)
+    """``calibrate_model`` on files: the checkpoint and the data set are loaded, the profile is
+    written to ``output`` (when given); returns (profile, pre-flight rows). ``normalization``:
+    the input normalisation the model was trained with (``Normalize`` or its text 'MEAN;STD').
+    With ``options.budget`` the neuron's precision knob is searched - or, given an ``arousal``
+    policy (or its text), its threshold; the policy is stored for ``evaluate``."""
+    request = calibration_request(neuron, neuron_options, arousal, options)
     norm = Normalize.parse(normalization) if isinstance(normalization, str) else normalization or Normalize()
     ranks = distributed.start(device)  # under torchrun: the budget search is shared, rank 0 writes
     device = distributed.rank_device(device)
@@ -101,21 +155,14 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
         check_outputs([("calibration profile", output)], [checkpoint, *data_files(dataset, source.data_dir)])
     model_ref = _model_ref(model_ref, checkpoint)
     data = open_dataset(dataset, options.split, source.data_dir, source.download, norm, source.skip_bad_images)
-    subset = calibration_subset(data, options.samples, options.seed)
     if model_ref == EXPORT_REF and model_args:
         raise OptionError("model_args", f": {checkpoint} is a torch.export archive; its architecture takes no arguments")
     kwargs = model_kwargs(model_ref, data.sample_shape, data.num_classes, model_args)
     model = load_model(model_ref, kwargs, checkpoint, trust_pickle)
-    gm, rows = normalize_for(model, model_ref, kind)
-    outputs = model_outputs(gm, subset.sample_shape, dataset)
-    verify(model, gm, next(subset.batches(options.batch_size))[0])
-    if policy is not None:
-        policy.check_layers(spiking_layers(gm))
-        check_class_scores(dataset, data.task, outputs)
-    model_info = ModelInfo(ref=model_ref, kwargs=kwargs, checkpoint=str(checkpoint),
-                           checkpoint_sha256=file_sha256(checkpoint), weights_sha256=state_sha256(model))
-    profile = fit_profile(gm, kind, opts, subset, model_info, dataset, options, resolve_device(device), policy,
-                           choose=choose)
+    info = ModelInfo(ref=model_ref, kwargs=kwargs, checkpoint=str(checkpoint),
+                     checkpoint_sha256=file_sha256(checkpoint))
+    profile, rows = calibrate_model(model, data, request, device=device, info=info, model_ref=model_ref,
+                                    data_name=dataset, dataset=dataset)
     if output is not None and ranks.leader:
         save_profile(profile, output)
     return profile, rows
@@ -124,10 +171,15 @@ def calibrate(checkpoint: str | Path, model_ref: str | None, dataset: str, outpu
 def normalize_for(model: torch.nn.Module, model_ref: str, neuron: Neuron):
     """The normalised graph and pre-flight rows of ``model``, refused if ``neuron`` cannot fill it."""
     gm, rows = normalize(model)
+    _check_fillable(gm, model_ref, neuron)
+    return gm, rows
+
+
+def _check_fillable(gm, model_ref: str, neuron: Neuron) -> None:
+    """Refuse a graph with no spiking slot, or one holding an activation ``neuron`` cannot stand in for."""
     if not spiking_layers(gm):
         raise OptionError("model_ref", f"{model_ref}: the network has no ReLU to turn into spiking neurons")
     check_activations(slot_activations(gm), neuron.name, neuron.activations)
-    return gm, rows
 
 
 def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: ModelInfo, dataset: str,
@@ -175,37 +227,59 @@ def _model_ref(model_ref: str | None, checkpoint: str | Path) -> str:
     return model_ref
 
 
-def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path, *, model_ref: str | None = None,
-            trust_pickle: bool = False, trust_code: bool = False, maxpool: str = "gated"
-            ) -> tuple[ArtifactMeta, list[Row]]:
-    """Swap the ANN's ReLUs for the profile's neurons and write the SNN artifact; ``maxpool``
-    picks how max pooling acts on spikes (``graph.MAXPOOL_MODES``). A profile naming a
-    ``module:callable`` architecture is built only with the same ``model_ref`` or ``trust_code``."""
+def check_maxpool(maxpool: str) -> None:
+    """Refuse a max-pooling mode that is not one of ``graph.MAXPOOL_MODES``."""
     if maxpool not in MAXPOOL_MODES:
         raise OptionError("maxpool", f"{maxpool!r}: expected one of {', '.join(MAXPOOL_MODES)}")
-    check_outputs([("SNN artifact", output)], [checkpoint, calibration])
-    profile = load_profile(calibration)
+
+
+def artifact_meta(profile: Profile, gm, maxpool: str) -> ArtifactMeta:
+    """What the artifact converted from ``profile`` (on the normalised graph ``gm``) records."""
+    return ArtifactMeta(model=profile.model, graph=graph_signature(gm), input=profile.input, neuron=profile.neuron,
+                        layers=profile.layers, calibration=profile.data, maxpool=maxpool,
+                        arousal=profile.arousal, bias_ramps=profile.bias_ramps)
+
+
+def convert_model(model: nn.Module, profile: Profile, *, maxpool: str = DEFAULT_MAXPOOL, source: str = "profile",
+                  checkpoint_sha256: str | None = None, model_ref: str | None = None) -> tuple[Artifact, list[Row]]:
+    """Swap the model's ReLUs for the profile's neurons; returns the ``Artifact`` (in memory) and
+    the pre-flight rows. The profile (named ``source`` in errors) must be made for these weights
+    (or, recording only its checkpoint file, for ``checkpoint_sha256``); ``maxpool`` picks how
+    max pooling acts on spikes (``graph.MAXPOOL_MODES``); ``model_ref`` names the model in errors."""
+    check_maxpool(maxpool)
     neuron = neurons.get(profile.neuron.type)
-    ref = stored_reference(profile.model.ref, model_ref, trust_code, str(calibration), "calibration profile")
-    model = load_model(ref, profile.model.kwargs, checkpoint, trust_pickle)
     gm, rows = normalize(model)
-    check_profile(profile, gm, calibration, state_sha256(model), file_sha256(checkpoint))
+    check_profile(profile, gm, source, state_sha256(model), checkpoint_sha256)
+    _check_fillable(gm, model_ref or type(model).__name__, neuron)
     shape = tuple(profile.input.shape)
     try:
         model_outputs(gm, shape, "")
     except UserError:
-        raise UserError(f"{calibration}: the profile's input shape {list(shape)} does not fit the model") from None
+        raise UserError(f"{source}: the profile's input shape {list(shape)} does not fit the model") from None
     verify(model, gm, torch.randn((4, *shape), generator=torch.Generator().manual_seed(0)))
     try:
-        snn = to_snn(gm, build_neurons(neuron, profile.layers, str(calibration)), maxpool, profile.bias_ramps)
+        snn = to_snn(gm, build_neurons(neuron, profile.layers, source), maxpool, profile.bias_ramps)
     except UserError as exc:
-        raise exc.within(f"{calibration}: ") from None
+        raise exc.within(f"{source}: ") from None
+    return Artifact(gm.eval(), snn.eval(), artifact_meta(profile, gm, maxpool), neuron), rows
+
+
+def convert(checkpoint: str | Path, calibration: str | Path, output: str | Path, *, model_ref: str | None = None,
+            trust_pickle: bool = False, trust_code: bool = False, maxpool: str = DEFAULT_MAXPOOL
+            ) -> tuple[ArtifactMeta, list[Row]]:
+    """``convert_model`` on files: the checkpoint and its profile are loaded, the SNN artifact is
+    written to ``output``. A profile naming a ``module:callable`` architecture is built only
+    with the same ``model_ref`` or ``trust_code``."""
+    check_maxpool(maxpool)
+    check_outputs([("SNN artifact", output)], [checkpoint, calibration])
+    profile = load_profile(calibration)
+    ref = stored_reference(profile.model.ref, model_ref, trust_code, str(calibration), "calibration profile")
+    model = load_model(ref, profile.model.kwargs, checkpoint, trust_pickle)
+    artifact, rows = convert_model(model, profile, maxpool=maxpool, source=str(calibration),
+                                   checkpoint_sha256=file_sha256(checkpoint), model_ref=ref)
     archive = Path(checkpoint).read_bytes() if ref == EXPORT_REF else None  # the architecture travels along
-    meta = ArtifactMeta(model=profile.model, graph=graph_signature(gm), input=profile.input, neuron=profile.neuron,
-                        layers=profile.layers, calibration=profile.data, maxpool=maxpool,
-                        arousal=profile.arousal, bias_ramps=profile.bias_ramps)
-    save_artifact(output, snn, meta, archive)
-    return meta, rows
+    save_artifact(output, artifact.snn, artifact.meta, archive)
+    return artifact.meta, rows
 
 
 @dataclass
@@ -242,6 +316,35 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     profile_output = Path(profile_output) if profile_output else Path(output).with_suffix(".calib.json")
     check_outputs([("checkpoint", output), ("calibration profile", profile_output)],
                   [checkpoint, calibration, *data_files(dataset, source.data_dir)])
+    profile, neuron, tuned_options, model = _finetune_inputs(checkpoint, calibration, trust_pickle, model_ref,
+                                                             trust_code)
+    train, test = (open_dataset(dataset, split, source.data_dir, source.download, profile.input.normalize,
+                                source.skip_bad_images) for split in (options.split, scored_split(options.split)))
+    dev = resolve_device(device)
+    metric = "nmse" if test.task == "regression" else "accuracy"
+    before = ann_accuracy(model, test, 1000, dev)  # fine-tuning trains a traced copy: model stays as loaded
+    model.cpu()
+    state, trained, history = _train(model, neuron, profile, train, test, options, dev,
+                                     lambda epoch, acc: on_epoch and on_epoch(epoch, acc, metric))
+    # the checkpoint and its profile are written together at the end, when both are whole
+    blob = safetensors_bytes(state, {"finetuned_from": Path(checkpoint).name, "neuron": neuron.name})
+    tuned = load_state(resolve_model(profile.model.ref, profile.model.kwargs), state, output)
+    info = replace(profile.model, checkpoint=str(output), checkpoint_sha256=hashlib.sha256(blob).hexdigest(),
+                   weights_sha256=state_sha256(tuned))
+    measured = _remeasured(tuned, profile, neuron, tuned_options, trained, info, dataset, source, dev)
+    arousal = ArousalRecord(policy=profile.arousal.policy) if profile.arousal else None  # the policy, not its search
+    tuned_profile = replace(measured, arousal=arousal, finetune=_finetune_record(options, checkpoint, calibration))
+    with atomic_path(output) as tmp_checkpoint:
+        tmp_checkpoint.write_bytes(blob)
+        save_profile(tuned_profile, profile_output)
+    return FinetuneResult(metric, before, history, ann_accuracy(tuned, test, 1000, dev), profile_output,
+                          scored_on(dataset, options.split))
+
+
+def _finetune_inputs(checkpoint: str | Path, calibration: str | Path, trust_pickle: bool, model_ref: str | None,
+                     trust_code: bool) -> tuple[Profile, Neuron, dict, nn.Module]:
+    """The profile, its neuron type and options, and the model it was made for: each checked
+    before anything is trained."""
     profile = load_profile(calibration)
     neuron = neurons.get(profile.neuron.type)
     if profile.model.ref == EXPORT_REF:
@@ -252,59 +355,53 @@ def finetune(checkpoint: str | Path, calibration: str | Path, dataset: str, outp
     build_neurons(neuron, profile.layers, str(calibration))
     model = load_model(profile.model.ref, profile.model.kwargs, checkpoint, trust_pickle)
     check_profile(profile, normalize(model)[0], calibration, state_sha256(model), file_sha256(checkpoint))
-    train = open_dataset(dataset, options.split, source.data_dir, source.download, profile.input.normalize,
-                         source.skip_bad_images)
-    test = open_dataset(dataset, scored_split(options.split), source.data_dir, source.download,
-                        profile.input.normalize, source.skip_bad_images)
-    dev = resolve_device(device)
-    metric = "nmse" if test.task == "regression" else "accuracy"
-    before = ann_accuracy(model, test, 1000, dev)  # fine-tuning trains a traced copy: model stays as loaded
-    model.cpu()
+    return profile, neuron, tuned_options, model
+
+
+def _train(model: nn.Module, neuron: Neuron, profile: Profile, train: TensorData, test: TensorData,
+           o: FinetuneOptions, dev: torch.device, on_epoch: Callable[[int, float], None]):
+    """``train_with_transfer``: (the trained state, the layers as trained, the score after each
+    epoch); a state that is no longer finite is refused."""
     history: list[float] = []
 
     def epoch_done(epoch: int, acc: float) -> None:
         history.append(acc)
-        if on_epoch:
-            on_epoch(epoch, acc, metric)
+        on_epoch(epoch, acc)
 
-    o = options
     state, trained = train_with_transfer(model, neuron, profile.layers, train, test, o.epochs, o.lr, o.batch_size,
                                          o.seed, dev, o.spike_penalty, o.threshold_lr, epoch_done)
     bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise OptionError("lr", f"{o.lr:g}: training diverged ({bad} holds NaN or infinite values after "
                                 f"{o.epochs} epoch(s)); nothing was written - lower the learning rate")
-    # the checkpoint and its profile are written together at the end, when both are whole
-    blob = safetensors_bytes(state, {"finetuned_from": Path(checkpoint).name, "neuron": neuron.name})
-    tuned = load_state(resolve_model(profile.model.ref, profile.model.kwargs), state, output)
-    # statistics of the new weights on the same calibration subset; the layer parameters as trained
+    return state, trained, history
+
+
+def _remeasured(tuned: nn.Module, profile: Profile, neuron: Neuron, tuned_options: dict, trained: list,
+                info: ModelInfo, dataset: str, source: DataSource, dev: torch.device) -> Profile:
+    """The fine-tuned model's profile: statistics of the new weights on the same calibration
+    subset, the layer parameters as trained, the bias ramps fitted for those."""
     data = open_dataset(dataset, profile.data.split, source.data_dir, source.download, profile.input.normalize,
                         source.skip_bad_images)
     subset = calibration_subset(data, profile.data.samples, profile.data.seed)
     gm, _ = normalize_for(tuned, profile.model.ref, neuron)
-    info = replace(profile.model, checkpoint=str(output), checkpoint_sha256=hashlib.sha256(blob).hexdigest(),
-                   weights_sha256=state_sha256(tuned))
     # the ramps (bias_ramp.py) are fitted below, for the layer parameters as trained
     unramped = {**tuned_options, **({"bias_ramp": False} if "bias_ramp" in tuned_options else {})}
-    measured = fit_profile(gm, neuron, unramped, subset, info,
-                            dataset, CalibrationOptions(samples=profile.data.samples,
-                                                                     seed=profile.data.seed, split=profile.data.split),
-                            dev, None)
+    measured = fit_profile(gm, neuron, unramped, subset, info, dataset,
+                           CalibrationOptions(samples=profile.data.samples, seed=profile.data.seed,
+                                              split=profile.data.split), dev, None)
     layers = [replace(m, params=t.params) for m, t in zip(measured.layers, trained)]
     ramps = fit_ramps(gm, neuron, layers, subset, neuron.default_timesteps, dev) if tuned_options.get("bias_ramp") \
         else None
-    tuned_profile = replace(measured, neuron=replace(measured.neuron, options=tuned_options), layers=layers,
-                            bias_ramps=ramps,
-                            arousal=ArousalRecord(policy=profile.arousal.policy) if profile.arousal else None,
-                            finetune={"from_checkpoint": Path(checkpoint).name, "from_profile": Path(calibration).name,
-                                      "epochs": o.epochs, "lr": o.lr, "threshold_lr": o.threshold_lr or o.lr,
-                                      "seed": o.seed, "spike_penalty": o.spike_penalty, "split": o.split,
-                                      "layer_params": "as trained (not re-fitted)"})
-    with atomic_path(output) as tmp_checkpoint:
-        tmp_checkpoint.write_bytes(blob)
-        save_profile(tuned_profile, profile_output)
-    return FinetuneResult(metric, before, history, ann_accuracy(tuned, test, 1000, dev), profile_output,
-                          scored_on(dataset, options.split))
+    return replace(measured, neuron=replace(measured.neuron, options=tuned_options), layers=layers, bias_ramps=ramps)
+
+
+def _finetune_record(o: FinetuneOptions, checkpoint: str | Path, calibration: str | Path) -> dict:
+    """What the fine-tuned profile records of its origin and training."""
+    return {"from_checkpoint": Path(checkpoint).name, "from_profile": Path(calibration).name,
+            "epochs": o.epochs, "lr": o.lr, "threshold_lr": o.threshold_lr or o.lr,
+            "seed": o.seed, "spike_penalty": o.spike_penalty, "split": o.split,
+            "layer_params": "as trained (not re-fitted)"}
 
 
 from ann2snn.evaluation.evaluate import evaluate, merge  # noqa: E402,F401  (the evaluate step has its own module)

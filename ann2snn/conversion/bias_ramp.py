@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from ann2snn.errors import UserError
+from ann2snn.neurons.layer import StatefulLayer
 
 OUTPUT = "output"  # the key of the network output's ramp (the readout layer)
 
@@ -50,7 +51,7 @@ class BiasRampRecord:
             raise ValueError("offset and gain must be finite numbers")
 
 
-class BiasRamp(nn.Module):
+class BiasRamp(StatefulLayer):
     """c -> c - (1 - g(t)) b with its own step clock (``reset`` starts it at step 1). With
     ``reference`` set (fitting), g(t) is measured from the input and appended to ``fitted``."""
 
@@ -148,7 +149,7 @@ def fit(gm: fx.GraphModule, snn: fx.GraphModule, layers: list[str], x: torch.Ten
         probes[name].reference = reference[name]
     probe_net = attach(copy.deepcopy(snn), probes)
     for m in probe_net.modules():
-        if hasattr(m, "reset"):
+        if isinstance(m, StatefulLayer):
             m.reset()
     for _ in range(timesteps):
         probe_net(x)

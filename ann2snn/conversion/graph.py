@@ -29,6 +29,7 @@ from ann2snn.conversion.bias_ramp import BiasRampRecord, attach
 from ann2snn.conversion.bias_ramp import modules as ramp_modules
 from ann2snn.conversion.equivalence import trace
 from ann2snn.errors import OptionError, UserError
+from ann2snn.neurons.layer import StatefulLayer
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -186,64 +187,100 @@ def normalize(model: nn.Module, rewrite: bool = True) -> tuple[fx.GraphModule, l
             rows.append(Row(node.name, desc, "input" if node.op == "placeholder" else
                             ("output" if node.op == "output" else "kept"), ""))
         elif _is_relu(gm, node) or smooth is not None:
-            name = _unused_name(gm, f"act{n_act}")
+            rows.append(_make_slot(gm, node, desc, smooth, f"act{n_act}"))
             n_act += 1
-            gm.add_submodule(name, smooth or Slot())
-            with gm.graph.inserting_after(node):
-                new = gm.graph.call_module(name, (node.args[0],))
-            _replace(gm, node, new)
-            gm.meta.setdefault("slot_sources", {})[name] = node.name
-            rows.append(Row(node.name, desc, "converted", f"spiking layer {name}" + (
-                f" ({smooth.activation.upper()}: VSN only; its gate z >= T >= 0 drops the negative part)"
-                if smooth is not None else "")))
-        elif isinstance(mod, REMOVED_MODULES) or (node.op == "call_function" and node.target in REMOVED_FUNCTIONS):
+        elif _is_removed(node, mod):
             _replace(gm, node, node.args[0])
             rows.append(Row(node.name, desc, "removed", "no-op at inference"))
         elif isinstance(mod, BATCHNORM):
-            src = node.args[0]
-            src_mod = gm.get_submodule(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
-            if isinstance(src_mod, WEIGHTED) and len(src.users) == 1:
-                shared = sum(n.op == "call_module" and n.target == src.target for n in gm.graph.nodes) > 1
-                target = _unused_name(gm, f"{src.target}_bn") if shared else src.target
-                gm.add_submodule(target, _fold_bn(src_mod, mod))
-                src.target = target  # a module called twice keeps its unfolded weights elsewhere
-                _replace(gm, node, src)
-                rows.append(Row(node.name, desc, "rewritten", f"folded into {target}"))
-            else:
-                rows.append(Row(node.name, desc, "kept", "per-channel affine (not after conv/linear)"))
-        elif (isinstance(mod, SOFTMAX_MODULES) or (node.op == "call_function" and node.target in SOFTMAX_FUNCTIONS)
-              or (node.op == "call_method" and node.target in SOFTMAX_METHODS)):
-            if list(node.users) == [output_node]:
-                _replace(gm, node, node.args[0])
-                rows.append(Row(node.name, desc, "removed", "monotone readout: argmax unchanged"))
-            else:
-                rows.append(Row(node.name, desc, "unsupported", "softmax inside the network"))
-        elif isinstance(mod, WEIGHTED):
-            rows.append(Row(node.name, desc, "kept", "synapses"))
-        elif isinstance(mod, AVGPOOL) or (node.op == "call_function" and node.target in LINEAR_FUNCTIONS) or \
-                (node.op == "call_method" and node.target in LINEAR_METHODS):
-            rows.append(Row(node.name, desc, "kept", "linear: acts on spikes and currents alike"))
-        elif isinstance(mod, RESHAPE_MODULES) or (node.op == "call_method" and node.target in RESHAPE_METHODS) \
-                or (node.op == "call_function" and node.target in SHAPE_FUNCTIONS):
-            rows.append(Row(node.name, desc, "kept", "reshape"))
-        elif isinstance(mod, MAXPOOL):
-            rows.append(Row(node.name, desc, "rewritten", "max pool on spikes"))
+            rows.append(_fold_batchnorm(gm, node, mod, desc))
+        elif _is_softmax(node, mod):
+            rows.append(_drop_softmax(gm, node, desc, output_node))
         else:
-            key = (type(mod).__name__ if mod is not None else getattr(node.target, "__name__", str(node.target))).lower()
-            hint = next((h for k, h in HINTS.items() if k in key), "no spiking equivalent")
-            rows.append(Row(node.name, desc, "unsupported", hint))
+            rows.append(_other_row(node, mod, desc))
     # a ReLU that followed a max pool was turned into act<i> above; place it before the pool
     if rewrite:
         _move_maxpools_after_relu(gm, rows)
+    _tidy(gm)
+    _refuse_unsupported(rows)
+    return gm, rows
+
+
+def _make_slot(gm: fx.GraphModule, node: fx.Node, desc: str, smooth: Slot | None, name: str) -> Row:
+    """Replace the activation ``node`` by a call of a new slot named ``name`` (or a free variant)."""
+    name = _unused_name(gm, name)
+    gm.add_submodule(name, smooth or Slot())
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (node.args[0],))
+    _replace(gm, node, new)
+    gm.meta.setdefault("slot_sources", {})[name] = node.name
+    return Row(node.name, desc, "converted", f"spiking layer {name}" + (
+        f" ({smooth.activation.upper()}: VSN only; its gate z >= T >= 0 drops the negative part)"
+        if smooth is not None else ""))
+
+
+def _is_removed(node: fx.Node, mod: nn.Module | None) -> bool:
+    """Dropout or Identity: a no-op at inference."""
+    return isinstance(mod, REMOVED_MODULES) or (node.op == "call_function" and node.target in REMOVED_FUNCTIONS)
+
+
+def _is_softmax(node: fx.Node, mod: nn.Module | None) -> bool:
+    return (isinstance(mod, SOFTMAX_MODULES) or (node.op == "call_function" and node.target in SOFTMAX_FUNCTIONS)
+            or (node.op == "call_method" and node.target in SOFTMAX_METHODS))
+
+
+def _fold_batchnorm(gm: fx.GraphModule, node: fx.Node, bn: nn.Module, desc: str) -> Row:
+    """Fold the batch norm ``node`` into the Conv/Linear before it when that is its only user."""
+    src = node.args[0]
+    src_mod = gm.get_submodule(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+    if not (isinstance(src_mod, WEIGHTED) and len(src.users) == 1):
+        return Row(node.name, desc, "kept", "per-channel affine (not after conv/linear)")
+    shared = sum(n.op == "call_module" and n.target == src.target for n in gm.graph.nodes) > 1
+    target = _unused_name(gm, f"{src.target}_bn") if shared else src.target
+    gm.add_submodule(target, _fold_bn(src_mod, bn))
+    src.target = target  # a module called twice keeps its unfolded weights elsewhere
+    _replace(gm, node, src)
+    return Row(node.name, desc, "rewritten", f"folded into {target}")
+
+
+def _drop_softmax(gm: fx.GraphModule, node: fx.Node, desc: str, output_node: fx.Node) -> Row:
+    """Remove a softmax that feeds the output only (argmax unchanged); refuse one inside."""
+    if list(node.users) != [output_node]:
+        return Row(node.name, desc, "unsupported", "softmax inside the network")
+    _replace(gm, node, node.args[0])
+    return Row(node.name, desc, "removed", "monotone readout: argmax unchanged")
+
+
+def _other_row(node: fx.Node, mod: nn.Module | None, desc: str) -> Row:
+    """The row of a node kept as it is (synapses, linear maps, reshapes, max pools) or unsupported."""
+    if isinstance(mod, WEIGHTED):
+        return Row(node.name, desc, "kept", "synapses")
+    if isinstance(mod, AVGPOOL) or (node.op == "call_function" and node.target in LINEAR_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in LINEAR_METHODS):
+        return Row(node.name, desc, "kept", "linear: acts on spikes and currents alike")
+    if isinstance(mod, RESHAPE_MODULES) or (node.op == "call_method" and node.target in RESHAPE_METHODS) \
+            or (node.op == "call_function" and node.target in SHAPE_FUNCTIONS):
+        return Row(node.name, desc, "kept", "reshape")
+    if isinstance(mod, MAXPOOL):
+        return Row(node.name, desc, "rewritten", "max pool on spikes")
+    key = (type(mod).__name__ if mod is not None else getattr(node.target, "__name__", str(node.target))).lower()
+    hint = next((h for k, h in HINTS.items() if k in key), "no spiking equivalent")
+    return Row(node.name, desc, "unsupported", hint)
+
+
+def _tidy(gm: fx.GraphModule) -> None:
+    """Drop what the rewrites left unused, check the graph and regenerate its code."""
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
+
+
+def _refuse_unsupported(rows: list[Row]) -> None:
     bad = [r for r in rows if r.status == "unsupported"]
     if bad:
         listed = "; ".join(f"node '{r.node}' {r.op}: {r.detail}" for r in bad)
         raise UserError(f"unsupported operation(s), nothing was converted: {listed}")
-    return gm, rows
 
 
 def _move_maxpools_after_relu(gm: fx.GraphModule, rows: list[Row]) -> None:
@@ -352,7 +389,7 @@ def graph_signature(gm: fx.GraphModule) -> list[str]:
     return sig
 
 
-class GatedMaxPool(nn.Module):
+class GatedMaxPool(StatefulLayer):
     """Rate-gated max pooling (Rueckauer et al. 2017): each pooling window passes the output of
     the input unit whose output summed over time so far is largest (ties go to the first). For
     binary spikes of equal height that is the unit that has spiked most."""

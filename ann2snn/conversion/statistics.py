@@ -119,6 +119,50 @@ class ExactQuantile:
         self._begin()
 
 
+class _SlotRecorder:
+    """A forward hook on one slot that gathers, over the calibration passes, its output shape,
+    its ``ExactQuantile`` and, on the first pass, what the first ``SAMPLE_IMAGES`` images give:
+    positive activations, per-channel activations and the energy below zero."""
+
+    def __init__(self, name: str, percentile: float, seen: dict):
+        self.name, self.seen = name, seen  # seen: images run so far, whether in the first pass
+        self.quant = ExactQuantile(percentile)
+        self.shape: tuple | None = None
+        self.kept: list[torch.Tensor] = []
+        self.channels: list[torch.Tensor] = []
+        self.entries = 0
+        self.energy = torch.zeros(2, dtype=torch.float64)  # sum out^2 below 0, sum out^2
+
+    def __call__(self, _m, _inp, out: torch.Tensor) -> None:
+        self.shape = tuple(out.shape[1:])
+        if self.seen["first_pass"] and not bool(torch.isfinite(out).all()):
+            raise UserError(f"layer {self.name}: its activations overflow (infinite or NaN) on the calibration "
+                            "data; check the input normalisation and the weights")
+        if self.seen["first_pass"] and self.seen["images"] < SAMPLE_IMAGES:
+            self._sample(out[:SAMPLE_IMAGES - self.seen["images"]].detach().clone())  # kept: never a view
+        if not self.quant.done:
+            self.quant.update(out)
+
+    def _sample(self, head: torch.Tensor) -> None:
+        self.channels.append(head.transpose(0, 1).reshape(head.shape[1], -1).float().cpu())
+        head = head.flatten()
+        self.kept.append(head[head > 0].float().cpu())
+        self.entries += head.numel()
+        sq = head.double() ** 2
+        self.energy += torch.stack([sq[head < 0].sum(), sq.sum()]).cpu()
+
+    def stats(self, activation: str, analog_input: bool) -> LayerStats:
+        q = self.quant
+        return LayerStats(
+            activation=activation, neurons=math.prod(self.shape), shape=list(self.shape), max=q.max,
+            analog_input=analog_input,
+            negative_energy_fraction=float(self.energy[0] / self.energy[1].clamp(min=1e-300)),
+            mean=q.sum / max(q.n, 1), percentile=q.value, zero_fraction=q.zeros / max(q.n, 1),
+            sample=_strided(torch.cat(self.kept) if self.kept else torch.zeros(0), SAMPLE_CAP),
+            sample_positive_fraction=sum(k.numel() for k in self.kept) / max(self.entries, 1),
+            channel_values=_strided_columns(torch.cat(self.channels, 1), SAMPLE_CAP))
+
+
 def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, batch_size: int = 256,
                      device: str = "cpu") -> dict[str, LayerStats]:
     """Run ``data`` through the normalised ANN; per ReLU slot: neurons, max, mean, exact percentile,
@@ -128,59 +172,37 @@ def activation_stats(gm: fx.GraphModule, data: TensorData, percentile: float, ba
     ``negative_energy_fraction``, the share of sum(out^2) below zero (GELU, SiLU: what a gate
     that passes positive values only drops)."""
     gm = gm.to(device).eval()
-    layers = spiking_layers(gm)
-    quant = {name: ExactQuantile(percentile) for name in layers}
-    shapes: dict[str, tuple] = {}
-    kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    entries = {name: 0 for name in layers}
-    energy = {name: torch.zeros(2, dtype=torch.float64) for name in layers}  # sum out^2 below 0, sum out^2
-    channels: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     seen = {"images": 0, "first_pass": True}
+    recorders = {name: _SlotRecorder(name, percentile, seen) for name in spiking_layers(gm)}
     hooks = []
-    for name in layers:
-        def hook(_m, _inp, out, name=name):
-            shapes[name] = tuple(out.shape[1:])
-            if seen["first_pass"] and not bool(torch.isfinite(out).all()):
-                raise UserError(f"layer {name}: its activations overflow (infinite or NaN) on the calibration "
-                                "data; check the input normalisation and the weights")
-            if seen["first_pass"] and seen["images"] < SAMPLE_IMAGES:
-                head = out[:SAMPLE_IMAGES - seen["images"]].detach().clone()  # kept: never a view
-                channels[name].append(head.transpose(0, 1).reshape(head.shape[1], -1).float().cpu())
-                head = head.flatten()
-                kept[name].append(head[head > 0].float().cpu())
-                entries[name] += head.numel()
-                sq = head.double() ** 2
-                energy[name] += torch.stack([sq[head < 0].sum(), sq.sum()]).cpu()
-            if not quant[name].done:
-                quant[name].update(out)
+    for name, recorder in recorders.items():
         module = gm.get_submodule(name)
         assert isinstance(module, Slot)
-        hooks.append(module.register_forward_hook(hook))
+        hooks.append(module.register_forward_hook(recorder))
     try:
-        with torch.no_grad(), progress.task("calibration statistics (images, all passes)", None) as shown:
-            for passes in range(MAX_PASSES + 2):
-                if all(q.done for q in quant.values()):
-                    break
-                for x, _ in data.batches(batch_size):
-                    gm(x.to(device))
-                    seen["images"] += len(x)
-                    shown.advance(len(x))
-                seen["first_pass"] = False
-                for q in quant.values():
-                    if not q.done:
-                        q.end_pass(passes)
+        _run_passes(gm, data, [r.quant for r in recorders.values()], seen, batch_size, device)
     finally:
         for h in hooks:
             h.remove()
     acts, analog = slot_activations(gm), analog_fed(gm)
-    return {name: LayerStats(
-        activation=acts[name], neurons=math.prod(shapes[name]), shape=list(shapes[name]), max=q.max,
-        analog_input=name in analog,
-        negative_energy_fraction=float(energy[name][0] / energy[name][1].clamp(min=1e-300)),
-        mean=q.sum / max(q.n, 1), percentile=q.value, zero_fraction=q.zeros / max(q.n, 1),
-        sample=_strided(torch.cat(kept[name]) if kept[name] else torch.zeros(0), SAMPLE_CAP),
-        sample_positive_fraction=sum(k.numel() for k in kept[name]) / max(entries[name], 1),
-        channel_values=_strided_columns(torch.cat(channels[name], 1), SAMPLE_CAP)) for name, q in quant.items()}
+    return {name: r.stats(acts[name], name in analog) for name, r in recorders.items()}
+
+
+def _run_passes(gm: fx.GraphModule, data: TensorData, quants: list[ExactQuantile], seen: dict,
+                batch_size: int, device: str) -> None:
+    """Pass ``data`` through ``gm`` (its hooks record) until every quantile is found."""
+    with torch.no_grad(), progress.task("calibration statistics (images, all passes)", None) as shown:
+        for passes in range(MAX_PASSES + 2):
+            if all(q.done for q in quants):
+                break
+            for x, _ in data.batches(batch_size):
+                gm(x.to(device))
+                seen["images"] += len(x)
+                shown.advance(len(x))
+            seen["first_pass"] = False
+            for q in quants:
+                if not q.done:
+                    q.end_pass(passes)
 
 
 def _strided_columns(values: torch.Tensor, cap: int) -> torch.Tensor:

@@ -26,13 +26,13 @@ from ann2snn import neurons
 from ann2snn.neurons.arousal_policy import ArousalPolicy
 from ann2snn.evaluation.plan import arousal_runs, matched_run
 from ann2snn.sim.arousal import check_class_scores
-from ann2snn.store.artifact import Artifact, ArtifactMeta, build_neurons, load_artifact, variant
+from ann2snn.store.artifact import Artifact, ArtifactMeta, load_artifact, variant
 from ann2snn.io.checkpoint import file_sha256
 from ann2snn.conversion.checks import check_memory, model_outputs
-from ann2snn.conversion.graph import MAXPOOL_MODES, to_snn
+from ann2snn.conversion.graph import MAXPOOL_MODES
 from ann2snn.io.data import TensorData, data_files, open_dataset
 from ann2snn.sim.distributed import Ranks
-from ann2snn.sim.energy import counting_active_macs, fanout_maps
+from ann2snn.sim.energy import counting_active_macs
 from ann2snn.errors import OptionError, UserError
 from ann2snn.io.files import check_input, check_outputs, json_text, parse_json, read_input, write_text
 from ann2snn.search.operating_point import setting_text
@@ -41,7 +41,8 @@ from ann2snn.options import DataSource, RunOptions
 from ann2snn.io.records import from_json, to_json
 from ann2snn.evaluation.report import (Report, ReportContext, arousal_report, build_report, context, provenance, report_outputs, write_report)
 from ann2snn.evaluation.plan import Run
-from ann2snn.sim.simulate import SimulationResult, ann_metric_sum, ann_per_sample, resolve_device, simulate
+from ann2snn.sim.network import Fanouts, build_network
+from ann2snn.sim.simulate import SimulationResult, ann_metric_sum, ann_per_sample, resolve_device
 from ann2snn.evaluation.stats import mcnemar
 from ann2snn.search.transfer_training import with_transfer
 
@@ -54,7 +55,7 @@ class _Plan:
     runs: list[Run]
     policy: ArousalPolicy | None
     data: TensorData
-    fan: dict[str, torch.Tensor]
+    fanouts: Fanouts
     ctx: ReportContext
     run: RunOptions
     device: torch.device
@@ -288,10 +289,10 @@ def make_plan(art: Artifact, data: TensorData, run: RunOptions, device: str, swe
                                      f"{run.timesteps} steps")
     _check_data(art.ann, data, tuple(meta.input.shape), dataset, policy is not None)
     check_memory(run.timesteps, len(meta.layers), len(runs))
-    fan = fanout_maps(art.ann, data.sample_shape)
-    ctx = context(art.ann, data, fan, meta.layer_names, {la.name: la.source for la in meta.layers}, dataset,
+    fanouts = Fanouts(art.ann, data.sample_shape)
+    ctx = context(art.ann, data, fanouts(), meta.layer_names, {la.name: la.source for la in meta.layers}, dataset,
                   str(dev), run.preset)
-    return _Plan(art, runs, policy, data, fan, ctx, run, dev)
+    return _Plan(art, runs, policy, data, fanouts, ctx, run, dev)
 
 
 def _simulate(plan: _Plan, data: TensorData, on_batch: Callable[[int], None] | None = None) -> Sums:
@@ -314,17 +315,15 @@ def _simulate(plan: _Plan, data: TensorData, on_batch: Callable[[int], None] | N
 def _simulate_run(plan: _Plan, r: Run, data: TensorData, on_batch=None) -> tuple[RunSums, float]:
     """One run of the plan on ``data``: its sums and the seconds it took."""
     art, run = plan.art, plan.run
-    readout = r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms)
-    fan = plan.fan if r.neuron.spike_op != "mac" else fanout_maps(art.ann, data.sample_shape, graded=True)
     # the ramps were fitted for the artifact's own network: runs with other layer parameters (a
     # sweep of m_f or scale, arousal's start precision, another neuron type) run without them
     own = r.neuron is art.neuron and [x.params for x in r.layers] == [x.params for x in art.meta.layers]
-    ramps = art.meta.bias_ramps if own else None
-    snn = to_snn(art.ann, build_neurons(r.neuron, r.layers), art.meta.maxpool, ramps)
+    net = build_network(art.ann, r.neuron, r.layers, r.spec.options, run.timesteps, plan.fanouts,
+                        maxpool=art.meta.maxpool, ramps=art.meta.bias_ramps if own else None, start_ms=run.start_ms)
     controller = _fresh(r.controller)
     start = time.perf_counter()
-    sim = simulate(snn, art.meta.layer_names, fan, data, run.timesteps, run.batch_size, plan.device, readout,
-                   on_batch, controller, label=r.label)
+    sim = net.simulate(data, run.timesteps, run.batch_size, plan.device, controller=controller, on_batch=on_batch,
+                       label=r.label)
     return RunSums(metric=sim.metric.tolist(), spikes=sim.spikes.tolist(), synops=sim.synops.tolist(),
                    aroused=controller.count() if controller is not None else 0,
                    final=sim.final.tolist()), time.perf_counter() - start

@@ -161,16 +161,29 @@ def context(ann: torch.nn.Module, data: TensorData, fan: dict[str, torch.Tensor]
 
 def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportContext) -> Report:
     """The report of one simulation."""
-    n, steps, metric, units = max(sim.samples, 1), sim.timesteps, ctx.metric, ctx.units
-    total_units = sum(units.values())
-    layer_spikes = sim.spikes.sum(1)
-    spikes = float(layer_spikes.sum()) / n
-    synops = float(sim.synops.sum()) / n
+    n, steps, metric = max(sim.samples, 1), sim.timesteps, ctx.metric
     values = (sim.metric.double() / (ctx.metric_norm if metric == "nmse" else n)).tolist()
-    cum_spikes = (sim.spikes.sum(0).cumsum(0) / n).tolist()
-    cum_synops = (sim.synops.sum(0).cumsum(0) / n).tolist()
-    spike_op = run.neuron.spike_op
-    ops = run.neuron.step_ops
+    energy = _energy_model(run, ctx)
+    layers = _layer_reports(sim, ctx, n)
+    curve = _curve(sim, metric, values, n, energy)
+    snn = _snn_summary(sim, run, ctx, values[-1], n, energy)
+    if metric == "accuracy":
+        snn.update(_accuracy_vs_ann(sim, ctx, curve, values[-1], n))
+    return Report(dataset=ctx.dataset, metric=metric, neuron=run.spec.type, neuron_options=run.spec.options,
+                  timesteps=steps, device=ctx.device, ann=_ann_summary(ctx, n), snn=snn,
+                  energy={"preset": ctx.preset, **PRESETS[ctx.preset], "regime": ENERGY_REGIME},
+                  layers=layers, curve=curve, readout=readout.describe(), label=run.label)
+
+
+def _rate_hz(spikes: float, neurons: int, steps: int) -> float:
+    """Spikes per neuron per second (one step is 1 ms)."""
+    return spikes / max(neurons, 1) / steps * 1000.0
+
+
+def _energy_model(run: Run, ctx: ReportContext):
+    """``energy(t, synops_by_t, spikes_by_t)``: (synaptic, neuron energy in pJ per sample, neuron
+    updates) of the first ``t`` steps of ``run``."""
+    units, spike_op, ops = ctx.units, run.neuron.spike_op, run.neuron.step_ops
     # per layer, the steps of its input ramp (ASN onset_ms: asn.ramp_steps)
     ramp = [(units.get(layer.name, 0), ops.onset_steps(layer.params)) for layer in run.layers
             if ops and ops.onset_steps]
@@ -181,7 +194,6 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
     step_add = sum(u * add for u, (_, add) in zip(units.values(), step_ops))
 
     def energy(t: int, synops_by_t: float, spikes_by_t: float) -> tuple[float, float, dict | None]:
-        """(synaptic, neuron energy in pJ per sample, neuron updates) of the first ``t`` steps."""
         ramped = sum(u * min(t, r) for u, r in ramp)
         updates = {"mac": step_mac * t + ramped * ops.mac_per_onset_step,
                    "add": step_add * t + spikes_by_t * ops.add_per_spike} if ops else None
@@ -190,39 +202,62 @@ def build_report(sim: SimulationResult, run: Run, readout: Readout, ctx: ReportC
         synaptic = snn_energy_pj(synops_by_t, ctx.input_macs, ctx.analog_macs_per_step, t, ctx.preset, spike_op)
         return synaptic, neuron, updates
 
+    return energy
+
+
+def _layer_reports(sim: SimulationResult, ctx: ReportContext, n: int) -> list[LayerReport]:
+    layer_spikes = sim.spikes.sum(1)
+    return [LayerReport(name=name, source=ctx.sources.get(name, ""), neurons=ctx.units[name],
+                        spikes_per_sample=float(layer_spikes[i]) / n,
+                        firing_rate_hz=_rate_hz(float(layer_spikes[i]) / n, ctx.units[name], sim.timesteps),
+                        synops_per_sample=float(sim.synops[i].sum()) / n) for i, name in enumerate(sim.layers)]
+
+
+def _curve(sim: SimulationResult, metric: str, values: list[float], n: int, energy) -> list[dict]:
+    """Per step: the metric, and the spikes, SynOps and energy per sample spent by then."""
+    cum_spikes = (sim.spikes.sum(0).cumsum(0) / n).tolist()
+    cum_synops = (sim.synops.sum(0).cumsum(0) / n).tolist()
+    return [{"timestep": t + 1, metric: values[t], "spikes_per_sample": cum_spikes[t],
+             "synops_per_sample": cum_synops[t],
+             "energy_pj_per_sample": sum(energy(t + 1, cum_synops[t], cum_spikes[t])[:2])}
+            for t in range(sim.timesteps)]
+
+
+def _snn_summary(sim: SimulationResult, run: Run, ctx: ReportContext, final: float, n: int, energy) -> dict:
+    """The SNN's figures after the last step: ``final`` (the metric), spikes, SynOps and energy."""
+    steps, total_units = sim.timesteps, sum(ctx.units.values())
+    spikes = float(sim.spikes.sum(1).sum()) / n
+    synops = float(sim.synops.sum()) / n
     synaptic, neuron_energy, updates = energy(steps, synops, spikes)
-    rate = lambda s, count: s / max(count, 1) / steps * 1000.0  # noqa: E731
-    layers = [LayerReport(name=name, source=ctx.sources.get(name, ""), neurons=units[name],
-                          spikes_per_sample=float(layer_spikes[i]) / n,
-                          firing_rate_hz=rate(float(layer_spikes[i]) / n, units[name]),
-                          synops_per_sample=float(sim.synops[i].sum()) / n) for i, name in enumerate(sim.layers)]
-    curve = [{"timestep": t + 1, metric: values[t], "spikes_per_sample": cum_spikes[t],
-              "synops_per_sample": cum_synops[t],
-              "energy_pj_per_sample": sum(energy(t + 1, cum_synops[t], cum_spikes[t])[:2])} for t in range(steps)]
-    snn = {metric: values[-1], "spikes_per_sample": spikes, "synops_per_sample": synops,
-           "firing_rate_hz": rate(spikes, total_units),
-           "spike_percent": 100.0 * spikes / max(total_units * steps, 1), "neurons": total_units,
-           "synaptic_event_op": spike_op.upper(), "input_macs_per_sample": ctx.input_macs,
-           "analog_macs_per_step": ctx.analog_macs_per_step, "neuron_updates_per_sample": updates,
-           "synaptic_energy_pj_per_sample": synaptic, "neuron_energy_pj_per_sample": neuron_energy,
-           "energy_pj_per_sample": synaptic + neuron_energy}
-    if metric == "accuracy":
-        snn["accuracy_ci95"] = wilson(values[-1] * n, n)
-        if sim.final is not None and ctx.ann_final is not None and len(sim.final) == len(ctx.ann_final):
-            snn["paired_vs_ann"] = mcnemar(sim.final, ctx.ann_final)
-        within = {f"{m}": within_margin(curve, ctx.ann["accuracy"], m) for m in MARGINS}
-        snn["first_timestep_within_points_of_ann"] = {m: w["first"] for m, w in within.items()}
-        snn["settled_timestep_within_points_of_ann"] = {m: w["settled"] for m, w in within.items()}
-        snn["settled_energy_pj_within_points_of_ann"] = {m: w["settled_energy_pj"] for m, w in within.items()}
-    return Report(dataset=ctx.dataset, metric=metric, neuron=run.spec.type, neuron_options=run.spec.options,
-                  timesteps=steps, device=ctx.device,
-                  ann={**ctx.ann, "energy_pj_per_sample": ann_energy_pj(ctx.ann["macs_per_sample"], ctx.preset),
-                       **({"energy_pj_per_sample_skipping_zeros": ann_energy_pj(
-                           ctx.ann["macs_per_sample_skipping_zeros"], ctx.preset)}
-                          if "macs_per_sample_skipping_zeros" in ctx.ann else {}),
-                       **({"accuracy_ci95": wilson(ctx.ann["accuracy"] * n, n)} if metric == "accuracy" else {})},
-                  snn=snn, energy={"preset": ctx.preset, **PRESETS[ctx.preset], "regime": ENERGY_REGIME},
-                  layers=layers, curve=curve, readout=readout.describe(), label=run.label)
+    return {ctx.metric: final, "spikes_per_sample": spikes, "synops_per_sample": synops,
+            "firing_rate_hz": _rate_hz(spikes, total_units, steps),
+            "spike_percent": 100.0 * spikes / max(total_units * steps, 1), "neurons": total_units,
+            "synaptic_event_op": run.neuron.spike_op.upper(), "input_macs_per_sample": ctx.input_macs,
+            "analog_macs_per_step": ctx.analog_macs_per_step, "neuron_updates_per_sample": updates,
+            "synaptic_energy_pj_per_sample": synaptic, "neuron_energy_pj_per_sample": neuron_energy,
+            "energy_pj_per_sample": synaptic + neuron_energy}
+
+
+def _accuracy_vs_ann(sim: SimulationResult, ctx: ReportContext, curve: list[dict], final: float, n: int) -> dict:
+    """The SNN's accuracy interval, McNemar's test against the ANN (same samples) and the steps
+    (and energy) to come and to stay within ``MARGINS`` points of the ANN."""
+    out = {"accuracy_ci95": wilson(final * n, n)}
+    if sim.final is not None and ctx.ann_final is not None and len(sim.final) == len(ctx.ann_final):
+        out["paired_vs_ann"] = mcnemar(sim.final, ctx.ann_final)
+    within = {f"{m}": within_margin(curve, ctx.ann["accuracy"], m) for m in MARGINS}
+    out["first_timestep_within_points_of_ann"] = {m: w["first"] for m, w in within.items()}
+    out["settled_timestep_within_points_of_ann"] = {m: w["settled"] for m, w in within.items()}
+    out["settled_energy_pj_within_points_of_ann"] = {m: w["settled_energy_pj"] for m, w in within.items()}
+    return out
+
+
+def _ann_summary(ctx: ReportContext, n: int) -> dict:
+    """The ANN's figures with their energy (and, for accuracy, its interval)."""
+    return {**ctx.ann, "energy_pj_per_sample": ann_energy_pj(ctx.ann["macs_per_sample"], ctx.preset),
+            **({"energy_pj_per_sample_skipping_zeros": ann_energy_pj(
+                ctx.ann["macs_per_sample_skipping_zeros"], ctx.preset)}
+               if "macs_per_sample_skipping_zeros" in ctx.ann else {}),
+            **({"accuracy_ci95": wilson(ctx.ann["accuracy"] * n, n)} if ctx.metric == "accuracy" else {})}
 
 
 def provenance(artifact: str | Path | None, data: TensorData, calibration_seed: int, device: str) -> dict:

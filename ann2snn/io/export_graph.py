@@ -252,94 +252,144 @@ class _Rebuilder:
             v, (fx.Node, Weight, Sym)) else v
         return self.graph.call_function(target, tuple(wrap(a) for a in args), {k: wrap(v) for k, v in kwargs.items()})
 
-    def known(self, op: str, a: dict, name: str):  # noqa: C901 - one branch per operator family
+    def known(self, op: str, a: dict, name: str):
         """The module (or torch function) for ``op`` with its schema-named arguments ``a``; None: kept."""
-        x = a.get("input", a.get("self"))
-        if op in ("conv1d", "conv2d", "convolution"):
-            if a.get("transposed"):
-                return None  # a transposed convolution: named unsupported later
-            w, b = a["weight"], a.get("bias")
-            if not isinstance(w, Weight) or not (b is None or isinstance(b, Weight)) or w.value.dim() not in (3, 4):
-                raise self.fail(f"{name}: weights computed inside the graph are not supported")
-            dims, groups = w.value.dim() - 2, a.get("groups", 1)
-            padding = a.get("padding", 0)
-            cls = nn.Conv1d if dims == 1 else nn.Conv2d
-            conv = cls(w.value.shape[1] * groups, w.value.shape[0], tuple(w.value.shape[2:]),
-                       _pair(a.get("stride", 1), dims), padding if isinstance(padding, str) else _pair(padding, dims),
-                       _pair(a.get("dilation", 1), dims), groups, bias=b is not None)
-            return self.call(_loaded(conv, w.value, b), x, name, w)
-        if op in ("linear", "addmm"):
-            w, b = (a["weight"], a.get("bias")) if op == "linear" else (a["mat2"], a["self"])
-            if op == "addmm":
-                x = a["mat1"]
-                if a.get("beta", 1) != 1 or a.get("alpha", 1) != 1 or not isinstance(w, Weight):
-                    return None
-            if not isinstance(w, Weight) or not (b is None or isinstance(b, Weight)):
-                raise self.fail(f"{name}: weights computed inside the graph are not supported")
-            weight = w.value.t() if w.transposed != (op == "addmm") else w.value
-            if weight.dim() != 2 or (b is not None and b.value.shape != weight.shape[:1]):
+        rebuild = self.KNOWN.get(op)
+        return None if rebuild is None else rebuild(self, op, a.get("input", a.get("self")), a, name)
+
+    # Each takes (op, x: the input, a: the named arguments, name: the first output's name) and returns
+    # the rebuilt value, or None when the operator is kept as it is (for the pre-flight table to name).
+    def _conv(self, op: str, x, a: dict, name: str):
+        if a.get("transposed"):
+            return None  # a transposed convolution: named unsupported later
+        w, b = a["weight"], a.get("bias")
+        if not isinstance(w, Weight) or not (b is None or isinstance(b, Weight)) or w.value.dim() not in (3, 4):
+            raise self.fail(f"{name}: weights computed inside the graph are not supported")
+        dims, groups = w.value.dim() - 2, a.get("groups", 1)
+        padding = a.get("padding", 0)
+        cls = nn.Conv1d if dims == 1 else nn.Conv2d
+        conv = cls(w.value.shape[1] * groups, w.value.shape[0], tuple(w.value.shape[2:]),
+                   _pair(a.get("stride", 1), dims), padding if isinstance(padding, str) else _pair(padding, dims),
+                   _pair(a.get("dilation", 1), dims), groups, bias=b is not None)
+        return self.call(_loaded(conv, w.value, b), x, name, w)
+
+    def _linear(self, op: str, x, a: dict, name: str):
+        """``linear``, or ``addmm`` of a (transposed) weight: an ``nn.Linear``."""
+        w, b = (a["weight"], a.get("bias")) if op == "linear" else (a["mat2"], a["self"])
+        if op == "addmm":
+            x = a["mat1"]
+            if a.get("beta", 1) != 1 or a.get("alpha", 1) != 1 or not isinstance(w, Weight):
                 return None
-            return self.call(_loaded(nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None), weight, b),
-                             x, name, w)
-        if op in ("permute", "t", "transpose") and isinstance(x, Weight) and x.value.dim() == 2 and \
+        if not isinstance(w, Weight) or not (b is None or isinstance(b, Weight)):
+            raise self.fail(f"{name}: weights computed inside the graph are not supported")
+        weight = w.value.t() if w.transposed != (op == "addmm") else w.value
+        if weight.dim() != 2 or (b is not None and b.value.shape != weight.shape[:1]):
+            return None
+        return self.call(_loaded(nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None), weight, b),
+                         x, name, w)
+
+    def _transpose(self, op: str, x, a: dict, name: str):
+        """A transposed 2-d weight stays a weight, marked transposed."""
+        if isinstance(x, Weight) and x.value.dim() == 2 and \
                 (op == "t" or sorted(a.get("dims", [a.get("dim0"), a.get("dim1")])) in ([0, 1], [-2, -1], [-1, 0])):
             return Weight(x.fqn, x.value, not x.transposed)
-        if op in ("batch_norm", "_native_batch_norm_legit_no_training"):
-            w, b, mean, var = (a.get(k) for k in ("weight", "bias", "running_mean", "running_var"))
-            if not all(isinstance(t, Weight) or t is None for t in (w, b)) or not isinstance(mean, Weight) or \
-                    not isinstance(var, Weight) or a.get("training"):
-                return None
-            dims = len(x.meta.get("shape", [])) if isinstance(x, fx.Node) else 4
-            bn = (nn.BatchNorm1d if dims <= 3 else nn.BatchNorm2d)(len(mean.value), eps=a.get("eps", 1e-5),
-                                                                   affine=w is not None)
-            bn.running_mean.copy_(mean.value)
-            bn.running_var.copy_(var.value)
-            if w is not None:
-                bn.weight.data.copy_(w.value)
-                bn.bias.data.copy_(b.value if b is not None else torch.zeros_like(w.value))
-            return self.call(bn.eval(), x, name, w if w is not None else mean)
-        if op in ACTIVATIONS:
-            return self.call(ACTIVATIONS[op](), x, name)
-        if op in ("max_pool1d", "max_pool2d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d"):
-            dims = 1 if op.endswith("1d") else 2
-            k = _pair(a["kernel_size"], dims)
-            common = (k, _pair(a.get("stride") or k, dims), _pair(a.get("padding", 0), dims))
-            if op.startswith("max"):
-                pool = (nn.MaxPool1d if dims == 1 else nn.MaxPool2d)(
-                    *common, _pair(a.get("dilation", 1), dims), ceil_mode=bool(a.get("ceil_mode", False)))
-            else:
-                extra = {"divisor_override": a.get("divisor_override")} if dims == 2 else {}
-                pool = (nn.AvgPool1d if dims == 1 else nn.AvgPool2d)(
-                    *common, ceil_mode=bool(a.get("ceil_mode", False)),
-                    count_include_pad=bool(a.get("count_include_pad", True)), **extra)
-            return self.call(pool, x, name)
-        if op in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d"):
-            cls = nn.AdaptiveAvgPool1d if op.endswith("1d") else nn.AdaptiveAvgPool2d
-            return self.call(cls(tuple(a["output_size"])), x, name)
+        return None
+
+    def _batch_norm(self, op: str, x, a: dict, name: str):
+        w, b, mean, var = (a.get(k) for k in ("weight", "bias", "running_mean", "running_var"))
+        if not all(isinstance(t, Weight) or t is None for t in (w, b)) or not isinstance(mean, Weight) or \
+                not isinstance(var, Weight) or a.get("training"):
+            return None
+        dims = len(x.meta.get("shape", [])) if isinstance(x, fx.Node) else 4
+        bn = (nn.BatchNorm1d if dims <= 3 else nn.BatchNorm2d)(len(mean.value), eps=a.get("eps", 1e-5),
+                                                               affine=w is not None)
+        bn.running_mean.copy_(mean.value)
+        bn.running_var.copy_(var.value)
+        if w is not None:
+            bn.weight.data.copy_(w.value)
+            bn.bias.data.copy_(b.value if b is not None else torch.zeros_like(w.value))
+        return self.call(bn.eval(), x, name, w if w is not None else mean)
+
+    def _activation(self, op: str, x, a: dict, name: str):
+        return self.call(ACTIVATIONS[op](), x, name)
+
+    def _pool(self, op: str, x, a: dict, name: str):
+        dims = 1 if op.endswith("1d") else 2
+        k = _pair(a["kernel_size"], dims)
+        common = (k, _pair(a.get("stride") or k, dims), _pair(a.get("padding", 0), dims))
+        if op.startswith("max"):
+            pool = (nn.MaxPool1d if dims == 1 else nn.MaxPool2d)(
+                *common, _pair(a.get("dilation", 1), dims), ceil_mode=bool(a.get("ceil_mode", False)))
+        else:
+            extra = {"divisor_override": a.get("divisor_override")} if dims == 2 else {}
+            pool = (nn.AvgPool1d if dims == 1 else nn.AvgPool2d)(
+                *common, ceil_mode=bool(a.get("ceil_mode", False)),
+                count_include_pad=bool(a.get("count_include_pad", True)), **extra)
+        return self.call(pool, x, name)
+
+    def _adaptive_pool(self, op: str, x, a: dict, name: str):
+        cls = nn.AdaptiveAvgPool1d if op.endswith("1d") else nn.AdaptiveAvgPool2d
+        return self.call(cls(tuple(a["output_size"])), x, name)
+
+    def _mean(self, op: str, x, a: dict, name: str):
+        """The mean over both spatial dimensions of a 4-d tensor: a global average pool."""
         shape = x.meta.get("shape") if isinstance(x, fx.Node) else None
-        if op == "mean" and shape is not None and len(shape) == 4 and isinstance(a.get("dim"), list) and \
+        if shape is not None and len(shape) == 4 and isinstance(a.get("dim"), list) and \
                 sorted(d % 4 for d in a["dim"]) == [2, 3] and a.get("dtype") is None:
             pooled = self.call(nn.AdaptiveAvgPool2d(1), x, name)
             return pooled if a.get("keepdim", False) else self.graph.call_function(torch.flatten, (pooled, 1))
-        if op in IDENTITY and isinstance(x, fx.Node) and not (op.startswith("dropout") and a.get("train")):
-            return x
-        if op in ("softmax", "_softmax", "log_softmax", "_log_softmax") and isinstance(x, fx.Node):
-            return self.call((nn.LogSoftmax if "log" in op else nn.Softmax)(dim=a["dim"]), x, name)
-        if op == "flatten" and isinstance(x, fx.Node):
-            return self.graph.call_function(torch.flatten, (x, a.get("start_dim", 0), a.get("end_dim", -1)))
-        if op in ("view", "reshape", "_unsafe_view") and isinstance(x, fx.Node):
-            return self.view(x, list(a.get("size", a.get("shape"))), shape)
-        if op == "add" and isinstance(x, fx.Node) and isinstance(a.get("other"), (fx.Node, Weight)) and \
-                a.get("alpha", 1) == 1:
-            return self.graph.call_function(operator.add, (x, self.node(a["other"])))
-        if op == "cat":
-            return self.graph.call_function(torch.cat, ([self.node(t) for t in a["tensors"]], a.get("dim", 0)))
-        if op in ("hardtanh", "hardtanh_"):
-            lo, hi = a.get("min_val", -1.0), a.get("max_val", 1.0)
-            return self.call(nn.ReLU6() if (lo, hi) == (0, 6) else nn.Hardtanh(lo, hi), x, name)
-        if op == "sym_size" and isinstance(x, fx.Node) and a.get("dim") == 0:
-            return Sym(name)
         return None
+
+    def _identity(self, op: str, x, a: dict, name: str):
+        return x if isinstance(x, fx.Node) and not (op.startswith("dropout") and a.get("train")) else None
+
+    def _softmax(self, op: str, x, a: dict, name: str):
+        if not isinstance(x, fx.Node):
+            return None
+        return self.call((nn.LogSoftmax if "log" in op else nn.Softmax)(dim=a["dim"]), x, name)
+
+    def _flatten(self, op: str, x, a: dict, name: str):
+        if not isinstance(x, fx.Node):
+            return None
+        return self.graph.call_function(torch.flatten, (x, a.get("start_dim", 0), a.get("end_dim", -1)))
+
+    def _view(self, op: str, x, a: dict, name: str):
+        if not isinstance(x, fx.Node):
+            return None
+        return self.view(x, list(a.get("size", a.get("shape"))), x.meta.get("shape"))
+
+    def _sum(self, op: str, x, a: dict, name: str):
+        if isinstance(x, fx.Node) and isinstance(a.get("other"), (fx.Node, Weight)) and a.get("alpha", 1) == 1:
+            return self.graph.call_function(operator.add, (x, self.node(a["other"])))
+        return None
+
+    def _cat(self, op: str, x, a: dict, name: str):
+        return self.graph.call_function(torch.cat, ([self.node(t) for t in a["tensors"]], a.get("dim", 0)))
+
+    def _hardtanh(self, op: str, x, a: dict, name: str):
+        lo, hi = a.get("min_val", -1.0), a.get("max_val", 1.0)
+        return self.call(nn.ReLU6() if (lo, hi) == (0, 6) else nn.Hardtanh(lo, hi), x, name)
+
+    def _sym_size(self, op: str, x, a: dict, name: str):
+        """The batch size of a tensor: a symbolic size, for a later view."""
+        return Sym(name) if isinstance(x, fx.Node) and a.get("dim") == 0 else None
+
+    KNOWN = {**dict.fromkeys(("conv1d", "conv2d", "convolution"), _conv),
+             **dict.fromkeys(("linear", "addmm"), _linear),
+             **dict.fromkeys(("permute", "t", "transpose"), _transpose),
+             **dict.fromkeys(("batch_norm", "_native_batch_norm_legit_no_training"), _batch_norm),
+             **dict.fromkeys(ACTIVATIONS, _activation),
+             **dict.fromkeys(("max_pool1d", "max_pool2d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d"),
+                             _pool),
+             **dict.fromkeys(("adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d"), _adaptive_pool),
+             "mean": _mean,
+             **dict.fromkeys(IDENTITY, _identity),
+             **dict.fromkeys(("softmax", "_softmax", "log_softmax", "_log_softmax"), _softmax),
+             "flatten": _flatten,
+             **dict.fromkeys(("view", "reshape", "_unsafe_view"), _view),
+             "add": _sum, "cat": _cat,
+             **dict.fromkeys(("hardtanh", "hardtanh_"), _hardtanh),
+             "sym_size": _sym_size}
 
     def view(self, x: fx.Node, size: list, before: list | None) -> fx.Node:
         """A reshape that keeps the batch dimension free where the program's first size is the batch."""

@@ -8,12 +8,12 @@ from ann2snn.errors import OptionError, UserError
 from ann2snn.neurons import asn
 from ann2snn.neurons import if_neuron
 from ann2snn.neurons import vsn
-from ann2snn.neurons.neuron import Neuron, Precision, PrecisionControl, StepOps
+from ann2snn.neurons.neuron import NIRExport, Neuron, Precision, PrecisionControl, StepOps
 
 NEURONS: dict[str, Neuron] = {n.name: n for n in (if_neuron.NEURON, asn.NEURON, vsn.NEURON)}
 BASELINE = if_neuron.NEURON  # the rate-coded reference every report and default operating point compares with
 
-__all__ = ["BASELINE", "NEURONS", "Neuron", "Precision", "PrecisionControl", "StepOps", "get", "names", "stored"]
+__all__ = ["BASELINE", "NEURONS", "NIRExport", "Neuron", "Precision", "PrecisionControl", "StepOps", "get", "names", "stored"]
 
 
 def get(name: str, option: str = "neuron") -> Neuron:

@@ -28,10 +28,10 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from torch import nn
 
 from ann2snn.errors import UserError
 from ann2snn.neurons.readout import Readout
+from ann2snn.neurons.layer import SpikingLayer, TransferLayer, per_channel
 from ann2snn.neurons.neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def measured_transfer(S: torch.Tensor, p: ASNParams, steps: int = 2000, burn_in:
     return p.h * rate / (1.0 - p.d_eta), rate
 
 
-class TransferActivation(nn.Module):
+class TransferActivation(TransferLayer):
     """lambda f(x / lambda) as a differentiable activation (transfer-aware fine-tuning, and the
     report's "ANN with f"), f the simulated transfer function (``measured_f``): the closed form
     holds for theta0 = m_f and tau_beta = tau_eta = 50 ms, and is off by up to a third near the
@@ -185,7 +185,7 @@ class TransferActivation(nn.Module):
         return self.scale * measured_f(x / self.scale, self.p)
 
 
-class ASNNeuron(nn.Module):
+class ASNNeuron(SpikingLayer):
     """Stateful wrapper of ``asn_step`` for one layer: input divided by ``scale``, output (the PSC)
     multiplied by it; keeps the last step's binary spikes for accounting."""
 
@@ -197,36 +197,32 @@ class ASNNeuron(nn.Module):
         self.taus = taus
         self.p = self.base
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
-        self.state: ASNState | None = None
-        self.spikes: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.state, self.spikes, self.p, self.t = None, None, self.base, 0
+        super().reset()
+        self.p, self.t = self.base, 0
 
     def set_precision(self, samples: torch.Tensor, m_f: float) -> None:
         """From the next step on, the ``samples`` (a boolean mask over the batch) run with
         adaptation speed ``m_f``: m_f, theta0 = m_f and h change together, so f stays
         normalised; the state carries on, rescaled by ``rescaled_state`` (arousal)."""
-        if self.state is None:
-            raise RuntimeError("set_precision needs a running simulation")
-        mask = samples.view((-1,) + (1,) * (self.state.s.dim() - 1)).to(self.state.s.device)
+        state = self.running_state()
+        mask = samples.view((-1,) + (1,) * (state.s.dim() - 1)).to(state.s.device)
         new = make_params(m_f, None, **self.taus)
-        like = dict(dtype=self.state.s.dtype, device=mask.device)
+        like = dict(dtype=state.s.dtype, device=mask.device)
         pick = {f: torch.where(mask, torch.as_tensor(getattr(new, f), **like), torch.as_tensor(getattr(self.p, f), **like))
                 for f in ("m_f", "theta0", "h", "h_out")}
         old_m_f = torch.as_tensor(self.p.m_f, **like)
         self.p = self.p._replace(**pick)
-        self.state = rescaled_state(self.state, mask, pick["m_f"] / old_m_f, self.p)
+        self.state = rescaled_state(state, mask, pick["m_f"] / old_m_f, self.p)
 
-    def _scale_like(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale.view((-1,) + (1,) * (x.dim() - 2)) if self.scale.dim() else self.scale
+    def initial_state(self, current: torch.Tensor) -> ASNState:
+        return asn_init(current, self.p)  # zeros and theta0, shaped like the (scaled) input
 
-    def forward(self, current: torch.Tensor) -> torch.Tensor:
-        scale = self._scale_like(current)
+    def step(self, current: torch.Tensor) -> torch.Tensor:
+        scale = per_channel(self.scale, current)
         x = current * (onset_gain(self.t, self.onset) / scale)
         self.t += 1
-        if self.state is None:
-            self.state = asn_init(x, self.p)
         self.spikes, self.state = asn_step(x, self.state, self.p)
         return self.state.psc * scale
 

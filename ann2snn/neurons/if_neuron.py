@@ -26,11 +26,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from torch import nn
 
+from ann2snn.neurons.layer import SpikingLayer, per_channel
 from ann2snn.neurons.kernels import if_scan
 from ann2snn.neurons.readout import Readout
-from ann2snn.neurons.neuron import PERCENTILE, POSITIVE, Bound, Neuron, StepOps
+from ann2snn.neurons.neuron import PERCENTILE, POSITIVE, Bound, NIRExport, Neuron, StepOps
 
 if TYPE_CHECKING:
     from ann2snn.conversion.statistics import LayerStats
@@ -68,31 +68,25 @@ def if_transfer(current: torch.Tensor, p: IFParams) -> torch.Tensor:
     return torch.minimum(current.clamp(min=0), p.max_spikes * p.threshold)
 
 
-class IFNeuron(nn.Module):
-    """Stateful wrapper of ``if_step``: keeps the state between calls and the last spikes."""
+class IFNeuron(SpikingLayer):
+    """Stateful wrapper of ``if_step``. Its backend is "fused" (``kernels.if_scan``) for one
+    scalar threshold, binary spikes and reset by subtraction, else "reference"."""
 
     def __init__(self, threshold: float | list, v_init: float = 0.5, max_spikes: int = 1, reset: str = "subtract"):
         super().__init__()
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32))
         self.v_init, self.max_spikes, self.reset_mode = float(v_init), int(max_spikes), reset
-        self.state: IFState | None = None
-        self.spikes: torch.Tensor | None = None
-        if self.max_spikes != 1 or self.threshold.dim() or reset != "subtract":
-            self.scan = None  # the fused scan does one scalar threshold, binary spikes, reset by subtraction
+        fused = self.max_spikes == 1 and not self.threshold.dim() and reset == "subtract"
+        self.backend = "fused" if fused else "reference"
 
-    @property
-    def params(self) -> IFParams:
-        return IFParams(self.threshold, self.v_init, self.max_spikes, self.reset_mode == "zero")
+    def params_like(self, current: torch.Tensor) -> IFParams:
+        return IFParams(per_channel(self.threshold, current), self.v_init, self.max_spikes, self.reset_mode == "zero")
 
-    def reset(self) -> None:
-        self.state, self.spikes = None, None
+    def initial_state(self, current: torch.Tensor) -> IFState:
+        return if_init(current, self.params_like(current))
 
-    def forward(self, current: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        if self.threshold.dim():  # one per channel: [C] against [B, C, ...]
-            p = p._replace(threshold=self.threshold.view((-1,) + (1,) * (current.dim() - 2)))
-        if self.state is None:
-            self.state = if_init(current, p)
+    def step(self, current: torch.Tensor) -> torch.Tensor:
+        p = self.params_like(current)
         self.spikes, self.state = if_step(current, self.state, p)
         return self.spikes * p.threshold
 
@@ -100,11 +94,12 @@ class IFNeuron(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` calls of ``forward`` at once (``kernels.if_scan``): outputs as steps x batch
         time-major rows, and per-step [spikes, synaptic operations] counts."""
-        p = self.params
+        if self.backend != "fused":
+            return super().scan(current, steps, batch, fan)
         if self.state is None:
-            self.state = if_init(current[:batch], p)
+            self.state = self.initial_state(current[:batch])
         v = self.state.v.contiguous()  # the layer's own membrane: advanced in place
-        out, counts = if_scan(current, steps, batch, v, float(p.threshold), fan)
+        out, counts = if_scan(current, steps, batch, v, float(self.threshold), fan)
         self.state, self.spikes = IFState(v), None
         return out, counts
 
@@ -153,6 +148,33 @@ def build(params: dict) -> IFNeuron:
                     params.get("reset", "subtract"))
 
 
+NIR_DT = 1e-4  # seconds per step in a NIR file; R = 1/NIR_DT makes v += I per step
+
+
+def nir_problems(params: dict) -> list[str]:
+    """What keeps an IF layer from being NIR's IF node exactly, step for step."""
+    fix = []
+    if params.get("reset", "subtract") != "zero":
+        fix.append("reset=zero (NIR's IF resets to a value, not by subtraction)")
+    if params.get("v_init", 0.5) != 0:
+        fix.append("v_init=0 (NIR has no initial membrane)")
+    if isinstance(params["threshold"], list):
+        fix.append("one threshold per layer (not per_channel)")
+    if params.get("max_spikes", 1) != 1:
+        fix.append("max_spikes=1")
+    return fix
+
+
+def nir_node(nir, shape: tuple, params: dict):
+    """NIR's IF for units shaped ``shape`` (R = 1/NIR_DT, reset to 0); NIR fires at v > v_threshold,
+    ann2snn at v >= theta: v_threshold is the next float32 below theta."""
+    import numpy as np
+
+    full = lambda v: np.full(shape, v, dtype=np.float32)  # noqa: E731
+    below = np.nextafter(np.float32(params["threshold"]), np.float32(-np.inf))
+    return nir.IF(r=full(1.0 / NIR_DT), v_threshold=full(below), v_reset=full(0.0))
+
+
 def readout(options: dict) -> Readout:
     """The accumulated output: the rate code's estimate of the ANN output."""
     return Readout(tau=None, start=int(options.get("start_ms", 0)))
@@ -163,4 +185,6 @@ NEURON = Neuron(name="if", defaults=DEFAULTS, fit=fit, build=build, readout=read
                         "max_spikes": Bound(1, 255, integer=True), "per_channel": Bound(flag=True),
                         "reset": Bound(words=("subtract", "zero"))},
                 param_options=("v_init", "max_spikes", "reset"), default_timesteps=64,
-                step_ops=StepOps(mac_per_step=0, add_per_step=2, add_per_spike=1))  # v += I; v >= theta; v -= theta
+                step_ops=StepOps(mac_per_step=0, add_per_step=2, add_per_spike=1),  # v += I; v >= theta; v -= theta
+                nir=NIRExport(nir_problems, "calibrate with --param reset=zero --param v_init=0 and convert again",
+                              nir_node, lambda params: float(params["threshold"])))

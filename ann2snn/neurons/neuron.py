@@ -146,6 +146,20 @@ class PrecisionControl:
 
 
 @dataclass(frozen=True)
+class NIRExport:
+    """How a layer of this neuron type maps onto a NIR node (``store/nir_export.py``):
+    ``problems(params)`` lists what keeps a layer's parameters from mapping exactly (each naming
+    its fix), ``fix`` says how to calibrate a network that maps, ``node(nir, shape, params)`` is
+    the node for units shaped ``shape``, and ``height(params)`` the height its spikes carry (folded
+    into the next weighted layer's weights)."""
+
+    problems: Callable[[dict], list[str]]
+    fix: str
+    node: Callable[[Any, tuple, dict], Any]
+    height: Callable[[dict], float]
+
+
+@dataclass(frozen=True)
 class Neuron:
     """A neuron type as the rest of ann2snn sees it.
 
@@ -174,6 +188,7 @@ class Neuron:
     ``conflict(options, named) -> str | None``: a problem of options together (each within its
     bounds), e.g. a ``named`` one that would silently do nothing without another; checked where a
     user sets options (``--param``, ``--sweep``), not on files, whose networks are well defined.
+    ``nir``: how its layers export to NIR (``NIRExport``; None: refused by name).
     """
 
     name: str
@@ -196,6 +211,7 @@ class Neuron:
     step_ops: StepOps | None = None
     operating_points: tuple[dict, ...] = ()
     conflict: Callable[[dict, set], str | None] | None = None
+    nir: NIRExport | None = None
 
     @property
     def label(self) -> str:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ann2snn.neurons.readout import Readout
+from ann2snn.neurons.layer import SpikingLayer, TransferLayer, per_channel
 from ann2snn.neurons.neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
 
 if TYPE_CHECKING:
@@ -102,10 +103,12 @@ def vsn_surrogate_one_step(z: torch.Tensor, threshold: torch.Tensor, k: float = 
     return a * spikes, spikes
 
 
-class SurrogateVSN(nn.Module):
+class SurrogateVSN(TransferLayer):
     """A Ts = 1 VSN layer for surrogate-gradient fine-tuning: thresholds (per channel or one)
     are trained with the weights, kept >= 0; ``spikes`` holds the last batch's spike count per
     sample (differentiable, for a spike penalty)."""
+
+    counts_spikes = True
 
     def __init__(self, threshold: float | list, k: float = 25.0, sigma: str = "relu"):
         super().__init__()
@@ -115,21 +118,22 @@ class SurrogateVSN(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         t = self.threshold + (self.threshold.clamp(min=0) - self.threshold).detach()  # >= 0, gradient kept at 0
-        t = t.view((-1,) + (1,) * (z.dim() - 2)) if t.dim() else t
-        y, s = vsn_surrogate_one_step(z, t, self.k, self.sigma)
+        y, s = vsn_surrogate_one_step(z, per_channel(t, z), self.k, self.sigma)
         self.spikes = s.flatten(1).sum(1).mean()  # events: spikes that carry a non-zero value
         return y
+
+    def learnt(self) -> list[nn.Parameter]:
+        return [self.threshold]
 
     def trained_params(self, params: dict) -> dict:
         t = self.threshold.detach().clamp(min=0).cpu()
         return {**params, "threshold": t.tolist() if t.dim() else float(t)}
 
 
-class VSNNeuron(nn.Module):
-    """Stateful wrapper of ``vsn_step``; keeps the last step's events for accounting (graded:
-    an average pool after the layer pools them before they travel, ``energy.pooled_sources``)."""
-
-    graded_events = True
+class VSNNeuron(SpikingLayer):
+    """Stateful wrapper of ``vsn_step``; keeps the last step's events for accounting (graded, as
+    ``Neuron.spike_op`` says: an average pool after the layer pools them before they travel,
+    ``energy.pooled_sources``)."""
 
     def __init__(self, threshold: float | list, beta: float = 0.9, sigma: str = "relu"):
         super().__init__()
@@ -137,30 +141,29 @@ class VSNNeuron(nn.Module):
         self.register_buffer("threshold",
                              input_threshold(torch.as_tensor(threshold, dtype=torch.float32), sigma))
         self.beta = float(beta)
-        self.state: VSNState | None = None
-        self.spikes: torch.Tensor | None = None
         self.factor: torch.Tensor | None = None  # per-sample threshold factor set by arousal
 
     def reset(self) -> None:
-        self.state, self.spikes, self.factor = None, None, None
+        super().reset()
+        self.factor = None
 
     def set_precision(self, samples: torch.Tensor, scale: float) -> None:
         """From the next step on, the ``samples`` (a boolean mask over the batch) fire against
         thresholds x ``scale`` (arousal: a lower threshold lets smaller values through, more
         precise and more spikes); other samples and every memory carry on unchanged."""
-        if self.state is None:
-            raise RuntimeError("set_precision needs a running simulation")
-        mask = samples.view((-1,) + (1,) * (self.state.m.dim() - 1)).to(self.state.m.device)
-        base = self.factor if self.factor is not None else torch.ones(mask.shape, dtype=self.state.m.dtype,
+        state = self.running_state()
+        mask = samples.view((-1,) + (1,) * (state.m.dim() - 1)).to(state.m.device)
+        base = self.factor if self.factor is not None else torch.ones(mask.shape, dtype=state.m.dtype,
                                                                       device=mask.device)
         self.factor = torch.where(mask, torch.full_like(base, float(scale)), base)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        t = self.threshold.view((-1,) + (1,) * (z.dim() - 2)) if self.threshold.dim() else self.threshold
+    def initial_state(self, z: torch.Tensor) -> VSNState:
+        return vsn_init(z)
+
+    def step(self, z: torch.Tensor) -> torch.Tensor:
+        t = per_channel(self.threshold, z)
         if self.factor is not None:
             t = t * self.factor
-        if self.state is None:
-            self.state = vsn_init(z)
         self.spikes, y, self.state = vsn_step(z, self.state, VSNParams(self.beta, t, self.sigma))
         return y
 

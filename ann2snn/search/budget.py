@@ -28,11 +28,11 @@ from ann2snn.conversion.bias_ramp import BiasRampRecord
 from ann2snn.conversion.statistics import LayerStats
 from ann2snn.conversion.graph import to_snn
 from ann2snn.io.data import TensorData
-from ann2snn.sim.energy import fanout_maps
 from ann2snn.errors import OptionError, UserError
 from ann2snn.neurons import Neuron
 from ann2snn.store.profile import ProfileLayer, SearchRecord
-from ann2snn.sim.simulate import ieee_float32, nmse, simulate
+from ann2snn.sim.network import Fanouts, Network, build_network
+from ann2snn.sim.simulate import ieee_float32, nmse
 
 
 def fitted_layers(stats: dict[str, LayerStats], neuron: Neuron, options: dict) -> list[ProfileLayer]:
@@ -58,12 +58,11 @@ def fit_ramps(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], da
 
 
 def spiking_network(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], options: dict,
-                    data: TensorData, timesteps: int, device: torch.device
-                    ) -> tuple[fx.GraphModule, list[BiasRampRecord] | None]:
-    """The SNN of ``layers`` and, when ``options`` ask for them (``bias_ramp``), its bias ramps
-    (``fit_ramps`` on ``data``)."""
+                    data: TensorData, timesteps: int, device: torch.device, fanouts: Fanouts) -> Network:
+    """The network of ``layers`` (``network.build_network``) with, when ``options`` ask for them
+    (``bias_ramp``), its bias ramps (``fit_ramps`` on ``data``)."""
     ramps = fit_ramps(gm, neuron, layers, data, timesteps, device) if options.get("bias_ramp") else None
-    return to_snn(gm, build_neurons(neuron, layers), ramps=ramps), ramps
+    return build_network(gm, neuron, layers, options, timesteps, fanouts, ramps=ramps)
 
 
 def search(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict, data: TensorData,
@@ -78,19 +77,18 @@ def search(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
     knob, values = neuron.precision.knob, neuron.precision.values
     regression = data.task == "regression"
     metric = "nmse" if regression else "accuracy"
-    layers = list(stats)
-    fan = fanout_maps(gm, data.sample_shape, graded=neuron.spike_op == "mac")
+    fanouts = Fanouts(gm, data.sample_shape)
     reference = None if regression else ann_outputs(gm, data, batch_size, device)
     ranks = distributed.current()  # under torchrun the ranks share the candidates, each all the images
     mine = []
     with ranks.phase():  # a rank that fails ends every rank here, before the exchange
         for value in values[ranks.rank::ranks.world]:
             opts = {**options, knob: value}
-            snn, _ = spiking_network(gm, neuron, fitted_layers(stats, neuron, opts), opts, data, timesteps, device)
-            readout = neuron.readout_for(opts, timesteps)
+            net = spiking_network(gm, neuron, fitted_layers(stats, neuron, opts), opts, data, timesteps, device,
+                                  fanouts)
             observer = None if regression else OutputError(reference, timesteps)
-            sim = simulate(snn, layers, fan, data, timesteps, batch_size, device, readout, controller=observer,
-                           label=f"budget search {knob}={value:g}")
+            sim = net.simulate(data, timesteps, batch_size, device, observers=[observer] if observer else [],
+                               label=f"budget search {knob}={value:g}")
             quality = nmse(float(sim.metric[-1]), data) if regression else float(sim.metric[-1]) / len(data)
             mine.append({knob: value, "spikes_per_sample": float(sim.spikes.sum()) / len(data), metric: quality,
                          **({} if regression else {"output_error": observer.relative()})})
@@ -114,11 +112,9 @@ def ann_outputs(gm: fx.GraphModule, data: TensorData, batch_size: int, device: t
 
 
 class Agreement:
-    """An observer in ``simulate``'s controller slot: per step, the samples whose readout argmax
-    is the ANN's class ``ann_class`` (batches arrive in order). Unlike accuracy it does not credit
-    an SNN for errors that land on samples the ANN gets wrong too."""
-
-    decision_steps = ()
+    """A ``simulate.Observer``: per step, the samples whose readout argmax is the ANN's class
+    ``ann_class``. Unlike accuracy it does not credit an SNN for errors that land on samples the
+    ANN gets wrong too."""
 
     def __init__(self, ann_class: torch.Tensor, timesteps: int):
         self.ann_class, self.last = ann_class, timesteps - 1
@@ -129,7 +125,7 @@ class Agreement:
         self.start, self.batch = self.done, batch
         self._count = torch.zeros(self.last + 1, dtype=torch.float64, device=device)
 
-    def __call__(self, t: int, score: torch.Tensor, layers) -> None:
+    def __call__(self, t: int, score: torch.Tensor) -> None:
         ref = self.ann_class[self.start:self.start + self.batch].to(score.device)
         self._count[t] += (score.reshape(len(ref), -1).argmax(1) == ref).sum()
         if t == self.last:
@@ -138,11 +134,8 @@ class Agreement:
 
 
 class OutputError:
-    """An observer in the controller slot of ``simulate``: after every step it accumulates
-    <y_snn(t), y_ann> and ||y_snn(t)||^2 over the batch's samples (batches arrive in order; a
-    batch retried after running out of memory restarts from the same offset)."""
-
-    decision_steps = ()
+    """A ``simulate.Observer``: after every step it accumulates <y_snn(t), y_ann> and
+    ||y_snn(t)||^2 over the batch's samples."""
 
     def __init__(self, reference: torch.Tensor, timesteps: int):
         self.reference, self.last = reference, timesteps - 1
@@ -156,7 +149,7 @@ class OutputError:
         self._cross = torch.zeros(self.last + 1, dtype=torch.float64, device=device)
         self._own = torch.zeros_like(self._cross)
 
-    def __call__(self, t: int, score: torch.Tensor, layers) -> None:
+    def __call__(self, t: int, score: torch.Tensor) -> None:
         ref = self.reference[self.start:self.start + self.batch].to(score.device)
         out = score.reshape(len(ref), -1).double()
         self._cross[t] += (out * ref).sum()
@@ -189,11 +182,9 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neu
     started at the policy's start precision (ASN: m_f = ``policy.low``). Needs class scores
     (``arousal.check_class_scores``) and a neuron with ``precision_control``."""
     control = neuron.precision_control
-    layers = list(stats)
     params = start_layers(control, policy, fitted_layers(stats, neuron, options))
-    fan = fanout_maps(gm, data.sample_shape, graded=neuron.spike_op == "mac")
-    readout = neuron.readout_for(options, timesteps)
-    tried: list[dict] = []
+    net = build_network(gm, neuron, params, options, timesteps, Fanouts(gm, data.sample_shape))  # no bias ramps:
+    tried: list[dict] = []  # evaluate runs arousal without them
 
     ranks = distributed.current()  # under torchrun each rank simulates its shard of the images
     part = ranks.shard(len(data))
@@ -201,10 +192,9 @@ def search_arousal(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neu
 
     def run(threshold: float) -> dict:
         controller = ArousalController(replace(policy, threshold=threshold), control)
-        snn = to_snn(gm, build_neurons(neuron, params))  # no bias ramps: evaluate runs arousal without
         with ranks.phase():
-            sim = simulate(snn, layers, fan, shard, timesteps, batch_size, device, readout, controller=controller,
-                           label=f"arousal threshold {threshold:.3g}")
+            sim = net.simulate(shard, timesteps, batch_size, device, controller=controller,
+                               label=f"arousal threshold {threshold:.3g}")
         spikes, correct, aroused = ranks.sum(torch.tensor([float(sim.spikes.sum()), float(sim.metric[-1]),
                                                            controller.count()], dtype=torch.float64)).tolist()
         tried.append({"threshold": threshold, "spikes_per_sample": spikes / len(data),

@@ -30,10 +30,9 @@ from ann2snn.sim import distributed
 from ann2snn.search.budget import Agreement, OutputError, ann_outputs, fitted_layers, spiking_network
 from ann2snn.conversion.statistics import LayerStats
 from ann2snn.io.data import TensorData
-from ann2snn.sim.energy import fanout_maps
 from ann2snn.neurons import Neuron
 from ann2snn.store.profile import OperatingPointRecord
-from ann2snn.sim.simulate import simulate
+from ann2snn.sim.network import Fanouts
 
 MARGINS = (0.3, 0.1)  # accuracy points below the ANN's, loosest first, as the README's reports state them
 
@@ -124,16 +123,16 @@ def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
            data: TensorData, batch_size: int, device: torch.device) -> tuple[dict, OperatingPointRecord]:
     """Returns (``options`` with the chosen candidate's values, the record of every candidate)."""
     reference = ann_outputs(gm, data, batch_size, device)
-    fan = fanout_maps(gm, data.sample_shape)
+    fanouts = Fanouts(gm, data.sample_shape)
     classify = data.task == "classification"
 
     def run(kind: Neuron, opts: dict, timesteps: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(share of samples whose class is not the ANN's, or output error, after each step;
         spikes per sample by then)"""
-        snn, _ = spiking_network(gm, kind, fitted_layers(stats, kind, opts), opts, data, timesteps, device)
+        net = spiking_network(gm, kind, fitted_layers(stats, kind, opts), opts, data, timesteps, device, fanouts)
         observer = Agreement(reference.argmax(1), timesteps) if classify else OutputError(reference, timesteps)
-        sim = simulate(snn, list(stats), fan, data, timesteps, batch_size, device,
-                       kind.readout_for(opts, timesteps), controller=observer, label=f"operating point: {label}")
+        sim = net.simulate(data, timesteps, batch_size, device, observers=[observer],
+                           label=f"operating point: {label}")
         error = 1.0 - observer.per_step / len(data) if classify else observer.per_step()
         return error, sim.spikes.sum(0).cumsum(0) / len(data)
 

@@ -20,6 +20,7 @@ from ann2snn.conversion.graph import check_activations, normalize, slot_activati
 from ann2snn.io.data import TensorData
 from ann2snn.errors import OptionError, UserError
 from ann2snn.neurons import Neuron
+from ann2snn.neurons.layer import TransferLayer
 from ann2snn.store.profile import ProfileLayer
 from ann2snn.sim.simulate import ann_accuracy
 
@@ -35,7 +36,10 @@ def with_transfer(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer]
     check_activations(slot_activations(gm), neuron.name, neuron.activations)
     gm = copy.deepcopy(gm)
     for layer in layers:
-        gm.add_submodule(layer.name, neuron.transfer_module(layer.params))
+        module = neuron.transfer_module(layer.params)
+        if not isinstance(module, TransferLayer):
+            raise TypeError(f"{neuron.name}.transfer_module must return a neurons.layer.TransferLayer")
+        gm.add_submodule(layer.name, module)
     gm.recompile()
     return gm
 
@@ -72,12 +76,12 @@ def train_with_transfer(model: nn.Module, neuron: Neuron, layers: list[ProfileLa
     returns its new state dict (original keys) and the profile's layer parameters after training."""
     torch.manual_seed(seed)
     net = transfer_network(model, neuron, layers).to(device).train()
-    counters = [m for m in net.modules() if hasattr(m, "trained_params")]
+    counters = [m for m in net.modules() if isinstance(m, TransferLayer) and m.counts_spikes]
     if spike_penalty and not counters:
         raise OptionError("spike_penalty", f": the {neuron.name} transfer function counts no spikes "
                         "(a vsn profile does)")
     regression = train.task == "regression"
-    learnt = {id(m.threshold) for m in counters if isinstance(getattr(m, "threshold", None), nn.Parameter)}
+    learnt = {id(q) for m in net.modules() if isinstance(m, TransferLayer) for q in m.learnt()}
     groups = [{"params": [q for q in net.parameters() if id(q) not in learnt]},
               {"params": [q for q in net.parameters() if id(q) in learnt], "lr": threshold_lr or lr}]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
@@ -93,8 +97,7 @@ def train_with_transfer(model: nn.Module, neuron: Neuron, layers: list[ProfileLa
             on_epoch(epoch + 1, ann_accuracy(net, test, 1000, device))
     tuned = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     state = model.state_dict()
-    trained = [replace(layer, params=net.get_submodule(layer.name).trained_params(layer.params))
-               if hasattr(net.get_submodule(layer.name), "trained_params") else layer for layer in layers]
+    trained = [replace(layer, params=net.get_submodule(layer.name).trained_params(layer.params)) for layer in layers]
     return {k: tuned.get(k, v).contiguous().clone() for k, v in state.items()}, trained
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ann2snn.errors import OptionError
 from ann2snn.neurons import PrecisionControl
-from ann2snn.neurons.arousal_policy import TESTS, ArousalPolicy  # noqa: F401  (TESTS: the certainty tests)
+from ann2snn.neurons.arousal_policy import ArousalPolicy
 from ann2snn.store.profile import ProfileLayer
 
 
@@ -66,7 +66,7 @@ class ArousalController:
         new = (certainty(score, self.policy.test) < self.policy.threshold) & ~self.aroused
         if new.any():
             for name, m in modules.items():
-                if hasattr(m, "set_precision") and self.policy.raises(name):
+                if self.policy.raises(name):
                     m.set_precision(new, self.value)
         self.aroused |= new
 

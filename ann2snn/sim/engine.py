@@ -7,16 +7,18 @@ product instead of K small ones - and every stateful layer (a neuron, a gated ma
 its K steps in order, carrying its state into the next chunk. The arithmetic of each step is
 the step-by-step simulation's, so spikes and accuracy are the same (tests compare).
 
-A neuron may provide ``scan(x, steps, batch, fan)``: a fused kernel for the whole chunk that
-also counts spikes and synaptic operations (``kernels.py``: Triton on CUDA, in-place PyTorch
-elsewhere); otherwise ``TimeScan`` calls its one-step ``forward`` K times and counts after
-each step.
+A spiking layer whose backend is "fused" runs the whole chunk in its ``scan(x, steps, batch,
+fan)``, which also counts spikes and synaptic operations (``kernels.py``: Triton on CUDA,
+in-place PyTorch elsewhere); on the "reference" backend ``TimeScan`` calls its one-step
+``forward`` K times and counts after each step.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import fx, nn
+
+from ann2snn.neurons.layer import SpikingLayer, StatefulLayer
 
 
 class TimeScan(nn.Module):
@@ -35,9 +37,9 @@ class TimeScan(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K, B = self.steps, self.batch
         constant = x.shape[0] != K * B
-        scan = getattr(self.inner, "scan", None) if self.fused else None
-        if scan is not None and self.fan is not None and self.pool is None:
-            out, self.counts = scan(x, K, B, self.fan)
+        if self.fused and isinstance(self.inner, SpikingLayer) and self.inner.backend == "fused" and \
+                self.fan is not None and self.pool is None:
+            out, self.counts = self.inner.scan(x, K, B, self.fan)
             return out
         out, counts = None, []
         for t in range(K):
@@ -82,7 +84,7 @@ def layered(step: fx.GraphModule, layers: list[str], fan: list[torch.Tensor], fu
     the order of ``layers``); ``pools``: layers whose events are counted after a pool."""
     pools = pools or {}
     gm = fx.GraphModule(step, step.graph)  # its own module tree: wrapping does not touch ``step``
-    stateful = {name for name, m in step.named_modules() if hasattr(m, "reset")}
+    stateful = {name for name, m in step.named_modules() if isinstance(m, StatefulLayer)}
     chunked: list[nn.Module] = []
     scans: dict[str, TimeScan] = {}
     for node in list(gm.graph.nodes):

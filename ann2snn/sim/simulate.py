@@ -13,7 +13,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 from torch import fx, nn
@@ -23,7 +23,20 @@ from ann2snn.io.data import TensorData
 from ann2snn.sim.energy import pooled_sources
 from ann2snn.sim.engine import chunk_steps, layered, step_counts
 from ann2snn.errors import OptionError
+from ann2snn.neurons.layer import SpikingLayer, StatefulLayer
 from ann2snn.neurons.readout import Readout
+
+if TYPE_CHECKING:
+    from ann2snn.sim.arousal import ArousalController
+
+
+class Observer(Protocol):
+    """Sees the readout score after every step of a simulation (batches arrive in order; a batch
+    retried after running out of memory starts again with ``reset``)."""
+
+    def reset(self, batch: int, device: torch.device) -> None: ...
+
+    def __call__(self, t: int, score: torch.Tensor) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,11 +53,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def stateful_modules(snn: nn.Module) -> list[nn.Module]:
-    return [m for m in snn.modules() if hasattr(m, "reset")]
+def stateful_modules(snn: nn.Module) -> list[StatefulLayer]:
+    return [m for m in snn.modules() if isinstance(m, StatefulLayer)]
 
 
-def spiking_modules(snn: fx.GraphModule, names: list[str]) -> dict[str, nn.Module]:
+def spiking_modules(snn: fx.GraphModule, names: list[str]) -> dict[str, SpikingLayer]:
     return {name: snn.get_submodule(name) for name in names}
 
 
@@ -79,64 +92,35 @@ def ieee_float32(fn):
 @torch.inference_mode()
 def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Tensor], data: TensorData,
              timesteps: int, batch_size: int, device: torch.device, readout: Readout = Readout(),
-             on_batch: Callable[[int], None] | None = None, controller=None, engine: str = "layers",
-             memory_budget: int | None = None, fused: bool = True, label: str = "simulating") -> SimulationResult:
+             on_batch: Callable[[int], None] | None = None, controller: ArousalController | None = None,
+             engine: str = "layers", memory_budget: int | None = None, fused: bool = True, label: str = "simulating",
+             observers: Sequence[Observer] = (), graded: bool = False) -> SimulationResult:
     """Run every sample of ``data`` through ``snn`` for ``timesteps`` steps. ``engine`` 'layers'
     runs chunks of steps one layer at a time (``engine.py``; chunks sized to ``memory_budget``
     bytes, by default 64 MB on CPU and 1 GB on CUDA; ``fused``: the neurons' fused scans where
     they have one), 'steps' the whole network one step at a time (the reference). A
-    ``controller`` (e.g. arousal) is reset per batch and called after each step with the readout
-    score; the layered engine ends a chunk at each of its ``decision_steps``. A batch that runs
-    out of device memory is retried in halves. Progress is reported (``progress.task``) as
-    ``label``."""
+    ``controller`` (arousal) is reset per batch and called after each step with the readout
+    score and the spiking layers; the layered engine ends a chunk at each of its
+    ``decision_steps``. ``observers`` (``Observer``: agreement with the ANN, output error) are
+    reset per batch and see each step's readout score. ``graded``: the layers' events carry a
+    value (``Neuron.spike_op`` "mac"), counted after an average pool that follows them. A batch
+    that runs out of device memory is retried in halves. Progress is reported
+    (``progress.task``) as ``label``."""
     if engine not in ("layers", "steps"):
         raise OptionError("engine", f"{engine!r}: expected layers or steps")
-    if memory_budget is None:  # measured: 64 MB chunks run fastest on a 2-core CPU (cache); GPUs like them large
-        memory_budget = 1 << 30 if device.type == "cuda" else 1 << 26
-    snn = snn.to(device).eval()
-    neurons = spiking_modules(snn, layers)
-    resettable = stateful_modules(snn)
-    fan = [fanout[name].to(device).flatten() for name in layers]
+    net = _OnDevice(snn, layers, fanout, device, engine, fused, graded, memory_budget)
     acc = _Accumulator(timesteps, len(layers), data.task == "regression", readout, device)
-    static, step = split_static(snn)
-    pools = counting_pools(snn, neurons)
-    if engine == "layers":
-        chunked_step, chunked, scans = layered(step, layers, fan, fused, pools)
-        # a layer counted after its pool has a pooled fan-out map: its own width is the window's area times that
-        area = {n: math.prod(p.kernel_size) if isinstance(p.kernel_size, tuple) else
-                p.kernel_size ** (2 if isinstance(p, nn.AvgPool2d) else 1) for n, p in pools.items()}
-        widest = max(f.numel() * area.get(name, 1) for name, f in zip(layers, fan))
+    hooks = [h for h in (controller, *observers) if h is not None]
     batches, retry = data.batches(batch_size), []  # retry: halves of a batch that ran out of memory
     with progress.task(f"{label}: {timesteps} steps (samples)", len(data)) as shown:
         while (item := retry.pop(0) if retry else next(batches, None)) is not None:
             x, y = item
             try:
                 x, y = x.to(device), y.to(device)
-                constant = static(x)  # the input is constant: its currents are computed once per batch
-                for m in resettable:
-                    m.reset()
-                if controller is not None:
-                    controller.reset(len(y), device)
+                for h in hooks:
+                    h.reset(len(y), device)
                 reader = acc.batch(y)
-                if engine == "steps":
-                    for t in range(timesteps):
-                        score = reader.update(t, step(*constant))
-                        if controller is not None:
-                            controller(t, score, neurons)
-                        for i, (name, m) in enumerate(neurons.items()):
-                            acc.count(i, t, step_counts(m.spikes, fan[i], pools.get(name)))
-                else:
-                    steps = chunk_steps(len(y), widest, timesteps, memory_budget)
-                    for t0, k in _chunks(timesteps, steps, getattr(controller, "decision_steps", ())):
-                        for m in chunked:
-                            m.steps, m.batch = k, len(y)
-                        out = chunked_step(*constant).view(k, len(y), -1)
-                        for i, scan in enumerate(scans):
-                            acc.count_chunk(i, t0, scan.counts)
-                        for j in range(k):
-                            score = reader.update(t0 + j, out[j])
-                            if controller is not None:
-                                controller(t0 + j, score, neurons)
+                net.run(x, reader, acc, timesteps, controller, observers)
                 acc.commit(reader)
             except torch.OutOfMemoryError:
                 if len(y) == 1:
@@ -152,12 +136,66 @@ def simulate(snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Ten
                             torch.cat(acc.final) if acc.final else torch.zeros(0, dtype=torch.float64))
 
 
+class _OnDevice:
+    """A network moved to its device and split for simulation: the constant part computed once
+    per batch (``split_static``), the time-stepped part run step by step (engine 'steps') or in
+    chunks of steps layer by layer (engine 'layers', ``engine.layered``)."""
+
+    def __init__(self, snn: fx.GraphModule, layers: list[str], fanout: dict[str, torch.Tensor], device: torch.device,
+                 engine: str, fused: bool, graded: bool, memory_budget: int | None):
+        if memory_budget is None:  # measured: 64 MB chunks run fastest on a 2-core CPU (cache); GPUs like them large
+            memory_budget = 1 << 30 if device.type == "cuda" else 1 << 26
+        self.engine, self.memory_budget = engine, memory_budget
+        snn = snn.to(device).eval()
+        self.neurons = spiking_modules(snn, layers)
+        self.resettable = stateful_modules(snn)
+        self.fan = [fanout[name].to(device).flatten() for name in layers]
+        self.static, self.step = split_static(snn)
+        self.pools = counting_pools(snn, self.neurons) if graded else {}
+        if engine == "layers":
+            self.chunked_step, self.chunked, self.scans = layered(self.step, layers, self.fan, fused, self.pools)
+            # a layer counted after its pool has a pooled fan-out map: its own width is the window's area times that
+            area = {n: math.prod(p.kernel_size) if isinstance(p.kernel_size, tuple) else
+                    p.kernel_size ** (2 if isinstance(p, nn.AvgPool2d) else 1) for n, p in self.pools.items()}
+            self.widest = max(f.numel() * area.get(name, 1) for name, f in zip(layers, self.fan))
+
+    def run(self, x: torch.Tensor, reader: "_Reader", acc: "_Accumulator", timesteps: int, controller,
+            observers) -> None:
+        """One batch from a fresh state, counted into ``acc`` and read out by ``reader``."""
+        constant = self.static(x)  # the input is constant: its currents are computed once per batch
+        for m in self.resettable:
+            m.reset()
+        if self.engine == "steps":
+            for t in range(timesteps):
+                score = reader.update(t, self.step(*constant))
+                _after_step(t, score, controller, observers, self.neurons)
+                for i, (name, m) in enumerate(self.neurons.items()):
+                    acc.count(i, t, step_counts(m.spikes, self.fan[i], self.pools.get(name)))
+            return
+        steps = chunk_steps(len(x), self.widest, timesteps, self.memory_budget)
+        for t0, k in _chunks(timesteps, steps, controller.decision_steps if controller else ()):
+            for m in self.chunked:
+                m.steps, m.batch = k, len(x)
+            out = self.chunked_step(*constant).view(k, len(x), -1)
+            for i, scan in enumerate(self.scans):
+                acc.count_chunk(i, t0, scan.counts)
+            for j in range(k):
+                score = reader.update(t0 + j, out[j])
+                _after_step(t0 + j, score, controller, observers, self.neurons)
+
+
+def _after_step(t: int, score: torch.Tensor, controller, observers, neurons) -> None:
+    for observer in observers:
+        observer(t, score)
+    if controller is not None:
+        controller(t, score, neurons)
+
+
 def counting_pools(snn: fx.GraphModule, neurons: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """The average pool after each layer of graded events (``graded_events``) in
-    ``energy.pooled_sources``, whose events are counted after it; the fan-out maps must then be
-    the pooled ones (``energy.fanout_maps(graded=True)``)."""
-    return {name: snn.get_submodule(pool) for name, pool in pooled_sources(snn, list(neurons)).items()
-            if getattr(neurons[name], "graded_events", False)}
+    """The average pool after each layer of graded events in ``energy.pooled_sources``, whose
+    events are counted after it; the fan-out maps must then be the pooled ones
+    (``energy.fanout_maps(graded=True)``)."""
+    return {name: snn.get_submodule(pool) for name, pool in pooled_sources(snn, list(neurons)).items()}
 
 
 def _chunks(timesteps: int, size: int, decisions) -> list[tuple[int, int]]:
@@ -272,7 +310,7 @@ def split_static(snn: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
     that depends only on the input (e.g. the first layer's constant current ``W x + b``) and
     returns those the time-stepped part needs; ``dynamic(*static(x))`` is one time step and
     equals ``snn(x)``."""
-    stateful = {name for name, m in snn.named_modules() if hasattr(m, "reset")}
+    stateful = {name for name, m in snn.named_modules() if isinstance(m, StatefulLayer)}
     static: set[fx.Node] = set()
     for n in snn.graph.nodes:
         if n.op == "output":

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ann2snn import neurons
+from ann2snn.neurons import NIRExport
 from ann2snn.store.artifact import Artifact
 from ann2snn.errors import UserError
 from ann2snn.io.files import atomic_path
 
-DT = 1e-4  # seconds per step in the NIR file; R = 1/DT makes v += I per step
 
 
 def _import_nir():
@@ -37,97 +38,117 @@ def _import_nir():
     return nir
 
 
-def _check_layers(art: Artifact) -> None:
-    if art.neuron.name != "if":
+def _check_layers(art: Artifact) -> NIRExport:
+    export = art.neuron.nir
+    if export is None:
+        exported = neurons.names(lambda n: n.nir is not None).upper()
         raise UserError(f"NIR export: the artifact's neurons are {art.neuron.label}; NIR has no node for them "
-                        "(only IF networks are exported)")
+                        f"(exported: {exported} networks)")
     for layer in art.meta.layers:
-        p = layer.params
-        fix = []
-        if p.get("reset", "subtract") != "zero":
-            fix.append("reset=zero (NIR's IF resets to a value, not by subtraction)")
-        if p.get("v_init", 0.5) != 0:
-            fix.append("v_init=0 (NIR has no initial membrane)")
-        if isinstance(p["threshold"], list):
-            fix.append("one threshold per layer (not per_channel)")
-        if p.get("max_spikes", 1) != 1:
-            fix.append("max_spikes=1")
+        fix = export.problems(layer.params)
         if fix:
-            raise UserError(f"NIR export: layer {layer.name} needs " + ", ".join(fix) +
-                            "; calibrate with --param reset=zero --param v_init=0 and convert again")
+            raise UserError(f"NIR export: layer {layer.name} needs " + ", ".join(fix) + f"; {export.fix}")
+    return export
 
 
 def to_nir(art: Artifact):
     """The artifact's spiking network as a ``nir.NIRGraph``."""
     nir = _import_nir()
-    _check_layers(art)
+    export = _check_layers(art)
     snn: fx.GraphModule = art.snn
-    thresholds = {layer.name: float(layer.params["threshold"]) for layer in art.meta.layers}
     shape = tuple(art.meta.input.shape)
-    x = torch.zeros((1, *shape))
-    nodes, edges = {}, []
-    name_of, scale = {}, {}  # fx node -> NIR node name, spike height it carries
-    env = {}
+    chain = _Chain(nir, export, {layer.name: layer.params for layer in art.meta.layers})
     for node in snn.graph.nodes:
         if node.op == "placeholder":
-            nodes["input"] = nir.Input(input_type={"input": np.array(shape)})
-            name_of[node], scale[node], env[node] = "input", 1.0, x
-            continue
-        if node.op == "output":
-            src = node.args[0]
-            if scale.get(src, 1.0) != 1.0:
-                raise UserError("NIR export: the network ends in spikes, not in a weighted layer")
-            nodes["output"] = nir.Output(output_type={"output": np.array(env[src].shape[1:])})
-            edges.append((name_of[src], "output"))
-            continue
+            chain.add_input(node, shape)
+        elif node.op == "output":
+            chain.add_output(node)
+        else:
+            chain.add_operation(snn, node)
+    return nir.NIRGraph(nodes=chain.nodes, edges=chain.edges)
+
+
+class _Chain:
+    """The NIR nodes and edges of the graph so far; per fx node, its NIR node's name, the spike
+    height its output carries (1: currents) and an example output (shapes only: neurons are not
+    stepped)."""
+
+    def __init__(self, nir, export: NIRExport, params: dict[str, dict]):
+        self.nir, self.export, self.params = nir, export, params
+        self.nodes, self.edges = {}, []
+        self.name_of, self.scale, self.env = {}, {}, {}
+
+    def add_input(self, node: fx.Node, shape: tuple) -> None:
+        self.nodes["input"] = self.nir.Input(input_type={"input": np.array(shape)})
+        self.name_of[node], self.scale[node], self.env[node] = "input", 1.0, torch.zeros((1, *shape))
+
+    def add_output(self, node: fx.Node) -> None:
+        src = node.args[0]
+        if self.scale.get(src, 1.0) != 1.0:
+            raise UserError("NIR export: the network ends in spikes, not in a weighted layer")
+        self.nodes["output"] = self.nir.Output(output_type={"output": np.array(self.env[src].shape[1:])})
+        self.edges.append((self.name_of[src], "output"))
+
+    def add_operation(self, snn: fx.GraphModule, node: fx.Node) -> None:
+        """A module call or a flatten, fed by one node."""
         src = node.args[0] if node.args else None
         if node.op == "call_module":
-            m = snn.get_submodule(node.target)
-            out = env[src] if node.target in thresholds else m(env[src])  # shapes only; neurons are not stepped
-            key = str(node.target).replace(".", "_")
-            if node.target in thresholds:
-                if scale[src] != 1.0:
-                    raise UserError(f"NIR export: spiking layer {node.target} is fed by another's spikes with no "
-                                    "weighted layer between to carry their height")
-                full = lambda v: np.full(env[src].shape[1:], v, dtype=np.float32)  # noqa: E731
-                # NIR fires at v > v_threshold, ann2snn at v >= theta: the next float32 below theta
-                below = np.nextafter(np.float32(thresholds[node.target]), np.float32(-np.inf))
-                nodes[key] = nir.IF(r=full(1.0 / DT), v_threshold=full(below), v_reset=full(0.0))
-                scale[node] = thresholds[node.target]
-            elif isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-                w = (m.weight.detach() * scale[src]).numpy()
-                b = m.bias.detach().numpy() if m.bias is not None else np.zeros(w.shape[0], dtype=np.float32)
-                nodes[key] = nir.Conv2d(input_shape=tuple(env[src].shape[2:]), weight=w, stride=m.stride,
-                                        padding=m.padding, dilation=m.dilation, groups=m.groups, bias=b)
-                scale[node] = 1.0
-            elif isinstance(m, nn.Linear):
-                w = (m.weight.detach() * scale[src]).numpy()
-                b = m.bias.detach().numpy() if m.bias is not None else np.zeros(w.shape[0], dtype=np.float32)
-                nodes[key] = nir.Affine(weight=w, bias=b)
-                scale[node] = 1.0
-            elif isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.count_include_pad and m.divisor_override is None:
-                nodes[key] = nir.AvgPool2d(kernel_size=np.array(_pair(m.kernel_size)),
-                                           stride=np.array(_pair(m.stride or m.kernel_size)),
-                                           padding=np.array(_pair(m.padding)))
-                scale[node] = scale[src]
-            elif isinstance(m, nn.Flatten):
-                nodes[key] = _flatten(nir, env[src], m.start_dim, m.end_dim)
-                scale[node] = scale[src]
-            else:
-                raise UserError(f"NIR export: node {node.name} ({type(m).__name__}) has no NIR counterpart here")
+            out, key = self._module(snn, node, src)
         elif node.op == "call_function" and node.target is torch.flatten:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            out, key = torch.flatten(env[src], start), node.name
-            nodes[key] = _flatten(nir, env[src], start, -1)
-            scale[node] = scale[src]
+            out, key = torch.flatten(self.env[src], start), node.name
+            self.nodes[key] = _flatten(self.nir, self.env[src], start, -1)
+            self.scale[node] = self.scale[src]
         else:
             raise UserError(f"NIR export: node {node.name} ({node.op} {getattr(node.target, '__name__', node.target)}) "
                             "has no NIR counterpart here (residual sums and max pooling are not exported)")
         if len(node.all_input_nodes) != 1:
             raise UserError(f"NIR export: node {node.name} has {len(node.all_input_nodes)} inputs; only chains export")
-        env[node], name_of[node] = out.detach(), key
-        edges.append((name_of[src], key))
-    return nir.NIRGraph(nodes=nodes, edges=edges)
+        self.env[node], self.name_of[node] = out.detach(), key
+        self.edges.append((self.name_of[src], key))
+
+    def _module(self, snn: fx.GraphModule, node: fx.Node, src: fx.Node) -> tuple[torch.Tensor, str]:
+        """A spiking layer or another module: its example output and NIR node name."""
+        m = snn.get_submodule(node.target)
+        spiking = node.target in self.params
+        out = self.env[src] if spiking else m(self.env[src])
+        key = str(node.target).replace(".", "_")
+        if spiking:
+            if self.scale[src] != 1.0:
+                raise UserError(f"NIR export: spiking layer {node.target} is fed by another's spikes with no "
+                                "weighted layer between to carry their height")
+            params = self.params[node.target]
+            self.nodes[key] = self.export.node(self.nir, tuple(self.env[src].shape[1:]), params)
+            self.scale[node] = self.export.height(params)
+        else:
+            self.nodes[key], self.scale[node] = _module_node(self.nir, node, m, self.env[src], self.scale[src])
+        return out, key
+
+
+def _module_node(nir, node: fx.Node, m: nn.Module, x: torch.Tensor, height: float) -> tuple[object, float]:
+    """The NIR node of module ``m`` fed ``x`` with spikes of ``height``, and the height its output
+    carries: a weighted layer folds the height into its weights, pooling and flattening pass it on."""
+    if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        w, b = _scaled(m, height)
+        return nir.Conv2d(input_shape=tuple(x.shape[2:]), weight=w, stride=m.stride, padding=m.padding,
+                          dilation=m.dilation, groups=m.groups, bias=b), 1.0
+    if isinstance(m, nn.Linear):
+        w, b = _scaled(m, height)
+        return nir.Affine(weight=w, bias=b), 1.0
+    if isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.count_include_pad and m.divisor_override is None:
+        return nir.AvgPool2d(kernel_size=np.array(_pair(m.kernel_size)),
+                             stride=np.array(_pair(m.stride or m.kernel_size)),
+                             padding=np.array(_pair(m.padding))), height
+    if isinstance(m, nn.Flatten):
+        return _flatten(nir, x, m.start_dim, m.end_dim), height
+    raise UserError(f"NIR export: node {node.name} ({type(m).__name__}) has no NIR counterpart here")
+
+
+def _scaled(m: nn.Module, height: float) -> tuple[np.ndarray, np.ndarray]:
+    """A weighted layer's weights times the spike height it is fed, and its bias (zeros if none)."""
+    w = (m.weight.detach() * height).numpy()
+    b = m.bias.detach().numpy() if m.bias is not None else np.zeros(w.shape[0], dtype=np.float32)
+    return w, b
 
 
 def _pair(v) -> tuple[int, int]:
