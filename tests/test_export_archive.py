@@ -249,3 +249,54 @@ def test_an_artifact_embedding_a_crafted_archive_runs_nothing(run_cli, tiny_file
     for args in (["evaluate", d / "evil.safetensors", "-d", f["data"], "-T", 4, "-r", d / "rep"],
                  ["export", d / "evil.safetensors", "--format", "nir", "-o", d / "x.nir"]):
         _one_line_error(run_cli(*args), "refused", absent=[marker, d / "rep" / "report.json", d / "x.nir"])
+
+
+
+
+@pytest.mark.parametrize("attack", ["keyword_name", "factory", "overload"])
+def test_no_operator_outside_the_table_runs_and_no_name_becomes_code(run_cli, tiny_files, attack):
+    """Found by a fresh hostile run: an argument's name pasted into fx's generated code, and a
+    constant-only ATen call (aten.from_file) executed while the rebuilt graph was traced."""
+    f = tiny_files
+    marker = f["dir"] / "PWNED"
+    victim = f["dir"] / "victim.txt"
+    victim.write_text("CONTENT")
+    placeholder = lambda m: m["graph_module"]["signature"]["input_specs"][-1]["user_input"]["arg"]["as_tensor"]["name"]
+
+    def edit(model):
+        x = placeholder(model)
+        nodes = _graph(model)["nodes"]
+        if attack == "keyword_name":
+            nodes.insert(0, {"target": "torch.ops.aten.mul.Tensor", "name": "m", "outputs": [{"as_tensor": {"name": "m"}}],
+                             "inputs": [{"name": "self", "arg": {"as_tensor": {"name": x}}, "kind": 1},
+                                        {"name": f"**{{'a': __import__('os').system('touch {marker}')}}, other",
+                                         "arg": {"as_float": 1.0}, "kind": 2}]})
+        elif attack == "factory":
+            nodes.insert(0, {"target": "torch.ops.aten.from_file.default", "name": "ff",
+                             "outputs": [{"as_tensor": {"name": "ff"}}],
+                             "inputs": [{"name": "filename", "arg": {"as_string": str(victim)}, "kind": 1},
+                                        {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                                        {"name": "size", "arg": {"as_int": 4}, "kind": 1}]})
+        else:
+            nodes[0]["target"] = nodes[0]["target"].rsplit(".", 1)[0] + ".evil"
+
+    evil = f["dir"] / "evil.pt2"
+    evil.write_bytes(_rewrite(_archive_bytes(), edit))
+    _one_line_error(run_cli("calibrate", evil, "-d", f["data"], "-o", f["dir"] / "o.json"),
+                    "refused" if attack != "factory" else "from_file", absent=[f["dir"] / "o.json", marker])
+    assert victim.read_text() == "CONTENT"
+
+
+def test_argument_sizes_are_bounded(run_cli, tiny_files):
+    f = tiny_files
+
+    def edit(model):
+        for node in _graph(model)["nodes"]:
+            for entry in node["inputs"]:
+                if entry["name"] == "eps":
+                    entry["arg"] = {"as_float": 10 ** 400}
+
+    bad = f["dir"] / "eps.pt2"
+    bad.write_bytes(_rewrite(_archive_bytes(), edit))
+    _one_line_error(run_cli("calibrate", bad, "-d", f["data"], "-o", f["dir"] / "o.json"), "sane size",
+                    absent=[f["dir"] / "o.json"])

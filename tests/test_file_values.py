@@ -104,3 +104,46 @@ def test_user_code_that_calls_sys_exit_does_not_end_the_command_with_success(run
                              "-o", d / "q.json")
     assert code != 0 and "called sys.exit(0)" in err and len(err.strip().splitlines()) == 1, (code, err)
     assert not (d / "q.json").exists()
+
+
+def test_artifact_layers_are_the_networks_layers(run_cli, flow):
+    d = flow["dir"]
+    bad = _resave_artifact(flow["snn"], d / "dup.safetensors", lambda t, m: m["layers"].append(m["layers"][0]))
+    _one_line_error(run_cli("evaluate", bad, *MODEL, "-d", flow["data"], "-T", 4, "-r", d / "rep"),
+                    "are not the network's spiking layers", absent=[d / "rep" / "report.json"])
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda w: w.double().index_fill(1, torch.tensor([0]), 1e300), "NaN or infinite values (in float32)"),
+    (lambda w: w.to(torch.float8_e4m3fn), None),
+    (lambda w: w.to(torch.complex64), "complex values"),
+])
+def test_values_beyond_float32_float8_and_complex_weights(run_cli, flow, make, match):
+    d = flow["dir"]
+    bad = _resave_artifact(flow["snn"], d / "w.safetensors",
+                           lambda t, m: t.__setitem__("fc1.weight", make(t["fc1.weight"]).contiguous()))
+    code, out, err = run_cli("evaluate", bad, *MODEL, "-d", flow["data"], "-T", 4, "-r", d / "rep")
+    assert "Traceback" not in err
+    if match:
+        _one_line_error((code, out, err), match, absent=[d / "rep" / "report.json"])
+    state = {k: v.contiguous() for k, v in tiny_cnn().state_dict().items()}
+    state["fc1.weight"] = make(state["fc1.weight"]).contiguous()
+    save_file(state, str(d / "w_ckpt.safetensors"))
+    code, out, err = run_cli("calibrate", d / "w_ckpt.safetensors", *MODEL, "-d", flow["data"], "-o", d / "q.json")
+    assert "Traceback" not in err and (code == 0 if match is None else match in err), err
+
+
+def test_json_numbers_beyond_a_float_are_refused(run_cli, flow):
+    d = flow["dir"]
+    text = flow["profile"].read_text()
+    import re
+
+    for big in ("1e400", "9" * 400):
+        (d / "big.json").write_text(re.sub(r'"max": [0-9.e+-]+', f'"max": {big}', text, count=1))
+        _one_line_error(run_cli("convert", flow["checkpoint"], *MODEL, "-c", d / "big.json", "-o", d / "o.safetensors"),
+                        "beyond the range of a float", absent=[d / "o.safetensors"])
+
+
+def test_demo_checks_its_options_before_writing(run_cli, tmp_path):
+    _one_line_error(run_cli("demo", "-T", 0, "-o", tmp_path / "d"), "--timesteps 0: must be positive",
+                    absent=[tmp_path / "d"])

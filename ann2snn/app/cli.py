@@ -423,6 +423,7 @@ def demo(
 
     Example: ann2snn demo -o ann2snn-demo
     """
+    run = RunOptions(timesteps=timesteps)  # checked before anything is written
     assets = files("ann2snn") / "assets"
     ckpt, calib, test = (Path(str(assets / n)) for n in
                          ("lenet5_mnist.safetensors", "mnist_calib.safetensors", "mnist_test.safetensors"))
@@ -437,7 +438,7 @@ def demo(
     meta, rows = pipeline.convert(ckpt, profile_path, snn_path)
     _print_conversion(meta, rows, snn_path)
     console.rule(literal(f"3/3 ann2snn evaluate {snn_path} -d {test.name} -T {timesteps} -r {out / 'report'}"))
-    _evaluate_with_progress(snn_path, str(test), RunOptions(timesteps=timesteps), out / "report", device=device)
+    _evaluate_with_progress(snn_path, str(test), run, out / "report", device=device)
 
 
 @app.command()

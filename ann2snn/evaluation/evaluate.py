@@ -191,7 +191,8 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
           device: str = "cpu", model_ref: str | None = None, trust_code: bool = False,
           plot_format: str = "png") -> Report:
     """The report of the shards' partial reports added up: the same as one run over every sample
-    (the artifact and data set are read again to plan the runs; nothing is simulated), except
+    (the artifact and data set are read again to plan the runs and check the ANN's answers; no
+    spiking network is simulated), except
     that an arousal report lacks the spike-matched fixed-precision run, which needs the total."""
     if not partials:
         raise OptionError("partials", ": give the partial reports of every shard")
@@ -210,22 +211,26 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
         missing = sorted(set(range(n)) - set(shards)) or [s for s in shards if shards.count(s) > 1][:1]
         raise UserError(f"{partials[0]}: the partial reports must cover shards 0..{n - 1} once each "
                         f"(shard {missing[0]} is missing or repeated)")
+    if file_sha256(check_input(first.artifact, "SNN artifact")) != first.artifact_sha256:  # before the data
+        raise UserError(f"{first.artifact}: the artifact changed since the partial reports were written")
     if report_dir is not None:
         check_outputs(report_outputs(report_dir, plot_format),
                       [*partials, first.artifact, *data_files(first.dataset, source.data_dir)],
                       [("report folder", report_dir)])
-    if file_sha256(check_input(first.artifact, "SNN artifact")) != first.artifact_sha256:
-        raise UserError(f"{first.artifact}: the artifact changed since the partial reports were written")
     policy = from_json(ArousalPolicy, first.arousal, f"{partials[0]}: arousal") if first.arousal else None
     run = from_json(RunOptions, first.run, f"{partials[0]}: run options")
     plan = _prepare(first.artifact, first.dataset, run, source, device, first.sweep, first.compare, policy,
                     model_ref, trust_code)
     for path, rec in zip(partials, records):
         part = Ranks(rec.shard[0], n).shard(len(plan.data))
-        if plan.data.subset(torch.arange(part.start, part.stop)).sha256() != rec.shard_sha256:
+        shard_data = plan.data.subset(torch.arange(part.start, part.stop))
+        if shard_data.sha256() != rec.shard_sha256:
             raise UserError(f"{path}: shard {rec.shard[0]}/{n} of {first.dataset} is not the data this partial "
                             "report was simulated on")
         _check_sums(rec.sums, plan, part, path)
+        if not _same_ann(ann_per_sample(plan.art.ann, shard_data, run.batch_size, plan.device), rec.sums, shard_data):
+            raise UserError(f"{path}: the ANN's answers in this partial report are not the artifact's on these "
+                            "samples; it was not written by ann2snn as it is")
     ordered = sorted(records, key=lambda rec: rec.shard[0])  # per-sample lists join in sample order
     total = ordered[0].sums
     for rec in ordered[1:]:
@@ -236,6 +241,17 @@ def merge(partials: list[str | Path], report_dir: str | Path | None = None, *, s
     if report_dir is not None:
         write_report(report, report_dir, plot_format)
     return report
+
+
+def _same_ann(mine: torch.Tensor, sums: Sums, data: TensorData) -> bool:
+    """Whether a partial report's per-sample ANN results are ``mine`` (this process's): the same
+    answers, or (regression, maybe computed on another device) errors |y_hat - y| equal to float32
+    precision of the outputs."""
+    theirs = torch.tensor(sums.ann_final, dtype=torch.float64)
+    if data.task != "regression":
+        return torch.equal(mine, theirs)
+    scale = 1 + data.targets.double().abs() + mine.sqrt()
+    return bool(((mine.sqrt() - theirs.sqrt()).abs() <= 1e-4 * scale).all())
 
 
 def _check_sums(sums: Sums, plan: _Plan, part: range, path) -> None:
@@ -250,7 +266,10 @@ def _check_sums(sums: Sums, plan: _Plan, part: range, path) -> None:
                         f"{len(plan.runs)} runs, {layers} layers, {steps} steps)")
     counts = plan.ctx.metric == "accuracy"
     per_sample_ok = lambda xs: all(x in (0.0, 1.0) for x in xs) if counts else all(x >= 0 for x in xs)  # noqa
+    transfer = counts and plan.art.neuron.transfer_module is not None  # as _simulate computes it: correct answers
     consistent = per_sample_ok(sums.ann_final) and abs(sum(sums.ann_final) - sums.ann) <= 1e-6 * (1 + abs(sums.ann)) \
+        and (sums.transfer is None if not transfer else sums.transfer is not None
+             and 0 <= sums.transfer <= len(part) and float(sums.transfer).is_integer()) \
         and sums.seconds >= 0 and 0 <= sums.ann_active_macs <= len(part) * plan.ctx.ann["macs_per_sample"] \
         and all(
             per_sample_ok(r.final) and abs(sum(r.final) - r.metric[-1]) <= 1e-6 * (1 + abs(r.metric[-1]))
@@ -469,6 +488,9 @@ def _check_data(ann: torch.nn.Module, data: TensorData, shape: tuple[int, ...], 
     if data.sample_shape != shape:
         raise OptionError("dataset", f"{dataset}: samples have shape {data.sample_shape}, the artifact expects {shape}")
     classes = model_outputs(ann, shape, dataset)
+    if data.task == "regression" and classes > 1:
+        raise OptionError("dataset", f"{dataset}: has real-valued targets (regression) but the network has {classes} "
+                                     "outputs; give class indices")
     if data.task == "classification" and int(data.targets.max()) >= classes:
         raise OptionError("dataset", f"{dataset}: has class {int(data.targets.max())}, the network outputs {classes}")
     if arousal:

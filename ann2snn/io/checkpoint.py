@@ -16,7 +16,7 @@ from safetensors.torch import load
 from torch import nn
 
 from ann2snn.errors import UserError
-from ann2snn.io.files import file_sha256, read_input  # noqa: F401  (file_sha256: re-exported for callers here)
+from ann2snn.io.files import file_sha256, read_input, tensor_problem  # noqa: F401  (file_sha256: re-exported)
 from ann2snn.io.export_archive import EXPORT_REF, read_export
 from ann2snn.io.zoo import resolve_model
 
@@ -82,8 +82,9 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pat
         if tuple(state[key].shape) != tuple(value.shape):
             raise UserError(f"{path}: tensor {key!r} has shape {tuple(state[key].shape)}, "
                             f"the model expects {tuple(value.shape)}")
-        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
-            raise UserError(f"{path}: tensor {key!r} holds NaN or infinite values")
+        problem = tensor_problem(state[key])
+        if problem:
+            raise UserError(f"{path}: tensor {key!r} {problem}")
     model.load_state_dict(state)
     return model.eval()
 

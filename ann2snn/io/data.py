@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -54,9 +55,11 @@ class Normalize:
     def __post_init__(self):
         if len(self.mean) != len(self.std):
             raise ValueError("as many means as stds")
-        finite = lambda v: isinstance(v, (int, float)) and -1e30 < v < 1e30  # noqa: E731  (no overflow, no NaN)
-        if not all(finite(m) for m in self.mean) or not all(finite(s) and s > 1e-30 for s in self.std):
-            raise ValueError("finite means, and every std > 0 and finite")
+        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        bad = next((f"mean {m!r}" for m in self.mean if not (real(m) and abs(m) <= 1e4)), None) or \
+            next((f"std {s!r}" for s in self.std if not (real(s) and 1e-6 <= s <= 1e4)), None)
+        if bad:  # far beyond any input scaling, and (x - mean) / std stays finite in float32
+            raise ValueError(f"finite means, and every std > 0 and finite (|mean| <= 1e4, 1e-6 <= std <= 1e4), not {bad}")
 
     @classmethod
     def parse(cls, text: str | None) -> "Normalize":
@@ -177,12 +180,17 @@ def _load_tensor_file(spec: str, path: Path) -> TensorData:
 def checked_samples(name: str, split: str, inputs: torch.Tensor, targets: torch.Tensor, option: str,
                     where: str = "") -> TensorData:
     """Samples from a file or an API call, refused (naming ``option``) where a value is not a
-    finite number or a class index is negative; float targets are regression targets."""
-    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-        raise OptionError(option, f"{where}'inputs' holds NaN or infinite values")
+    finite number (in float32, as simulated) or a class index is negative; float targets are
+    regression targets."""
+    for key, t in (("inputs", inputs), ("targets", targets)):
+        if t.is_complex():
+            raise OptionError(option, f"{where}'{key}' has type {str(t.dtype).removeprefix('torch.')}; "
+                                      "expected real numbers or integers")
+    if inputs.is_floating_point() and not torch.isfinite(inputs.float()).all():
+        raise OptionError(option, f"{where}'inputs' holds NaN or infinite values (in float32)")
     if targets.is_floating_point():
-        if not torch.isfinite(targets).all():
-            raise OptionError(option, f"{where}'targets' holds NaN or infinite values")
+        if not torch.isfinite(targets.float()).all():
+            raise OptionError(option, f"{where}'targets' holds NaN or infinite values (in float32)")
         return TensorData(name, split, inputs, targets.float(), 1, task="regression")
     if targets.min() < 0:
         raise OptionError(option, f"{where}'targets' must be non-negative class indices or real values")
@@ -229,6 +237,8 @@ def _read_image(file: str, loader) -> torch.Tensor:
     from ann2snn.signals import interruption
 
     try:
+        if not stat.S_ISREG(os.stat(file).st_mode):  # a FIFO or device would block the read, or never end
+            raise OSError("not a regular file")
         return pil_to_tensor(loader(file))
     except Exception as exc:
         if interruption(exc) is not None:
@@ -361,4 +371,4 @@ def as_tensor_data(data, name: str = "data", split: str = "in memory") -> Tensor
         raise OptionError(name, f": targets of shape {tuple(targets.shape)}; give class indices [N] (not one-hot) "
                                 "or one regression value per sample")
     targets = targets.reshape(len(targets), -1).squeeze(1) if regression else targets.reshape(-1)
-    return checked_samples(name, split, inputs.float(), targets, name, ": ")
+    return checked_samples(name, split, inputs if inputs.is_complex() else inputs.float(), targets, name, ": ")

@@ -31,7 +31,7 @@ from torch import fx
 
 from ann2snn.errors import UserError
 from ann2snn.io.export_graph import DTYPES, rebuild
-from ann2snn.io.files import read_input
+from ann2snn.io.files import read_input, tensor_problem
 
 EXPORT_REF = "pt2"  # the model reference recorded for an archive: its architecture is its own
 SUFFIX = ".pt2"
@@ -115,8 +115,9 @@ class Archive:
             if path not in storages:
                 storages[path] = self.read(path)
             out[fqn] = _tensor(storages[path], entry["tensor_meta"], where)
-            if out[fqn].is_floating_point() and not torch.isfinite(out[fqn]).all():
-                raise UserError(f"{where}: holds NaN or infinite values")
+            problem = tensor_problem(out[fqn])
+            if problem:
+                raise UserError(f"{where}: {problem}")
         return out
 
 

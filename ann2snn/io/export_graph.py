@@ -3,13 +3,16 @@
 Each ATen node becomes what ``graph.normalize`` would have seen tracing the original model:
 ``aten.conv2d`` with its weight an ``nn.Conv2d``, ``aten.addmm`` of a transposed weight an
 ``nn.Linear``, ``aten.batch_norm`` an ``nn.BatchNorm2d``, ``aten.relu`` an ``nn.ReLU``, pooling its
-pooling module. Another ``aten`` operator is kept as a call of that operator, for the pre-flight
-table to name. Every field read is checked here: the operator's name (``aten`` only), each
-argument's kind, tensor names (defined before use), module names. Nothing is evaluated.
+pooling module. Any other operator (or a known one in a form ann2snn does not convert) is
+refused by name: no operator outside this table is ever called, so an archive cannot make one
+run (a factory such as ``aten.from_file`` would run while the graph is traced). Every field read
+is checked here: the operator's name and overload (``aten`` only), each argument's name, kind and
+size, tensor names (defined before use), module names. Nothing is evaluated.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -127,6 +130,8 @@ class _Rebuilder:
         """One argument, by its kind in torch's serialisation schema; other kinds are refused."""
         kind, v = _one(arg, f"{self.name}: an argument of {op}")
         plain = {"as_int": int, "as_float": (int, float), "as_bool": bool, "as_string": str}
+        bounded = lambda i: not isinstance(i, (int, float)) or isinstance(i, bool) or (  # noqa: E731
+            abs(i) < 2 ** 31 if isinstance(i, int) else math.isfinite(i) and abs(i) < 1e30)
         if kind == "as_none":
             return None
         if kind == "as_tensor":
@@ -139,8 +144,8 @@ class _Rebuilder:
             items = v if kind not in plain else [v]
             want = plain[kind if kind in plain else kind[:-1]]
             if not isinstance(items, list) or any(not isinstance(i, want) or (want is int and isinstance(i, bool))
-                                                  for i in items):
-                raise self.fail(f"corrupt argument of {op} ({kind})")
+                                                  or not bounded(i) for i in items):
+                raise self.fail(f"refused: an argument of aten.{op} ({kind}) is not a plain value of sane size")
             return v
         if kind in ("as_sym_int", "as_sym_ints"):
             items = [self.sym(i, op) for i in (v if kind == "as_sym_ints" else [v])]
@@ -154,7 +159,7 @@ class _Rebuilder:
 
     def sym(self, item, op: str):
         kind, v = _one(item, op)
-        if kind == "as_int" and isinstance(v, int) and not isinstance(v, bool):
+        if kind == "as_int" and isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2 ** 31:
             return v
         if kind == "as_name" and isinstance(self.values.get(v), Sym):
             return self.values[v]
@@ -220,11 +225,14 @@ class _Rebuilder:
             raise self.fail(f"refused: the operator {str(target)[:60]!r} is not an ATen operator "
                             "(symbolic shape arithmetic or a higher-order operator: export with fixed shapes)")
         op, overload = m.groups()
-        args, kwargs, named = [], {}, {}
+        packet = getattr(torch.ops.aten, op, None)
+        if not isinstance(packet, torch._ops.OpOverloadPacket) or overload not in packet.overloads():
+            raise self.fail(f"refused: aten.{op}.{overload} is not an ATen operator")
+        named = {}
         for entry in item.get("inputs") or []:
-            value = self.value(entry["arg"], op)
-            named[entry["name"]] = value
-            (args.append(value) if entry.get("kind", 1) == 1 else kwargs.__setitem__(entry["name"], value))
+            if entry.get("kind", 1) not in (1, 2) or not IDENT.fullmatch(str(entry.get("name"))):
+                raise self.fail(f"refused: an argument of aten.{op} has no plain name ({str(entry.get('name'))[:40]!r})")
+            named[entry["name"]] = self.value(entry["arg"], op)
         outputs = []
         for out in item.get("outputs") or []:
             kind, v = _one(out, f"{self.name}: an output of {op}")
@@ -232,25 +240,14 @@ class _Rebuilder:
                 [v.get("as_name")] if kind == "as_sym_int" else [v.get("name") if isinstance(v, dict) else None]
         outputs = [self.ident(o) if o is not None else None for o in outputs]
         result = self.known(op, named, outputs[0] if outputs else op)
-        if result is not None:  # the first output rebuilt; the others (indices, statistics) are not
-            parts = [result] + [Unused(o) for o in outputs[1:]]
-        else:
-            result = self.keep(op, overload, args, kwargs)
-            parts = [result] if len(outputs) < 2 else \
-                [self.graph.call_function(operator.getitem, (result, i)) for i in range(len(outputs))]
+        if result is None:  # never run: an operator outside the table is named, not called
+            raise self.fail(f"the graph uses aten.{op}.{overload} (node {str(item.get('name') or (outputs[0] if outputs else '?'))[:40]!r}), which "
+                            "ann2snn does not convert (or not in this form); train with ReLU, convolutions, linear "
+                            "layers, batch norm, pooling, additions and reshapes")
+        parts = [result] + [Unused(o) for o in outputs[1:]]  # the first output; the others (indices) are not
         for out, part in zip(outputs, parts):
             if out is not None:
                 self.define(out, part)
-
-    def keep(self, op: str, overload: str, args: list, kwargs: dict) -> fx.Node:
-        """An operator with no module counterpart: a call of it, for the pre-flight table to name."""
-        packet = getattr(torch.ops.aten, op, None)
-        target = getattr(packet, overload, None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
-        if not isinstance(target, torch._ops.OpOverload):
-            raise self.fail(f"refused: aten.{op}.{overload} is not an ATen operator")
-        wrap = lambda v: [wrap(i) for i in v] if isinstance(v, list) else self.node(v) if isinstance(  # noqa: E731
-            v, (fx.Node, Weight, Sym)) else v
-        return self.graph.call_function(target, tuple(wrap(a) for a in args), {k: wrap(v) for k, v in kwargs.items()})
 
     def known(self, op: str, a: dict, name: str):
         """The module (or torch function) for ``op`` with its schema-named arguments ``a``; None: kept."""
@@ -349,9 +346,11 @@ class _Rebuilder:
         return self.call((nn.LogSoftmax if "log" in op else nn.Softmax)(dim=a["dim"]), x, name)
 
     def _flatten(self, op: str, x, a: dict, name: str):
-        if not isinstance(x, fx.Node):
+        rank = len(x.meta.get("shape") or []) if isinstance(x, fx.Node) else 0
+        dims = (a.get("start_dim", 0), a.get("end_dim", -1))
+        if not rank or not all(isinstance(d, int) and -rank <= d < rank for d in dims):
             return None
-        return self.graph.call_function(torch.flatten, (x, a.get("start_dim", 0), a.get("end_dim", -1)))
+        return self.graph.call_function(torch.flatten, (x, *dims))
 
     def _view(self, op: str, x, a: dict, name: str):
         if not isinstance(x, fx.Node):

@@ -163,6 +163,17 @@ def write_text(path: PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """What makes a tensor read from a file unusable, or None: complex values, or values that are
+    NaN or infinite once in float32, the precision ann2snn computes in (a float64 1e300 is inf
+    there; float8 types are checked through float32 too)."""
+    if t.is_complex():
+        return "holds complex values"
+    if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+        return "holds NaN or infinite values (in float32)"
+    return None
+
+
 def file_sha256(path: PathLike) -> str:
     """The sha256 of a file, read in blocks."""
     h = hashlib.sha256()
@@ -203,9 +214,10 @@ def check_input(path: PathLike, what: str) -> Path:
 
 
 def parse_json(text: str | bytes, where: str, what: str = "file") -> Any:
-    """JSON from a file we did not write; deep nesting, NaN and bad bytes are one-line errors."""
+    """JSON from a file we did not write; deep nesting, NaN, numbers beyond a float (1e400) and bad
+    bytes are one-line errors."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:
         raise UserError(f"{where}: not a JSON {what} (nested too deeply)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
@@ -214,6 +226,13 @@ def parse_json(text: str | bytes, where: str, what: str = "file") -> Any:
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:40]} is beyond the range of a float")
+    return value
 
 
 def write_safetensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -106,6 +106,11 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{where}: field '{_label(path)}' must be an object, not {type(value).__name__}")
         return value
+    return _scalar(tp, value, where, path)
+
+
+def _scalar(tp: Any, value: Any, where: str, path: str) -> Any:
+    """A plain value of type ``tp`` (float, int, str, bool or list), checked."""
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif tp is int:
@@ -118,4 +123,9 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
         raise TypeError(f"records: unsupported field type {tp!r}")
     if not ok:
         raise UserError(f"{where}: field '{_label(path)}' must be {tp.__name__}, not {type(value).__name__}")
+    if tp is float:  # an integer too large for a float (10**400) is no number ann2snn can compute with
+        try:
+            value = float(value)
+        except OverflowError:
+            raise UserError(f"{where}: field '{_label(path)}' is beyond the range of a float") from None
     return value

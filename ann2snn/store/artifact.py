@@ -16,9 +16,9 @@ from torch import fx
 
 from ann2snn.version import __version__
 from ann2snn import neurons
-from ann2snn.conversion.graph import MAXPOOL_MODES, analog_fed, check_activations, graph_signature, normalize, to_snn
+from ann2snn.conversion.graph import MAXPOOL_MODES, analog_fed, check_activations, graph_signature, normalize, to_snn, spiking_layers
 from ann2snn.errors import OptionError, UserError
-from ann2snn.io.files import check_input, json_text, parse_json, write_safetensors
+from ann2snn.io.files import check_input, json_text, parse_json, tensor_problem, write_safetensors
 from ann2snn.neurons import Neuron
 from ann2snn.conversion.bias_ramp import BiasRampRecord
 from ann2snn.store.profile import (ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, ProfileLayer, check_layer_shapes)
@@ -199,10 +199,13 @@ def rebuild(meta: ArtifactMeta, tensors: dict[str, torch.Tensor], model: torch.n
     if graph_signature(ann) != meta.graph:
         raise UserError(f"{path}: the architecture {meta.model.ref!r} no longer traces to the graph "
                         "this artifact was converted from")
+    if meta.layer_names != spiking_layers(ann):
+        raise UserError(f"{path}: the metadata's layers {meta.layer_names[:8]} are not the network's spiking layers "
+                        f"{spiking_layers(ann)[:8]}")
     check_layer_shapes(meta.layers, ann, tuple(meta.input.shape), path)
-    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    bad = next((k for k in sorted(tensors) if tensor_problem(tensors[k])), None)
     if bad is not None:
-        raise UserError(f"{path}: tensor {bad!r} holds NaN or infinite values")
+        raise UserError(f"{path}: tensor {bad!r} {tensor_problem(tensors[bad])}")
     analog = analog_fed(ann)  # what artifacts from before analog_input was stored do not say
     meta.layers = [replace(layer, stats=replace(layer.stats, analog_input=layer.name in analog))
                    if layer.stats is not None and layer.stats.analog_input is None else layer for layer in meta.layers]
