@@ -165,6 +165,7 @@ def test_a_new_neuron_type_is_one_file_and_one_registry_line(run_cli, tiny_files
     rep = json.loads((report / "report.json").read_text())
     assert rep["neuron"] == "toy" and rep["label"] == "TOY" and rep["variants"][0]["label"] == "IF"
     assert rep["snn"]["spikes_per_sample"] > 0 and "TOY" in out
+    assert set(rep["snn"]["backend"].values()) == {"reference"}  # no fused kernel: said so, not switched
     base, base_snn = f["dir"] / "if.json", f["dir"] / "if.snn.safetensors"
     assert run_cli("calibrate", f["checkpoint"], "-m", "conftest:tiny_cnn", "-d", f["data"], "-o", base)[0] == 0
     assert run_cli("convert", "--trust-code", f["checkpoint"], "-c", base, "-o", base_snn)[0] == 0

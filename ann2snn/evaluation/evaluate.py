@@ -428,6 +428,8 @@ def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
                                torch.tensor(s.spikes, dtype=torch.float64), torch.tensor(s.synops, dtype=torch.float64),
                                plan.art.meta.layer_names, torch.tensor(s.final, dtype=torch.float64))
         reports.append(build_report(sim, r, r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms), ctx))
+        # how each layer ran, as its module was built (neurons.layer.SpikingLayer.backend)
+        reports[-1].snn["backend"] = {layer.name: r.neuron.build(layer.params).backend for layer in r.layers}
     meta = plan.art.meta
     if ctx.metric == "accuracy":  # each other run against the main one, on the same samples
         main = torch.tensor(sums.runs[0].final)
