@@ -300,3 +300,44 @@ def test_argument_sizes_are_bounded(run_cli, tiny_files):
     bad.write_bytes(_rewrite(_archive_bytes(), edit))
     _one_line_error(run_cli("calibrate", bad, "-d", f["data"], "-o", f["dir"] / "o.json"), "sane size",
                     absent=[f["dir"] / "o.json"])
+
+
+@pytest.mark.parametrize("edit", ["keyword", "hardtanh", "eps_string", "empty_weight"])
+def test_second_hostile_run_archive_cases(run_cli, tiny_files, edit):
+    f = tiny_files
+    data = _archive_bytes()
+    match = dict([("keyword", "is not a plain name"), ("hardtanh", "does not convert"),
+                  ("eps_string", "not the kind it takes"), ("empty_weight", "an empty tensor")])[edit]
+    replace = {}
+
+    def change(model):
+        nodes = _graph(model)["nodes"]
+        relu = next(n for n in nodes if "relu" in n["target"])
+        if edit == "keyword":
+            relu["name"] = "class"
+            relu["outputs"] = [{"as_tensor": {"name": "class"}}]
+            for n in nodes:
+                for entry in n["inputs"]:
+                    if entry["arg"].get("as_tensor", {}).get("name") == "relu":
+                        entry["arg"]["as_tensor"]["name"] = "class"
+        elif edit == "hardtanh":
+            relu["target"] = "torch.ops.aten.hardtanh.default"
+            relu["inputs"] += [{"name": "min_val", "arg": {"as_float": 5.0}, "kind": 1},
+                               {"name": "max_val", "arg": {"as_float": 1.0}, "kind": 1}]
+        elif edit == "eps_string":
+            for n in nodes:
+                for entry in n["inputs"]:
+                    if entry["name"] == "eps":
+                        entry["arg"] = {"as_string": "x"}
+
+    if edit == "empty_weight":
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            name = next(n for n in z.namelist() if n.endswith("model_weights_config.json"))
+            config = json.loads(z.read(name))
+        next(iter(config["config"].values()))["tensor_meta"].update(sizes=[{"as_int": 2 ** 28}, {"as_int": 0}],
+                                                                       strides=[{"as_int": 0}, {"as_int": 1}])
+        replace = {"model_weights_config.json": json.dumps(config).encode()}
+    bad = f["dir"] / "bad.pt2"
+    bad.write_bytes(_rewrite(data, change, replace=replace))
+    _one_line_error(run_cli("calibrate", bad, "-d", f["data"], "-o", f["dir"] / "o.json"), match,
+                    absent=[f["dir"] / "o.json"])

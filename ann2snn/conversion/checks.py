@@ -3,17 +3,28 @@ data, how many outputs does it have, will the per-step results fit in memory."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+from typing import Iterator
 
 import torch
 
 from ann2snn.errors import OptionError
 
 
+@contextlib.contextmanager
+def fx_errors_unprinted() -> Iterator[None]:
+    """torch.fx prints its own traceback to stderr when a graph module's forward raises; the
+    error that follows says what matters, in one line."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def model_outputs(gm: torch.nn.Module, shape: tuple[int, ...], dataset: str) -> int:
     """Run one blank input through the network; returns its number of outputs."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), fx_errors_unprinted():
             return gm(torch.zeros((1, *shape))).shape[-1]
     except Exception as exc:
         raise OptionError("dataset", f"{dataset}: the model does not accept inputs of shape {shape} "

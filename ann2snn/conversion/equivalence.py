@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ann2snn.conversion.checks import fx_errors_unprinted
 from ann2snn.errors import UserError
 
 OUT_OF_PLACE = {torch.relu_: torch.relu, F.relu_: F.relu, torch.clamp_: torch.clamp, torch.clamp_min_: torch.clamp_min,
@@ -118,7 +119,13 @@ def verify(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> None:
         expected = model(x)
     except Exception:
         return  # the shape check that follows reports inputs the model does not take
-    got = gm(x)
+    try:
+        with fx_errors_unprinted():
+            got = gm(x)
+    except Exception as exc:  # the model takes x, its rebuilt graph does not
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise UserError(f"the normalised graph fails on an input the model takes ({type(exc).__name__}: {first}); "
+                        "nothing was converted") from None
     if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor) or \
             not bool(torch.isfinite(expected).all()):
         return  # overflow: calibration names the layer where it starts

@@ -41,7 +41,7 @@ SUFFIX = ".pt2"
 MEMBERS = re.compile(r"[^/]+/(models/[A-Za-z0-9_]+\.json|data/(weights|constants|sample_inputs)/[A-Za-z0-9_.]+"
                      r"|archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
                      r"|extra/[A-Za-z0-9_.]+\.(json|txt))")
-MAX_MEMBER = 1 << 33  # 8 GiB: an uncompressed member larger than this is refused before it is read
+MAX_SIZE = 1 << 33  # 8 GiB: an archive whose members add up to more, uncompressed, is refused before it is read
 
 
 def is_archive(path: str | Path) -> bool:
@@ -60,8 +60,8 @@ class Archive:
             raise UserError(f"{name}: not a readable torch.export archive ({exc})") from None
         names = [i.filename for i in infos]
         _check_names(names, name)
-        if any(i.file_size > MAX_MEMBER for i in infos):
-            raise UserError(f"{name}: refused: an archive member is larger than {MAX_MEMBER >> 30} GiB")
+        if sum(i.file_size for i in infos) > MAX_SIZE:
+            raise UserError(f"{name}: refused: the archive's members add up to more than {MAX_SIZE >> 30} GiB")
         self.sizes = {i.filename: i.file_size for i in infos}
         self.top = names[0].split("/", 1)[0] if names else ""
         models = sorted(n for n in names if n.startswith(f"{self.top}/models/"))
@@ -102,7 +102,7 @@ class Archive:
         entries = config.get("config") if isinstance(config, dict) else None
         if not isinstance(entries, dict):
             raise UserError(f"{self.name}: corrupt archive member {member} (no config object)")
-        storages: dict[str, bytes] = {}
+        storages: dict[str, bytearray] = {}  # read once; every tensor of a storage is a view, then a copy
         out = {}
         for fqn, entry in entries.items():
             where = f"{self.name}: {kind[:-1]} {fqn[:80]!r}"
@@ -113,7 +113,7 @@ class Archive:
                                 "tensors only; export a model whose weights are ordinary tensors)")
             path = f"{self.top}/data/{kind}/{entry['path_name']}"
             if path not in storages:
-                storages[path] = self.read(path)
+                storages[path] = bytearray(self.read(path))
             out[fqn] = _tensor(storages[path], entry["tensor_meta"], where)
             problem = tensor_problem(out[fqn])
             if problem:
@@ -152,7 +152,7 @@ def _ints(values, where: str, what: str) -> list[int]:
     return out
 
 
-def _tensor(raw: bytes, meta: dict, where: str) -> torch.Tensor:
+def _tensor(raw: bytearray, meta: dict, where: str) -> torch.Tensor:
     """A tensor of ``meta``'s dtype, sizes, strides and offset viewed from the storage ``raw``."""
     dtype = DTYPES.get(meta.get("dtype"))
     if dtype is None:
@@ -170,9 +170,11 @@ def _tensor(raw: bytes, meta: dict, where: str) -> torch.Tensor:
     for s in sizes:
         numel *= s
     last = offset + sum((s - 1) * st for s, st in zip(sizes, strides)) if numel else -1
+    if numel == 0:
+        raise UserError(f"{where}: refused: an empty tensor (a weight of a plain network holds values)")
     if last >= len(raw) // item or numel > len(raw) // item:
         raise UserError(f"{where}: corrupt archive (the tensor reaches past its data)")
-    storage = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+    storage = torch.frombuffer(raw, dtype=dtype)
     return storage.as_strided(sizes, strides, offset).clone()
 
 
@@ -188,6 +190,7 @@ def read_export(source: str | Path | bytes, name: str | None = None) -> fx.Graph
         return rebuild(archive.program, tensors, name)
     except UserError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, AssertionError,
+            SyntaxError, OverflowError) as exc:
         raise UserError(f"{name}: not a readable torch.export archive ({type(exc).__name__} in its graph: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None

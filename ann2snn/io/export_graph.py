@@ -12,6 +12,7 @@ size, tensor names (defined before use), module names. Nothing is evaluated.
 
 from __future__ import annotations
 
+import keyword
 import math
 import operator
 import re
@@ -107,7 +108,10 @@ class _Rebuilder:
                                 "export the model after model.eval())")
 
     def ident(self, text) -> str:
-        if not isinstance(text, str) or not all(IDENT.fullmatch(p) for p in text.split(".")) or len(text) > 200:
+        """A plain dotted name: identifiers or indices and no Python keyword (fx writes names into the
+        code it generates)."""
+        if not isinstance(text, str) or len(text) > 200 or not all(
+                IDENT.fullmatch(p) and not keyword.iskeyword(p) for p in text.split(".")):
             raise self.fail(f"refused: {str(text)[:60]!r} is not a plain name")
         return text
 
@@ -180,6 +184,8 @@ class _Rebuilder:
     def add(self, target: str, module: nn.Module) -> str:
         parent = self.root
         *path, last = self.ident(target).split(".")
+        if any(p.startswith("_") or hasattr(fx.GraphModule, p) for p in (*path, last)):
+            raise self.fail(f"refused: {target[:60]!r} is not a plain module name (a graph module's own attribute)")
         try:
             for part in path:
                 if part not in parent._modules:
@@ -233,6 +239,7 @@ class _Rebuilder:
             if entry.get("kind", 1) not in (1, 2) or not IDENT.fullmatch(str(entry.get("name"))):
                 raise self.fail(f"refused: an argument of aten.{op} has no plain name ({str(entry.get('name'))[:40]!r})")
             named[entry["name"]] = self.value(entry["arg"], op)
+            _check_kind(self, op, entry["name"], named[entry["name"]])
         outputs = []
         for out in item.get("outputs") or []:
             kind, v = _one(out, f"{self.name}: an output of {op}")
@@ -325,8 +332,13 @@ class _Rebuilder:
         return self.call(pool, x, name)
 
     def _adaptive_pool(self, op: str, x, a: dict, name: str):
+        shape = x.meta.get("shape") if isinstance(x, fx.Node) else None
+        size = a.get("output_size")
+        if not shape or not isinstance(size, list) or not all(isinstance(s, int) and 0 < s <= (d or 4096)
+                                                              for s, d in zip(size, shape[2:])):
+            return None  # a pool that grows its input is no pool
         cls = nn.AdaptiveAvgPool1d if op.endswith("1d") else nn.AdaptiveAvgPool2d
-        return self.call(cls(tuple(a["output_size"])), x, name)
+        return self.call(cls(tuple(size)), x, name)
 
     def _mean(self, op: str, x, a: dict, name: str):
         """The mean over both spatial dimensions of a 4-d tensor: a global average pool."""
@@ -367,6 +379,8 @@ class _Rebuilder:
 
     def _hardtanh(self, op: str, x, a: dict, name: str):
         lo, hi = a.get("min_val", -1.0), a.get("max_val", 1.0)
+        if not lo < hi:
+            return None
         return self.call(nn.ReLU6() if (lo, hi) == (0, 6) else nn.Hardtanh(lo, hi), x, name)
 
     def _sym_size(self, op: str, x, a: dict, name: str):
@@ -400,6 +414,26 @@ class _Rebuilder:
         if any(isinstance(s, Sym) for s in size):
             raise self.fail("a reshape uses a symbolic size other than the batch (export with a fixed input shape)")
         return self.graph.call_method("reshape", (x, *size))
+
+
+BOOLS = {"ceil_mode", "count_include_pad", "keepdim", "training", "transposed", "train", "cudnn_enabled",
+         "half_to_float"}
+NUMBERS = {"eps", "momentum", "min_val", "max_val", "p", "alpha", "beta"}
+INTS = {"stride", "padding", "dilation", "kernel_size", "output_size", "groups", "dim", "dims", "start_dim", "end_dim",
+        "dim0", "dim1", "output_padding", "divisor_override"}
+
+
+def _check_kind(rebuilder: "_Rebuilder", op: str, name: str, value) -> None:
+    """Refuse an argument whose value is not of the kind its schema name takes (``eps`` a
+    number, ``ceil_mode`` a flag, ``stride`` integers; ``padding`` may also be a word)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    integers = lambda v: isinstance(v, int) and not isinstance(v, bool) or (  # noqa: E731
+        isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+    ok = (name not in BOOLS or isinstance(value, bool)) and (name not in NUMBERS or number(value)) and \
+        (name not in INTS or value is None and name == "divisor_override" or integers(value) or
+         name == "padding" and value in ("same", "valid"))
+    if not ok:
+        raise rebuilder.fail(f"refused: argument {name} of aten.{op} is {str(value)[:30]!r}, not the kind it takes")
 
 
 def _pair(v, n: int) -> tuple:
