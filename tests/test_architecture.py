@@ -12,7 +12,6 @@ import torch
 from ann2snn import neurons
 from ann2snn.errors import OptionError, UserError
 from ann2snn.neurons import Neuron
-from ann2snn.neurons import if_neuron
 from ann2snn.options import CalibrationOptions, RunOptions
 from ann2snn.store.profile import Profile, load_profile, save_profile
 from ann2snn.neurons.readout import Readout

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import tiny_cnn
 from test_hostile import _one_line_error
@@ -190,16 +189,6 @@ def test_nan_weights_in_an_archive_are_refused(run_cli, tiny_files):
                     "NaN or infinite", absent=[f["dir"] / "o.json"])
 
 
-class Gated(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(64, 3)
-
-    def forward(self, x):
-        x = torch.flatten(x, 1)
-        return self.fc(x * 2.0)
-
-
 @pytest.mark.parametrize("form", ["plain", "decomposed", "dynamic batch"])
 def test_each_form_of_export_rebuilds_the_same_network(form):
     from ann2snn.io.export_archive import read_export
@@ -214,14 +203,6 @@ def test_each_form_of_export_rebuilds_the_same_network(form):
     x = torch.rand(5, 1, 8, 8)
     assert torch.allclose(model(x), tiny_cnn()(x), atol=1e-6)
     assert all(type(m).__name__ != "GraphModule" for m in model.children())
-
-
-def test_an_operator_without_a_module_is_kept_for_the_preflight_to_name(run_cli, tiny_files):
-    f = tiny_files
-    path = f["dir"] / "scaled.pt2"
-    path.write_bytes(_archive_bytes(Gated().eval()))
-    code, out, err = run_cli("calibrate", path, "-d", f["data"], "-o", f["dir"] / "o.json")
-    assert code == 2 and "mul" in err and "Traceback" not in err
 
 
 def test_an_artifact_embedding_a_crafted_archive_runs_nothing(run_cli, tiny_files):

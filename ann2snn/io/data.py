@@ -27,6 +27,7 @@ from typing import Iterator
 import torch
 
 from ann2snn.errors import OptionError, UserError
+from ann2snn.io.files import tensor_problem
 from ann2snn.options import parse_number
 
 NAMED = {  # spec -> (torchvision class, folder torchvision reads, classes)
@@ -182,15 +183,16 @@ def checked_samples(name: str, split: str, inputs: torch.Tensor, targets: torch.
     """Samples from a file or an API call, refused (naming ``option``) where a value is not a
     finite number (in float32, as simulated) or a class index is negative; float targets are
     regression targets."""
-    for key, t in (("inputs", inputs), ("targets", targets)):
+    pairs = (("inputs", inputs), ("targets", targets))
+    for key, t in pairs:
         if t.is_complex():
             raise OptionError(option, f"{where}'{key}' has type {str(t.dtype).removeprefix('torch.')}; "
                                       "expected real numbers or integers")
-    if inputs.is_floating_point() and not torch.isfinite(inputs.float()).all():
-        raise OptionError(option, f"{where}'inputs' holds NaN or infinite values (in float32)")
+    for key, t in pairs:
+        problem = tensor_problem(t)
+        if problem:
+            raise OptionError(option, f"{where}'{key}' {problem}")
     if targets.is_floating_point():
-        if not torch.isfinite(targets.float()).all():
-            raise OptionError(option, f"{where}'targets' holds NaN or infinite values (in float32)")
         return TensorData(name, split, inputs, targets.float(), 1, task="regression")
     if targets.min() < 0:
         raise OptionError(option, f"{where}'targets' must be non-negative class indices or real values")
