@@ -70,7 +70,9 @@ class CalibrationOptions:
     per sample over ``timesteps`` steps, default the neuron's) the precision knob - or an arousal
     policy's threshold - is searched on ``search_samples`` of them, drawn at random, and so is the
     operating point ``calibrate`` chooses without a budget (defaults: ``pipeline.search_set``, 1,280
-    and 2,000 images at ASN's 200 steps)."""
+    and 2,000 images at ASN's 200 steps). ``layer_calibration``: steps to fit the layer calibration
+    (bias correction, ``conversion/layer_calibration.py``) at, 0 for none; default the neuron's
+    (``Neuron.layer_calibration``); fitted on the first ``layer_calibration_samples`` images."""
 
     samples: int = 2000
     seed: int = 0
@@ -79,6 +81,8 @@ class CalibrationOptions:
     budget: float | None = None
     timesteps: int | None = None
     search_samples: int | None = None
+    layer_calibration: int | None = None
+    layer_calibration_samples: int = 256
 
     def __post_init__(self):
         _positive("batch_size", self.batch_size)
@@ -88,6 +92,11 @@ class CalibrationOptions:
             raise OptionError("budget", f"{self.budget:g}: must be a positive number of spikes per sample")
         _positive("timesteps", self.timesteps)
         _positive("search_samples", self.search_samples)
+        _positive("layer_calibration_samples", self.layer_calibration_samples)
+        if self.layer_calibration is not None and (not isinstance(self.layer_calibration, int)
+                                                   or isinstance(self.layer_calibration, bool)
+                                                   or not 0 <= self.layer_calibration <= 100_000):
+            raise OptionError("layer_calibration", f"{self.layer_calibration!r}: a number of steps (0: none)")
         if self.search_samples is not None and self.search_samples > self.samples:
             raise OptionError("search_samples", f"{self.search_samples}: more than the {self.samples} calibration "
                                                 "images (raise --samples, or the data set has no more)")

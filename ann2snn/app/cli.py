@@ -62,6 +62,8 @@ CAL, RUN, TUNE, SOURCE = (partial(default_of, cls) for cls in (CalibrationOption
 NEURON_NAMES = _or(NEURONS)  # the registered neuron types, as help lists them
 PRECISION_STEPS = ", ".join(f"{n.label} {n.default_timesteps}" for n in NEURONS.values() if n.precision is not None)
 _COMPARE = list(NEURONS)
+LC_HELP = ("Steps to fit the layer calibration (bias correction, layer after layer) at; 0: none (default: the "
+           "neuron's, " + ", ".join(f"{n.label} {n.layer_calibration}" for n in NEURONS.values()) + ").")
 PERCENTILES = ", ".join(f"{name} {n.defaults['percentile']:g}" for name, n in NEURONS.items())
 
 DATA_DIR = typer.Option(SOURCE("data_dir"), "--data-dir", help="Where named data sets live (default: "
@@ -139,6 +141,9 @@ def calibrate(
                                  "'evaluate --arousal'; with --budget, search its threshold."),
     arousal_policy: Optional[str] = typer.Option(None, "--arousal-policy", help="Implies --arousal; the policy "
                                                  "to store, e.g. 'low=0.3;high=0.1;at=40' (fields ';', lists ',')."),
+    layer_calibration: Optional[int] = typer.Option(CAL("layer_calibration"), "--layer-calibration", help=LC_HELP),
+    layer_calibration_samples: int = typer.Option(CAL("layer_calibration_samples"), "--layer-calibration-samples",
+                                                  help="Calibration images the layer calibration is fitted on."),
     seed: int = typer.Option(CAL("seed"), "--seed", help="Seed of the calibration subset."),
     split: str = typer.Option(CAL("split"), "--split", help="Split of a named data set to calibrate (and search) on: "
                                                         "train, or val for a model trained on fit "
@@ -156,7 +161,8 @@ def calibrate(
     Example: ann2snn calibrate lenet5.safetensors -m lenet5 -d mnist -o lenet5.calib.json
     """
     options = CalibrationOptions(samples=samples, seed=seed, split=split, batch_size=batch_size, budget=budget,
-                                 timesteps=timesteps, search_samples=search_samples)
+                                 timesteps=timesteps, search_samples=search_samples, layer_calibration=layer_calibration,
+                                 layer_calibration_samples=layer_calibration_samples)
     profile, _ = pipeline.calibrate(
         checkpoint, model, dataset, output, neuron=neuron,
         neuron_options={**({} if percentile is None else {"percentile": percentile}),
@@ -216,6 +222,11 @@ def _print_calibration(profile: Profile, output: Path) -> None:
                           "kept the sparsest[/]")
     if profile.operating_point:
         _print_operating_point(profile.operating_point)
+    if profile.layer_calibration:
+        lc = profile.layer_calibration
+        errors = ", ".join(f"{c.error_before:.3g}" for c in lc.corrections)
+        console.print(f"layer calibration at {lc.timesteps} steps on {lc.samples} images: {len(lc.corrections)} of "
+                      f"{len(profile.layers)} layers corrected; mean error per channel before: {errors or '-'}")
     console.print(f"wrote {literal(output)}")
 
 

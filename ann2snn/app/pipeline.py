@@ -24,7 +24,9 @@ from ann2snn.search import operating_point
 from ann2snn.neurons.arousal_policy import ArousalPolicy
 from ann2snn.sim.arousal import check_class_scores
 from ann2snn.store.artifact import Artifact, ArtifactMeta, build_neurons, load_artifact, save_artifact
-from ann2snn.search.budget import fit_ramps, search, search_arousal
+from ann2snn import progress
+from ann2snn.conversion.layer_calibration import LayerCalibrationRecord
+from ann2snn.search.budget import fit_layer_calibration, fit_ramps, search, search_arousal
 from ann2snn.conversion.statistics import activation_stats
 from ann2snn.io.checkpoint import file_sha256, load_model, load_state, state_sha256
 from ann2snn.conversion.graph import (MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, spiking_layers, to_snn)
@@ -207,11 +209,23 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
                                               options.batch_size, dev)
     layers = make_layers(gm, stats, neuron, opts)
     ramps = fit_ramps(gm, neuron, layers, subset, steps, dev) if opts.get("bias_ramp") else None
+    calibration = _layer_calibration(gm, neuron, layers, subset, options, dev, ramps)
     return Profile(model=model, input=InputInfo(shape=list(subset.sample_shape), normalize=subset.normalize),
                    data=DataInfo(dataset=dataset, split=options.split, samples=len(subset), seed=options.seed),
                    neuron=NeuronSpec(type=neuron.name, options=opts), layers=layers,
-                   budget_search=record, operating_point=chosen, bias_ramps=ramps,
+                   budget_search=record, operating_point=chosen, bias_ramps=ramps, layer_calibration=calibration,
                    arousal=ArousalRecord(policy=arousal, search=arousal_record) if arousal is not None else None)
+
+
+def _layer_calibration(gm, neuron: Neuron, layers: list, subset: TensorData, options: CalibrationOptions,
+                       dev: torch.device, ramps) -> LayerCalibrationRecord | None:
+    """The layer calibration ``options`` ask for (default: the neuron's steps; 0: none)."""
+    steps = neuron.layer_calibration if options.layer_calibration is None else options.layer_calibration
+    if not steps:
+        return None
+    samples = min(options.layer_calibration_samples, len(subset))
+    with progress.task(f"layer calibration: {steps} steps, {samples} images (layers)", len(layers)) as shown:
+        return fit_layer_calibration(gm, neuron, layers, subset, steps, samples, dev, ramps, shown.advance)
 
 
 def _model_ref(model_ref: str | None, checkpoint: str | Path) -> str:
@@ -237,7 +251,8 @@ def artifact_meta(profile: Profile, gm, maxpool: str) -> ArtifactMeta:
     """What the artifact converted from ``profile`` (on the normalised graph ``gm``) records."""
     return ArtifactMeta(model=profile.model, graph=graph_signature(gm), input=profile.input, neuron=profile.neuron,
                         layers=profile.layers, calibration=profile.data, maxpool=maxpool,
-                        arousal=profile.arousal, bias_ramps=profile.bias_ramps)
+                        arousal=profile.arousal, bias_ramps=profile.bias_ramps,
+                        layer_calibration=profile.layer_calibration)
 
 
 def convert_model(model: nn.Module, profile: Profile, *, maxpool: str = DEFAULT_MAXPOOL, source: str = "profile",
@@ -258,7 +273,8 @@ def convert_model(model: nn.Module, profile: Profile, *, maxpool: str = DEFAULT_
         raise UserError(f"{source}: the profile's input shape {list(shape)} does not fit the model") from None
     verify(model, gm, torch.randn((4, *shape), generator=torch.Generator().manual_seed(0)))
     try:
-        snn = to_snn(gm, build_neurons(neuron, profile.layers, source), maxpool, profile.bias_ramps)
+        snn = to_snn(gm, build_neurons(neuron, profile.layers, source), maxpool, profile.bias_ramps,
+                     profile.layer_calibration)
     except UserError as exc:
         raise exc.within(f"{source}: ") from None
     return Artifact(gm.eval(), snn.eval(), artifact_meta(profile, gm, maxpool), neuron), rows
@@ -389,11 +405,16 @@ def _remeasured(tuned: nn.Module, profile: Profile, neuron: Neuron, tuned_option
     unramped = {**tuned_options, **({"bias_ramp": False} if "bias_ramp" in tuned_options else {})}
     measured = fit_profile(gm, neuron, unramped, subset, info, dataset,
                            CalibrationOptions(samples=profile.data.samples, seed=profile.data.seed,
-                                              split=profile.data.split), dev, None)
+                                              split=profile.data.split, layer_calibration=0), dev, None)
     layers = [replace(m, params=t.params) for m, t in zip(measured.layers, trained)]
     ramps = fit_ramps(gm, neuron, layers, subset, neuron.default_timesteps, dev) if tuned_options.get("bias_ramp") \
         else None
-    return replace(measured, neuron=replace(measured.neuron, options=tuned_options), layers=layers, bias_ramps=ramps)
+    old = profile.layer_calibration  # refitted for the trained weights, as it was fitted before
+    calibration = None if old is None else _layer_calibration(
+        gm, neuron, layers, subset, CalibrationOptions(layer_calibration=old.timesteps,
+                                                       layer_calibration_samples=old.samples), dev, ramps)
+    return replace(measured, neuron=replace(measured.neuron, options=tuned_options), layers=layers, bias_ramps=ramps,
+                   layer_calibration=calibration)
 
 
 def _finetune_record(o: FinetuneOptions, checkpoint: str | Path, calibration: str | Path) -> dict:

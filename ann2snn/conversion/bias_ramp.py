@@ -96,13 +96,14 @@ def modules(records: list[BiasRampRecord], layers: list[str]) -> dict[str, BiasR
     return {r.layer: BiasRamp(torch.tensor(r.offset), torch.tensor(r.gain), r.layer) for r in records}
 
 
-def attach(snn: fx.GraphModule, ramps: dict[str, nn.Module]) -> fx.GraphModule:
-    """Insert each ramp before the layer it names (``OUTPUT``: before the network output), in place."""
+def attach(snn: fx.GraphModule, ramps: dict[str, nn.Module], kind: str = "bias_ramp") -> fx.GraphModule:
+    """Insert each module of ``ramps`` before the layer it names (``OUTPUT``: before the network
+    output), in place, as the submodule ``{layer}_{kind}``."""
     for node in list(snn.graph.nodes):
         name = OUTPUT if node.op == "output" else str(node.target) if node.op == "call_module" else None
         if name not in ramps or not node.args or not isinstance(node.args[0], fx.Node):
             continue
-        target = f"{name}_bias_ramp"
+        target = f"{name}_{kind}"
         snn.add_submodule(target, ramps[name])
         with snn.graph.inserting_before(node):
             ramped = snn.graph.call_module(target, (node.args[0],))

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ann2snn.conversion import layer_calibration
 from ann2snn.conversion.bias_ramp import BiasRampRecord, attach
+from ann2snn.conversion.layer_calibration import LayerCalibrationRecord
 from ann2snn.conversion.bias_ramp import modules as ramp_modules
 from ann2snn.conversion.equivalence import trace
 from ann2snn.errors import OptionError, UserError
@@ -417,12 +419,14 @@ MAXPOOL_MODES = {
 
 
 def to_snn(gm: fx.GraphModule, neurons: dict[str, nn.Module], maxpool: str = "gated",
-           ramps: list[BiasRampRecord] | None = None) -> fx.GraphModule:
+           ramps: list[BiasRampRecord] | None = None,
+           calibration: LayerCalibrationRecord | None = None) -> fx.GraphModule:
     """Copy a normalised graph, filling each ReLU slot with its spiking neuron module; each max
     pool (which now always follows a slot) becomes a ``GatedMaxPool`` (``maxpool='gated'``) or
     stays a plain max over the step's spikes (``'spikes'``: cheaper, over-counts when several
     inputs of a window spike in turn). ``ramps``: bias ramps before the layers they name
-    (``bias_ramp.py``)."""
+    (``bias_ramp.py``); ``calibration``: the layer calibration's constant currents, after them
+    (``layer_calibration.py``)."""
     if maxpool not in MAXPOOL_MODES:
         raise OptionError("maxpool", f"{maxpool!r}: expected one of {', '.join(MAXPOOL_MODES)}")
     snn = copy.deepcopy(gm)
@@ -435,4 +439,6 @@ def to_snn(gm: fx.GraphModule, neurons: dict[str, nn.Module], maxpool: str = "ga
         if maxpool == "gated" and n.op == "call_module" and isinstance(snn.get_submodule(n.target), MAXPOOL):
             snn.add_submodule(n.target, GatedMaxPool(snn.get_submodule(n.target)))
     snn.recompile()
-    return attach(snn, ramp_modules(ramps, spiking_layers(gm))) if ramps else snn
+    if ramps:
+        attach(snn, ramp_modules(ramps, spiking_layers(gm)))
+    return layer_calibration.apply(snn, calibration, spiking_layers(gm))

@@ -98,19 +98,21 @@ VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512
 def vgg16_bn(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: int = 64) -> nn.Module:
     """CIFAR-style VGG-16 with batch norm: 13 3x3 conv + BN + ReLU in five blocks, each ended by a
     2x2 max pool, then 512-wide fully connected + ReLU and the classifier. ``width`` (64) scales
-    every layer (width 8: a small variant for tests); inputs of at least 32x32."""
-    if input_size < 32:
-        raise OptionError("model_args", f"input_size={input_size}: vgg16_bn pools five times, it needs >= 32")
+    every layer (width 8: a small variant for tests). A pool that would take the side below 1 is
+    left out (28x28 inputs: four pools, 28 -> 14 -> 7 -> 3 -> 1), so inputs of at least 16x16."""
+    if input_size < 16:
+        raise OptionError("model_args", f"input_size={input_size}: vgg16_bn needs inputs of at least 16x16")
     layers: list[nn.Module] = []
-    c_in = in_channels
+    c_in, side = in_channels, input_size
     for v in VGG16:
         if v == "M":
-            layers.append(nn.MaxPool2d(2))
+            if side >= 2:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
             continue
         c_out = v * width // 64
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         c_in = c_out
-    side = input_size // 32
     hidden = 512 * width // 64
     layers += [nn.Flatten(), nn.Linear(c_in * side * side, hidden), nn.ReLU(), nn.Dropout(0.5),
                nn.Linear(hidden, num_classes)]

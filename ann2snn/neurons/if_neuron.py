@@ -184,7 +184,7 @@ NEURON = Neuron(name="if", defaults=DEFAULTS, fit=fit, build=build, readout=read
                 bounds={"percentile": PERCENTILE, "v_init": Bound(-1, 1), "threshold": POSITIVE,
                         "max_spikes": Bound(1, 255, integer=True), "per_channel": Bound(flag=True),
                         "reset": Bound(words=("subtract", "zero"))},
-                param_options=("v_init", "max_spikes", "reset"), default_timesteps=64,
+                param_options=("v_init", "max_spikes", "reset"), default_timesteps=64, layer_calibration=32,
                 step_ops=StepOps(mac_per_step=0, add_per_step=2, add_per_spike=1),  # v += I; v >= theta; v -= theta
                 nir=NIRExport(nir_problems, "calibrate with --param reset=zero --param v_init=0 and convert again",
                               nir_node, lambda params: float(params["threshold"])))

@@ -189,6 +189,8 @@ class Neuron:
     bounds), e.g. a ``named`` one that would silently do nothing without another; checked where a
     user sets options (``--param``, ``--sweep``), not on files, whose networks are well defined.
     ``nir``: how its layers export to NIR (``NIRExport``; None: refused by name).
+    ``layer_calibration``: the steps ``calibrate`` fits the layer calibration at by default
+    (``conversion/layer_calibration.py``; 0: off unless asked for).
     """
 
     name: str
@@ -212,6 +214,7 @@ class Neuron:
     operating_points: tuple[dict, ...] = ()
     conflict: Callable[[dict, set], str | None] | None = None
     nir: NIRExport | None = None
+    layer_calibration: int = 0
 
     @property
     def label(self) -> str:

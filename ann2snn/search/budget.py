@@ -15,16 +15,18 @@ accuracy) grow with it; bisection finds the largest threshold within the budget.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 import torch
 from torch import fx
 
-from ann2snn.conversion import bias_ramp
+from ann2snn.conversion import bias_ramp, layer_calibration
 from ann2snn.sim import distributed
 from ann2snn.sim.arousal import ArousalController, start_layers
 from ann2snn.neurons.arousal_policy import ArousalPolicy
 from ann2snn.store.artifact import build_neurons
 from ann2snn.conversion.bias_ramp import BiasRampRecord
+from ann2snn.conversion.layer_calibration import LayerCalibrationRecord
 from ann2snn.conversion.statistics import LayerStats
 from ann2snn.conversion.graph import to_snn
 from ann2snn.io.data import TensorData
@@ -55,6 +57,22 @@ def fit_ramps(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], da
     except torch.OutOfMemoryError:
         raise UserError(f"fitting the bias ramps: {len(x)} images of this network do not fit in {device} memory at "
                         "once; run on the CPU or calibrate with --param bias_ramp=false") from None
+
+
+def fit_layer_calibration(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], data: TensorData,
+                          timesteps: int, samples: int, device: torch.device,
+                          ramps: list[BiasRampRecord] | None = None,
+                          on_layer: Callable[[], None] | None = None) -> LayerCalibrationRecord:
+    """The layer calibration of the SNN of ``layers`` (with its bias ramps), fitted on the first
+    ``samples`` images of ``data`` over ``timesteps`` steps (``layer_calibration.fit``)."""
+    x, _ = next(data.head(samples).batches(samples))
+    try:
+        snn = to_snn(gm, build_neurons(neuron, layers), ramps=ramps)
+        return ieee_float32(layer_calibration.fit)(gm, snn, [layer.name for layer in layers], x, timesteps, device,
+                                                       on_layer=on_layer)
+    except torch.OutOfMemoryError:
+        raise UserError(f"fitting the layer calibration: this network does not fit in {device} memory; run on the "
+                        "CPU or calibrate with --layer-calibration 0") from None
 
 
 def spiking_network(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], options: dict,

@@ -18,6 +18,7 @@ from torch import fx
 
 from ann2snn.conversion.bias_ramp import BiasRampRecord
 from ann2snn.conversion.graph import to_snn
+from ann2snn.conversion.layer_calibration import LayerCalibrationRecord
 from ann2snn.io.data import TensorData
 from ann2snn.neurons import Neuron
 from ann2snn.neurons.readout import Readout
@@ -73,9 +74,10 @@ class Network:
 
 def build_network(ann: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], options: dict, timesteps: int,
                   fanouts: Fanouts, *, maxpool: str = "gated", ramps: list[BiasRampRecord] | None = None,
-                  start_ms: int | None = None) -> Network:
-    """The network of ``neuron`` with the per-layer parameters of ``layers`` in ``ann``'s slots,
-    read out as ``options`` say within ``timesteps`` (from ``start_ms`` when given)."""
-    snn = to_snn(ann, build_neurons(neuron, layers), maxpool, ramps)
+                  calibration: LayerCalibrationRecord | None = None, start_ms: int | None = None) -> Network:
+    """The network of ``neuron`` with the per-layer parameters of ``layers`` in ``ann``'s slots
+    (with bias ramps and layer calibration when given), read out as ``options`` say within
+    ``timesteps`` (from ``start_ms`` when given)."""
+    snn = to_snn(ann, build_neurons(neuron, layers), maxpool, ramps, calibration)
     return Network(snn, neuron, [layer.name for layer in layers], fanouts(neuron.spike_op == "mac"),
                    neuron.readout_for(options, timesteps, start_ms), ramps)

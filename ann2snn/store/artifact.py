@@ -21,6 +21,7 @@ from ann2snn.errors import OptionError, UserError
 from ann2snn.io.files import check_input, json_text, parse_json, tensor_problem, write_safetensors
 from ann2snn.neurons import Neuron
 from ann2snn.conversion.bias_ramp import BiasRampRecord
+from ann2snn.conversion.layer_calibration import LayerCalibrationRecord
 from ann2snn.store.profile import (ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, ProfileLayer, check_layer_shapes)
 from ann2snn.io.records import from_json, to_json
 from ann2snn.io.export_archive import EXPORT_REF, read_export
@@ -48,6 +49,7 @@ class ArtifactMeta:
     maxpool: str = "gated"
     arousal: ArousalRecord | None = None
     bias_ramps: list[BiasRampRecord] | None = None  # bias_ramp.py
+    layer_calibration: LayerCalibrationRecord | None = None  # layer_calibration.py
 
     def __post_init__(self):
         if self.maxpool not in MAXPOOL_MODES:
@@ -210,7 +212,8 @@ def rebuild(meta: ArtifactMeta, tensors: dict[str, torch.Tensor], model: torch.n
     meta.layers = [replace(layer, stats=replace(layer.stats, analog_input=layer.name in analog))
                    if layer.stats is not None and layer.stats.analog_input is None else layer for layer in meta.layers]
     try:
-        snn = to_snn(ann, build_neurons(neuron, meta.layers, str(path)), meta.maxpool, meta.bias_ramps)
+        snn = to_snn(ann, build_neurons(neuron, meta.layers, str(path)), meta.maxpool, meta.bias_ramps,
+                     meta.layer_calibration)
     except UserError as exc:
         raise exc.within(f"{path}: ") from None
     own = snn.state_dict()

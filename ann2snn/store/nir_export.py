@@ -9,13 +9,15 @@ step (R = 1/dt with dt = 1e-4 s, the convention of NIR readers):
   at v > v_threshold, ann2snn at v >= theta, so v_threshold is the float32 just below theta;
 - the spike height theta is folded into the next weighted layer's weights (theta W);
 - Conv2d, Linear (as Affine, bias included: it is added every step), AvgPool2d, Flatten; batch
-  norm is already folded into the convolutions of the normalised graph.
+  norm is already folded into the convolutions of the normalised graph, and a layer
+  calibration's constant current into the bias of the weighted layer before it.
 Anything else (ASN, VSN, max pooling, residual sums, reset by subtraction) is refused, naming
 the layer or node: NIR has no node for it, or would simulate another network.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from ann2snn import neurons
+from ann2snn.conversion.layer_calibration import CurrentShift
 from ann2snn.neurons import NIRExport
 from ann2snn.store.artifact import Artifact
 from ann2snn.errors import UserError
@@ -92,6 +95,8 @@ class _Chain:
     def add_operation(self, snn: fx.GraphModule, node: fx.Node) -> None:
         """A module call or a flatten, fed by one node."""
         src = node.args[0] if node.args else None
+        if node.op == "call_module" and isinstance(snn.get_submodule(node.target), CurrentShift):
+            return self._fold_shift(snn.get_submodule(node.target), node, src)
         if node.op == "call_module":
             out, key = self._module(snn, node, src)
         elif node.op == "call_function" and node.target is torch.flatten:
@@ -106,6 +111,15 @@ class _Chain:
             raise UserError(f"NIR export: node {node.name} has {len(node.all_input_nodes)} inputs; only chains export")
         self.env[node], self.name_of[node] = out.detach(), key
         self.edges.append((self.name_of[src], key))
+
+    def _fold_shift(self, m: CurrentShift, node: fx.Node, src: fx.Node) -> None:
+        """A layer calibration's constant current, added to the bias of the weighted layer before it."""
+        name = self.name_of[src]
+        target = self.nodes.get(name)
+        if not hasattr(target, "bias") or len(src.users) != 1:
+            raise UserError(f"NIR export: the layer calibration of {m.layer} follows no weighted layer to fold into")
+        self.nodes[name] = dataclasses.replace(target, bias=np.asarray(target.bias) + m.shift.numpy())
+        self.env[node], self.name_of[node], self.scale[node] = m(self.env[src]).detach(), name, self.scale[src]
 
     def _module(self, snn: fx.GraphModule, node: fx.Node, src: fx.Node) -> tuple[torch.Tensor, str]:
         """A spiking layer or another module: its example output and NIR node name."""

@@ -20,6 +20,7 @@ from torch import fx
 from ann2snn.version import __version__
 from ann2snn.neurons.arousal_policy import ArousalPolicy
 from ann2snn.conversion.bias_ramp import BiasRampRecord
+from ann2snn.conversion.layer_calibration import LayerCalibrationRecord
 from ann2snn.conversion.statistics import CHANNEL_QUANTILES, LayerStats, quantile_table
 from ann2snn.conversion.graph import layer_sources, slot_shapes, spiking_layers
 from ann2snn.io.data import Normalize
@@ -175,6 +176,7 @@ class Profile:
     arousal: ArousalRecord | None = None
     finetune: dict | None = None
     bias_ramps: list[BiasRampRecord] | None = None  # bias_ramp.py
+    layer_calibration: LayerCalibrationRecord | None = None  # layer_calibration.py
 
     @property
     def layer_names(self) -> list[str]:
@@ -252,6 +254,17 @@ def check_profile(profile: Profile, gm: fx.GraphModule, path: str | Path, weight
         if ramp.layer in channels and len(ramp.offset) != channels[ramp.layer]:
             raise UserError(f"{path}: bias ramp of {ramp.layer}: {len(ramp.offset)} offsets for "
                             f"{channels[ramp.layer]} channels")
+    check_calibration(profile.layer_calibration, channels, path)
+
+
+def check_calibration(record: LayerCalibrationRecord | None, channels: dict[str, int], path: str | Path) -> None:
+    """Refuse a layer calibration naming a layer that is not spiking, or whose values do not fit its channels."""
+    for c in record.corrections if record is not None else []:
+        if c.layer not in channels:
+            raise UserError(f"{path}: layer calibration of {c.layer!r}, which is not a spiking layer of the network")
+        if len(c.shift) != channels[c.layer]:
+            raise UserError(f"{path}: layer calibration of {c.layer}: {len(c.shift)} values for "
+                            f"{channels[c.layer]} channels")
 
 
 def check_layer_shapes(layers: list[ProfileLayer], gm: fx.GraphModule, input_shape: tuple[int, ...],
