@@ -86,14 +86,18 @@ class BiasRamp(StatefulLayer):
 def modules(records: list[BiasRampRecord], layers: list[str]) -> dict[str, BiasRamp]:
     """The ramp modules of ``records``, refused if one names no spiking layer (nor the output);
     an offset that does not fit its layer is refused when the layer first runs."""
-    unknown = [r.layer for r in records if r.layer not in (*layers, OUTPUT)]
-    if unknown:
-        raise UserError(f"bias ramp for {unknown[0]!r}, which is not a spiking layer of the network")
-    names = [r.layer for r in records]
+    check_named_layers([r.layer for r in records], [*layers, OUTPUT], "bias ramp", "bias ramps")
+    return {r.layer: BiasRamp(torch.tensor(r.offset), torch.tensor(r.gain), r.layer) for r in records}
+
+
+def check_named_layers(names: list[str], layers: list[str], what: str, plural: str) -> None:
+    """Refuse per-layer records (``what``) that name a layer outside ``layers``, or one layer twice."""
+    unknown = next((n for n in names if n not in layers), None)
+    if unknown is not None:
+        raise UserError(f"{what} for {unknown!r}, which is not a spiking layer of the network")
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:
-        raise UserError(f"two bias ramps for {twice!r}")
-    return {r.layer: BiasRamp(torch.tensor(r.offset), torch.tensor(r.gain), r.layer) for r in records}
+        raise UserError(f"two {plural} for {twice!r}")
 
 
 def attach(snn: fx.GraphModule, ramps: dict[str, nn.Module], kind: str = "bias_ramp") -> fx.GraphModule:

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from ann2snn.conversion.bias_ramp import attach
+from ann2snn.conversion.bias_ramp import attach, check_named_layers
 from ann2snn.errors import UserError
 from ann2snn.neurons.layer import StatefulLayer
 
@@ -80,13 +80,7 @@ def modules(record: LayerCalibrationRecord | None, layers: list[str]) -> dict[st
     """The shift modules of ``record``, refused if one names no spiking layer or one layer twice."""
     if record is None:
         return {}
-    names = [c.layer for c in record.corrections]
-    unknown = next((n for n in names if n not in layers), None)
-    if unknown is not None:
-        raise UserError(f"layer calibration for {unknown!r}, which is not a spiking layer of the network")
-    twice = next((n for n in names if names.count(n) > 1), None)
-    if twice is not None:
-        raise UserError(f"two layer calibrations for {twice!r}")
+    check_named_layers([c.layer for c in record.corrections], layers, "layer calibration", "layer calibrations")
     return {c.layer: CurrentShift(torch.tensor(c.shift), c.layer) for c in record.corrections}
 
 

@@ -334,8 +334,8 @@ def _simulate(plan: _Plan, data: TensorData, on_batch: Callable[[int], None] | N
 def _simulate_run(plan: _Plan, r: Run, data: TensorData, on_batch=None) -> tuple[RunSums, float]:
     """One run of the plan on ``data``: its sums and the seconds it took."""
     art, run = plan.art, plan.run
-    # the ramps and the layer calibration were fitted for the artifact's own network: runs with other layer parameters (a
-    # sweep of m_f or scale, arousal's start precision, another neuron type) run without them
+    # the ramps and the layer calibration were fitted for the artifact's own network: runs with other
+    # layer parameters (a sweep of m_f or scale, arousal's start precision, another neuron type) run without them
     own = r.neuron is art.neuron and [x.params for x in r.layers] == [x.params for x in art.meta.layers]
     net = build_network(art.ann, r.neuron, r.layers, r.spec.options, run.timesteps, plan.fanouts,
                         maxpool=art.meta.maxpool, ramps=art.meta.bias_ramps if own else None,

@@ -254,15 +254,16 @@ def check_profile(profile: Profile, gm: fx.GraphModule, path: str | Path, weight
         if ramp.layer in channels and len(ramp.offset) != channels[ramp.layer]:
             raise UserError(f"{path}: bias ramp of {ramp.layer}: {len(ramp.offset)} offsets for "
                             f"{channels[ramp.layer]} channels")
-    check_calibration(profile.layer_calibration, channels, path)
+    check_calibration(profile.layer_calibration, layers, channels, path)
 
 
-def check_calibration(record: LayerCalibrationRecord | None, channels: dict[str, int], path: str | Path) -> None:
+def check_calibration(record: LayerCalibrationRecord | None, layers: list[str], channels: dict[str, int],
+                      path: str | Path) -> None:
     """Refuse a layer calibration naming a layer that is not spiking, or whose values do not fit its channels."""
     for c in record.corrections if record is not None else []:
-        if c.layer not in channels:
+        if c.layer not in layers:
             raise UserError(f"{path}: layer calibration of {c.layer!r}, which is not a spiking layer of the network")
-        if len(c.shift) != channels[c.layer]:
+        if c.layer in channels and len(c.shift) != channels[c.layer]:
             raise UserError(f"{path}: layer calibration of {c.layer}: {len(c.shift)} values for "
                             f"{channels[c.layer]} channels")
 
