@@ -60,7 +60,7 @@ def ours(a, tmp: Path, label: str, neuron: str, timesteps: int, params: dict | N
     curve = [{k: c[k] for k in ("timestep", "accuracy", "spikes_per_sample", "synops_per_sample",
                                 "energy_pj_per_sample")} for c in report["curve"]]
     return {"method": "ann2snn", "setting": label, "ann_accuracy": report["ann"]["accuracy"],
-            "ann_energy_pj": report["ann"].get("energy_pj_per_sample"), "samples": report["snn"].get("samples"),
+            "ann_energy_pj": report["ann"].get("energy_pj_per_sample"), "samples": report["dataset"]["samples"],
             "accuracy": report["snn"]["accuracy"], "ci95": report["snn"]["accuracy_ci95"], "curve": curve,
             "calibrate_s": calibrated, "seconds": time.perf_counter() - start}
 
@@ -177,7 +177,7 @@ def main() -> None:
     else:
         rows.insert(0, sj)
     rows = [finish_row(r, ann) for r in rows]
-    n = rows[-1]["samples"] or a.limit
+    n = rows[-1]["samples"]
     title = (f"{a.model} {' '.join(a.model_arg)} on {a.dataset} {a.split} ({n} images): ANN {100 * ann:.2f}% "
              f"({' - '.join(f'{100 * v:.2f}' for v in wilson(round(ann * n), n))})")
     markdown = show(rows, ann, title)
