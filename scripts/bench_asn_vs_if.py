@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Accuracy versus spikes: ASN and VSN against the IF rate-coding baseline on one network, from
+"""Accuracy versus spikes: ASN, VSN and TTFS against the IF rate-coding baseline on one network, from
 the checkpoint (trained first if missing) to tables, a JSON file and one plot.
 
 The first table uses every default and nothing else: `calibrate` (ASN: the operating point it
 chooses itself on calibration images of the training split), `convert`, `evaluate` with IF at
--T 64, ASN at -T 200, VSN at -T 1; beside them ASN without its bias ramps (docs/science.md
+-T 64, ASN at -T 200, VSN at -T 1, TTFS (its levels chosen by calibrate) to its answer step; beside them ASN without its bias ramps (docs/science.md
 section 7) and the AdSNN paper's ASN setting (m_f 0.1, tau_gamma 15 ms, 50 ms readout filter, no
 ramps). The second (unless --defaults-only) adds ASN sweeps of m_f (picked
 by looking at the test set: for reference only), fine-tuning and VSN trade-offs.
@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=Path("runs/bench_asn_vs_if"))
     p.add_argument("--defaults-only", action="store_true", help="only the first table")
+    p.add_argument("--no-asn", action="store_true", help="leave ASN out of the first table (its choice is slow)")
     p.add_argument("--calibration-split", default="train", help="split calibrate (and its searches) draw from: "
                                                                  "val for a checkpoint trained with --holdout")
     p.add_argument("--select-on", default=None, help="a split (val) on which the m_f sweeps pick one value, "
@@ -230,8 +231,8 @@ def defaults(a, out: Path, common: dict, seed: int = 0) -> list[dict]:
             ("ASN without bias ramps", "asn", {"bias_ramp": False}, a.timesteps),
             ("ASN paper setting", "asn", {"m_f": 0.1, "tau_gamma": 15.0, "readout_tau": 50.0, "bias_ramp": False},
              a.timesteps),
-            ("VSN Ts=1", "vsn", {}, 1)):
-        if neuron == "vsn" and not a.vsn_tradeoffs.strip():
+            ("VSN Ts=1", "vsn", {}, 1), ("TTFS", "ttfs", {}, None)):
+        if neuron == "vsn" and not a.vsn_tradeoffs.strip() or neuron == "asn" and a.no_asn:
             continue
         tag = method.split()[0].lower() + ("_paper" if "paper" in method else "_noramp" if "ramp" in method else "")
         start = time.perf_counter()
@@ -240,6 +241,7 @@ def defaults(a, out: Path, common: dict, seed: int = 0) -> list[dict]:
                                options=CalibrationOptions(seed=seed, split=a.calibration_split))
         seconds = time.perf_counter() - start
         convert(a, a.checkpoint, out / f"default_{tag}.json", out / f"default_{tag}.snn.safetensors")
+        steps = steps or pipeline.answer_step(out / f"default_{tag}.snn.safetensors", a.model) + 1  # a time code
         report = evaluate(a, out / f"default_{tag}.snn.safetensors", RunOptions(steps, **common))
         for row in rows_of(report, method, reference=rows[0]["ann_accuracy"] if rows else None):
             row.update(seed=seed, calibrate_seconds=round(seconds, 1), options=profile.neuron.options,

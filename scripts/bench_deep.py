@@ -4,7 +4,8 @@
 On one checkpoint and the same test images: the ANN; SpikingJelly's ``ann2snn`` converter
 (``RateCodingRecipe``, 99.9% mode, the same calibration images) where it is installed
 (``pip install -e '.[bench]'``); ann2snn IF with every default (layer calibration on) and without
-layer calibration, burst IF (``max_spikes=2``), VSN at T = 1, and ASN with ``--asn``. For each:
+layer calibration, burst IF (``max_spikes=2``), VSN at T = 1, TTFS (its levels chosen by calibrate,
+simulated to its answer step), and ASN with ``--asn``. For each:
 accuracy per step (Wilson 95% interval at the last step), the first step from which it stays
 within 0.3 / 1 point of the ANN and the spikes, synaptic operations and energy spent by then;
 wall time. One JSON file, one plot, and a Markdown table (the README's deep table).
@@ -44,9 +45,10 @@ from ann2snn.store.artifact import load_artifact
 MARGINS = (0.3, 1.0)
 
 
-def ours(a, tmp: Path, label: str, neuron: str, timesteps: int, params: dict | None = None,
+def ours(a, tmp: Path, label: str, neuron: str, timesteps: int | None, params: dict | None = None,
          layer_calibration: int | None = None) -> dict:
-    """calibrate, convert and evaluate one ann2snn setting; the report's figures."""
+    """calibrate, convert and evaluate one ann2snn setting; the report's figures. ``timesteps``
+    None: a time code's answer step, plus one."""
     start = time.perf_counter()
     profile, artifact = tmp / f"{label}.json", tmp / f"{label}.snn.safetensors"
     options = CalibrationOptions(split=a.calibration_split, layer_calibration=layer_calibration)
@@ -54,12 +56,18 @@ def ours(a, tmp: Path, label: str, neuron: str, timesteps: int, params: dict | N
                        options=options, source=DataSource(a.data_dir), device=a.device, model_args=a.model_args)
     calibrated = time.perf_counter() - start
     pipeline.convert(a.checkpoint, profile, artifact, model_ref=a.model)
+    timesteps = timesteps or pipeline.answer_step(artifact, a.model) + 1
     report = pipeline.evaluate(artifact, a.dataset, RunOptions(timesteps=timesteps, split=a.split, limit=a.limit,
                                                                batch_size=a.batch_size),
                                source=DataSource(a.data_dir), device=a.device, model_ref=a.model).to_json()
     curve = [{k: c[k] for k in ("timestep", "accuracy", "spikes_per_sample", "synops_per_sample",
                                 "energy_pj_per_sample")} for c in report["curve"]]
+    snn = report["snn"]
+    if snn.get("answer_step"):
+        label = f"{label} ({neuron} {' '.join(f'{k}={v}' for k, v in report['neuron_options'].items() if k == 'levels')})"
     return {"method": "ann2snn", "setting": label, "ann_accuracy": report["ann"]["accuracy"],
+            "answer_step": snn.get("answer_step"), "neurons": snn["neurons"],
+            "energy_event_driven_pj": snn.get("energy_event_driven_pj_per_sample"),
             "ann_energy_pj": report["ann"].get("energy_pj_per_sample"), "samples": report["dataset"]["samples"],
             "accuracy": report["snn"]["accuracy"], "ci95": report["snn"]["accuracy_ci95"], "curve": curve,
             "calibrate_s": calibrated, "seconds": time.perf_counter() - start}
@@ -118,7 +126,7 @@ def finish_row(row: dict, ann: float) -> dict:
 def show(rows: list[dict], ann: float, title: str) -> str:
     """The rich table on the console; returns the same as Markdown."""
     head = ["method", "setting", "T", "accuracy (95% CI)", "vs ANN", "stays within 0.3 from (spikes)",
-            "stays within 1 from (spikes)", "spikes/sample at T", "wall s"]
+            "stays within 1 from (spikes)", "spikes/sample at T", "spikes/neuron", "event-driven uJ", "wall s"]
     table = Table(title=title)
     for h in head:
         table.add_column(h)
@@ -131,7 +139,10 @@ def show(rows: list[dict], ann: float, title: str) -> str:
         cells = [r["method"], r["setting"], str(len(r["curve"])),
                  f"{100 * r['accuracy']:.2f}% ({100 * lo:.2f}-{100 * hi:.2f})",
                  f"{100 * (r['accuracy'] - ann):+.2f}", at(0.3), at(1.0),
-                 f"{r['curve'][-1]['spikes_per_sample']:,.0f}", f"{r['seconds']:.0f}"]
+                 f"{r['curve'][-1]['spikes_per_sample']:,.0f}",
+                 f"{r['curve'][-1]['spikes_per_sample'] / r['neurons']:.3g}" if r.get("neurons") else "-",
+                 f"{r['energy_event_driven_pj'] / 1e6:.3g}" if r.get("energy_event_driven_pj") else "-",
+                 f"{r['seconds']:.0f}"]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     Console(width=220).print(table)
@@ -147,6 +158,7 @@ def main() -> None:
     p.add_argument("--timesteps", "-T", type=int, default=64, help="steps of the rate codes and SpikingJelly")
     p.add_argument("--asn", action="store_true", help="add ASN (its operating-point choice is slow at depth)")
     p.add_argument("--asn-timesteps", type=int, default=200)
+    p.add_argument("--quick", action="store_true", help="IF, VSN and TTFS only (no SpikingJelly, no IF variants)")
     p.add_argument("--split", default="test")
     p.add_argument("--calibration-split", default="fit")
     p.add_argument("--sj-calibration", type=int, default=2000, help="calibration images given to SpikingJelly "
@@ -165,12 +177,14 @@ def main() -> None:
         tmp = Path(tmp)
         rows.append(ours(a, tmp, "IF, every default", "if", T))
         a.reference_artifact = tmp / "IF, every default.snn.safetensors"
-        rows.append(ours(a, tmp, "IF, no layer calibration", "if", T, layer_calibration=0))
-        rows.append(ours(a, tmp, "burst IF (max_spikes=2)", "if", T, {"max_spikes": 2}))
+        if not a.quick:
+            rows.append(ours(a, tmp, "IF, no layer calibration", "if", T, layer_calibration=0))
+            rows.append(ours(a, tmp, "burst IF (max_spikes=2)", "if", T, {"max_spikes": 2}))
         rows.append(ours(a, tmp, "VSN, T = 1", "vsn", 1))
         if a.asn:
             rows.append(ours(a, tmp, "ASN, every default", "asn", a.asn_timesteps))
-        sj = spikingjelly(a, T)
+        rows.append(ours(a, tmp, "TTFS, every default", "ttfs", None))
+        sj = spikingjelly(a, T) if not a.quick else "left out (--quick)"
     ann = rows[0]["ann_accuracy"]
     if isinstance(sj, str):
         print(f"SpikingJelly: {sj}")

@@ -33,7 +33,7 @@ from ann2snn.io.records import to_json
 from ann2snn.io.files import check_outputs
 from ann2snn.io.markup import literal, printable
 from ann2snn.io.zoo import list_models
-from ann2snn.evaluation.report import Report, report_files, report_outputs, layer_table, summary_table
+from ann2snn.evaluation.report import Report, report_files, report_outputs, layer_table, settled_table, summary_table
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert trained PyTorch networks into spiking networks and measure accuracy per spike.")
@@ -222,12 +222,31 @@ def _print_calibration(profile: Profile, output: Path) -> None:
                           "kept the sparsest[/]")
     if profile.operating_point:
         _print_operating_point(profile.operating_point)
+    if profile.exact_choice:
+        _print_exact_choice(profile.exact_choice)
     if profile.layer_calibration:
         lc = profile.layer_calibration
         errors = ", ".join(f"{c.error_before:.3g}" for c in lc.corrections)
         console.print(f"layer calibration at {lc.timesteps} steps on {lc.samples} images: {len(lc.corrections)} of "
                       f"{len(profile.layers)} layers corrected; mean error per channel before: {errors or '-'}")
     console.print(f"wrote {literal(output)}")
+
+
+def _print_exact_choice(record) -> None:
+    """The resolution chosen by forward passes of the transfer network (``search/exact.py``)."""
+    goal = (f"the fewest {record.knob} whose class differs from the ANN's on at most {100 * record.bar:.2g}% of"
+            if record.bar is not None else f"the least output error within {record.budget_spikes_per_sample:,.0f} "
+                                           "spikes per sample on")
+    console.print(f"{record.knob}: {goal} {record.samples:,} calibration images (forward passes: this code's answer "
+                  "is its transfer network's)")
+    for c in record.candidates:
+        quality = (f"{100 * c['accuracy']:6.2f}%  differs from the ANN on {100 * c['disagreement']:.2f}%"
+                   if "accuracy" in c else f"error vs ANN {c['output_error']:.3g}")
+        mark = " <- chosen" if c == record.chosen else ""
+        console.print(f"  {record.knob}={c[record.knob]:<5g}{c['spikes_per_sample']:>10,.0f} spikes  {quality}{mark}")
+    if not record.met:
+        console.print("[yellow]no candidate met the " + ("bar: kept the most levels[/]" if record.bar is not None
+                                                          else "budget: kept the sparsest[/]"))
 
 
 def _print_operating_point(record) -> None:
@@ -406,10 +425,15 @@ def _print_report(result: Report, report_dir: Path, plot_format: str = "png") ->
                           f"({m['spikes_per_sample']:,.0f} spikes) against arousal's "
                           f"{100 * a.with_arousal['accuracy']:.2f}% ({a.with_arousal['spikes_per_sample']:,.0f}); "
                           f"McNemar p={test.get('p_value', float('nan')):.2g}")
+    for label, s in [(result.label or "SNN", result.snn)] + [(v.label, v.snn) for v in result.variants or []]:
+        if s.get("answer_step"):
+            late = " - after the last step simulated: raise -T" if s["answer_step"] > result.timesteps else ""
+            console.print(f"{literal(label)}: a time code, its answer complete at step {s['answer_step']}{late} "
+                          "(before it, the output holds part of it)")
     within = result.snn.get("first_timestep_within_points_of_ann")
     settled = result.snn.get("settled_timestep_within_points_of_ann")
     if within:
-        console.print("steps to come within 0.1 / 0.2 / 0.5 / 1 points of the ANN: "
+        console.print(f"{literal(result.label or 'SNN')}: steps to come within 0.1 / 0.2 / 0.5 / 1 points of the ANN: "
                       + " / ".join(str(within[k]) if within[k] else "not reached" for k in ("0.1", "0.2", "0.5", "1.0"))
                       + "; to stay within: "
                       + " / ".join(str(settled[k]) if settled[k] else "no" for k in ("0.1", "0.2", "0.5", "1.0")))
@@ -418,19 +442,26 @@ def _print_report(result: Report, report_dir: Path, plot_format: str = "png") ->
             console.print("energy spent by the step it stays within (uJ per sample): "
                           + " / ".join(f"{energy[k] / 1e6:.3g}" if energy.get(k) is not None else "-"
                                        for k in ("0.1", "0.2", "0.5", "1.0")))
+    if result.variants and settled_table(result) is not None:
+        console.print(settled_table(result))
     console.print(f"device {literal(result.device)}, {result.timing['image_steps_per_second']:,.0f} image-steps/s; "
                   f"wrote {literal(report_dir)}/"
                   + ", ".join(name for name in report_files(plot_format) if (report_dir / name).exists()))
+
+
+DEMO_COMPARE = "asn,vsn,ttfs"  # beside IF in the demo's report, each at its defaults on the same calibration
 
 
 @app.command()
 def demo(
     out: Path = typer.Option(Path("ann2snn-demo"), "--output", "-o", "--out", help="Directory for the demo's "
                                                                                    "outputs."),
-    timesteps: int = typer.Option(64, "--timesteps", "-T", help="Simulation steps per sample."),
+    timesteps: int = typer.Option(128, "--timesteps", "-T", help="Simulation steps per sample (TTFS at its "
+                                                                  "default 32 levels answers at step 128)."),
     device: str = DEVICE,
 ):
-    """Calibrate, convert and evaluate the bundled LeNet-5 on bundled MNIST samples (offline).
+    """Calibrate, convert and evaluate the bundled LeNet-5 on bundled MNIST samples (offline):
+    IF, and beside it ASN, VSN and TTFS fitted to the same calibration, in one table and one plot.
 
     Example: ann2snn demo -o ann2snn-demo
     """
@@ -448,8 +479,10 @@ def demo(
     console.rule(literal(f"2/3 ann2snn convert {ckpt.name} -c {profile_path} -o {snn_path}"))
     meta, rows = pipeline.convert(ckpt, profile_path, snn_path)
     _print_conversion(meta, rows, snn_path)
-    console.rule(literal(f"3/3 ann2snn evaluate {snn_path} -d {test.name} -T {timesteps} -r {out / 'report'}"))
-    _evaluate_with_progress(snn_path, str(test), run, out / "report", device=device)
+    console.rule(literal(f"3/3 ann2snn evaluate {snn_path} -d {test.name} -T {timesteps} --compare {DEMO_COMPARE} "
+                         f"-r {out / 'report'}"))
+    _evaluate_with_progress(snn_path, str(test), run, out / "report", device=device,
+                            compare=DEMO_COMPARE.split(","))
 
 
 @app.command()

@@ -26,10 +26,11 @@ from ann2snn.sim.arousal import check_class_scores
 from ann2snn.store.artifact import Artifact, ArtifactMeta, build_neurons, load_artifact, save_artifact
 from ann2snn import progress
 from ann2snn.conversion.layer_calibration import LayerCalibrationRecord
+from ann2snn.search import exact
 from ann2snn.search.budget import fit_layer_calibration, fit_ramps, search, search_arousal
 from ann2snn.conversion.statistics import activation_stats
 from ann2snn.io.checkpoint import file_sha256, load_model, load_state, state_sha256
-from ann2snn.conversion.graph import (MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, spiking_layers, to_snn)
+from ann2snn.conversion.graph import (MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, slot_schedule, spiking_layers, to_snn)
 from ann2snn.io.data import Normalize, TensorData, calibration_subset, data_files, has_splits, open_dataset
 from ann2snn.conversion.checks import check_memory, model_outputs
 from ann2snn.conversion.equivalence import verify
@@ -85,7 +86,13 @@ def calibration_request(neuron: str | Neuron, neuron_options: dict | None, arous
     if policy is not None and options.budget is not None and policy.at >= steps:
         raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the {steps} "
                                      "steps the budget search simulates ({{timesteps}})")
-    choose = bool(kind.operating_points) and not set(neuron_options or {}) & set(kind.operating_points[0])
+    named = set(neuron_options or {})
+    choose = bool(kind.operating_points) and not named & set(kind.operating_points[0]) or \
+        kind.exact_transfer and kind.precision.knob not in named
+    if kind.exact_transfer and options.layer_calibration:
+        raise OptionError("layer_calibration", f"{options.layer_calibration}: {kind.label} is exact up to its "
+                                               f"{kind.precision.knob}; the layer calibration corrects a rate code's "
+                                               "mean error (use 0, or another {{neuron}})")
     if options.search_samples is not None and options.budget is None and not (choose and policy is None):
         raise OptionError("search_samples", f"{options.search_samples}: nothing is searched here (it sets the images "
                                             "of a --budget search or of the operating point ASN chooses when no "
@@ -194,7 +201,12 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
     if options.budget is not None:
         check_memory(steps, len(spiking_layers(gm)), 1)
     stats = activation_stats(gm, subset, float(opts.get("percentile", 100.0)), options.batch_size, str(dev))
-    if options.budget is not None:
+    exact_choice = None
+    if neuron.exact_transfer and (choose or options.budget is not None):  # forward passes, no simulation
+        search_data = search_set(subset, options.search_samples, len(subset), 1, options.seed)
+        opts, exact_choice = exact.choose(gm, stats, neuron, opts, search_data, options.budget, options.batch_size,
+                                          dev)
+    elif options.budget is not None:
         search_data = search_set(subset, options.search_samples, BUDGET_IMAGE_STEPS, steps, options.seed)
         if arousal is not None:
             arousal, arousal_record = search_arousal(gm, stats, neuron, opts, arousal, search_data, options.budget,
@@ -214,6 +226,7 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
                    data=DataInfo(dataset=dataset, split=options.split, samples=len(subset), seed=options.seed),
                    neuron=NeuronSpec(type=neuron.name, options=opts), layers=layers,
                    budget_search=record, operating_point=chosen, bias_ramps=ramps, layer_calibration=calibration,
+                   exact_choice=exact_choice,
                    arousal=ArousalRecord(policy=arousal, search=arousal_record) if arousal is not None else None)
 
 
@@ -423,6 +436,15 @@ def _finetune_record(o: FinetuneOptions, checkpoint: str | Path, calibration: st
             "epochs": o.epochs, "lr": o.lr, "threshold_lr": o.threshold_lr or o.lr,
             "seed": o.seed, "spike_penalty": o.spike_penalty, "split": o.split,
             "layer_params": "as trained (not re-fitted)"}
+
+
+def answer_step(artifact: str | Path, model_ref: str | None = None) -> int | None:
+    """The step by which the answer of an artifact's time code is complete
+    (``graph.slot_schedule``); None for a rate code, which answers from the first step on."""
+    art = load_artifact(artifact, model_ref)
+    if art.neuron.window is None:
+        return None
+    return slot_schedule(art.ann, {layer.name: art.neuron.window(layer.params) for layer in art.meta.layers})["output"]
 
 
 from ann2snn.evaluation.evaluate import evaluate, merge  # noqa: E402,F401  (the evaluate step has its own module)

@@ -31,7 +31,7 @@ from ann2snn.conversion.layer_calibration import LayerCalibrationRecord
 from ann2snn.conversion.bias_ramp import modules as ramp_modules
 from ann2snn.conversion.equivalence import trace
 from ann2snn.errors import OptionError, UserError
-from ann2snn.neurons.layer import StatefulLayer
+from ann2snn.neurons.layer import SpikingLayer, StatefulLayer
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -362,6 +362,25 @@ def analog_fed(gm: fx.GraphModule) -> set[str]:
     return fed
 
 
+def slot_schedule(gm: fx.GraphModule, windows: dict[str, int]) -> dict[str, int]:
+    """For each spiking layer (the modules ``windows`` names, in a normalised graph or a
+    converted one), the step its window opens: the step by which every layer feeding it has
+    closed its own (``windows``: its length; 0 for rate codes, which all start at step 0), and for
+    ``"output"`` the step by which the graph's output is complete: a time code's schedule
+    (``SpikingLayer.place``)."""
+    ready: dict[fx.Node, int] = {}  # the step by which a node's value is complete
+    out: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        at = max((ready[a] for a in n.all_input_nodes), default=0)
+        if n.op == "call_module" and str(n.target) in windows:
+            out[str(n.target)] = at
+            at += int(windows[str(n.target)])
+        if n.op == "output":
+            out["output"] = at
+        ready[n] = at
+    return out
+
+
 def slot_activations(gm: fx.GraphModule) -> dict[str, str]:
     """For each slot, the activation it computes: relu, gelu or silu."""
     return {str(n.target): gm.get_submodule(n.target).activation for n in gm.graph.nodes if _is_act(gm, n)}
@@ -433,7 +452,10 @@ def to_snn(gm: fx.GraphModule, neurons: dict[str, nn.Module], maxpool: str = "ga
     missing = set(spiking_layers(gm)) - set(neurons)
     if missing:
         raise UserError(f"no neuron parameters for layer(s) {', '.join(sorted(missing))}")
+    starts = slot_schedule(gm, {name: m.window if isinstance(m, SpikingLayer) else 0 for name, m in neurons.items()})
     for name, module in neurons.items():
+        if isinstance(module, SpikingLayer):
+            module.place(starts[name])
         snn.add_submodule(name, module)
     for n in snn.graph.nodes:
         if maxpool == "gated" and n.op == "call_module" and isinstance(snn.get_submodule(n.target), MAXPOOL):

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 from rich.table import Table
+from torch import fx
 
 from ann2snn.version import __version__
+from ann2snn.conversion.graph import slot_schedule
 from ann2snn.io.data import TensorData
 from ann2snn.errors import OptionError
 from ann2snn.sim.energy import PRESETS, ann_energy_pj, ann_macs, snn_energy_pj
@@ -29,10 +31,13 @@ from ann2snn.sim.simulate import SimulationResult
 from ann2snn.evaluation.stats import mcnemar, wilson
 
 ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real connection. SNN: synaptic "
-                 "energy - one AC per synaptic event of a binary spike (IF, ASN), one MAC per event of a "
-                 "graded spike (VSN, counted after an average pool that follows the layer); layers fed with analog values cost MACs, the constant input current "
-                 "once per sample - plus neuron energy: every neuron's update at every step, multiplies as "
-                 "MACs and adds or compares as ACs (Neuron.step_ops). Memory access excluded.")
+                 "energy - one AC per synaptic event of a binary spike (IF, ASN, TTFS), one MAC per event of a "
+                 "graded spike (VSN, counted after an average pool that follows the layer); layers fed with analog "
+                 "values cost MACs, the constant input current once per sample - plus neuron energy, counted two "
+                 "ways: clock-driven, every neuron's update at every step (energy_pj_per_sample), and event-driven, "
+                 "one update per synaptic event received and per spike emitted, units fed by the analog input every "
+                 "step (TTFS: once) (energy_event_driven_pj_per_sample); multiplies as MACs and adds or compares as "
+                 "ACs (Neuron.step_ops). Memory access excluded.")
 MARGINS = (0.1, 0.2, 0.5, 1.0)
 REPORT_FORMAT, REPORT_VERSION = "ann2snn-report", 1
 
@@ -139,6 +144,7 @@ class ReportContext:
     preset: str
     metric_norm: float | None = None
     ann_final: torch.Tensor | None = None  # the ANN per sample: 1 if right (for paired tests)
+    graph: fx.GraphModule | None = None  # the normalised ANN (a time code's schedule, ``answer_step``)
 
 
 def context(ann: torch.nn.Module, data: TensorData, fan: dict[str, torch.Tensor], layers: list[str],
@@ -155,7 +161,7 @@ def context(ann: torch.nn.Module, data: TensorData, fan: dict[str, torch.Tensor]
                  "samples": len(data), "task": data.task,
                  **({"skipped_unreadable_images": len(data.skipped)} if data.skipped else {})},
         metric_norm=norm if norm > 0 else float("nan"),  # targets that do not vary: NMSE is undefined
-        device=device, input_macs=float(fan["input"].sum()),
+        device=device, input_macs=float(fan["input"].sum()), graph=ann,
         analog_macs_per_step=float(sum(f.sum() for k, f in fan.items() if k.endswith(":out"))), preset=preset)
 
 
@@ -205,6 +211,45 @@ def _energy_model(run: Run, ctx: ReportContext):
     return energy
 
 
+def answer_step(run: Run, ctx: ReportContext) -> int | None:
+    """The step by which a time code's answer is complete (``graph.slot_schedule``); None for
+    a rate code, which answers from the first step on."""
+    if ctx.graph is None or run.neuron.window is None:
+        return None
+    windows = {layer.name: run.neuron.window(layer.params) for layer in run.layers}
+    return slot_schedule(ctx.graph, windows)["output"]
+
+
+def _event_driven_model(run: Run, ctx: ReportContext):
+    """``energy(t, synops_by_t, spikes_by_t)``: (neuron energy in pJ per sample, neuron updates)
+    of the first ``t`` steps of ``run`` counted event-driven (``StepOps``), at the mean cost of an
+    update of the network's units: one per spike emitted, and, "per_input", one per step in which
+    an event reaches a unit - at most min(events received, units x steps) (the events into the
+    output layer counted too: an upper bound) - and every step for units the analog input feeds;
+    "once": one per unit."""
+    units, ops = ctx.units, run.neuron.step_ops
+    if ops is None:
+        return None
+    params = {layer.name: layer.params for layer in run.layers}
+    per_step = [ops.per_step(params[name] if ops.unused else {}) for name in units]
+    total = max(sum(units.values()), 1)
+    mac = sum(u * m for u, (m, _) in zip(units.values(), per_step)) / total  # the mean update's cost
+    add = sum(u * a for u, (_, a) in zip(units.values(), per_step)) / total
+    analog = sum(units.get(layer.name, 0) for layer in run.layers if layer.stats and layer.stats.analog_input)
+
+    def energy(t: int, synops_by_t: float, spikes_by_t: float) -> tuple[float, dict]:
+        if ops.event_driven == "once":
+            driven = total * min(t, 1)
+        else:
+            driven = analog * t + min(synops_by_t, (total - analog) * t)
+        updates = driven + spikes_by_t
+        counts = {"updates": updates, "mac": updates * mac, "add": updates * add + spikes_by_t * ops.add_per_spike}
+        e = PRESETS[ctx.preset]
+        return counts["mac"] * e["mac_pj"] + counts["add"] * e["ac_pj"], counts
+
+    return energy
+
+
 def _layer_reports(sim: SimulationResult, ctx: ReportContext, n: int) -> list[LayerReport]:
     layer_spikes = sim.spikes.sum(1)
     return [LayerReport(name=name, source=ctx.sources.get(name, ""), neurons=ctx.units[name],
@@ -229,13 +274,18 @@ def _snn_summary(sim: SimulationResult, run: Run, ctx: ReportContext, final: flo
     spikes = float(sim.spikes.sum(1).sum()) / n
     synops = float(sim.synops.sum()) / n
     synaptic, neuron_energy, updates = energy(steps, synops, spikes)
-    return {ctx.metric: final, "spikes_per_sample": spikes, "synops_per_sample": synops,
+    event = _event_driven_model(run, ctx)
+    event_energy, event_updates = event(steps, synops, spikes) if event else (0.0, None)
+    return {ctx.metric: final, "answer_step": answer_step(run, ctx), "spikes_per_sample": spikes, "synops_per_sample": synops,
             "firing_rate_hz": _rate_hz(spikes, total_units, steps),
             "spike_percent": 100.0 * spikes / max(total_units * steps, 1), "neurons": total_units,
             "synaptic_event_op": run.neuron.spike_op.upper(), "input_macs_per_sample": ctx.input_macs,
             "analog_macs_per_step": ctx.analog_macs_per_step, "neuron_updates_per_sample": updates,
             "synaptic_energy_pj_per_sample": synaptic, "neuron_energy_pj_per_sample": neuron_energy,
-            "energy_pj_per_sample": synaptic + neuron_energy}
+            "energy_pj_per_sample": synaptic + neuron_energy,
+            "neuron_updates_event_driven_per_sample": event_updates,
+            "neuron_energy_event_driven_pj_per_sample": event_energy,
+            "energy_event_driven_pj_per_sample": synaptic + event_energy}
 
 
 def _accuracy_vs_ann(sim: SimulationResult, ctx: ReportContext, curve: list[dict], final: float, n: int) -> dict:
@@ -457,21 +507,41 @@ def summary_table(report: Report) -> Table:
                   caption="95% CI: Wilson interval; vs ANN: McNemar's exact test on the same samples "
                           "(* = the difference is significant at p < 0.05)" if metric == "accuracy" else None)
     for col in ("", metric if metric == "accuracy" else "NMSE", "95% CI", "vs ANN", "spikes/sample", "spikes %",
-                "ops/sample", "rate Hz", "energy uJ"):
+                "ops/sample", "rate Hz", "energy uJ", "event-driven uJ"):
         table.add_column(col, justify="right" if col else "left")
     table.add_row("ANN", fmt(ann[metric]), ci(ann), "-", "-", "-", f"{ann['macs_per_sample']:,.0f} MACs", "-",
-                  f"{ann['energy_pj_per_sample'] / 1e6:.3f}")
+                  f"{ann['energy_pj_per_sample'] / 1e6:.3f}", "-")
     if "macs_per_sample_skipping_zeros" in ann:
         table.add_row("ANN, zeros skipped", fmt(ann[metric]), ci(ann), "-", "-", "-",
                       f"{ann['macs_per_sample_skipping_zeros']:,.0f} MACs", "-",
-                      f"{ann['energy_pj_per_sample_skipping_zeros'] / 1e6:.3f}")
+                      f"{ann['energy_pj_per_sample_skipping_zeros'] / 1e6:.3f}", "-")
     if "transfer_accuracy" in ann:
-        table.add_row("ANN, ReLU -> f", fmt(ann["transfer_accuracy"]), "-", "-", "-", "-", "-", "-", "-")
+        table.add_row("ANN, ReLU -> f", fmt(ann["transfer_accuracy"]), "-", "-", "-", "-", "-", "-", "-", "-")
     for label, s in [(report.label or "SNN", snn)] + [(v.label, v.snn) for v in report.variants or []]:
         table.add_row(f"SNN {literal(label)}", fmt(s[metric]), ci(s), paired(s), f"{s['spikes_per_sample']:,.0f}",
                       f"{s['spike_percent']:.1f}",
                       f"{s['synops_per_sample']:,.0f} {'SynOps' if s['synaptic_event_op'] == 'AC' else 'MACs'}",
-                      f"{s['firing_rate_hz']:.1f}", f"{s['energy_pj_per_sample'] / 1e6:.3f}")
+                      f"{s['firing_rate_hz']:.1f}", f"{s['energy_pj_per_sample'] / 1e6:.3f}",
+                      f"{s['energy_event_driven_pj_per_sample'] / 1e6:.3f}"
+                      if s.get("energy_event_driven_pj_per_sample") is not None else "-")
+    return table
+
+
+def settled_table(report: Report) -> Table | None:
+    """Per run: the step from which it stays within 0.1, 0.5 and 1 point of the ANN, with the
+    spikes per sample spent by then (accuracy reports only)."""
+    if report.metric != "accuracy":
+        return None
+    ann = report.ann["accuracy"]
+    table = Table(title="Stays within x points of the ANN from step (spikes per sample by then)")
+    for col in ("", "0.1", "0.5", "1"):
+        table.add_column(col, justify="right" if col else "left")
+    for label, curve in [(report.label or "SNN", report.curve)] + [(v.label, v.curve) for v in report.variants or []]:
+        cells = []
+        for m in (0.1, 0.5, 1.0):
+            w = within_margin(curve, ann, m)
+            cells.append(f"{w['settled']} ({w['settled_spikes']:,.0f})" if w["settled"] else "no")
+        table.add_row(f"SNN {literal(label)}", *cells)
     return table
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 from ann2snn.errors import OptionError, UserError
 from ann2snn.neurons import asn
 from ann2snn.neurons import if_neuron
+from ann2snn.neurons import ttfs
 from ann2snn.neurons import vsn
 from ann2snn.neurons.neuron import NIRExport, Neuron, Precision, PrecisionControl, StepOps
 
-NEURONS: dict[str, Neuron] = {n.name: n for n in (if_neuron.NEURON, asn.NEURON, vsn.NEURON)}
+NEURONS: dict[str, Neuron] = {n.name: n for n in (if_neuron.NEURON, asn.NEURON, vsn.NEURON, ttfs.NEURON)}
 BASELINE = if_neuron.NEURON  # the rate-coded reference every report and default operating point compares with
 
 __all__ = ["BASELINE", "NEURONS", "NIRExport", "Neuron", "Precision", "PrecisionControl", "StepOps", "get", "names", "stored"]

@@ -9,7 +9,8 @@ arousal and fine-tuning see these types, never a capability probed by name.
   call (``step``); ``spikes`` keeps the last step's events for accounting. Its ``backend`` says how
   a chunk of steps runs, chosen from its parameters when it is built and reported: "fused"
   (``scan``, one kernel for the chunk that also counts) or "reference" (``forward`` step by step).
-  ``set_precision`` is arousal's switch, for neuron types with ``Neuron.precision_control``.
+  ``set_precision`` is arousal's switch, for neuron types with ``Neuron.precision_control``;
+  ``place`` tells a time code (``window`` > 0) the step its window opens.
 - ``TransferLayer``: the differentiable stand-in that fine-tuning trains (``Neuron.transfer_module``).
 """
 
@@ -38,6 +39,7 @@ class SpikingLayer(StatefulLayer):
     """One spiking layer: state, last spikes, backend (see the module docstring)."""
 
     backend = "reference"
+    window = 0  # steps of a time code's window (``place``); 0: a rate code, active from the first step
 
     def __init__(self):
         super().__init__()
@@ -65,6 +67,11 @@ class SpikingLayer(StatefulLayer):
         """``steps`` calls of ``forward`` at once, with per-step [spikes, synaptic operations]
         counts: the "fused" backend only."""
         raise TypeError(f"{type(self).__name__} runs on the reference backend: it has no fused scan")
+
+    def place(self, start: int) -> None:
+        """The step the layer's window opens (``graph.slot_schedule``: when every layer feeding it
+        has closed its own ``window``). A time code fires in [start, start + window); rate codes
+        (``window`` 0) run from the first step and ignore it."""
 
     def set_precision(self, samples: torch.Tensor, value: float) -> None:
         """From the next step on, the ``samples`` (a boolean mask over the batch) run at the

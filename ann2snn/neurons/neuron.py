@@ -98,7 +98,12 @@ class StepOps:
     multiplies of each step of an input ramp, and how many steps a layer's ramp has, from its
     parameters (ASN's ``onset_ms``: the steps whose gain is below 1, ``asn.ramp_steps``);
     ``unused``: the (multiplies, adds) per step that a layer's parameters leave out (ASN without a
-    membrane filter, tau_phi 0: S = c; ``asn.unused_ops``)."""
+    membrane filter, tau_phi 0: S = c; ``asn.unused_ops``). Counted clock-driven, every unit
+    updates every step. Event-driven (decays and ramps in closed form between updates), a unit
+    updates once per spike it emits and, ``event_driven="per_input"``, in every step an input
+    event reaches it (to test its threshold; counted as at most min(events received, units x
+    steps)), every step where the analog input feeds it; ``"once"``: once in all, when its input
+    has settled (TTFS: its spike time is then known in closed form)."""
 
     mac_per_step: float
     add_per_step: float
@@ -106,6 +111,7 @@ class StepOps:
     mac_per_onset_step: float = 0.0
     onset_steps: Callable[[dict], int] | None = None
     unused: Callable[[dict], tuple[float, float]] | None = None
+    event_driven: str = "per_input"  # how a unit updates event-driven: "per_input" or "once" (see above)
 
     def per_step(self, params: dict) -> tuple[float, float]:
         """(multiplies, adds) one unit of a layer with these parameters does every step."""
@@ -191,6 +197,11 @@ class Neuron:
     ``nir``: how its layers export to NIR (``NIRExport``; None: refused by name).
     ``layer_calibration``: the steps ``calibrate`` fits the layer calibration at by default
     (``conversion/layer_calibration.py``; 0: off unless asked for).
+    ``exact_transfer``: a time code whose answer equals the ANN with every slot replaced by
+    ``transfer_module`` (TTFS): its precision is chosen by forward passes of that network, not by
+    simulation (``search/exact.py``), and the layer calibration (a rate code's mean error) does
+    not apply. ``window(params)``: the steps of a layer's window in a time code (its module's
+    ``window``; None: a rate code, active from the first step).
     """
 
     name: str
@@ -215,6 +226,8 @@ class Neuron:
     conflict: Callable[[dict, set], str | None] | None = None
     nir: NIRExport | None = None
     layer_calibration: int = 0
+    exact_transfer: bool = False
+    window: Callable[[dict], int] | None = None
 
     @property
     def label(self) -> str:

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from ann2snn.conversion.bias_ramp import BiasRampRecord
-from ann2snn.conversion.graph import to_snn
+from ann2snn.conversion.graph import slot_schedule, to_snn
 from ann2snn.conversion.layer_calibration import LayerCalibrationRecord
 from ann2snn.io.data import TensorData
 from ann2snn.neurons import Neuron
@@ -57,6 +57,13 @@ class Network:
     @property
     def graded(self) -> bool:
         return self.neuron.spike_op == "mac"
+
+    @property
+    def answer_step(self) -> int:
+        """The step by which a time code's answer is complete (``graph.slot_schedule``); 0 for a
+        rate code, which answers from the first step and refines."""
+        windows = {name: self.snn.get_submodule(name).window for name in self.layers}
+        return slot_schedule(self.snn, windows)["output"] if any(windows.values()) else 0
 
     @property
     def backends(self) -> dict[str, str]:

@@ -259,9 +259,10 @@ class _Reader:
             self.r = out
         else:
             self.r = (1 - d) * out if self.r is None else d * self.r + (1 - d) * out
-        if t >= start:
+        summed = t >= start and not self.readout.hold  # a held readout: the output alone is the score
+        if summed:
             self.total = self.r if self.total is None else self.total + self.r
-        score = self.total / (t - start + 1) if t >= start else self.r
+        score = self.total / (t - start + 1) if summed else self.r
         self.final = per_sample_metric(score, self.y, self.regression)
         self.metric[t] += self.final.sum()
         return score

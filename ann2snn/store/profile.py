@@ -139,6 +139,22 @@ class SearchRecord:
 
 
 @dataclass(kw_only=True)
+class ExactChoiceRecord:
+    """The resolution a code with an exact transfer function (TTFS) was given by forward passes
+    (``search/exact.py``): every candidate's accuracy, disagreement with the ANN, output error
+    and spikes per sample; the bar (share of images allowed to disagree) or the spike budget; the
+    one chosen, and whether it met the bar or budget."""
+
+    knob: str
+    samples: int
+    bar: float | None
+    budget_spikes_per_sample: float | None
+    candidates: list[dict]
+    chosen: dict
+    met: bool
+
+
+@dataclass(kw_only=True)
 class OperatingPointRecord:
     """The operating point calibrate chose by itself (``operating_point.py``): the baseline's bars
     (accuracy gaps to the ANN, or its output error) with the step from which it stays within each
@@ -177,6 +193,7 @@ class Profile:
     finetune: dict | None = None
     bias_ramps: list[BiasRampRecord] | None = None  # bias_ramp.py
     layer_calibration: LayerCalibrationRecord | None = None  # layer_calibration.py
+    exact_choice: ExactChoiceRecord | None = None  # search/exact.py
 
     @property
     def layer_names(self) -> list[str]:

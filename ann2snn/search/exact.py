@@ -1,0 +1,101 @@
+"""The precision of a code whose answer is a forward pass (``Neuron.exact_transfer``: TTFS).
+
+A TTFS network's output at its answer step is, bit for bit, the ANN with every slot replaced
+by the layer's transfer function (clip to [0, theta], round to K levels; tests check it), and
+every unit whose coded value is above zero spikes exactly once. So accuracy, agreement with the
+ANN and spikes per sample of each candidate resolution K come from one forward pass of that
+network per batch - no simulation - and the choice can look at every calibration image:
+
+  * no ``--budget``: the fewest levels whose answers differ from the ANN's on at most
+    ``BAR`` of the search images (the tightest margin of ``operating_point.MARGINS``), a bar
+    raised, where no candidate meets it, to the best candidate's level plus its standard error
+    (``bar_for``); for regression, whose output error against the ANN is at most ``BAR``, else
+    the most levels tried;
+  * ``--budget`` (spikes per sample): among the candidates within it, the least output error
+    against the ANN; where none is, the sparsest (the same rule as the simulated search).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from ann2snn import progress
+from ann2snn.conversion.statistics import LayerStats
+from ann2snn.io.data import TensorData
+from ann2snn.neurons import Neuron
+from ann2snn.search.budget import ann_outputs, fitted_layers
+from ann2snn.search.operating_point import MARGINS
+from ann2snn.search.transfer_training import with_transfer
+from ann2snn.sim.simulate import ieee_float32
+from ann2snn.store.profile import ExactChoiceRecord
+
+BAR = MARGINS[-1] / 100  # share of images allowed to disagree with the ANN
+
+
+@ieee_float32
+@torch.inference_mode()
+def measure(gm: fx.GraphModule, neuron: Neuron, options: dict, stats: dict[str, LayerStats], data: TensorData,
+            reference: torch.Tensor, batch_size: int, device: torch.device) -> dict:
+    """One candidate: accuracy, share of images whose class is not the ANN's, relative output
+    error against the ANN, and spikes per sample (units whose coded value is above zero)."""
+    net = with_transfer(gm, neuron, fitted_layers(stats, neuron, options)).to(device).eval()
+    spikes = torch.zeros((), dtype=torch.float64, device=device)
+
+    def count(_m, _i, out):
+        nonlocal spikes
+        spikes = spikes + (out > 0).sum().double()
+
+    hooks = [net.get_submodule(name).register_forward_hook(count) for name in stats]
+    outs = []
+    try:
+        for x, _ in data.batches(batch_size):
+            outs.append(net(x.to(device)).reshape(len(x), -1).double().cpu())
+    finally:
+        for h in hooks:
+            h.remove()
+    out = torch.cat(outs)
+    error = {"output_error": float((out - reference).norm() / reference.norm().clamp_min(1e-30)),
+             "spikes_per_sample": float(spikes) / max(len(data), 1)}
+    if data.task == "regression":
+        return error
+    return {"accuracy": float((out.argmax(1) == data.targets).double().mean()),
+            "disagreement": float((out.argmax(1) != reference.argmax(1)).double().mean()), **error}
+
+
+def bar_for(errors: list[float], samples: int, regression: bool) -> float:
+    """``BAR``, raised where no candidate meets it to the best candidate's level plus its binomial
+    standard error on ``samples`` images (as ``operating_point.bars`` does): the fewest levels
+    that do as well as the most, within the noise of the images."""
+    best = min(errors)
+    if regression or best <= BAR:
+        return BAR
+    return best + math.sqrt(best * (1 - best) / max(samples, 1))
+
+
+def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict, data: TensorData,
+           budget: float | None, batch_size: int, device: torch.device) -> tuple[dict, ExactChoiceRecord]:
+    """Returns (``options`` with the chosen resolution, the record of every candidate)."""
+    knob, values = neuron.precision.knob, neuron.precision.values
+    reference = ann_outputs(gm, data, batch_size, device)
+    tried = []
+    with progress.task(f"{neuron.label} {knob}: forward passes (candidates)", len(values)) as shown:
+        for value in values:
+            tried.append({knob: value, **measure(gm, neuron, {**options, knob: value}, stats, data, reference,
+                                                 batch_size, device)})
+            shown.advance(1)
+    bar = None
+    if budget is None:
+        key = "output_error" if data.task == "regression" else "disagreement"
+        bar = bar_for([t[key] for t in tried], len(data), data.task == "regression")
+        met = [t for t in tried if t[key] <= bar + 1e-12]
+        chosen = met[0] if met else tried[-1]
+    else:
+        met = [t for t in tried if t["spikes_per_sample"] <= budget]
+        chosen = min(met, key=lambda t: (t["output_error"], t["spikes_per_sample"])) if met else \
+            min(tried, key=lambda t: t["spikes_per_sample"])
+    record = ExactChoiceRecord(knob=knob, samples=len(data), bar=bar,
+                               budget_spikes_per_sample=budget, candidates=tried, chosen=chosen, met=bool(met))
+    return {**options, knob: chosen[knob]}, record

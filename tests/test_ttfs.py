@@ -1,0 +1,208 @@
+"""The time-to-first-spike neuron (neurons/ttfs.py): its step, its exactness against the
+transfer network (max pooling and residual sums included), one spike per neuron, the fused
+scan against the step, the forward-pass choice of the resolution, and the CLI path."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ann2snn import neurons
+from ann2snn.conversion.graph import normalize, slot_schedule, to_snn
+from ann2snn.conversion.statistics import activation_stats
+from ann2snn.io.data import TensorData
+from ann2snn.io.zoo import resolve_model
+from ann2snn.neurons.ttfs import TTFSNeuron, ttfs_transfer
+from ann2snn.search import exact
+from ann2snn.search.budget import ann_outputs
+from ann2snn.search.transfer_training import with_transfer
+from ann2snn.sim.network import Fanouts, build_network
+from ann2snn.sim.simulate import stateful_modules
+from ann2snn.store.artifact import build_neurons
+from ann2snn.store.profile import make_layers
+
+CPU = torch.device("cpu")
+TTFS = neurons.get("ttfs")
+
+
+def test_one_neuron_fires_once_at_the_step_the_formula_gives():
+    K, theta, start = 8, 2.0, 5
+    v = torch.tensor([-1.0, 0.0, 0.1, 0.13, 0.5, 1.0, 1.3, 1.99, 2.0, 7.0])
+    level = torch.clamp(torch.floor(v * K / theta + 0.5), 0, K)  # round to the nearest level, clip
+    cell = TTFSNeuron(theta, K)
+    cell.place(start)
+    spikes, out = [], None
+    for _ in range(start + K + 3):
+        out = cell(v)
+        spikes.append(cell.spikes)
+    spikes = torch.stack(spikes)
+    assert spikes.sum(0).max() <= 1
+    fired = level > 0
+    assert torch.equal(spikes.sum(0) == 1, fired)
+    when = spikes.argmax(0)
+    assert torch.equal(when[fired], (start + K - level[fired]).long())  # x = theta (end - t) / K
+    assert torch.allclose(out, theta * level / K)
+    assert torch.equal(out, ttfs_transfer(v, torch.tensor(theta), K))
+    assert spikes[:start].sum() == 0  # silent before its window
+
+
+def _fitted(gm, x, levels):
+    data = TensorData("t", "train", x, torch.zeros(len(x), dtype=torch.long), 4)
+    stats = activation_stats(gm, data, 99.9, 64, "cpu")
+    return make_layers(gm, stats, TTFS, TTFS.options({"levels": levels})), data
+
+
+def _final_output(snn, x, steps):
+    for m in stateful_modules(snn):
+        m.reset()
+    with torch.no_grad():
+        for _ in range(steps):
+            out = snn(x)
+    return out
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(6, 12), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_two_layers_in_float64_equal_the_clipped_ann():
+    torch.manual_seed(0)
+    gm, _ = normalize(TwoLayer())
+    x = torch.randn(64, 6, dtype=torch.float64)
+    layers, _ = _fitted(gm, x.float(), 4096)
+    gm = gm.double()
+    snn = to_snn(gm, build_neurons(TTFS, layers)).double()
+    steps = slot_schedule(snn, {layer.name: 4096 for layer in layers})["output"]
+    assert steps == 2 * 4096
+    x = 3 * x  # beyond the calibration images' range: the clip at theta matters
+    out = _final_output(snn, x, steps)
+    clipped = copy.deepcopy(gm)  # the ANN with each ReLU clipped at its layer's theta
+    for layer in layers:
+        clipped.add_submodule(layer.name, nn.Hardtanh(0.0, layer.params["threshold"]).double())
+    clipped.recompile()
+    assert torch.allclose(out, clipped(x), atol=5e-3)
+    assert not torch.allclose(out, gm(x), atol=5e-2)  # the clip is there
+
+
+def _net(name):
+    torch.manual_seed(0)
+    net = resolve_model(name, {"width": 8, "num_classes": 4}).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return normalize(net)[0]
+
+
+@pytest.mark.parametrize("model,maxpool", [("vgg16_bn", "spikes"), ("vgg16_bn", "gated"), ("resnet18", "gated")])
+def test_max_pooling_and_residual_sums_are_exact(model, maxpool):
+    """At its answer step the SNN's output is the transfer network's, bit for bit: max pooling
+    passes the earliest spike and residual sums add settled charges."""
+    gm = _net(model)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    layers, _ = _fitted(gm, x, 6)
+    snn = to_snn(gm, build_neurons(TTFS, layers), maxpool)
+    steps = slot_schedule(snn, {layer.name: 6 for layer in layers})["output"]
+    reference = with_transfer(gm, TTFS, layers)(x)
+    assert torch.equal(_final_output(snn, x, steps), reference)
+    assert not torch.equal(_final_output(snn, x, steps - 1), reference)  # complete only at the answer step
+
+
+def test_spikes_at_most_one_per_neuron_and_fused_scan_equals_the_step():
+    gm = _net("resnet18")
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    layers, data = _fitted(gm, x, 5)
+    fan = Fanouts(gm, data.sample_shape)
+    net = build_network(gm, TTFS, layers, TTFS.options({"levels": 5}), 100, fan)
+    steps = net.answer_step + 4
+    ref = net.simulate(data, steps, 6, CPU, engine="steps")
+    for budget in (1 << 14, 1 << 26):  # chunks of a few steps, and one chunk
+        fused = net.simulate(data, steps, 6, CPU, engine="layers", memory_budget=budget)
+        assert torch.equal(fused.spikes, ref.spikes) and torch.equal(fused.synops, ref.synops)
+        assert torch.equal(fused.metric, ref.metric)
+    units = torch.tensor([layer.neurons for layer in layers], dtype=torch.float64)
+    assert (ref.spikes.sum(1) <= units * len(x)).all() and ref.spikes.sum() > 0
+    for m in stateful_modules(net.snn):  # per unit: count with the reference step
+        m.reset()
+    totals = {}
+    with torch.no_grad():
+        for _ in range(steps):
+            net.snn(x)
+            for layer in layers:
+                s = net.snn.get_submodule(layer.name).spikes
+                totals[layer.name] = totals.get(layer.name, 0) + s
+    assert max(float(t.max()) for t in totals.values()) == 1.0
+
+
+def test_forward_pass_choice_counts_the_spikes_the_snn_spends():
+    gm = _net("vgg16_bn")
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    layers, data = _fitted(gm, x, 8)
+    stats = activation_stats(gm, data, 99.9, 64, "cpu")
+    measured = exact.measure(gm, TTFS, TTFS.options({"levels": 8}), stats, data, ann_outputs(gm, data, 16, CPU),
+                             16, CPU)
+    net = build_network(gm, TTFS, layers, TTFS.options({"levels": 8}), 200, Fanouts(gm, data.sample_shape))
+    sim = net.simulate(data, net.answer_step, 16, CPU)
+    assert measured["spikes_per_sample"] == pytest.approx(float(sim.spikes.sum()) / len(x), rel=1e-12)
+    options, record = exact.choose(gm, stats, TTFS, TTFS.options({}), data, None, 16, CPU)
+    chosen = record.chosen
+    assert options["levels"] == chosen["levels"]
+    assert record.met and record.bar >= exact.BAR  # the bar is raised to what the best candidate reaches
+    assert chosen["disagreement"] <= record.bar  # the fewest levels within it
+    assert all(c["disagreement"] > record.bar for c in record.candidates if c["levels"] < chosen["levels"])
+    best = min(c["disagreement"] for c in record.candidates)
+    assert record.bar == (exact.BAR if best <= exact.BAR else pytest.approx(best + (best * (1 - best) / 16) ** 0.5))
+    budget = record.candidates[3]["spikes_per_sample"]
+    _, on_budget = exact.choose(gm, stats, TTFS, TTFS.options({}), data, budget, 16, CPU)
+    assert on_budget.chosen["spikes_per_sample"] <= budget and on_budget.met
+
+
+def test_cli_ttfs_end_to_end(run_cli, tmp_path):
+    """calibrate chooses the levels by forward passes and records them; evaluate reports the answer
+    step and both energy counts beside IF; bad options are refused in one line."""
+    gm_net = resolve_model("resnet18", {"width": 8, "num_classes": 4}).eval()
+    x = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = gm_net(x).argmax(1)
+    save_file({k: v.contiguous() for k, v in gm_net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    save_file({"inputs": x, "targets": y}, str(tmp_path / "d.safetensors"))
+    common = ["-m", "resnet18", "--model-arg", "width=8", "--model-arg", "num_classes=4"]
+    code, out, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-d", tmp_path / "d.safetensors",
+                             "--neuron", "ttfs", "-o", tmp_path / "p.json")
+    assert code == 0, err
+    profile = json.loads((tmp_path / "p.json").read_text())
+    levels = profile["neuron"]["options"]["levels"]
+    assert profile["exact_choice"]["chosen"]["levels"] == levels and "<- chosen" in out
+    assert run_cli("convert", tmp_path / "w.safetensors", "-c", tmp_path / "p.json", "-o", tmp_path / "t.snn")[0] == 0
+    answer = 17 * levels  # resnet18: 17 spiking layers on the longest path
+    code, out, err = run_cli("evaluate", tmp_path / "t.snn", "-d", tmp_path / "d.safetensors", "-T", answer,
+                             "--compare", "if", "-r", tmp_path / "rep", "--device", "cpu")
+    assert code == 0, err
+    assert f"answer complete at step {answer}" in out
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    snn = report["snn"]
+    assert snn["answer_step"] == answer and snn["accuracy"] == report["ann"]["transfer_accuracy"]
+    units = snn["neurons"]
+    # event-driven, TTFS updates each unit once and once per spike; the counts both ways share the spikes
+    assert snn["neuron_updates_event_driven_per_sample"]["updates"] == pytest.approx(units + snn["spikes_per_sample"])
+    assert snn["spikes_per_sample"] <= units
+    rate = report["variants"][0]["snn"]
+    assert rate["answer_step"] is None
+    assert rate["neuron_updates_event_driven_per_sample"]["updates"] <= units * answer + rate["spikes_per_sample"]
+    code, _, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-d", tmp_path / "d.safetensors",
+                           "--neuron", "ttfs", "--layer-calibration", "8", "-o", tmp_path / "lc.json")
+    assert code != 0 and "layer-calibration" in err and "Traceback" not in err and not (tmp_path / "lc.json").exists()
+    code, _, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-d", tmp_path / "d.safetensors",
+                           "--neuron", "ttfs", "--param", "levels=0", "-o", tmp_path / "l0.json")
+    assert code != 0 and "levels" in err and "Traceback" not in err
