@@ -70,6 +70,8 @@ def rows_of(report: dict, method: str, reference: float | None = None) -> list[d
                "own_ann_accuracy": report["ann"]["accuracy"],
                "transfer_accuracy": report["ann"].get("transfer_accuracy"),
                "spikes_per_sample": snn["spikes_per_sample"], "energy_pj_per_sample": snn["energy_pj_per_sample"],
+               "energy_event_driven_pj_per_sample": snn.get("energy_event_driven_pj_per_sample"),
+               "spikes_per_neuron": snn["spikes_per_sample"] / snn["neurons"], "answer_step": snn.get("answer_step"),
                "timesteps": report["timesteps"], "curve": curve}
         for m in MARGINS:
             row[f"within_{m}"] = within_margin(curve, ann, m)
@@ -241,7 +243,7 @@ def defaults(a, out: Path, common: dict, seed: int = 0) -> list[dict]:
                                options=CalibrationOptions(seed=seed, split=a.calibration_split))
         seconds = time.perf_counter() - start
         convert(a, a.checkpoint, out / f"default_{tag}.json", out / f"default_{tag}.snn.safetensors")
-        steps = steps or pipeline.answer_step(out / f"default_{tag}.snn.safetensors", a.model) + 1  # a time code
+        steps = steps or pipeline.answer_step(out / f"default_{tag}.snn.safetensors", a.model)  # a time code
         report = evaluate(a, out / f"default_{tag}.snn.safetensors", RunOptions(steps, **common))
         for row in rows_of(report, method, reference=rows[0]["ann_accuracy"] if rows else None):
             row.update(seed=seed, calibrate_seconds=round(seconds, 1), options=profile.neuron.options,
@@ -252,7 +254,8 @@ def defaults(a, out: Path, common: dict, seed: int = 0) -> list[dict]:
 
 def show(rows: list[dict], title: str) -> None:
     table = Table(title=title)
-    for col in ("method", "setting", "ANN", "its ANN / with f", "SNN final", "spikes final", "uJ final",
+    for col in ("method", "setting", "ANN", "its ANN / with f", "SNN final", "spikes final", "spikes/neuron",
+                "uJ final", "event-driven uJ",
                 *(f"first within {m} (step/spikes)" for m in MARGINS),
                 *(f"stays within {m} from (step/spikes/uJ)" for m in MARGINS)):
         table.add_column(col, justify="left" if col in ("method", "setting") else "right")
@@ -262,7 +265,10 @@ def show(rows: list[dict], title: str) -> None:
         own = f"{100 * r['own_ann_accuracy']:.2f}%" + (f" / {100 * r['transfer_accuracy']:.2f}%"
                                                         if r["transfer_accuracy"] is not None else "")
         table.add_row(r["method"], r["setting"], f"{100 * r['ann_accuracy']:.2f}%", own, f"{100 * r['accuracy']:.2f}%",
-                      f"{r['spikes_per_sample']:,.0f}", f"{r['energy_pj_per_sample'] / 1e6:.2f}",
+                      f"{r['spikes_per_sample']:,.0f}", f"{r['spikes_per_neuron']:.3g}",
+                      f"{r['energy_pj_per_sample'] / 1e6:.2f}",
+                      f"{r['energy_event_driven_pj_per_sample'] / 1e6:.2f}"
+                      if r.get("energy_event_driven_pj_per_sample") is not None else "-",
                       *(fmt(r[f"within_{m}"], "first") for m in MARGINS),
                       *(fmt(r[f"within_{m}"], "settled") for m in MARGINS))
     Console(width=200).print(table)

@@ -48,7 +48,7 @@ MARGINS = (0.3, 1.0)
 def ours(a, tmp: Path, label: str, neuron: str, timesteps: int | None, params: dict | None = None,
          layer_calibration: int | None = None) -> dict:
     """calibrate, convert and evaluate one ann2snn setting; the report's figures. ``timesteps``
-    None: a time code's answer step, plus one."""
+    None: a time code's answer step."""
     start = time.perf_counter()
     profile, artifact = tmp / f"{label}.json", tmp / f"{label}.snn.safetensors"
     options = CalibrationOptions(split=a.calibration_split, layer_calibration=layer_calibration)
@@ -56,7 +56,7 @@ def ours(a, tmp: Path, label: str, neuron: str, timesteps: int | None, params: d
                        options=options, source=DataSource(a.data_dir), device=a.device, model_args=a.model_args)
     calibrated = time.perf_counter() - start
     pipeline.convert(a.checkpoint, profile, artifact, model_ref=a.model)
-    timesteps = timesteps or pipeline.answer_step(artifact, a.model) + 1
+    timesteps = timesteps or pipeline.answer_step(artifact, a.model)
     report = pipeline.evaluate(artifact, a.dataset, RunOptions(timesteps=timesteps, split=a.split, limit=a.limit,
                                                                batch_size=a.batch_size),
                                source=DataSource(a.data_dir), device=a.device, model_ref=a.model).to_json()

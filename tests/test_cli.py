@@ -69,11 +69,15 @@ def test_console_script_module_entry():
 
 
 def test_demo_runs_offline(run_cli, tmp_path):
-    code, out, err = run_cli("demo", "--out", tmp_path, "-T", 16, "--device", "cpu")
+    code, out, err = run_cli("demo", "--out", tmp_path, "--device", "cpu")
     assert code == 0, err
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["dataset"]["samples"] == 1000 and report["ann"]["accuracy"] > 0.97
     assert report["snn"]["accuracy"] > 0.9
+    assert [v["neuron"] for v in report["variants"]] == ["asn", "vsn", "ttfs"]  # side by side, one table
+    assert "SNN TTFS" in out and "answer complete at step 128" in out
+    code, _, err = run_cli("demo", "--out", tmp_path / "short", "-T", 16, "--device", "cpu")
+    assert code != 0 and "-T 128" in err and "Traceback" not in err and not (tmp_path / "short").exists()
 
 
 def test_asn_budget_search_sweep_compare_and_finetune(run_cli, tiny_files):

@@ -186,8 +186,8 @@ def test_search_samples_where_nothing_is_searched_are_refused(run_cli, tiny_file
                              "--samples", 40, "--search-samples", 30, "-o", d / "if.json")
     assert code == 2 and not (d / "if.json").exists()
     assert err.strip().splitlines() == ["ann2snn: error: --search-samples 30: nothing is searched here (it sets the "
-                                        "images of a --budget search or of the operating point ASN chooses when no "
-                                        "precision option is named)"]
+                                        "images of a --budget search or of the operating point ASN or TTFS chooses "
+                                        "when no precision option is named)"]
 
 
 def test_a_setting_reads_as_options_with_unset_ones_left_out():

@@ -32,7 +32,7 @@ from ann2snn.store.profile import Profile
 from ann2snn.io.records import to_json
 from ann2snn.io.files import check_outputs
 from ann2snn.io.markup import literal, printable
-from ann2snn.io.zoo import list_models
+from ann2snn.io.zoo import list_models, resolve_model
 from ann2snn.evaluation.report import Report, report_files, report_outputs, layer_table, settled_table, summary_table
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -466,6 +466,9 @@ def demo(
     Example: ann2snn demo -o ann2snn-demo
     """
     run = RunOptions(timesteps=timesteps)  # checked before anything is written
+    need = pipeline.default_answer_step(resolve_model("lenet5"), NEURONS["ttfs"])
+    if timesteps < need:
+        raise OptionError("timesteps", f"{timesteps}: the demo's TTFS answers at step {need}; give -T {need} or more")
     assets = files("ann2snn") / "assets"
     ckpt, calib, test = (Path(str(assets / n)) for n in
                          ("lenet5_mnist.safetensors", "mnist_calib.safetensors", "mnist_test.safetensors"))

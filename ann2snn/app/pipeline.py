@@ -39,6 +39,7 @@ from ann2snn.io.files import atomic_path, check_outputs, safetensors_bytes
 from ann2snn.neurons import Neuron
 from ann2snn.options import CalibrationOptions, DataSource, FinetuneOptions
 from ann2snn.store.profile import (ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, Profile, check_profile, load_profile, make_layers, save_profile)
+from ann2snn.sim.network import answer_step as network_answer_step
 from ann2snn.sim.simulate import ann_accuracy, resolve_device
 from ann2snn.io.export_archive import EXPORT_REF, SUFFIX, is_archive
 from ann2snn.search.transfer_training import train_with_transfer
@@ -89,14 +90,18 @@ def calibration_request(neuron: str | Neuron, neuron_options: dict | None, arous
     named = set(neuron_options or {})
     choose = bool(kind.operating_points) and not named & set(kind.operating_points[0]) or \
         kind.exact_transfer and kind.precision.knob not in named
+    if kind.exact_transfer and options.budget is not None and (kind.precision.knob in named or options.timesteps):
+        what = f"{{{{param}}}} {kind.precision.knob}" if kind.precision.knob in named else "{{timesteps}}"
+        raise OptionError("budget", f"{options.budget:g}: {kind.label} chooses its {kind.precision.knob} for the budget by "
+                                    f"forward passes; {what} has nothing to set here (leave it out)")
     if kind.exact_transfer and options.layer_calibration:
         raise OptionError("layer_calibration", f"{options.layer_calibration}: {kind.label} is exact up to its "
                                                f"{kind.precision.knob}; the layer calibration corrects a rate code's "
                                                "mean error (use 0, or another {{neuron}})")
     if options.search_samples is not None and options.budget is None and not (choose and policy is None):
         raise OptionError("search_samples", f"{options.search_samples}: nothing is searched here (it sets the images "
-                                            "of a --budget search or of the operating point ASN chooses when no "
-                                            "precision option is named)")
+                                            "of a --budget search or of the operating point ASN or TTFS chooses when "
+                                            "no precision option is named)")
     return CalibrationRequest(kind, opts, policy, choose, options)
 
 
@@ -198,7 +203,7 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
     the operating point ``operating_point.choose`` picks), and the fitted layers."""
     record = arousal_record = chosen = None
     steps = options.timesteps or neuron.default_timesteps
-    if options.budget is not None:
+    if options.budget is not None and not neuron.exact_transfer:
         check_memory(steps, len(spiking_layers(gm)), 1)
     stats = activation_stats(gm, subset, float(opts.get("percentile", 100.0)), options.batch_size, str(dev))
     exact_choice = None
@@ -438,13 +443,20 @@ def _finetune_record(o: FinetuneOptions, checkpoint: str | Path, calibration: st
             "layer_params": "as trained (not re-fitted)"}
 
 
+def default_answer_step(model: nn.Module, neuron: Neuron) -> int | None:
+    """The answer step of ``model`` converted to a time code ``neuron`` at its default options
+    (None for a rate code): what ``--compare`` refits it to."""
+    if neuron.window is None:
+        return None
+    gm, _ = normalize(model)
+    return slot_schedule(gm, {name: neuron.window(neuron.defaults) for name in spiking_layers(gm)})["output"]
+
+
 def answer_step(artifact: str | Path, model_ref: str | None = None) -> int | None:
     """The step by which the answer of an artifact's time code is complete
     (``graph.slot_schedule``); None for a rate code, which answers from the first step on."""
     art = load_artifact(artifact, model_ref)
-    if art.neuron.window is None:
-        return None
-    return slot_schedule(art.ann, {layer.name: art.neuron.window(layer.params) for layer in art.meta.layers})["output"]
+    return network_answer_step(art.ann, art.neuron, art.meta.layers)
 
 
 from ann2snn.evaluation.evaluate import evaluate, merge  # noqa: E402,F401  (the evaluate step has its own module)

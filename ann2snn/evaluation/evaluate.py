@@ -41,7 +41,7 @@ from ann2snn.options import DataSource, RunOptions
 from ann2snn.io.records import from_json, to_json
 from ann2snn.evaluation.report import (Report, ReportContext, arousal_report, build_report, context, provenance, report_outputs, write_report)
 from ann2snn.evaluation.plan import Run
-from ann2snn.sim.network import Fanouts, build_network
+from ann2snn.sim.network import Fanouts, answer_step, build_network
 from ann2snn.sim.simulate import SimulationResult, ann_metric_sum, ann_per_sample, resolve_device
 from ann2snn.evaluation.stats import mcnemar
 from ann2snn.search.transfer_training import with_transfer
@@ -307,11 +307,27 @@ def make_plan(art: Artifact, data: TensorData, run: RunOptions, device: str, swe
         raise OptionError("arousal", f"at={policy.at}: the decision must come before the last of the "
                                      f"{run.timesteps} steps")
     _check_data(art.ann, data, tuple(meta.input.shape), dataset, policy is not None)
+    _check_time_codes(art, runs, run)
     check_memory(run.timesteps, len(meta.layers), len(runs))
     fanouts = Fanouts(art.ann, data.sample_shape)
     ctx = context(art.ann, data, fanouts(), meta.layer_names, {la.name: la.source for la in meta.layers}, dataset,
                   str(dev), run.preset)
     return _Plan(art, runs, policy, data, fanouts, ctx, run, dev)
+
+
+def _check_time_codes(art: Artifact, runs: list[Run], run: RunOptions) -> None:
+    """Refuse, before anything runs, steps that end before a time code's answer is complete and a
+    readout start that a time code's readout (the output at each step) would ignore."""
+    for r in runs:
+        if r.neuron.window is None:
+            continue
+        if run.start_ms:
+            raise OptionError("start_ms", f"{run.start_ms}: {r.neuron.label} reads its output at each step; there "
+                                          "is no readout start to set")
+        answer = answer_step(art.ann, r.neuron, r.layers)
+        if answer > run.timesteps:
+            raise OptionError("timesteps", f"{run.timesteps}: {r.label}'s answer is complete only at step {answer} "
+                                           f"(its windows); give -T {answer} or more")
 
 
 def _simulate(plan: _Plan, data: TensorData, on_batch: Callable[[int], None] | None = None) -> Sums:

@@ -27,6 +27,7 @@ from ann2snn.neurons.readout import Readout
 from ann2snn.io.records import field, to_json
 from ann2snn.evaluation.plan import Run
 from ann2snn.neurons.arousal_policy import ArousalPolicy
+from ann2snn.sim.network import answer_step as answer_step_of
 from ann2snn.sim.simulate import SimulationResult
 from ann2snn.evaluation.stats import mcnemar, wilson
 
@@ -34,9 +35,10 @@ ENERGY_REGIME = ("Horowitz 2014, 45 nm, compute only. ANN: one MAC per real conn
                  "energy - one AC per synaptic event of a binary spike (IF, ASN, TTFS), one MAC per event of a "
                  "graded spike (VSN, counted after an average pool that follows the layer); layers fed with analog "
                  "values cost MACs, the constant input current once per sample - plus neuron energy, counted two "
-                 "ways: clock-driven, every neuron's update at every step (energy_pj_per_sample), and event-driven, "
-                 "one update per synaptic event received and per spike emitted, units fed by the analog input every "
-                 "step (TTFS: once) (energy_event_driven_pj_per_sample); multiplies as MACs and adds or compares as "
+                 "ways: clock-driven, every neuron's update at every step (energy_pj_per_sample), and event-driven "
+                 "(energy_event_driven_pj_per_sample): a unit updates in a step in which an event reaches it or it "
+                 "spikes, units fed by the analog input every step (TTFS: in its sources' windows and its own); "
+                 "multiplies as MACs and adds or compares as "
                  "ACs (Neuron.step_ops). Memory access excluded.")
 MARGINS = (0.1, 0.2, 0.5, 1.0)
 REPORT_FORMAT, REPORT_VERSION = "ann2snn-report", 1
@@ -214,19 +216,17 @@ def _energy_model(run: Run, ctx: ReportContext):
 def answer_step(run: Run, ctx: ReportContext) -> int | None:
     """The step by which a time code's answer is complete (``graph.slot_schedule``); None for
     a rate code, which answers from the first step on."""
-    if ctx.graph is None or run.neuron.window is None:
-        return None
-    windows = {layer.name: run.neuron.window(layer.params) for layer in run.layers}
-    return slot_schedule(ctx.graph, windows)["output"]
+    return answer_step_of(ctx.graph, run.neuron, run.layers) if ctx.graph is not None else None
 
 
 def _event_driven_model(run: Run, ctx: ReportContext):
     """``energy(t, synops_by_t, spikes_by_t)``: (neuron energy in pJ per sample, neuron updates)
-    of the first ``t`` steps of ``run`` counted event-driven (``StepOps``), at the mean cost of an
-    update of the network's units: one per spike emitted, and, "per_input", one per step in which
-    an event reaches a unit - at most min(events received, units x steps) (the events into the
-    output layer counted too: an upper bound) - and every step for units the analog input feeds;
-    "once": one per unit."""
+    of the first ``t`` steps of ``run`` counted event-driven (``StepOps.event_driven``), at the
+    mean cost of an update of the network's units, plus ``add_per_spike`` per spike. "per_input":
+    one update in each step in which an event reaches a unit - at most min(events received, units
+    x steps), the events into the output layer counted too (an upper bound) - or in which it
+    spikes, every step for units the analog input feeds, never more than clock-driven;
+    "windows": every step of a unit's sources' windows and of its own (``_active_steps``)."""
     units, ops = ctx.units, run.neuron.step_ops
     if ops is None:
         return None
@@ -236,18 +236,28 @@ def _event_driven_model(run: Run, ctx: ReportContext):
     mac = sum(u * m for u, (m, _) in zip(units.values(), per_step)) / total  # the mean update's cost
     add = sum(u * a for u, (_, a) in zip(units.values(), per_step)) / total
     analog = sum(units.get(layer.name, 0) for layer in run.layers if layer.stats and layer.stats.analog_input)
+    active = _active_steps(run, ctx) if ops.event_driven == "windows" else None
 
     def energy(t: int, synops_by_t: float, spikes_by_t: float) -> tuple[float, dict]:
-        if ops.event_driven == "once":
-            driven = total * min(t, 1)
+        if active is not None:
+            updates = sum(units.get(name, 0) * max(0, min(t, end) - begin) for name, (begin, end) in active.items())
         else:
-            driven = analog * t + min(synops_by_t, (total - analog) * t)
-        updates = driven + spikes_by_t
+            updates = min(analog * t + min(synops_by_t, (total - analog) * t) + spikes_by_t, total * t)
         counts = {"updates": updates, "mac": updates * mac, "add": updates * add + spikes_by_t * ops.add_per_spike}
         e = PRESETS[ctx.preset]
         return counts["mac"] * e["mac_pj"] + counts["add"] * e["ac_pj"], counts
 
     return energy
+
+
+def _active_steps(run: Run, ctx: ReportContext) -> dict[str, tuple[int, int]]:
+    """Per layer of a time code, the steps [begin, end) in which its units update: from the
+    opening of the earliest window feeding it (its own start less its window; 0 for a layer the
+    analog input feeds, whose current is there from the first step) to the close of its own."""
+    windows = {layer.name: run.neuron.window(layer.params) for layer in run.layers}
+    starts = slot_schedule(ctx.graph, windows)
+    return {layer.name: (0 if layer.stats and layer.stats.analog_input else max(0, starts[layer.name] - windows[layer.name]),
+                         starts[layer.name] + windows[layer.name]) for layer in run.layers}
 
 
 def _layer_reports(sim: SimulationResult, ctx: ReportContext, n: int) -> list[LayerReport]:

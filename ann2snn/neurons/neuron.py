@@ -100,10 +100,11 @@ class StepOps:
     ``unused``: the (multiplies, adds) per step that a layer's parameters leave out (ASN without a
     membrane filter, tau_phi 0: S = c; ``asn.unused_ops``). Counted clock-driven, every unit
     updates every step. Event-driven (decays and ramps in closed form between updates), a unit
-    updates once per spike it emits and, ``event_driven="per_input"``, in every step an input
+    updates, ``event_driven="per_input"``, once per spike it emits and in every step an input
     event reaches it (to test its threshold; counted as at most min(events received, units x
-    steps)), every step where the analog input feeds it; ``"once"``: once in all, when its input
-    has settled (TTFS: its spike time is then known in closed form)."""
+    steps), and no more than clock-driven), every step where the analog input feeds it;
+    ``"windows"`` (a time code): in every step of its sources' windows (integrating their held
+    currents) and of its own (the ramp), and not outside them."""
 
     mac_per_step: float
     add_per_step: float
@@ -111,7 +112,7 @@ class StepOps:
     mac_per_onset_step: float = 0.0
     onset_steps: Callable[[dict], int] | None = None
     unused: Callable[[dict], tuple[float, float]] | None = None
-    event_driven: str = "per_input"  # how a unit updates event-driven: "per_input" or "once" (see above)
+    event_driven: str = "per_input"  # how a unit updates event-driven: "per_input" or "windows" (see above)
 
     def per_step(self, params: dict) -> tuple[float, float]:
         """(multiplies, adds) one unit of a layer with these parameters does every step."""

@@ -148,7 +148,8 @@ class TTFSNeuron(SpikingLayer):
         weights = fan.double().expand(batch, -1).reshape(inside.shape)[inside]
         counts[:, 0] = torch.bincount(idx, minlength=steps).double()
         counts[:, 1] = torch.bincount(idx, weights=weights, minlength=steps)
-        self.state = TTFSState(t0 + steps, v, k <= offsets[-1].clamp(max=p.levels - 1), count[-1])
+        # copies: views would keep the chunk's whole input and output alive until the next batch
+        self.state = TTFSState(t0 + steps, v.clone(), k <= offsets[-1].clamp(max=p.levels - 1), count[-1].clone())
         self.spikes = None
         return out, counts
 
@@ -199,7 +200,8 @@ NEURON = Neuron(
     bounds={"percentile": PERCENTILE, "threshold": POSITIVE, "levels": Bound(1, 4096, integer=True),
             "per_channel": Bound(flag=True)},
     param_options=("levels",),
-    # per step, clock-driven: the ramp v + (k + 1/2) h (a multiply-add) and the test against theta;
-    # each spike sets the unit's fired flag; event-driven, the spike time once, from the settled membrane
-    step_ops=StepOps(mac_per_step=1, add_per_step=1, add_per_spike=1, event_driven="once"),
+    # per step: V += I (the held currents) and the test of V against the layer's ramped threshold
+    # theta - (k + 1/2) theta / K (one value per layer and step); each spike sets the unit's fired flag.
+    # Windowed: a unit is updated only in its sources' window and its own
+    step_ops=StepOps(mac_per_step=0, add_per_step=2, add_per_spike=1, event_driven="windows"),
 )

@@ -7,10 +7,9 @@ ANN and spikes per sample of each candidate resolution K come from one forward p
 network per batch - no simulation - and the choice can look at every calibration image:
 
   * no ``--budget``: the fewest levels whose answers differ from the ANN's on at most
-    ``BAR`` of the search images (the tightest margin of ``operating_point.MARGINS``), a bar
-    raised, where no candidate meets it, to the best candidate's level plus its standard error
-    (``bar_for``); for regression, whose output error against the ANN is at most ``BAR``, else
-    the most levels tried;
+    ``BAR`` of the search images (the tightest margin of ``operating_point.MARGINS``), or, where
+    higher, on the best candidate's share plus its standard error (``bar_for``); for regression,
+    whose output error against the ANN is at most ``BAR``, else the most levels tried;
   * ``--budget`` (spikes per sample): among the candidates within it, the least output error
     against the ANN; where none is, the sparsest (the same rule as the simulated search).
 """
@@ -66,13 +65,13 @@ def measure(gm: fx.GraphModule, neuron: Neuron, options: dict, stats: dict[str, 
 
 
 def bar_for(errors: list[float], samples: int, regression: bool) -> float:
-    """``BAR``, raised where no candidate meets it to the best candidate's level plus its binomial
-    standard error on ``samples`` images (as ``operating_point.bars`` does): the fewest levels
-    that do as well as the most, within the noise of the images."""
-    best = min(errors)
-    if regression or best <= BAR:
+    """``BAR``, or, where higher, the best candidate's level plus its binomial standard error on
+    ``samples`` images (as ``operating_point.bars`` raises its bars): the fewest levels that do as
+    well as the best, within the noise of the images (on 2,000 images 0.1% is two images)."""
+    if regression:
         return BAR
-    return best + math.sqrt(best * (1 - best) / max(samples, 1))
+    best = min(errors)
+    return max(BAR, best + math.sqrt(best * (1 - best) / max(samples, 1)))
 
 
 def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict, data: TensorData,

@@ -79,6 +79,14 @@ class Network:
                         on_batch, controller, label=label, observers=observers, graded=self.graded, **engine)
 
 
+def answer_step(ann: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer]) -> int | None:
+    """The step by which the answer of ``neuron``'s network with these layers is complete, for a
+    time code (``Neuron.window``; ``graph.slot_schedule``); None for a rate code."""
+    if neuron.window is None:
+        return None
+    return slot_schedule(ann, {layer.name: neuron.window(layer.params) for layer in layers})["output"]
+
+
 def build_network(ann: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], options: dict, timesteps: int,
                   fanouts: Fanouts, *, maxpool: str = "gated", ramps: list[BiasRampRecord] | None = None,
                   calibration: LayerCalibrationRecord | None = None, start_ms: int | None = None) -> Network:
