@@ -34,6 +34,7 @@ from ann2snn.evaluation.stats import wilson
 from ann2snn.io.checkpoint import load_model
 from ann2snn.io.data import calibration_subset, open_dataset
 from ann2snn.io.files import write_text
+from ann2snn.io.zoo import model_kwargs
 from ann2snn.options import CalibrationOptions
 from ann2snn.search import exact
 from ann2snn.search.budget import ann_outputs, fitted_layers
@@ -59,11 +60,12 @@ def main() -> None:
     a = p.parse_args()
     dev = resolve_device(a.device)
     ttfs = neurons.get("ttfs")
-    model = load_model(a.model, key_values(a.model_arg, "--model-arg"), a.checkpoint).eval()
-    gm, _ = normalize(model)
     calib = open_dataset(a.dataset, a.calibration_split, a.data_dir)
     calib = calibration_subset(calib, a.samples, 0) if len(calib) > a.samples else calib
     test = open_dataset(a.dataset, a.split, a.data_dir, normalize=calib.normalize)
+    kwargs = model_kwargs(a.model, test.sample_shape, test.num_classes, key_values(a.model_arg, "--model-arg"))
+    model = load_model(a.model, kwargs, a.checkpoint).eval()
+    gm, _ = normalize(model)
     options = ttfs.options({})
     stats = activation_stats(gm, calib, float(options["percentile"]), a.batch_size, str(dev))
     start = time.perf_counter()
