@@ -426,9 +426,8 @@ def _print_report(result: Report, report_dir: Path, plot_format: str = "png") ->
                           f"{100 * a.with_arousal['accuracy']:.2f}% ({a.with_arousal['spikes_per_sample']:,.0f}); "
                           f"McNemar p={test.get('p_value', float('nan')):.2g}")
     for label, s in [(result.label or "SNN", result.snn)] + [(v.label, v.snn) for v in result.variants or []]:
-        if s.get("answer_step"):
-            late = " - after the last step simulated: raise -T" if s["answer_step"] > result.timesteps else ""
-            console.print(f"{literal(label)}: a time code, its answer complete at step {s['answer_step']}{late} "
+        if s.get("answer_step"):  # evaluate refuses fewer steps than this
+            console.print(f"{literal(label)}: a time code, its answer complete at step {s['answer_step']} "
                           "(before it, the output holds part of it)")
     within = result.snn.get("first_timestep_within_points_of_ann")
     settled = result.snn.get("settled_timestep_within_points_of_ann")

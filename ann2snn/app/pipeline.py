@@ -30,7 +30,7 @@ from ann2snn.search import exact
 from ann2snn.search.budget import fit_layer_calibration, fit_ramps, search, search_arousal
 from ann2snn.conversion.statistics import activation_stats
 from ann2snn.io.checkpoint import file_sha256, load_model, load_state, state_sha256
-from ann2snn.conversion.graph import (MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, slot_schedule, spiking_layers, to_snn)
+from ann2snn.conversion.graph import (MAXPOOL_MODES, Row, check_activations, graph_signature, normalize, slot_activations, spiking_layers, to_snn)
 from ann2snn.io.data import Normalize, TensorData, calibration_subset, data_files, has_splits, open_dataset
 from ann2snn.conversion.checks import check_memory, model_outputs
 from ann2snn.conversion.equivalence import verify
@@ -446,17 +446,15 @@ def _finetune_record(o: FinetuneOptions, checkpoint: str | Path, calibration: st
 def default_answer_step(model: nn.Module, neuron: Neuron) -> int | None:
     """The answer step of ``model`` converted to a time code ``neuron`` at its default options
     (None for a rate code): what ``--compare`` refits it to."""
-    if neuron.window is None:
-        return None
     gm, _ = normalize(model)
-    return slot_schedule(gm, {name: neuron.window(neuron.defaults) for name in spiking_layers(gm)})["output"]
+    return network_answer_step(gm, neuron, {name: neuron.defaults for name in spiking_layers(gm)})
 
 
 def answer_step(artifact: str | Path, model_ref: str | None = None) -> int | None:
     """The step by which the answer of an artifact's time code is complete
     (``graph.slot_schedule``); None for a rate code, which answers from the first step on."""
     art = load_artifact(artifact, model_ref)
-    return network_answer_step(art.ann, art.neuron, art.meta.layers)
+    return network_answer_step(art.ann, art.neuron, {layer.name: layer.params for layer in art.meta.layers})
 
 
 from ann2snn.evaluation.evaluate import evaluate, merge  # noqa: E402,F401  (the evaluate step has its own module)

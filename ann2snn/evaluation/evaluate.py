@@ -324,7 +324,7 @@ def _check_time_codes(art: Artifact, runs: list[Run], run: RunOptions) -> None:
         if run.start_ms:
             raise OptionError("start_ms", f"{run.start_ms}: {r.neuron.label} reads its output at each step; there "
                                           "is no readout start to set")
-        answer = answer_step(art.ann, r.neuron, r.layers)
+        answer = answer_step(art.ann, r.neuron, {layer.name: layer.params for layer in r.layers})
         if answer > run.timesteps:
             raise OptionError("timesteps", f"{run.timesteps}: {r.label}'s answer is complete only at step {answer} "
                                            f"(its windows); give -T {answer} or more")

@@ -195,11 +195,7 @@ def _energy_model(run: Run, ctx: ReportContext):
     # per layer, the steps of its input ramp (ASN onset_ms: asn.ramp_steps)
     ramp = [(units.get(layer.name, 0), ops.onset_steps(layer.params)) for layer in run.layers
             if ops and ops.onset_steps]
-    # per step, every unit's update (StepOps.per_step: what its layer's parameters leave out is not counted)
-    params = {layer.name: layer.params for layer in run.layers}
-    step_ops = [ops.per_step(params[name] if ops.unused else {}) for name in units] if ops else []
-    step_mac = sum(u * mac for u, (mac, _) in zip(units.values(), step_ops))
-    step_add = sum(u * add for u, (_, add) in zip(units.values(), step_ops))
+    step_mac, step_add = _step_costs(run, ctx)
 
     def energy(t: int, synops_by_t: float, spikes_by_t: float) -> tuple[float, float, dict | None]:
         ramped = sum(u * min(t, r) for u, r in ramp)
@@ -213,10 +209,23 @@ def _energy_model(run: Run, ctx: ReportContext):
     return energy
 
 
+def _step_costs(run: Run, ctx: ReportContext) -> tuple[float, float]:
+    """(multiplies, adds) of one step of every unit of ``run``'s network updated once
+    (``StepOps.per_step``: what a layer's parameters leave out is not counted)."""
+    ops = run.neuron.step_ops
+    if ops is None:
+        return 0, 0
+    params = {layer.name: layer.params for layer in run.layers}
+    step_ops = [ops.per_step(params[name] if ops.unused else {}) for name in ctx.units]
+    return (sum(u * mac for u, (mac, _) in zip(ctx.units.values(), step_ops)),
+            sum(u * add for u, (_, add) in zip(ctx.units.values(), step_ops)))
+
+
 def answer_step(run: Run, ctx: ReportContext) -> int | None:
     """The step by which a time code's answer is complete (``graph.slot_schedule``); None for
     a rate code, which answers from the first step on."""
-    return answer_step_of(ctx.graph, run.neuron, run.layers) if ctx.graph is not None else None
+    return answer_step_of(ctx.graph, run.neuron, {layer.name: layer.params for layer in run.layers}) \
+        if ctx.graph is not None else None
 
 
 def _event_driven_model(run: Run, ctx: ReportContext):
@@ -230,11 +239,8 @@ def _event_driven_model(run: Run, ctx: ReportContext):
     units, ops = ctx.units, run.neuron.step_ops
     if ops is None:
         return None
-    params = {layer.name: layer.params for layer in run.layers}
-    per_step = [ops.per_step(params[name] if ops.unused else {}) for name in units]
     total = max(sum(units.values()), 1)
-    mac = sum(u * m for u, (m, _) in zip(units.values(), per_step)) / total  # the mean update's cost
-    add = sum(u * a for u, (_, a) in zip(units.values(), per_step)) / total
+    mac, add = (cost / total for cost in _step_costs(run, ctx))  # the mean update's cost
     analog = sum(units.get(layer.name, 0) for layer in run.layers if layer.stats and layer.stats.analog_input)
     active = _active_steps(run, ctx) if ops.event_driven == "windows" else None
 

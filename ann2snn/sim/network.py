@@ -79,12 +79,13 @@ class Network:
                         on_batch, controller, label=label, observers=observers, graded=self.graded, **engine)
 
 
-def answer_step(ann: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer]) -> int | None:
-    """The step by which the answer of ``neuron``'s network with these layers is complete, for a
-    time code (``Neuron.window``; ``graph.slot_schedule``); None for a rate code."""
+def answer_step(ann: fx.GraphModule, neuron: Neuron, params: dict[str, dict]) -> int | None:
+    """The step by which the answer of ``neuron``'s network with these layer parameters (by
+    layer name) is complete, for a time code (``Neuron.window``; ``graph.slot_schedule``); None
+    for a rate code."""
     if neuron.window is None:
         return None
-    return slot_schedule(ann, {layer.name: neuron.window(layer.params) for layer in layers})["output"]
+    return slot_schedule(ann, {name: neuron.window(p) for name, p in params.items()})["output"]
 
 
 def build_network(ann: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], options: dict, timesteps: int,
