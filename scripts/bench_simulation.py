@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
-"""Simulation speed: ann2snn (IF and ASN, layered and step-by-step engines) against SpikingJelly's
-``ann2snn`` (RateCodingRecipe, 99.9th percentile) and against T plain ANN forward passes, on the
-same images, time steps and device. Prints a table and writes JSON.
+"""Simulation speed of every neuron type: ann2snn IF, ASN, VSN and TTFS (layered engine, and
+optionally the step-by-step reference) against SpikingJelly's ``ann2snn`` (RateCodingRecipe,
+99.9th percentile) and against T plain ANN forward passes, on the same checkpoint, images and
+device. Prints a table and writes JSON.
 
   pip install -e '.[bench]'        # SpikingJelly, an optional extra, never a runtime dependency
   python scripts/bench_simulation.py --model lenet5 --dataset mnist \\
       --checkpoint checkpoints/lenet5_mnist.safetensors --timesteps 64 --images 2048 --out runs/bench_sim
+  python scripts/bench_simulation.py --model resnet18 --model-arg width=16 --dataset fashion-mnist \\
+      --checkpoint checkpoints/resnet18_16_fmnist.safetensors --param asn:m_f=0.1 --images 256
 
 Image-steps per second = images x T / wall time of the simulation (data already in memory,
 calibration and conversion not timed; on CUDA after an untimed warm-up run, so Triton's
-one-time kernel compilation, about a second per process, is left out). Peak memory: CUDA
-allocator peak on a GPU; on the CPU the growth of the process's resident set (ru_maxrss)
-during the run, a coarse figure.
+one-time kernel compilation, about a second per process, is left out). Rate codes run T steps;
+a time code (TTFS) runs to its answer step, which its row states. ``--param neuron:KEY=VALUE``
+fixes a neuron's option at calibrate (``--param asn:m_f=0.1`` skips ASN's operating-point
+choice, which on a deep network takes longer than the timing). Peak memory: CUDA allocator peak
+on a GPU; on the CPU the growth of the process's resident set (ru_maxrss) during the run, a
+coarse figure that only rises.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from ann2snn.app.cli import key_values
 from ann2snn.io.data import open_dataset
 from ann2snn.sim.energy import fanout_maps
 from ann2snn.io.files import write_text
-from ann2snn.options import DataSource
+from ann2snn.options import CalibrationOptions, DataSource
 from ann2snn.neurons.readout import Readout
 from ann2snn.sim.simulate import resolve_device, simulate
 
@@ -51,11 +57,16 @@ def _timed(device: torch.device, fn):
     return result, seconds, peak
 
 
-def ours(artifact: Path, data, T: int, batch: int, device: torch.device, engine: str) -> tuple[float, float, float]:
+def ours(artifact: Path, data, T: int | None, batch: int, device: torch.device, engine: str
+         ) -> tuple[float, float, float]:
+    """Accuracy, seconds and peak memory of the artifact's SNN over ``T`` steps (None: its
+    answer step), read out as its neuron reads (a time code holds its output)."""
     art = load_artifact(artifact)
+    T = T or pipeline.answer_step(artifact)
     layers = art.meta.layer_names
     fan = fanout_maps(art.ann, tuple(art.meta.input.shape))
-    sim, seconds, peak = _timed(device, lambda: simulate(art.snn, layers, fan, data, T, batch, device, Readout(),
+    readout = art.neuron.readout_for(art.meta.neuron.options, T, None)
+    sim, seconds, peak = _timed(device, lambda: simulate(art.snn, layers, fan, data, T, batch, device, readout,
                                                          engine=engine))
     return float(sim.metric[-1]) / len(data), seconds, peak
 
@@ -96,48 +107,76 @@ def spikingjelly(model, calib, data, T: int, batch: int, device: torch.device) -
     return _timed(device, run)
 
 
+NEURONS = ("if", "asn", "vsn", "ttfs")
+
+
+def neuron_params(items: list[str], neurons: list[str]) -> dict[str, list[str]]:
+    """``--param neuron:KEY=VALUE`` items, by neuron type."""
+    out: dict[str, list[str]] = {n: [] for n in neurons}
+    for item in items:
+        name, sep, kv = item.partition(":")
+        if not sep or name not in out or "=" not in kv:
+            raise SystemExit(f"--param {item!r}: expected NEURON:KEY=VALUE with NEURON one of {', '.join(neurons)}")
+        out[name].append(kv)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="lenet5")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/lenet5_mnist.safetensors"))
-    p.add_argument("--timesteps", type=int, default=64)
+    p.add_argument("--neurons", default=",".join(NEURONS), help="comma-separated neuron types to time")
+    p.add_argument("--param", action="append", default=[], metavar="NEURON:KEY=VALUE",
+                   help="a neuron option for calibrate, e.g. asn:m_f=0.1 (repeatable)")
+    p.add_argument("--samples", type=int, default=1000, help="calibration images")
+    p.add_argument("--engines", default="layers", help="layers, steps or both (comma-separated)")
+    p.add_argument("--timesteps", type=int, default=64, help="steps of the rate codes (a time code runs to its answer)")
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--skip", default="", help="comma-separated rows to leave out, e.g. 'ASN steps'")
+    p.add_argument("--skip", default="", help="comma-separated rows to leave out, e.g. 'SpikingJelly'")
     p.add_argument("--out", type=Path, default=Path("runs/bench_sim"))
     args = p.parse_args()
     device = resolve_device(args.device)
     user = key_values(args.model_arg, "--model-arg")
+    chosen = [n.strip() for n in args.neurons.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in NEURONS]
+    if unknown:
+        raise SystemExit(f"--neurons: {', '.join(unknown)} not among {', '.join(NEURONS)}")
+    params = neuron_params(args.param, chosen)
     T, B = args.timesteps, args.batch_size
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {}
-        for neuron in ("if", "asn"):
+        for neuron in chosen:
             profile = Path(tmp) / f"{neuron}.json"
             pipeline.calibrate(args.checkpoint, args.model, args.dataset, profile, neuron=neuron, device=str(device),
-                               source=DataSource(args.data_dir), model_args=user)
+                               source=DataSource(args.data_dir), model_args=user,
+                               neuron_options=key_values(params[neuron], "--param"),
+                               options=CalibrationOptions(samples=args.samples))
             artifacts[neuron] = Path(tmp) / f"{neuron}.snn.safetensors"
             pipeline.convert(args.checkpoint, profile, artifacts[neuron])
-        norm = load_artifact(artifacts["if"]).meta.input.normalize
+        first = artifacts[chosen[0]]
+        norm = load_artifact(first).meta.input.normalize
         data = open_dataset(args.dataset, "test", args.data_dir, False, norm).head(args.images)
         calib = open_dataset(args.dataset, "train", args.data_dir, False, norm).head(1024)
-        runs = [("ANN x T forward passes", lambda d: ann_passes(artifacts["if"], d, T, B, device))]
-        for neuron in ("if", "asn"):
-            for engine in ("layers", "steps"):
-                runs.append((f"ann2snn {neuron.upper()} {engine}",
-                             lambda d, n=neuron, e=engine: ours(artifacts[n], d, T, B, device, e)))
+        runs = [("ANN x T forward passes", T, lambda d: ann_passes(first, d, T, B, device))]
+        for neuron in chosen:
+            steps = pipeline.answer_step(artifacts[neuron]) or T
+            for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+                runs.append((f"ann2snn {neuron.upper()} {engine}", steps,
+                             lambda d, n=neuron, e=engine, k=steps: ours(artifacts[n], d, k, B, device, e)))
         from ann2snn.io.checkpoint import load_model
         from ann2snn.io.zoo import model_kwargs
         model = load_model(args.model, model_kwargs(args.model, data.sample_shape, data.num_classes, user),
                            args.checkpoint)
-        runs.append(("SpikingJelly IF (RateCodingRecipe 99.9%)",
+        runs.append(("SpikingJelly IF (RateCodingRecipe 99.9%)", T,
                      lambda d: spikingjelly(model, calib, d, T, B, device)))
         skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-        for name, run in runs:
+        for name, steps, run in runs:
             if any(s in name for s in skip):
                 continue
             if device.type == "cuda":  # untimed warm-up: kernel compilation and cuDNN set-up happen once
@@ -149,30 +188,35 @@ def main() -> None:
                 print(f"{name}: {result}", flush=True)
                 continue
             acc, seconds, peak = result
-            rows.append({"run": name, "accuracy": acc, "seconds": round(seconds, 3),
-                         "image_steps_per_second": round(len(data) * T / seconds, 1),
+            rows.append({"run": name, "timesteps": steps, "accuracy": acc, "seconds": round(seconds, 3),
+                         "image_steps_per_second": round(len(data) * steps / seconds, 1),
                          "peak_memory_mb": round(peak / 2**20, 1)})
             print(f"{name}: {rows[-1]['image_steps_per_second']:,.0f} image-steps/s", flush=True)
-    base = {r["run"]: r for r in rows if "image_steps_per_second" in r}
-    sj = next((r for r in rows if r["run"].startswith("SpikingJelly") and "image_steps_per_second" in r), None)
-    ann_row = base["ANN x T forward passes"]
-    print(f"\n{args.model} on {args.dataset}, {len(data)} images, T={T}, batch {B}, device {device} "
-          f"({torch.get_num_threads()} CPU threads)")
-    print("| run | accuracy | image-steps/s | vs SpikingJelly | vs T ANN passes | peak memory MB |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        if "note" in r:
-            print(f"| {r['run']} | {r['note']} | | | | |")
-            continue
-        ratio_sj = f"{r['image_steps_per_second'] / sj['image_steps_per_second']:.2f}x" if sj else "-"
-        ratio_ann = f"{r['image_steps_per_second'] / ann_row['image_steps_per_second']:.2f}x"
-        acc = "-" if r["accuracy"] != r["accuracy"] else f"{100 * r['accuracy']:.2f}%"
-        print(f"| {r['run']} | {acc} | {r['image_steps_per_second']:,.0f} | {ratio_sj} | {ratio_ann} | "
-              f"{r['peak_memory_mb']:,.1f} |")
-    summary = {"model": args.model, "dataset": args.dataset, "images": len(data), "timesteps": T, "batch_size": B,
-               "device": str(device), "cpu_threads": torch.get_num_threads(), "rows": rows}
+    print_table(rows, f"{args.model} on {args.dataset}, {len(data)} images, rate codes T={T}, batch {B}, device "
+                      f"{device} ({torch.get_num_threads()} CPU threads)")
+    summary = {"model": args.model, "model_args": user, "dataset": args.dataset, "images": len(data), "timesteps": T,
+               "batch_size": B, "device": str(device), "cpu_threads": torch.get_num_threads(),
+               "torch": torch.__version__, "params": params, "rows": rows}
     write_text(args.out / "bench_simulation.json", json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out / 'bench_simulation.json'}")
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    timed = [r for r in rows if "image_steps_per_second" in r]
+    sj = next((r for r in timed if r["run"].startswith("SpikingJelly")), None)
+    ann_row = next((r for r in timed if r["run"].startswith("ANN")), None)
+    print(f"\n{title}")
+    print("| run | steps | accuracy | image-steps/s | vs SpikingJelly | vs T ANN passes | peak memory MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "note" in r:
+            print(f"| {r['run']} | | {r['note']} | | | | |")
+            continue
+        ratio_sj = f"{r['image_steps_per_second'] / sj['image_steps_per_second']:.2f}x" if sj else "-"
+        ratio_ann = f"{r['image_steps_per_second'] / ann_row['image_steps_per_second']:.2f}x" if ann_row else "-"
+        acc = "-" if r["accuracy"] != r["accuracy"] else f"{100 * r['accuracy']:.2f}%"
+        print(f"| {r['run']} | {r['timesteps']} | {acc} | {r['image_steps_per_second']:,.0f} | {ratio_sj} | "
+              f"{ratio_ann} | {r['peak_memory_mb']:,.1f} |")
 
 
 if __name__ == "__main__":

@@ -320,3 +320,17 @@ def test_engines_agree_on_deep_networks_and_on_pooled_graded_events():
                      fanout_maps(gm, data.sample_shape, graded=True), data, 5, 7, torch.device("cpu"), engine=e,
                      memory_budget=20_000, graded=True) for e in ("steps", "layers")]
     assert torch.equal(runs[0].synops, runs[1].synops) and torch.equal(runs[0].spikes, runs[1].spikes)
+
+
+def test_constant_chunk_rows_meet_time_varying_ones():
+    """Values constant over a chunk travel as B rows: an operation of several inputs repeats them
+    for the chunk's K steps (lists of tensors too), and leaves them as they are when all match."""
+    from ann2snn.sim.engine import MatchRows
+    const, varying = torch.arange(8.0).view(2, 4), torch.rand(6, 4)
+    cat = MatchRows(torch.cat, (0, 1), {"dim": 1})
+    cat.steps, cat.batch = 3, 2
+    assert torch.equal(cat([const, varying]), torch.cat([const.repeat(3, 1), varying], dim=1))
+    add = MatchRows(torch.add, (0, 1), {})
+    add.steps, add.batch = 3, 2
+    assert torch.equal(add(const, varying), const.repeat(3, 1) + varying)
+    assert torch.equal(add(const, const), 2 * const)  # both constant: still B rows

@@ -127,7 +127,9 @@ def test_spikes_at_most_one_per_neuron_and_fused_scan_equals_the_step():
     net = build_network(gm, TTFS, layers, TTFS.options({"levels": 5}), 100, fan)
     steps = net.answer_step + 4
     ref = net.simulate(data, steps, 6, CPU, engine="steps")
-    for budget in (1 << 14, 6 << 20, 1 << 26):  # chunks of one step, of 8 steps (they start mid-window), and one
+    # chunks of one step, of 2 steps (they start mid-window), of 8 steps (cut at the window edges,
+    # where outputs are constant chunks of B rows), and one (cut there too)
+    for budget in (1 << 14, 3 << 19, 6 << 20, 1 << 26):
         fused = net.simulate(data, steps, 6, CPU, engine="layers", memory_budget=budget)
         assert torch.equal(fused.spikes, ref.spikes) and torch.equal(fused.synops, ref.synops)
         assert torch.equal(fused.metric, ref.metric)

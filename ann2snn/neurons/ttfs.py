@@ -122,7 +122,9 @@ class TTFSNeuron(SpikingLayer):
     def scan(self, current: torch.Tensor, steps: int, batch: int, fan: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` calls of ``forward`` at once: outputs as steps x batch time-major rows, and
-        per-step [spikes, synaptic operations] counts."""
+        per-step [spikes, synaptic operations] counts. A chunk wholly before the window or after
+        it has a constant output (zero, or the held charge): it is returned as ``batch`` rows,
+        which the engine repeats where it meets values that change (``engine.MatchRows``)."""
         constant = current.shape[0] != steps * batch
         first = current[:batch]
         if self.state is None:
@@ -134,9 +136,13 @@ class TTFSNeuron(SpikingLayer):
             v = current if constant else current[j * batch:(j + 1) * batch]
         offsets = torch.arange(t0, t0 + steps, device=first.device) - p.start  # window offset of each step
         counts = torch.zeros(steps, 2, dtype=torch.float64, device=first.device)
+        self.spikes = None
         if v is None:  # the window has not opened in this chunk
             self.state = self.state._replace(t=t0 + steps)
-            return first.new_zeros((steps * batch, *first.shape[1:])), counts
+            return first.new_zeros(first.shape), counts
+        if t0 - p.start >= p.levels:  # the window has closed: the charge holds
+            self.state = self.state._replace(t=t0 + steps)
+            return (p.threshold / p.levels) * self.state.count, counts
         k = first_crossing(v, p)  # the offset each unit fires at (K: never)
         shape = (steps,) + (1,) * first.dim()
         at = offsets.clamp(max=p.levels - 1).view(shape).to(first.dtype)
@@ -150,7 +156,6 @@ class TTFSNeuron(SpikingLayer):
         counts[:, 1] = torch.bincount(idx, weights=weights, minlength=steps)
         # copies: views would keep the chunk's whole input and output alive until the next batch
         self.state = TTFSState(t0 + steps, v.clone(), k <= offsets[-1].clamp(max=p.levels - 1), count[-1].clone())
-        self.spikes = None
         return out, counts
 
 

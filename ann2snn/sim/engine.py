@@ -7,6 +7,13 @@ product instead of K small ones - and every stateful layer (a neuron, a gated ma
 its K steps in order, carrying its state into the next chunk. The arithmetic of each step is
 the step-by-step simulation's, so spikes and accuracy are the same (tests compare).
 
+A value that does not change within a chunk travels as B rows, not K*B: the static input
+current, and the output of a layer that is constant over the chunk (a time code before its
+window opens, and after it closes: ``TTFSNeuron.scan``). A weighted layer then runs on B rows,
+and an operation that meets such a value together with time-varying ones repeats it for the
+chunk's steps (``MatchRows``). A time code's layers are thus computed over K*B rows only in the
+chunks of their own window and their sources' (the simulation cuts chunks at window edges).
+
 A spiking layer whose backend is "fused" runs the whole chunk in its ``scan(x, steps, batch,
 fan)``, which also counts spikes and synaptic operations (``kernels.py``: Triton on CUDA,
 in-place PyTorch elsewhere); on the "reference" backend ``TimeScan`` calls its one-step
@@ -15,8 +22,11 @@ in-place PyTorch elsewhere); on the "reference" backend ``TimeScan`` calls its o
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from ann2snn.neurons.layer import SpikingLayer, StatefulLayer
 
@@ -65,16 +75,74 @@ def step_counts(spikes: torch.Tensor, fan: torch.Tensor, pool: nn.Module | None 
     return torch.stack([per_unit.sum(), (events * fan.double()).sum()])
 
 
-class RepeatSteps(nn.Module):
-    """A constant (B rows) repeated for the chunk's K steps, where a non-stateful operation
-    meets it together with values that change in time."""
+class MatchRows(nn.Module):
+    """An operation of several inputs (a residual sum, a concatenation) whose inputs may mix
+    constants of the chunk (B rows) with time-varying values (K*B rows): the constants are
+    repeated for the chunk's steps first. ``rows``: the positions, among the arguments' leaves
+    (a list of tensors counts each), of those that carry samples (not parameters)."""
 
-    def __init__(self):
+    def __init__(self, fn, rows: tuple[int, ...], kwargs: dict):
         super().__init__()
-        self.steps = 1
+        self.fn, self.rows, self.kwargs = fn, frozenset(rows), kwargs
+        self.steps, self.batch = 1, 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unsqueeze(0).expand(self.steps, *x.shape).reshape(-1, *x.shape[1:])
+    def forward(self, *args):
+        K, B = self.steps, self.batch
+        leaves, spec = pytree.tree_flatten(args)
+        if K > 1 and any(isinstance(leaves[i], torch.Tensor) and leaves[i].shape[0] == K * B for i in self.rows):
+            leaves = [time_rows(a, K, B) if i in self.rows and isinstance(a, torch.Tensor) else a
+                      for i, a in enumerate(leaves)]
+        return self.fn(*pytree.tree_unflatten(leaves, spec), **self.kwargs)
+
+
+def time_rows(x: torch.Tensor, steps: int, batch: int) -> torch.Tensor:
+    """``x`` as K*B time-major rows: a chunk's constant (B rows) repeated, else as it is."""
+    if steps > 1 and x.shape[0] == batch:
+        return x.unsqueeze(0).expand(steps, *x.shape).reshape(-1, *x.shape[1:])
+    return x
+
+
+def _carries_rows(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose values have a row per sample (or per sample and step): those reached from
+    the inputs; parameters and constants (get_attr) have none."""
+    rows: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or (node.op != "get_attr" and any(a in rows for a in node.all_input_nodes)):
+            rows.add(node)
+    return rows
+
+
+def _match_rows(gm: fx.GraphModule, stateful: set[str]) -> list[nn.Module]:
+    """Every operation of two or more sample-carrying inputs, except stateful modules, becomes a
+    ``MatchRows`` module; returns them (their steps and batch are set per chunk)."""
+    rows, added = _carries_rows(gm), []
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method", "call_module") or node.op == "call_module" and \
+                node.target in stateful or node.kwargs and any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+            continue
+        leaves, _ = pytree.tree_flatten(tuple(node.args))
+        positions = tuple(i for i, a in enumerate(leaves) if isinstance(a, fx.Node) and a in rows)
+        if len(positions) < 2:
+            continue
+        if node.op == "call_module":
+            fn = gm.get_submodule(str(node.target))
+        elif node.op == "call_method":
+            fn = _method(str(node.target))
+        else:
+            fn = node.target
+        name = f"match_rows_{len(added)}"
+        module = MatchRows(fn, positions, dict(node.kwargs))
+        gm.add_submodule(name, module)
+        added.append(module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, tuple(node.args))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    return added
+
+
+def _method(name: str):
+    return lambda obj, *args, **kwargs: getattr(obj, name)(*args, **kwargs)
 
 
 def layered(step: fx.GraphModule, layers: list[str], fan: list[torch.Tensor], fused: bool = True,
@@ -83,7 +151,7 @@ def layered(step: fx.GraphModule, layers: list[str], fan: list[torch.Tensor], fu
     (module, modules whose ``steps``/``batch`` are set per chunk, the spiking layers' scans in
     the order of ``layers``); ``pools``: layers whose events are counted after a pool."""
     pools = pools or {}
-    gm = fx.GraphModule(step, step.graph)  # its own module tree: wrapping does not touch ``step``
+    gm = fx.GraphModule(step, copy.deepcopy(step.graph))  # its own modules and graph: ``step`` stays as it is
     stateful = {name for name, m in step.named_modules() if isinstance(m, StatefulLayer)}
     chunked: list[nn.Module] = []
     scans: dict[str, TimeScan] = {}
@@ -96,16 +164,7 @@ def layered(step: fx.GraphModule, layers: list[str], fan: list[torch.Tensor], fu
             chunked.append(scan)
             if name in layers:
                 scans[name] = scan
-    for i, node in enumerate(n for n in list(gm.graph.nodes) if n.op == "placeholder"):
-        plain_users = [u for u in node.users if not (u.op == "call_module" and u.target in stateful)]
-        if plain_users:  # a constant meets time-varying values: give it the chunk's rows
-            repeat = RepeatSteps()
-            gm.add_submodule(f"repeat_static_{i}", repeat)
-            chunked.append(repeat)
-            with gm.graph.inserting_after(node):
-                rep = gm.graph.call_module(f"repeat_static_{i}", (node,))
-            for u in plain_users:
-                u.replace_input_with(node, rep)
+    chunked += _match_rows(gm, stateful)
     gm.recompile()
     return gm, chunked, [scans[name] for name in layers]
 

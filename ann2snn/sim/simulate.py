@@ -21,7 +21,7 @@ from torch import fx, nn
 from ann2snn import progress
 from ann2snn.io.data import TensorData
 from ann2snn.sim.energy import pooled_sources
-from ann2snn.sim.engine import chunk_steps, layered, step_counts
+from ann2snn.sim.engine import chunk_steps, layered, step_counts, time_rows
 from ann2snn.errors import OptionError
 from ann2snn.neurons.layer import SpikingLayer, StatefulLayer
 from ann2snn.neurons.readout import Readout
@@ -173,10 +173,11 @@ class _OnDevice:
                     acc.count(i, t, step_counts(m.spikes, self.fan[i], self.pools.get(name)))
             return
         steps = chunk_steps(len(x), self.widest, timesteps, self.memory_budget)
-        for t0, k in _chunks(timesteps, steps, controller.decision_steps if controller else ()):
+        edges = [e for m in self.neurons.values() if m.window for e in (m.start, m.start + m.window)]
+        for t0, k in _chunks(timesteps, steps, [*(controller.decision_steps if controller else ()), *edges]):
             for m in self.chunked:
                 m.steps, m.batch = k, len(x)
-            out = self.chunked_step(*constant).view(k, len(x), -1)
+            out = time_rows(self.chunked_step(*constant), k, len(x)).view(k, len(x), -1)
             for i, scan in enumerate(self.scans):
                 acc.count_chunk(i, t0, scan.counts)
             for j in range(k):
@@ -199,7 +200,9 @@ def counting_pools(snn: fx.GraphModule, neurons: dict[str, nn.Module]) -> dict[s
 
 
 def _chunks(timesteps: int, size: int, decisions) -> list[tuple[int, int]]:
-    """(first step, length) of each chunk; a chunk ends after every decision step (1-based)."""
+    """(first step, length) of each chunk; a chunk ends after every step d of ``decisions``
+    (1-based): arousal's decision steps, and the steps before a time code's window opens or
+    after it closes, so that a chunk is wholly inside or outside each window (``engine.py``)."""
     ends = sorted({min(d, timesteps) for d in decisions if d >= 1} | set(range(size, timesteps, size)) | {timesteps})
     out, t0 = [], 0
     for end in ends:
