@@ -194,7 +194,8 @@ def main() -> None:
             print(f"{name}: {rows[-1]['image_steps_per_second']:,.0f} image-steps/s", flush=True)
     print_table(rows, f"{args.model} on {args.dataset}, {len(data)} images, rate codes T={T}, batch {B}, device "
                       f"{device} ({torch.get_num_threads()} CPU threads)")
-    summary = {"model": args.model, "model_args": user, "dataset": args.dataset, "images": len(data), "timesteps": T,
+    summary = {"model": args.model, "model_args": user, "dataset": args.dataset, "shape": list(data.sample_shape),
+               "images": len(data), "timesteps": T,
                "batch_size": B, "device": str(device), "cpu_threads": torch.get_num_threads(),
                "torch": torch.__version__, "params": params, "rows": rows}
     write_text(args.out / "bench_simulation.json", json.dumps(summary, indent=2) + "\n")

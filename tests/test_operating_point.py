@@ -282,3 +282,40 @@ def test_calibrate_prints_a_bar_if_never_reaches_and_the_candidate_that_set_it(m
     out = console.export_text()
     assert "1.04 x IF's spikes <- chosen" in out
     assert "spends more spikes than IF at its defaults on these images (the cheapest 1.04 times)" in out
+
+
+def test_the_race_halves_the_candidates_carries_totals_and_keeps_the_full_search_choice(monkeypatch):
+    """Successive halving: 10 candidates on 16 images, the better half (and the bar's candidate)
+    on twice as many, two on all 96; the survivors' totals equal one pass over all the images,
+    and the choice is the full search's."""
+    from conftest import tiny_cnn
+    from ann2snn import neurons
+    from ann2snn.conversion.graph import normalize
+    from ann2snn.conversion.statistics import activation_stats
+    from ann2snn.io.data import TensorData
+    from ann2snn.search import operating_point, race
+
+    model = tiny_cnn()
+    gm = normalize(model)[0]
+    x = torch.rand(96, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    data = TensorData("tiny", "file", x, y, 3)
+    stats = activation_stats(gm, data, 99.9, 64, "cpu")
+    asn = neurons.get("asn")
+    cpu = torch.device("cpu")
+    assert race.rounds(96) == [96] and race.rounds(600) == [256, 512, 600] and race.rounds(600, True) == [600]
+    monkeypatch.setattr(race, "FIRST", 16)  # rounds of 16, 32, 64 and 96 images
+    raced_options, raced = operating_point.choose(gm, stats, asn, asn.options({}), neurons.BASELINE, data, 32, cpu)
+    images = [c["images"] for c in raced.candidates]
+    alive = [sum(n >= r for n in images) for r in (16, 32, 64, 96)]  # candidates in each round
+    assert alive[0] == 10 and all(math.ceil(a / 2) <= b <= max(2, math.ceil(a / 2)) + 1 for a, b in zip(alive, alive[1:]))
+    assert 2 <= alive[-1] <= 3
+    assert all(c["cost"] is None for c in raced.candidates if c["images"] < 96)
+    monkeypatch.setattr(race, "FIRST", 10 ** 6)  # one round: every candidate on every image
+    full_options, full = operating_point.choose(gm, stats, asn, asn.options({}), neurons.BASELINE, data, 32, cpu)
+    assert all(c["images"] == 96 for c in full.candidates)
+    assert raced_options == full_options and raced.chosen == full.chosen and raced.baseline == full.baseline
+    for r, f in zip(raced.candidates, full.candidates):
+        if r["images"] == 96:  # carried from round to round: the same totals as one pass
+            assert r == f

@@ -269,10 +269,15 @@ def _print_operating_point(record) -> None:
         console.print(f"  (the {100 * bar:.2g}% bar allows {n} of these {record.samples:,} images to disagree: which "
                       f"setting stays within it rests on an image or two; at this bar {enough:,} search images "
                       f"would allow 3: raise --samples and --search-samples)")
-    fields = ("final_error", "late_error", "spikes_per_sample", "settled_steps", "spikes_by_then", "cost")
+    fields = ("final_error", "late_error", "spikes_per_sample", "settled_steps", "spikes_by_then", "cost", "images")
+    raced = race_text(record)
+    if raced:
+        console.print(f"  candidates raced (successive halving): {raced}; each for {record.timesteps} steps")
     for c in record.candidates:
         setting = setting_text({k: v for k, v in c.items() if k not in fields})
-        cost = (f"{c['cost']:.2f} x {b['neuron'].upper()}'s spikes" if c["cost"] is not None else
+        images = c.get("images", record.samples)
+        cost = (f"out of the race after {images:,} images" if images < record.samples else
+                f"{c['cost']:.2f} x {b['neuron'].upper()}'s spikes" if c["cost"] is not None else
                 "misses a bar" if None in c["settled_steps"] else f"within only after step {record.timesteps // 2 + 1}")
         mark = " <- chosen" if c == record.chosen else ""
         console.print(f"  {setting:<70} " + ", ".join(reach(c, i) for i in range(len(what))) + f": {cost}{mark}")
@@ -283,6 +288,17 @@ def _print_operating_point(record) -> None:
         console.print(f"[yellow]every setting within the bars spends more spikes than {b['neuron'].upper()} at its "
                       f"defaults on these images (the cheapest {record.chosen['cost']:.2f} times): here "
                       f"{b['neuron'].upper()} is the cheaper SNN[/]")
+
+
+def race_text(record) -> str | None:
+    """How many candidates ran on how many search images, e.g. '10 on 256 images, 5 on 512, 2 on
+    all 2,000'; None where every candidate ran on every image."""
+    images = [c.get("images", record.samples) for c in record.candidates]
+    if min(images) == record.samples:
+        return None
+    counts = [(n, sum(i >= n for i in images)) for n in sorted(set(images))]
+    parts = [f"{k} on {'all ' if n == record.samples else ''}{n:,}" for n, k in counts]
+    return parts[0] + " images, " + ", ".join(parts[1:])
 
 
 @app.command()

@@ -186,7 +186,7 @@ class OutputError:
         error left after the best single gain a (a low-pass readout has not settled after t
         steps, and a class decision does not depend on scale); 0 when the SNN reproduces the
         ANN's outputs."""
-        r = self.reference
+        r = self.reference[:self.done]  # the samples seen so far (all of them after a whole run)
         fitted = torch.where(self.own > 0, self.cross ** 2 / self.own.clamp(min=1e-300), torch.zeros_like(self.own))
         residual = (float((r * r).sum()) - fitted).clamp(min=0.0)
         return residual / max(float(((r - r.mean(0)) ** 2).sum()), 1e-30)

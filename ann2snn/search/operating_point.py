@@ -16,7 +16,9 @@ run costs the spikes per sample it has spent by the step from which it stays wit
 (IF, where it never does, its whole run's: a lower bound on what it would need), and a
 candidate's cost is its worst ratio to IF's over the bars. The cheapest candidate within every
 bar for at least the second half of its steps wins (one that settles near its end may be
-noise); otherwise ``fallback``, and the record says so.
+noise); otherwise ``fallback``, and the record says so. On 512 search images or more the
+candidates race (``race.py``): the worse half leaves after each round of images, and the choice
+is made among the two that ran on every image.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import math
 import torch
 from torch import fx
 
+from ann2snn.search import race
 from ann2snn.sim import distributed
-from ann2snn.search.budget import Agreement, OutputError, ann_outputs, fitted_layers, spiking_network
+from ann2snn.search.budget import ann_outputs, fitted_layers, spiking_network
 from ann2snn.conversion.statistics import LayerStats
 from ann2snn.io.data import TensorData
 from ann2snn.neurons import Neuron
@@ -107,61 +110,98 @@ def few_image_bars(record: OperatingPointRecord) -> list[tuple[float, int, int]]
     return out
 
 
+def bars_within(row: dict) -> int:
+    """How many of the bars, loosest first, a run stays within (from some step on)."""
+    return next((i for i, s in enumerate(row["spikes_by_then"]) if s is None), len(row["spikes_by_then"]))
+
+
 def fallback(tried: list[dict], baseline: dict) -> dict:
     """Where no candidate stays within every bar from the first half of its run on: the cheapest
     (worst ratio to the baseline) of those within every bar from a later step, else of those
     within the most bars, loosest first; where none is within any, the least final error."""
-    def within(t: dict) -> int:
-        return next((i for i, s in enumerate(t["spikes_by_then"]) if s is None), len(t["spikes_by_then"]))
-    most = max(within(t) for t in tried)
+    most = max(bars_within(t) for t in tried)
     if most == 0:
         return min(tried, key=lambda t: (t["final_error"], t["spikes_per_sample"]))
-    return min((t for t in tried if within(t) == most), key=lambda t: (cost(t, baseline, most), t["final_error"]))
+    return min((t for t in tried if bars_within(t) == most),
+               key=lambda t: (cost(t, baseline, most), t["final_error"]))
+
+
+def ranked(runs: list[tuple[int, torch.Tensor, torch.Tensor]], base_error: torch.Tensor, base_spikes: torch.Tensor,
+           images: int, steps: int) -> list[int]:
+    """The candidates of ``runs`` (index, error, spikes per sample after each step, on ``images``
+    search images) best first, as the race ranks them (``race.py``): within the bars widened by
+    two standard errors from the first half of the run on, by cost; then by the bars they stay
+    within and their final error."""
+    limits = race.widened(bars(MARGINS, float(base_error[-1]), min(late_error(e) for _, e, _ in runs), images),
+                          images)
+    base = {"spikes_per_sample": float(base_spikes[-1]), **reached(base_error, base_spikes, limits)}
+    keys = []
+    for i, error, spikes in runs:
+        row = {"spikes_per_sample": float(spikes[-1]), **reached(error, spikes, limits)}
+        c = cost(row, base, by=steps // 2 + 1)
+        keys.append(((0, c, float(error[-1])) if c is not None else (1, -bars_within(row), float(error[-1])), i))
+    return [i for _, i in sorted(keys)]
 
 
 def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict, baseline: Neuron,
            data: TensorData, batch_size: int, device: torch.device) -> tuple[dict, OperatingPointRecord]:
-    """Returns (``options`` with the chosen candidate's values, the record of every candidate)."""
+    """Returns (``options`` with the chosen candidate's values, the record of every candidate).
+    The candidates race (``race.py``): those out of it after a round are recorded with the
+    images they ran on."""
     reference = ann_outputs(gm, data, batch_size, device)
     fanouts = Fanouts(gm, data.sample_shape)
     classify = data.task == "classification"
 
-    def run(kind: Neuron, opts: dict, timesteps: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(share of samples whose class is not the ANN's, or output error, after each step;
-        spikes per sample by then)"""
+    def entrant(kind: Neuron, opts: dict, timesteps: int) -> race.Entrant:
         net = spiking_network(gm, kind, fitted_layers(stats, kind, opts), opts, data, timesteps, device, fanouts)
-        observer = Agreement(reference.argmax(1), timesteps) if classify else OutputError(reference, timesteps)
-        sim = net.simulate(data, timesteps, batch_size, device, observers=[observer],
-                           label=f"operating point: {label}")
-        error = 1.0 - observer.per_step / len(data) if classify else observer.per_step()
-        return error, sim.spikes.sum(0).cumsum(0) / len(data)
+        return race.Entrant(net, reference, timesteps, classify)
 
     base_options = baseline.options({"percentile": options["percentile"]} if "percentile" in baseline.defaults
                                     and "percentile" in options else {})
-    base_error, base_spikes = run(baseline, base_options, baseline.default_timesteps, f"{baseline.label} bar")
-    steps = neuron.default_timesteps
-    ranks = distributed.current()  # under torchrun the ranks share the candidates, each all the images
-    mine = []
-    with ranks.phase():
-        for i in range(ranks.rank, len(neuron.operating_points), ranks.world):
-            candidate = neuron.operating_points[i]
-            error, spikes = run(neuron, {**options, **candidate}, steps, setting_text(candidate))
-            mine.append((i, error.cpu(), spikes.cpu()))  # gathered across ranks: no device tensors
-    runs = sorted((r for share in ranks.gather(mine) for r in share), key=lambda r: r[0])
+    base = entrant(baseline, base_options, baseline.default_timesteps)
+    steps, points = neuron.default_timesteps, neuron.operating_points
+    ranks = distributed.current()  # under torchrun candidate i runs on rank i % world, on all the images
+    mine: dict[int, race.Entrant] = {}
+    alive, left = list(range(len(points))), {}
+    for images in race.rounds(len(data), not classify):
+        images = images if len(alive) > race.KEEP else len(data)
+        base.run_to(data, images, batch_size, device, f"operating point: {baseline.label} bar")
+        with ranks.phase():
+            for i in (i for i in alive if i % ranks.world == ranks.rank):
+                mine[i] = mine.get(i) or entrant(neuron, {**options, **points[i]}, steps)
+                mine[i].run_to(data, images, batch_size, device, f"operating point: {setting_text(points[i])}")
+        runs = sorted((r for share in ranks.gather([(i, *mine[i].curves()) for i in alive if i in mine])
+                       for r in share), key=lambda r: r[0])  # gathered across ranks: CPU tensors
+        if images == len(data):
+            break
+        setter = min(runs, key=lambda r: (late_error(r[1]), r[0]))[0]
+        keep = race.survivors(ranked(runs, *base.curves(), images, steps), setter)
+        left.update({r[0]: (images, r) for r in runs if r[0] not in keep})
+        alive = sorted(keep)
+    return _decide(neuron, options, baseline, base_options, base, runs, left, len(data), classify)
+
+
+def _decide(neuron: Neuron, options: dict, baseline: Neuron, base_options: dict, base: race.Entrant, runs: list,
+            left: dict, samples: int, classify: bool) -> tuple[dict, OperatingPointRecord]:
+    """The choice among the candidates that ran on every search image (``runs``), and the record
+    (with those that left the race earlier, ``left``: their images and totals then)."""
+    base_error, base_spikes = base.curves()
+    steps, points = neuron.default_timesteps, neuron.operating_points
     final = float(base_error[-1])
-    limits = (bars(MARGINS, final, min(late_error(e) for _, e, _ in runs), len(data)) if classify else [final])
-    base = {"neuron": baseline.name, "options": base_options, "timesteps": baseline.default_timesteps,
-            "measure": "disagreement" if classify else "output error",
-            "margins": list(MARGINS) if classify else None, "bars": limits, "final_error": final,
-            "spikes_per_sample": float(base_spikes[-1]), **reached(base_error, base_spikes, limits)}
-    tried = []
-    for i, error, spikes in runs:
-        row = {**neuron.operating_points[i], "final_error": float(error[-1]), "late_error": late_error(error),
-               "spikes_per_sample": float(spikes[-1]), **reached(error, spikes, limits)}
-        tried.append({**row, "cost": cost(row, base, by=steps // 2 + 1)})
-    keys = list(neuron.operating_points[0])
-    met = [t for t in tried if t["cost"] is not None]
-    chosen = min(met, key=lambda t: (t["cost"], t["final_error"])) if met else fallback(tried, base)
-    record = OperatingPointRecord(baseline=base, timesteps=steps, samples=len(data), candidates=tried,
+    limits = (bars(MARGINS, final, min(late_error(e) for _, e, _ in runs), samples) if classify else [final])
+    base_row = {"neuron": baseline.name, "options": base_options, "timesteps": baseline.default_timesteps,
+                "measure": "disagreement" if classify else "output error",
+                "margins": list(MARGINS) if classify else None, "bars": limits, "final_error": final,
+                "spikes_per_sample": float(base_spikes[-1]), **reached(base_error, base_spikes, limits)}
+    rows = {}
+    for images, (i, error, spikes) in [(samples, r) for r in runs] + list(left.values()):
+        row = {**points[i], "final_error": float(error[-1]), "late_error": late_error(error),
+               "spikes_per_sample": float(spikes[-1]), **reached(error, spikes, limits), "images": images}
+        rows[i] = {**row, "cost": cost(row, base_row, by=steps // 2 + 1) if images == samples else None}
+    tried = [rows[i] for i in sorted(rows)]
+    full = [t for t in tried if t["images"] == samples]
+    met = [t for t in full if t["cost"] is not None]
+    chosen = min(met, key=lambda t: (t["cost"], t["final_error"])) if met else fallback(full, base_row)
+    record = OperatingPointRecord(baseline=base_row, timesteps=steps, samples=samples, candidates=tried,
                                   chosen=chosen, bar_met=bool(met))
-    return {**options, **{k: chosen[k] for k in keys}}, record
+    return {**options, **{k: chosen[k] for k in points[0]}}, record
