@@ -35,12 +35,12 @@ from ann2snn.app import pipeline
 from ann2snn.app.cli import key_values
 from ann2snn.evaluation.report import plot, within_margin
 from ann2snn.evaluation.stats import wilson
-from ann2snn.io.checkpoint import load_model
 from ann2snn.io.data import open_dataset
 from ann2snn.io.files import write_text
 from ann2snn.options import CalibrationOptions, DataSource, RunOptions
 from ann2snn.sim.simulate import resolve_device
 from ann2snn.store.artifact import load_artifact
+from peers import for_spikingjelly
 
 MARGINS = (0.3, 1.0)
 
@@ -85,7 +85,7 @@ def spikingjelly(a, timesteps: int) -> dict | str:
     device = resolve_device(a.device)
     art = load_artifact(a.reference_artifact)
     norm = art.meta.input.normalize
-    model = load_model(a.model, art.meta.model.kwargs, a.checkpoint, False).to(device).eval()  # its own modules
+    model = for_spikingjelly(art.ann).to(device)  # the checkpoint's function (batch norm folded), plain ReLUs
     calib = open_dataset(a.dataset, a.calibration_split, a.data_dir, False, norm).head(a.sj_calibration)
     test = open_dataset(a.dataset, a.split, a.data_dir, False, norm)
     test = test.head(a.limit) if a.limit else test

@@ -3,8 +3,8 @@
 #   bash scripts/bench_gpu.sh [OUT]            # default OUT runs/bench_gpu
 # Full-width zoo resnet18 at 32x32 (10 classes) and torchvision's resnet18 at 224x224 (1,000
 # classes), random seeded weights and random images (timing only: the accuracy column is
-# agreement with the ANN), T = 64, batch 256 and 2,048; every neuron type (IF, ASN at m_f 0.1,
-# VSN, TTFS to its answer step) against T ANN forward passes and SpikingJelly's IF
+# agreement with the ANN), T = 64, batch 256 and 2,048; every neuron type (IF, ASN at m_f 0.1 and VSN, each also with --compile,
+# TTFS to its answer step) against T ANN forward passes and SpikingJelly's IF
 # (pip install -e '.[bench]'). Each bench_simulation.py run writes its JSON under OUT; the
 # README's GPU table is printed from them at the end (scripts/bench_gpu_table.py).
 # DEVICE=cpu QUICK=1 runs a small version of the same on a CPU (a check of the script only).
@@ -32,7 +32,7 @@ for net in $NETS; do
       --images "$images" --out "$OUT/$tag"
     $PY scripts/bench_simulation.py "${args[@]}" --checkpoint "$OUT/$tag.safetensors" \
       --dataset "$OUT/$tag.data.safetensors" --param asn:m_f=0.1 --samples "$((B < 512 ? B : 512))" \
-      --timesteps "$T" --images "$images" --batch-size "$B" --device "$DEVICE" --out "$OUT/${tag}_b$B"
+      --timesteps "$T" --images "$images" --batch-size "$B" --device "$DEVICE" --compile --out "$OUT/${tag}_b$B"
   done
 done
 $PY scripts/bench_gpu_table.py "$OUT"

@@ -15,7 +15,8 @@ calibration and conversion not timed; on CUDA after an untimed warm-up run, so T
 one-time kernel compilation, about a second per process, is left out). Rate codes run T steps;
 a time code (TTFS) runs to its answer step, which its row states. ``--param neuron:KEY=VALUE``
 fixes a neuron's option at calibrate (``--param asn:m_f=0.1`` skips ASN's operating-point
-choice, which on a deep network takes longer than the timing). Peak memory: CUDA allocator peak
+choice, which on a deep network takes longer than the timing). ``--compile`` adds ASN and VSN rows with their steps through torch.compile, timed after an
+untimed warm-up (its seconds, compilation included, are in the JSON). Peak memory: CUDA allocator peak
 on a GPU; on the CPU the growth of the process's resident set (ru_maxrss) during the run, a
 coarse figure that only rises.
 """
@@ -32,13 +33,14 @@ from pathlib import Path
 import torch
 
 from ann2snn.app import pipeline
+from peers import for_spikingjelly
 from ann2snn.store.artifact import load_artifact
 from ann2snn.app.cli import key_values
 from ann2snn.io.data import open_dataset
 from ann2snn.sim.energy import fanout_maps
 from ann2snn.io.files import write_text
 from ann2snn.options import CalibrationOptions, DataSource
-from ann2snn.neurons.readout import Readout
+from ann2snn.neurons import compiled
 from ann2snn.sim.simulate import resolve_device, simulate
 
 
@@ -57,11 +59,14 @@ def _timed(device: torch.device, fn):
     return result, seconds, peak
 
 
-def ours(artifact: Path, data, T: int | None, batch: int, device: torch.device, engine: str
-         ) -> tuple[float, float, float]:
+def ours(artifact: Path, data, T: int | None, batch: int, device: torch.device, engine: str,
+         compile_steps: bool = False) -> tuple[float, float, float]:
     """Accuracy, seconds and peak memory of the artifact's SNN over ``T`` steps (None: its
-    answer step), read out as its neuron reads (a time code holds its output)."""
+    answer step), read out as its neuron reads (a time code holds its output); with
+    ``compile_steps`` its layers built to run their steps through torch.compile."""
+    compiled.enable(compile_steps)
     art = load_artifact(artifact)
+    compiled.enable(False)
     T = T or pipeline.answer_step(artifact)
     layers = art.meta.layer_names
     fan = fanout_maps(art.ann, tuple(art.meta.input.shape))
@@ -132,6 +137,8 @@ def main() -> None:
                    help="a neuron option for calibrate, e.g. asn:m_f=0.1 (repeatable)")
     p.add_argument("--samples", type=int, default=1000, help="calibration images")
     p.add_argument("--engines", default="layers", help="layers, steps or both (comma-separated)")
+    p.add_argument("--compile", action="store_true", help="also time ASN and VSN with --compile (torch.compile); "
+                                                          "the untimed warm-up that compiles is reported")
     p.add_argument("--timesteps", type=int, default=64, help="steps of the rate codes (a time code runs to its answer)")
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=256)
@@ -169,19 +176,22 @@ def main() -> None:
             for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
                 runs.append((f"ann2snn {neuron.upper()} {engine}", steps,
                              lambda d, n=neuron, e=engine, k=steps: ours(artifacts[n], d, k, B, device, e)))
-        from ann2snn.io.checkpoint import load_model
-        from ann2snn.io.zoo import model_kwargs
-        model = load_model(args.model, model_kwargs(args.model, data.sample_shape, data.num_classes, user),
-                           args.checkpoint)
+                if args.compile and neuron in ("asn", "vsn"):  # the others have kernels of their own
+                    runs.append((f"ann2snn {neuron.upper()} {engine} --compile", steps,
+                                 lambda d, n=neuron, e=engine, k=steps: ours(artifacts[n], d, k, B, device, e, True)))
+        model = for_spikingjelly(load_artifact(first).ann)  # the checkpoint's function, its ReLUs plain
         runs.append(("SpikingJelly IF (RateCodingRecipe 99.9%)", T,
                      lambda d: spikingjelly(model, calib, d, T, B, device)))
         skip = {s.strip() for s in args.skip.split(",") if s.strip()}
         for name, steps, run in runs:
             if any(s in name for s in skip):
                 continue
-            if device.type == "cuda":  # untimed warm-up: kernel compilation and cuDNN set-up happen once
+            warm_up = None
+            if device.type == "cuda" or "--compile" in name:  # untimed warm-up: compiling happens once a process
+                start = time.perf_counter()
                 run(data.head(min(len(data), B)))
                 run(data.head(len(data) % B or B))  # the last batch's size may compile its own variant
+                warm_up = round(time.perf_counter() - start, 1)
             result = run(data)
             if isinstance(result, str):
                 rows.append({"run": name, "note": result})
@@ -190,7 +200,7 @@ def main() -> None:
             acc, seconds, peak = result
             rows.append({"run": name, "timesteps": steps, "accuracy": acc, "seconds": round(seconds, 3),
                          "image_steps_per_second": round(len(data) * steps / seconds, 1),
-                         "peak_memory_mb": round(peak / 2**20, 1)})
+                         "peak_memory_mb": round(peak / 2**20, 1), "warm_up_seconds": warm_up})
             print(f"{name}: {rows[-1]['image_steps_per_second']:,.0f} image-steps/s", flush=True)
     print_table(rows, f"{args.model} on {args.dataset}, {len(data)} images, rate codes T={T}, batch {B}, device "
                       f"{device} ({torch.get_num_threads()} CPU threads)")

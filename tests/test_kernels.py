@@ -75,3 +75,66 @@ def test_triton_kernel_on_cuda_equals_the_torch_scan(constant):
     out, counts = if_scan(x, steps, batch, v_cpu, 0.8, fan)
     out_g, counts_g = if_scan(x.cuda(), steps, batch, v_gpu, 0.8, fan.cuda())  # the Triton kernel
     assert torch.equal(out, out_g.cpu()) and torch.equal(counts, counts_g.cpu()) and torch.equal(v_cpu, v_gpu.cpu())
+
+
+@pytest.fixture
+def compiling():
+    """Neuron steps through torch.compile for the layers built inside the test, off again after."""
+    from ann2snn.neurons import compiled
+    compiled.enable(True)
+    yield compiled
+    compiled.enable(False)
+    compiled._STATE["failed"] = None
+
+
+def _tiny_simulation(neuron_name: str, params: dict):
+    from conftest import tiny_cnn
+    from ann2snn import neurons
+    from ann2snn.conversion.graph import normalize
+    from ann2snn.conversion.statistics import activation_stats
+    from ann2snn.io.data import TensorData
+    from ann2snn.search.budget import fitted_layers
+    from ann2snn.sim.network import Fanouts, build_network
+
+    model = tiny_cnn()
+    gm = normalize(model)[0]
+    x = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    data = TensorData("tiny", "file", x, y, 3)
+    neuron = neurons.get(neuron_name)
+    options = neuron.options(params)
+    layers = fitted_layers(activation_stats(gm, data, 99.9, 64, "cpu"), neuron, options)
+    net = build_network(gm, neuron, layers, options, 40, Fanouts(gm, data.sample_shape))
+    return net, net.simulate(data, 40, 8, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("neuron,params", [("asn", {"m_f": 0.1}), ("asn", {"m_f": 0.01, "theta0": 1.0,
+                                                                            "onset_ms": 8.0, "scale": 8.0}),
+                                           ("vsn", {}), ("if", {"per_channel": True, "max_spikes": 2})])
+def test_compiled_steps_equal_the_reference_step(compiling, neuron, params):
+    """--compile runs each neuron's own functional step through torch.compile: the same spikes,
+    operations and accuracy at every step, bit for bit (here, on the CPU's C++ backend)."""
+    compiling.enable(False)
+    ref_net, ref = _tiny_simulation(neuron, params)
+    compiling.enable(True)
+    net, fused = _tiny_simulation(neuron, params)
+    assert set(net.backends.values()) == {"compiled"} and set(ref_net.backends.values()) == {"reference"}
+    if compiling.status() is not None:
+        pytest.skip(f"torch.compile does not work here: {compiling.status()}")
+    assert torch.equal(fused.spikes, ref.spikes) and torch.equal(fused.synops, ref.synops)
+    assert torch.equal(fused.metric, ref.metric) and ref.spikes.sum() > 0
+
+
+def test_a_compiler_failure_falls_back_to_the_step_and_says_why(compiling, monkeypatch):
+    def broken(fn):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler found\nsecond line")
+        return fail
+    monkeypatch.setattr(compiling, "_compiled", broken)
+    compiling.enable(False)
+    _, ref = _tiny_simulation("asn", {"m_f": 0.1})
+    compiling.enable(True)
+    _, ran = _tiny_simulation("asn", {"m_f": 0.1})
+    assert compiling.status() == "RuntimeError: no C++ compiler found" and not compiling.enabled()
+    assert torch.equal(ran.spikes, ref.spikes)

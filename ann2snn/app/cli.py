@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ann2snn import errors, progress
-from ann2snn.neurons import NEURONS
+from ann2snn.neurons import NEURONS, compiled
 from ann2snn.version import __version__
 from ann2snn.sim import distributed
 from ann2snn.app import pipeline
@@ -75,6 +75,9 @@ SKIP_BAD = typer.Option(SOURCE("skip_bad_images"), "--skip-bad-images", help="Le
                                                                              "truncated, not images), and say how "
                                                                              "many, rather than stop at the first.")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
+COMPILE = typer.Option(False, "--compile", help="Run the ASN, VSN and per-channel or burst IF steps through "
+                                                "torch.compile: the same spikes, faster on long runs, seconds "
+                                                "to compile first.")
 TRUST = typer.Option(False, "--trust-pickle", help="Allow a .pt checkpoint to run pickle code on load. "
                                                      "Only for files you trust.")
 TRUST_CODE = typer.Option(False, "--trust-code", help="Import and run the model code (package.module:callable) "
@@ -154,12 +157,13 @@ def calibrate(
     batch_size: int = typer.Option(CAL("batch_size"), "--batch-size", help="Samples simulated (or passed through the "
                                                                           "ANN) at once."),
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD, trust_pickle: bool = TRUST,
-    skip_bad_images: bool = SKIP_BAD,
+    skip_bad_images: bool = SKIP_BAD, compile_steps: bool = COMPILE,
 ):
     """Fit per-layer operating points (thresholds) on calibration data.
 
     Example: ann2snn calibrate lenet5.safetensors -m lenet5 -d mnist -o lenet5.calib.json
     """
+    compiled.enable(compile_steps)
     options = CalibrationOptions(samples=samples, seed=seed, split=split, batch_size=batch_size, budget=budget,
                                  timesteps=timesteps, search_samples=search_samples, layer_calibration=layer_calibration,
                                  layer_calibration_samples=layer_calibration_samples)
@@ -365,13 +369,14 @@ def evaluate(
                                         "shards up (for schedulers without torchrun, e.g. a SLURM array)."),
     model: Optional[str] = MODEL, trust_code: bool = TRUST_CODE,
     device: str = DEVICE, data_dir: Optional[Path] = DATA_DIR, download: bool = DOWNLOAD,
-    skip_bad_images: bool = SKIP_BAD,
+    skip_bad_images: bool = SKIP_BAD, compile_steps: bool = COMPILE,
 ):
     """Simulate the SNN and report accuracy versus spikes, per layer and per time step.
 
     Under torchrun every rank simulates its own shard of the samples; rank 0 writes the report.
     Example: ann2snn evaluate lenet5.snn.safetensors -d mnist -T 64 -r runs/lenet5
     """
+    compiled.enable(compile_steps)
     run = RunOptions(timesteps=timesteps, split=split, limit=limit, batch_size=batch_size, preset=energy,
                      start_ms=start_ms)
     policy = arousal_policy if arousal_policy is not None else "" if arousal else None
@@ -459,6 +464,9 @@ def _print_report(result: Report, report_dir: Path, plot_format: str = "png") ->
                                        for k in ("0.1", "0.2", "0.5", "1.0")))
     if result.variants and settled_table(result) is not None:
         console.print(settled_table(result))
+    if compiled.status():
+        console.print(f"[yellow]--compile: torch.compile failed ({literal(compiled.status())}); the neuron steps ran "
+                      "uncompiled (same results, the reference speed)[/]")
     console.print(f"device {literal(result.device)}, {result.timing['image_steps_per_second']:,.0f} image-steps/s; "
                   f"wrote {literal(report_dir)}/"
                   + ", ".join(name for name in report_files(plot_format) if (report_dir / name).exists()))

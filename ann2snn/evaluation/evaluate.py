@@ -36,7 +36,7 @@ from ann2snn.sim.energy import counting_active_macs
 from ann2snn.errors import OptionError, UserError
 from ann2snn.io.files import check_input, check_outputs, json_text, parse_json, read_input, write_text
 from ann2snn.search.operating_point import setting_text
-from ann2snn.neurons import Neuron
+from ann2snn.neurons import Neuron, compiled
 from ann2snn.options import DataSource, RunOptions
 from ann2snn.io.records import from_json, to_json
 from ann2snn.evaluation.report import (Report, ReportContext, arousal_report, build_report, context, provenance, report_outputs, write_report)
@@ -446,7 +446,11 @@ def _finish(plan: _Plan, sums: Sums, artifact, parts: int = 1) -> Report:
                                plan.art.meta.layer_names, torch.tensor(s.final, dtype=torch.float64))
         reports.append(build_report(sim, r, r.neuron.readout_for(r.spec.options, run.timesteps, run.start_ms), ctx))
         # how each layer ran, as its module was built (neurons.layer.SpikingLayer.backend)
-        reports[-1].snn["backend"] = {layer.name: r.neuron.build(layer.params).backend for layer in r.layers}
+        backends = {layer.name: r.neuron.build(layer.params).backend for layer in r.layers}
+        if compiled.status():  # the compiler failed: those layers ran their step as it is
+            backends = {k: "reference" if v == "compiled" else v for k, v in backends.items()}
+            reports[-1].snn["compile_failed"] = compiled.status()
+        reports[-1].snn["backend"] = backends
     meta = plan.art.meta
     if ctx.metric == "accuracy":  # each other run against the main one, on the same samples
         main = torch.tensor(sums.runs[0].final)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ann2snn.errors import UserError
+from ann2snn.neurons import compiled
 from ann2snn.neurons.readout import Readout
 from ann2snn.neurons.layer import SpikingLayer, TransferLayer, per_channel
 from ann2snn.neurons.neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
@@ -197,6 +198,7 @@ class ASNNeuron(SpikingLayer):
         self.taus = taus
         self.p = self.base
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        self.backend = compiled.backend()
 
     def reset(self) -> None:
         super().reset()
@@ -223,7 +225,7 @@ class ASNNeuron(SpikingLayer):
         scale = per_channel(self.scale, current)
         x = current * (onset_gain(self.t, self.onset) / scale)
         self.t += 1
-        self.spikes, self.state = asn_step(x, self.state, self.p)
+        self.spikes, self.state = compiled.run(self.backend, asn_step, x, self.state, self.p)
         return self.state.psc * scale
 
 

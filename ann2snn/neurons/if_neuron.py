@@ -29,6 +29,7 @@ import torch
 
 from ann2snn.neurons.layer import SpikingLayer, per_channel
 from ann2snn.neurons.kernels import if_scan
+from ann2snn.neurons import compiled
 from ann2snn.neurons.readout import Readout
 from ann2snn.neurons.neuron import PERCENTILE, POSITIVE, Bound, NIRExport, Neuron, StepOps
 
@@ -77,7 +78,7 @@ class IFNeuron(SpikingLayer):
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32))
         self.v_init, self.max_spikes, self.reset_mode = float(v_init), int(max_spikes), reset
         fused = self.max_spikes == 1 and not self.threshold.dim() and reset == "subtract"
-        self.backend = "fused" if fused else "reference"
+        self.backend = "fused" if fused else compiled.backend()
 
     def params_like(self, current: torch.Tensor) -> IFParams:
         return IFParams(per_channel(self.threshold, current), self.v_init, self.max_spikes, self.reset_mode == "zero")
@@ -87,7 +88,7 @@ class IFNeuron(SpikingLayer):
 
     def step(self, current: torch.Tensor) -> torch.Tensor:
         p = self.params_like(current)
-        self.spikes, self.state = if_step(current, self.state, p)
+        self.spikes, self.state = compiled.run(self.backend, if_step, current, self.state, p)
         return self.spikes * p.threshold
 
     def scan(self, current: torch.Tensor, steps: int, batch: int, fan: torch.Tensor

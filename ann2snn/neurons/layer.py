@@ -8,7 +8,9 @@ arousal and fine-tuning see these types, never a capability probed by name.
   before the first step) starts on the first step (``initial_state``) and advances once per
   call (``step``); ``spikes`` keeps the last step's events for accounting. Its ``backend`` says how
   a chunk of steps runs, chosen from its parameters when it is built and reported: "fused"
-  (``scan``, one kernel for the chunk that also counts) or "reference" (``forward`` step by step).
+  (``scan``, one kernel for the chunk that also counts), "compiled" (``forward`` step by step,
+  the neuron's functional step through ``torch.compile``: ``compiled.py``, opt-in) or "reference"
+  (``forward`` step by step).
   ``set_precision`` is arousal's switch, for neuron types with ``Neuron.precision_control``;
   ``place`` tells a time code (``window`` > 0) the step its window opens.
 - ``TransferLayer``: the differentiable stand-in that fine-tuning trains (``Neuron.transfer_module``).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BACKENDS = ("fused", "reference")
+BACKENDS = ("fused", "compiled", "reference")
 
 
 def per_channel(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

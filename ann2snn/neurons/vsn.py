@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ann2snn.neurons import compiled
 from ann2snn.neurons.readout import Readout
 from ann2snn.neurons.layer import SpikingLayer, TransferLayer, per_channel
 from ann2snn.neurons.neuron import NON_NEGATIVE, PERCENTILE, Bound, Neuron, Precision, PrecisionControl, StepOps
@@ -142,6 +143,7 @@ class VSNNeuron(SpikingLayer):
                              input_threshold(torch.as_tensor(threshold, dtype=torch.float32), sigma))
         self.beta = float(beta)
         self.factor: torch.Tensor | None = None  # per-sample threshold factor set by arousal
+        self.backend = compiled.backend()
 
     def reset(self) -> None:
         super().reset()
@@ -164,7 +166,7 @@ class VSNNeuron(SpikingLayer):
         t = per_channel(self.threshold, z)
         if self.factor is not None:
             t = t * self.factor
-        self.spikes, y, self.state = vsn_step(z, self.state, VSNParams(self.beta, t, self.sigma))
+        self.spikes, y, self.state = compiled.run(self.backend, vsn_step, z, self.state, VSNParams(self.beta, t, self.sigma))
         return y
 
 
