@@ -167,10 +167,9 @@ def calibrate(
     options = CalibrationOptions(samples=samples, seed=seed, split=split, batch_size=batch_size, budget=budget,
                                  timesteps=timesteps, search_samples=search_samples, layer_calibration=layer_calibration,
                                  layer_calibration_samples=layer_calibration_samples)
+    named = {**({} if percentile is None else {"percentile": percentile}), **key_values(param, "neuron_options")}
     profile, _ = pipeline.calibrate(
-        checkpoint, model, dataset, output, neuron=neuron,
-        neuron_options={**({} if percentile is None else {"percentile": percentile}),
-                        **key_values(param, "neuron_options")}, options=options,
+        checkpoint, model, dataset, output, neuron=neuron, neuron_options=named, options=options,
         source=DataSource(data_dir, download, skip_bad_images), device=device, normalization=normalize,
         model_args=key_values(model_arg, "model_args"), trust_pickle=trust_pickle,
         arousal=arousal_policy if arousal_policy is not None else "" if arousal else None)
