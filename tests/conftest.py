@@ -38,6 +38,19 @@ def tiny_cnn() -> nn.Module:
     return model.eval()
 
 
+def tiny_labelled(images: int, seed: int):
+    """The normalised TinyCNN and ``images`` random 8x8 images labelled with its own classes
+    (conversion error shows directly), as a ``TensorData``."""
+    from ann2snn.conversion.graph import normalize
+    from ann2snn.io.data import TensorData
+
+    model = tiny_cnn()
+    x = torch.rand(images, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return normalize(model)[0], TensorData("tiny", "file", x, y, 3)
+
+
 @pytest.fixture
 def tiny_files(tmp_path):
     """A checkpoint of TinyCNN and a 3-class 8x8 tensor data set the model classifies well."""

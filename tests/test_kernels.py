@@ -88,20 +88,13 @@ def compiling():
 
 
 def _tiny_simulation(neuron_name: str, params: dict):
-    from conftest import tiny_cnn
+    from conftest import tiny_labelled
     from ann2snn import neurons
-    from ann2snn.conversion.graph import normalize
     from ann2snn.conversion.statistics import activation_stats
-    from ann2snn.io.data import TensorData
     from ann2snn.search.budget import fitted_layers
     from ann2snn.sim.network import Fanouts, build_network
 
-    model = tiny_cnn()
-    gm = normalize(model)[0]
-    x = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    data = TensorData("tiny", "file", x, y, 3)
+    gm, data = tiny_labelled(24, 5)
     neuron = neurons.get(neuron_name)
     options = neuron.options(params)
     layers = fitted_layers(activation_stats(gm, data, 99.9, 64, "cpu"), neuron, options)

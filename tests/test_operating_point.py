@@ -288,19 +288,12 @@ def test_the_race_halves_the_candidates_carries_totals_and_keeps_the_full_search
     """Successive halving: 10 candidates on 16 images, the better half (and the bar's candidate)
     on twice as many, two on all 96; the survivors' totals equal one pass over all the images,
     and the choice is the full search's."""
-    from conftest import tiny_cnn
+    from conftest import tiny_labelled
     from ann2snn import neurons
-    from ann2snn.conversion.graph import normalize
     from ann2snn.conversion.statistics import activation_stats
-    from ann2snn.io.data import TensorData
     from ann2snn.search import operating_point, race
 
-    model = tiny_cnn()
-    gm = normalize(model)[0]
-    x = torch.rand(96, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    data = TensorData("tiny", "file", x, y, 3)
+    gm, data = tiny_labelled(96, 3)
     stats = activation_stats(gm, data, 99.9, 64, "cpu")
     asn = neurons.get("asn")
     cpu = torch.device("cpu")

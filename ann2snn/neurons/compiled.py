@@ -59,6 +59,8 @@ def run(layer_backend: str, fn: Callable, current: torch.Tensor, state, p: Named
     if layer_backend == "compiled" and _STATE["failed"] is None:
         try:
             return _compiled(fn)(current, state, _as_tensors(p, current.dtype, current.device))
+        except torch.OutOfMemoryError:  # not the compiler's: the simulation retries the batch in halves
+            raise
         except Exception as exc:  # the compiler's own failure (toolchain, platform): run the step as it is
             _STATE["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
     return fn(current, state, p)
