@@ -15,8 +15,11 @@ calibration and conversion not timed; on CUDA after an untimed warm-up run, so T
 one-time kernel compilation, about a second per process, is left out). Rate codes run T steps;
 a time code (TTFS) runs to its answer step, which its row states. ``--param neuron:KEY=VALUE``
 fixes a neuron's option at calibrate (``--param asn:m_f=0.1`` skips ASN's operating-point
-choice, which on a deep network takes longer than the timing). ``--compile`` adds ASN and VSN rows with their steps through torch.compile, timed after an
-untimed warm-up (its seconds, compilation included, are in the JSON). Peak memory: CUDA allocator peak
+choice, which on a deep network takes longer than the timing). ``--compile`` adds IF, ASN and
+VSN rows with their steps through torch.compile, timed after an untimed warm-up (its seconds,
+compilation included, are in the JSON). ``--repeat N``: the median of N timed runs per row. The
+ANN runs as the checkpoint's layout gives it and channels last (the simulation's layout on the
+CPU), so neither baseline hides the layout's gain. Peak memory: CUDA allocator peak
 on a GPU; on the CPU the growth of the process's resident set (ru_maxrss) during the run, a
 coarse figure that only rises.
 """
@@ -76,13 +79,16 @@ def ours(artifact: Path, data, T: int | None, batch: int, device: torch.device, 
     return float(sim.metric[-1]) / len(data), seconds, peak
 
 
-def ann_passes(artifact: Path, data, T: int, batch: int, device: torch.device) -> tuple[float, float, float]:
+def ann_passes(artifact: Path, data, T: int, batch: int, device: torch.device,
+               channels_last: bool = False) -> tuple[float, float, float]:
     ann = load_artifact(artifact).ann.to(device).eval()
 
     def run():
         with torch.inference_mode():
             for x, _ in data.batches(batch):
                 x = x.to(device)
+                if channels_last and x.dim() == 4:  # the layout the simulation gives its images on the CPU
+                    x = x.contiguous(memory_format=torch.channels_last)
                 for _ in range(T):
                     ann(x)
     _, seconds, peak = _timed(device, run)
@@ -142,6 +148,8 @@ def main() -> None:
     p.add_argument("--timesteps", type=int, default=64, help="steps of the rate codes (a time code runs to its answer)")
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=1, help="timed runs of each row; the median is reported "
+                                                          "(shared machines vary by tens of percent from run to run)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--skip", default="", help="comma-separated rows to leave out, e.g. 'SpikingJelly'")
@@ -170,13 +178,14 @@ def main() -> None:
         norm = load_artifact(first).meta.input.normalize
         data = open_dataset(args.dataset, "test", args.data_dir, False, norm).head(args.images)
         calib = open_dataset(args.dataset, "train", args.data_dir, False, norm).head(1024)
-        runs = [("ANN x T forward passes", T, lambda d: ann_passes(first, d, T, B, device))]
+        runs = [("ANN x T forward passes", T, lambda d: ann_passes(first, d, T, B, device)),
+                ("ANN x T forward passes, channels last", T, lambda d: ann_passes(first, d, T, B, device, True))]
         for neuron in chosen:
             steps = pipeline.answer_step(artifacts[neuron]) or T
             for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
                 runs.append((f"ann2snn {neuron.upper()} {engine}", steps,
                              lambda d, n=neuron, e=engine, k=steps: ours(artifacts[n], d, k, B, device, e)))
-                if args.compile and neuron in ("asn", "vsn"):  # the others have kernels of their own
+                if args.compile and neuron in ("if", "asn", "vsn"):  # TTFS's scan has no step to compile
                     runs.append((f"ann2snn {neuron.upper()} {engine} --compile", steps,
                                  lambda d, n=neuron, e=engine, k=steps: ours(artifacts[n], d, k, B, device, e, True)))
         model = for_spikingjelly(load_artifact(first).ann)  # the checkpoint's function, its ReLUs plain
@@ -192,7 +201,8 @@ def main() -> None:
                 run(data.head(min(len(data), B)))
                 run(data.head(len(data) % B or B))  # the last batch's size may compile its own variant
                 warm_up = round(time.perf_counter() - start, 1)
-            result = run(data)
+            results = [run(data) for _ in range(args.repeat)]
+            result = results[0] if isinstance(results[0], str) else sorted(results, key=lambda r: r[1])[len(results) // 2]
             if isinstance(result, str):
                 rows.append({"run": name, "note": result})
                 print(f"{name}: {result}", flush=True)
@@ -205,7 +215,7 @@ def main() -> None:
     print_table(rows, f"{args.model} on {args.dataset}, {len(data)} images, rate codes T={T}, batch {B}, device "
                       f"{device} ({torch.get_num_threads()} CPU threads)")
     summary = {"model": args.model, "model_args": user, "dataset": args.dataset, "shape": list(data.sample_shape),
-               "images": len(data), "timesteps": T,
+               "images": len(data), "timesteps": T, "repeat": args.repeat,
                "batch_size": B, "device": str(device), "cpu_threads": torch.get_num_threads(),
                "torch": torch.__version__, "params": params, "rows": rows}
     write_text(args.out / "bench_simulation.json", json.dumps(summary, indent=2) + "\n")

@@ -334,3 +334,30 @@ def test_constant_chunk_rows_meet_time_varying_ones():
     add.steps, add.batch = 3, 2
     assert torch.equal(add(const, varying), const.repeat(3, 1) + varying)
     assert torch.equal(add(const, const), 2 * const)  # both constant: still B rows
+
+
+def test_a_chunks_constant_keeps_its_channels_last_layout_when_repeated():
+    from ann2snn.sim.engine import time_rows
+    x = torch.rand(3, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    rows = time_rows(x, 2, 3)
+    assert rows.is_contiguous(memory_format=torch.channels_last) and torch.equal(rows, torch.cat([x, x]))
+
+
+def test_chunks_end_at_every_decision_and_take_the_size_of_their_segment():
+    from ann2snn.sim.simulate import _chunks
+    size = lambda a, b: 4 if a >= 10 else 3  # noqa: E731  (a segment from step 10 on allows longer chunks)
+    chunks = _chunks(20, size, [10, 13])
+    assert chunks == [(0, 3), (3, 3), (6, 3), (9, 1), (10, 3), (13, 4), (17, 3)]
+
+
+def test_channels_last_images_give_the_contiguous_simulations_counts():
+    """On the CPU the images go channels last; the convolutions' sums may round differently, so
+    compare counts within a spike or two, and the layers see the same images."""
+    from conftest import tiny_labelled
+    gm, data = tiny_labelled(16, 3)
+    layers = spiking_layers(gm)
+    snn = to_snn(gm, {n: if_neuron.build({"threshold": 1.0}) for n in layers})
+    fan = fanout_maps(gm, data.sample_shape)
+    runs = [simulate(snn, layers, fan, data, 12, 8, torch.device("cpu"), channels_last=last) for last in (False, True)]
+    assert runs[0].spikes.sum() > 0
+    assert (runs[0].spikes - runs[1].spikes).abs().max() <= 2 and torch.equal(runs[0].metric, runs[1].metric)

@@ -64,21 +64,34 @@ def if_step(current: torch.Tensor, state: IFState, p: IFParams) -> tuple[torch.T
     return spikes, IFState(v=v - spikes * p.threshold)
 
 
+def if_chunk_step(current: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor], p: IFParams) -> torch.Tensor:
+    """``if_step`` in place for a chunked scan: advances the membrane ``buffers[0]``, writes the
+    output ``theta * s`` into ``buffers[1]``; returns the spikes summed over the batch (per unit)."""
+    v, out = buffers
+    spikes, state = if_step(current, IFState(v), p)
+    out.copy_(spikes * p.threshold)
+    v.copy_(state.v)
+    return spikes.sum(0)
+
+
 def if_transfer(current: torch.Tensor, p: IFParams) -> torch.Tensor:
     """Mean output ``theta * rate`` for a constant current, as T -> inf."""
     return torch.minimum(current.clamp(min=0), p.max_spikes * p.threshold)
 
 
 class IFNeuron(SpikingLayer):
-    """Stateful wrapper of ``if_step``. Its backend is "fused" (``kernels.if_scan``) for one
-    scalar threshold, binary spikes and reset by subtraction, else "reference"."""
+    """Stateful wrapper of ``if_step``. For one scalar threshold, binary spikes and reset by
+    subtraction it scans whole chunks (``kernels.if_scan``): backend "fused", or "compiled" under
+    ``compiled.enable`` (on the CPU the scan's step body through torch.compile, one loop instead of
+    five passes; on CUDA the Triton kernel either way); other settings step by step, "reference"
+    or "compiled"."""
 
     def __init__(self, threshold: float | list, v_init: float = 0.5, max_spikes: int = 1, reset: str = "subtract"):
         super().__init__()
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32))
         self.v_init, self.max_spikes, self.reset_mode = float(v_init), int(max_spikes), reset
-        fused = self.max_spikes == 1 and not self.threshold.dim() and reset == "subtract"
-        self.backend = "fused" if fused else compiled.backend()
+        self.scans_chunks = self.max_spikes == 1 and not self.threshold.dim() and reset == "subtract"
+        self.backend = "fused" if self.scans_chunks and not compiled.enabled() else compiled.backend()
 
     def params_like(self, current: torch.Tensor) -> IFParams:
         return IFParams(per_channel(self.threshold, current), self.v_init, self.max_spikes, self.reset_mode == "zero")
@@ -95,12 +108,15 @@ class IFNeuron(SpikingLayer):
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` calls of ``forward`` at once (``kernels.if_scan``): outputs as steps x batch
         time-major rows, and per-step [spikes, synaptic operations] counts."""
-        if self.backend != "fused":
+        if not self.scans_chunks:
             return super().scan(current, steps, batch, fan)
         if self.state is None:
             self.state = self.initial_state(current[:batch])
-        v = self.state.v.contiguous()  # the layer's own membrane: advanced in place
-        out, counts = if_scan(current, steps, batch, v, float(self.threshold), fan)
+        v = self.state.v.contiguous() if current.is_cuda else self.state.v  # advanced in place (any layout on the CPU)
+        body = None
+        if self.backend == "compiled":
+            body = lambda x, v, out: compiled.run("compiled", if_chunk_step, x, (v, out), self.params_like(x))  # noqa: E731
+        out, counts = if_scan(current, steps, batch, v, float(self.threshold), fan, body)
         self.state, self.spikes = IFState(v), None
         return out, counts
 

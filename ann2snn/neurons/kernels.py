@@ -16,24 +16,30 @@ import functools
 
 import torch
 
-from ann2snn.sim.engine import step_counts
+from ann2snn.sim.engine import rows_like, step_counts
 
 
 def if_scan(x: torch.Tensor, steps: int, batch: int, v: torch.Tensor, threshold: float,
-            fan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            fan: torch.Tensor, body=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Advance membranes ``v`` ([B, ...], updated in place) over ``steps`` steps of input ``x``
     (K*B time-major rows, or B rows held constant). Returns (outputs theta * s as K*B rows,
-    [K, 2] float64 counts: spikes and spikes x fan-out per step, summed over the batch)."""
+    [K, 2] float64 counts: spikes and spikes x fan-out per step, summed over the batch). Off CUDA,
+    ``body(x_t, v, out_t)`` (``if_neuron.if_chunk_step`` compiled) may run each step instead of the
+    in-place operations; it returns the step's spikes per unit."""
     if x.is_cuda and x.dtype == torch.float32 and _triton_kernel() is not None:
         return _if_scan_triton(x, steps, batch, v, threshold, fan)
     constant = x.shape[0] != steps * batch
-    out = x.new_empty((steps * batch, *v.shape[1:]))
+    out = rows_like(v, steps * batch)
     fired = torch.empty_like(v)  # 0/1 as floats: comparisons into a float tensor are the fast path on CPUs
     counts = torch.empty(steps, 2, dtype=torch.float64, device=v.device)
     for t in range(steps):
-        v.add_(x if constant else x[t * batch:(t + 1) * batch])
+        x_t, o = (x if constant else x[t * batch:(t + 1) * batch]), out[t * batch:(t + 1) * batch]
+        if body is not None:
+            per_unit = body(x_t, v, o).flatten().double()
+            counts[t, 0], counts[t, 1] = per_unit.sum(), (per_unit * fan.double()).sum()
+            continue
+        v.add_(x_t)
         torch.ge(v, threshold, out=fired)
-        o = out[t * batch:(t + 1) * batch]
         torch.mul(fired, threshold, out=o)
         v.sub_(o)
         counts[t] = step_counts(fired, fan)

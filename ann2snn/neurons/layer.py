@@ -8,8 +8,9 @@ arousal and fine-tuning see these types, never a capability probed by name.
   before the first step) starts on the first step (``initial_state``) and advances once per
   call (``step``); ``spikes`` keeps the last step's events for accounting. Its ``backend`` says how
   a chunk of steps runs, chosen from its parameters when it is built and reported: "fused"
-  (``scan``, one kernel for the chunk that also counts), "compiled" (``forward`` step by step,
-  the neuron's functional step through ``torch.compile``: ``compiled.py``, opt-in) or "reference"
+  (``scan``, one kernel for the chunk that also counts), "compiled" (the neuron's functional step
+  through ``torch.compile``: ``compiled.py``, opt-in; ``forward`` step by step, or IF's ``scan``
+  with its step body compiled, ``scans_chunks``) or "reference"
   (``forward`` step by step).
   ``set_precision`` is arousal's switch, for neuron types with ``Neuron.precision_control``;
   ``place`` tells a time code (``window`` > 0) the step its window opens.
@@ -41,6 +42,7 @@ class SpikingLayer(StatefulLayer):
     """One spiking layer: state, last spikes, backend (see the module docstring)."""
 
     backend = "reference"
+    scans_chunks = False  # ``scan`` runs a whole chunk of steps (the "fused" backend; IF's also when "compiled")
     window = 0  # steps of a time code's window (``place``); 0: a rate code, active from the first step
 
     def __init__(self):

@@ -99,6 +99,7 @@ class TTFSNeuron(SpikingLayer):
     closed form (``first_crossing``), the same spikes and charges the step gives."""
 
     backend = "fused"
+    scans_chunks = True
 
     def __init__(self, threshold: float | list, levels: int):
         super().__init__()

@@ -14,7 +14,7 @@ and an operation that meets such a value together with time-varying ones repeats
 chunk's steps (``MatchRows``). A time code's layers are thus computed over K*B rows only in the
 chunks of their own window and their sources' (the simulation cuts chunks at window edges).
 
-A spiking layer whose backend is "fused" runs the whole chunk in its ``scan(x, steps, batch,
+A spiking layer that ``scans_chunks`` (backend "fused") runs the whole chunk in its ``scan(x, steps, batch,
 fan)``, which also counts spikes and synaptic operations (``kernels.py``: Triton on CUDA,
 in-place PyTorch elsewhere); on the "reference" backend ``TimeScan`` calls its one-step
 ``forward`` K times and counts after each step.
@@ -47,7 +47,7 @@ class TimeScan(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K, B = self.steps, self.batch
         constant = x.shape[0] != K * B
-        if self.fused and isinstance(self.inner, SpikingLayer) and self.inner.backend == "fused" and \
+        if self.fused and isinstance(self.inner, SpikingLayer) and self.inner.scans_chunks and \
                 self.fan is not None and self.pool is None:
             out, self.counts = self.inner.scan(x, K, B, self.fan)
             return out
@@ -55,7 +55,7 @@ class TimeScan(nn.Module):
         for t in range(K):
             y = self.inner(x if constant else x[t * B:(t + 1) * B])
             if out is None:
-                out = y.new_empty((K * B, *y.shape[1:]))
+                out = rows_like(y, K * B)
             out[t * B:(t + 1) * B] = y
             if self.fan is not None:
                 counts.append(step_counts(self.inner.spikes, self.fan, self.pool))
@@ -68,10 +68,10 @@ def step_counts(spikes: torch.Tensor, fan: torch.Tensor, pool: nn.Module | None 
     """[spikes, synaptic operations] of one step, summed over the batch (float64: exact counts).
     With ``pool`` (graded events pooled before they travel, ``energy.pooled_sources``) the
     synaptic operations are those of the pooled units that carry a non-zero value."""
-    per_unit = spikes.flatten(1).sum(0).double()
+    per_unit = spikes.sum(0).flatten().double()  # summed first: no copy of a channels-last layer
     if pool is None:
         return torch.stack([per_unit.sum(), (per_unit * fan.double()).sum()])
-    events = (pool((spikes != 0).float()) > 0).flatten(1).sum(0).double()
+    events = (pool((spikes != 0).float()) > 0).sum(0).flatten().double()
     return torch.stack([per_unit.sum(), (events * fan.double()).sum()])
 
 
@@ -98,8 +98,17 @@ class MatchRows(nn.Module):
 def time_rows(x: torch.Tensor, steps: int, batch: int) -> torch.Tensor:
     """``x`` as K*B time-major rows: a chunk's constant (B rows) repeated, else as it is."""
     if steps > 1 and x.shape[0] == batch:
-        return x.unsqueeze(0).expand(steps, *x.shape).reshape(-1, *x.shape[1:])
+        out = rows_like(x, steps * batch)
+        out.unflatten(0, (steps, batch)).copy_(x.unsqueeze(0))  # a view of ``out``: its rows are outermost
+        return out
     return x
+
+
+def rows_like(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """An empty tensor of ``rows`` rows shaped and laid out (contiguous, or channels last) like ``x``'s."""
+    last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if last else torch.contiguous_format)
 
 
 def _carries_rows(gm: fx.GraphModule) -> set[fx.Node]:
