@@ -192,7 +192,6 @@ class _OnDevice:
                 score = reader.update(t0 + j, out[j])
                 _after_step(t0 + j, score, controller, observers, self.neurons)
 
-
     def widest(self, a: int, b: int) -> int:
         """The widest layer that runs on K*B rows in steps [a, b): every rate code; a time code from
         its sources' window (at most the longest window before its own) to the end of its own."""
