@@ -113,9 +113,9 @@ class IFNeuron(SpikingLayer):
         if self.state is None:
             self.state = self.initial_state(current[:batch])
         v = self.state.v.contiguous() if current.is_cuda else self.state.v  # advanced in place (any layout on the CPU)
-        body = None
+        body, p = None, self.params_like(current)
         if self.backend == "compiled":
-            body = lambda x, v, out: compiled.run("compiled", if_chunk_step, x, (v, out), self.params_like(x))  # noqa: E731
+            body = lambda x, v, out: compiled.run("compiled", if_chunk_step, x, (v, out), p)  # noqa: E731
         out, counts = if_scan(current, steps, batch, v, float(self.threshold), fan, body)
         self.state, self.spikes = IFState(v), None
         return out, counts

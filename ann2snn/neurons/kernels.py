@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from ann2snn.sim.engine import rows_like, step_counts
+from ann2snn.sim.engine import rows_like, step_counts, unit_counts
 
 
 def if_scan(x: torch.Tensor, steps: int, batch: int, v: torch.Tensor, threshold: float,
@@ -30,13 +30,12 @@ def if_scan(x: torch.Tensor, steps: int, batch: int, v: torch.Tensor, threshold:
         return _if_scan_triton(x, steps, batch, v, threshold, fan)
     constant = x.shape[0] != steps * batch
     out = rows_like(v, steps * batch)
-    fired = torch.empty_like(v)  # 0/1 as floats: comparisons into a float tensor are the fast path on CPUs
+    fired = torch.empty_like(v) if body is None else None  # 0/1 as floats: comparisons into a float tensor are the fast path on CPUs
     counts = torch.empty(steps, 2, dtype=torch.float64, device=v.device)
     for t in range(steps):
         x_t, o = (x if constant else x[t * batch:(t + 1) * batch]), out[t * batch:(t + 1) * batch]
         if body is not None:
-            per_unit = body(x_t, v, o).flatten().double()
-            counts[t, 0], counts[t, 1] = per_unit.sum(), (per_unit * fan.double()).sum()
+            counts[t] = unit_counts(body(x_t, v, o).flatten().double(), fan)
             continue
         v.add_(x_t)
         torch.ge(v, threshold, out=fired)

@@ -70,9 +70,14 @@ def step_counts(spikes: torch.Tensor, fan: torch.Tensor, pool: nn.Module | None 
     synaptic operations are those of the pooled units that carry a non-zero value."""
     per_unit = spikes.sum(0).flatten().double()  # summed first: no copy of a channels-last layer
     if pool is None:
-        return torch.stack([per_unit.sum(), (per_unit * fan.double()).sum()])
+        return unit_counts(per_unit, fan)
     events = (pool((spikes != 0).float()) > 0).sum(0).flatten().double()
     return torch.stack([per_unit.sum(), (events * fan.double()).sum()])
+
+
+def unit_counts(per_unit: torch.Tensor, fan: torch.Tensor) -> torch.Tensor:
+    """[spikes, synaptic operations] from each unit's spikes summed over the batch (float64)."""
+    return torch.stack([per_unit.sum(), (per_unit * fan.double()).sum()])
 
 
 class MatchRows(nn.Module):

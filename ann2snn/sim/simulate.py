@@ -222,7 +222,9 @@ def _chunks(timesteps: int, size: Callable[[int, int], int], decisions) -> list[
     ends = sorted({min(d, timesteps) for d in decisions if d >= 1} | {timesteps})
     out, t0 = [], 0
     for end in ends:
-        k = max(1, size(t0, end)) if end > t0 else 1
+        if end <= t0:
+            continue
+        k = max(1, size(t0, end))
         while t0 < end:
             out.append((t0, min(k, end - t0)))
             t0 += out[-1][1]
