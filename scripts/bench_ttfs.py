@@ -52,6 +52,8 @@ def main() -> None:
     p.add_argument("--calibration-split", default="fit")
     p.add_argument("--samples", type=int, default=CalibrationOptions().samples, help="calibration images "
                                                                                    "(calibrate's default)")
+    p.add_argument("--budget-per-neuron", type=float, default=None,
+                   help="choose for calibrate --budget of this many spikes per spiking neuron (levels and floor)")
     p.add_argument("--simulate", type=int, default=500, help="test images simulated to check the forward passes")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
@@ -68,34 +70,38 @@ def main() -> None:
     gm, _ = normalize(model)
     options = ttfs.options({})
     stats = activation_stats(gm, calib, float(options["percentile"]), a.batch_size, str(dev))
+    units = sum(s.neurons for s in stats.values())
+    budget = a.budget_per_neuron * units if a.budget_per_neuron is not None else None
     start = time.perf_counter()
-    chosen, record = exact.choose(gm, stats, ttfs, options, calib, None, a.batch_size, dev)
+    chosen, record = exact.choose(gm, stats, ttfs, options, calib, budget, a.batch_size, dev)
     choice_s = time.perf_counter() - start
     reference = ann_outputs(gm, test, a.batch_size, dev)
     ann = float((reference.argmax(1) == test.targets).double().mean())
-    units = sum(s.neurons for s in stats.values())
     fan = Fanouts(gm, test.sample_shape)
     rows = []
-    for k in ttfs.precision.values:
-        opts = {**options, "levels": k}
+    k, floor = chosen["levels"], chosen["floor"]
+    for levels, f in [(v, options["floor"]) for v in ttfs.precision.values] + ([(k, floor)] if floor else []):
+        opts = {**options, "levels": levels, "floor": f}
         r = exact.measure(gm, ttfs, opts, stats, test, reference, a.batch_size, dev)
         net = build_network(gm, ttfs, fitted_layers(stats, ttfs, opts), opts, 1, fan)
-        rows.append({"levels": k, **r, "ci95": wilson(round(r["accuracy"] * len(test)), len(test)),
+        rows.append({"levels": levels, "floor": f, **r, "ci95": wilson(round(r["accuracy"] * len(test)), len(test)),
                      "spikes_per_neuron": r["spikes_per_sample"] / units, "answer_step": net.answer_step})
-    k = chosen["levels"]
-    opts = {**options, "levels": k}
+    opts = {**options, "levels": k, "floor": floor}
     net = build_network(gm, ttfs, fitted_layers(stats, ttfs, opts), opts, 1, fan)
     head = test.head(a.simulate)
     start = time.perf_counter()
     sim = net.simulate(head, net.answer_step, a.batch_size, dev, label="TTFS")
     sim_s = time.perf_counter() - start
     forward = exact.measure(gm, ttfs, opts, stats, head, ann_outputs(gm, head, a.batch_size, dev), a.batch_size, dev)
-    check = {"images": len(head), "levels": k, "answer_step": net.answer_step,
+    check = {"images": len(head), "levels": k, "floor": floor, "answer_step": net.answer_step,
              "simulated_accuracy": float(sim.metric[-1]) / len(head), "forward_accuracy": forward["accuracy"],
              "simulated_spikes_per_sample": float(sim.spikes.sum()) / len(head),
              "forward_spikes_per_sample": forward["spikes_per_sample"], "seconds": sim_s}
     title = (f"TTFS, {a.model} {' '.join(a.model_arg)} on {a.dataset} {a.split} ({len(test)} images): "
-             f"ANN {100 * ann:.2f}%; {units:,} spiking neurons; calibrate chose levels={k} in {choice_s:.1f} s")
+             f"ANN {100 * ann:.2f}%; {units:,} spiking neurons; calibrate chose levels={k}"
+             + (f" floor={floor:g}" if floor else "")
+             + (f" for {budget:,.0f} spikes per sample ({a.budget_per_neuron:g} per neuron)" if budget else "")
+             + f" in {choice_s:.1f} s")
     table = Table(title=title)
     for h in ("levels", "answer step", "accuracy (95% CI)", "vs ANN", "differs from ANN", "spikes/sample",
               "spikes/neuron"):
@@ -103,7 +109,10 @@ def main() -> None:
     lines = ["| levels | answer step | accuracy (95% CI) | vs ANN | differs from ANN | spikes/sample | spikes/neuron |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        cells = [f"{r['levels']}{' (chosen)' if r['levels'] == k else ''}", str(r["answer_step"]),
+        mark = " (chosen)" if (r["levels"], r["floor"]) == (k, floor) else ""
+        dead = f", floor {r['floor']:g}" if r["floor"] else ""
+        cells = [f"{r['levels']}{dead}{mark}",
+                 str(r["answer_step"]),
                  f"{100 * r['accuracy']:.2f}% ({100 * r['ci95'][0]:.2f}-{100 * r['ci95'][1]:.2f})",
                  f"{100 * (r['accuracy'] - ann):+.2f}", f"{100 * r['disagreement']:.2f}%",
                  f"{r['spikes_per_sample']:,.0f}", f"{r['spikes_per_neuron']:.3f}"]
@@ -122,7 +131,8 @@ def main() -> None:
     write_text(a.out / "bench_ttfs.json", json.dumps({
         "model": a.model, "model_args": a.model_arg, "dataset": a.dataset, "split": a.split,
         "checkpoint": str(a.checkpoint), "ann_accuracy": ann, "neurons": units, "samples": len(test),
-        "choice": {"levels": k, "seconds": choice_s, "bar": record.bar, "candidates": record.candidates},
+        "choice": {"levels": k, "floor": floor, "seconds": choice_s, "bar": record.bar, "budget": budget,
+                   "candidates": record.candidates},
         "rows": rows, "simulated_check": check}, indent=1) + "\n")
     print(f"wrote {a.out}/bench_ttfs.json, table.md")
 

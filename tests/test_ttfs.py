@@ -17,7 +17,7 @@ from ann2snn.conversion.graph import normalize, slot_schedule, to_snn
 from ann2snn.conversion.statistics import activation_stats
 from ann2snn.io.data import TensorData
 from ann2snn.io.zoo import resolve_model
-from ann2snn.neurons.ttfs import TTFSNeuron, ttfs_transfer
+from ann2snn.neurons.ttfs import TTFSNeuron, lowest_level, ttfs_transfer
 from ann2snn.search import exact
 from ann2snn.search.budget import ann_outputs
 from ann2snn.search.transfer_training import with_transfer
@@ -51,10 +51,31 @@ def test_one_neuron_fires_once_at_the_step_the_formula_gives():
     assert spikes[:start].sum() == 0  # silent before its window
 
 
-def _fitted(gm, x, levels):
+def test_a_floor_silences_the_levels_below_it():
+    """With floor f a unit whose level is below max(1, ceil(f K)) never fires and codes 0; the
+    others fire at the formula's step as without it."""
+    K, theta, floor = 8, 2.0, 0.3
+    v = torch.linspace(-0.5, 2.5, 61)
+    level = torch.clamp(torch.floor(v * K / theta + 0.5), 0, K)
+    lowest = lowest_level(floor, K)
+    assert lowest == 3 and lowest_level(0.0, K) == 1 and lowest_level(0.25, K) == 2  # f K = 2 exactly: level 2 sends
+    cell = TTFSNeuron(theta, K, floor)
+    spikes, out = [], None
+    for _ in range(K + 2):
+        out = cell(v)
+        spikes.append(cell.spikes)
+    spikes = torch.stack(spikes)
+    fired = level >= lowest
+    assert torch.equal(spikes.sum(0) == 1, fired) and spikes.sum(0).max() <= 1
+    assert torch.equal(spikes.argmax(0)[fired], (K - level[fired]).long())
+    assert torch.equal(out, torch.where(fired, theta * level / K, 0.0))
+    assert torch.equal(out, ttfs_transfer(v, torch.tensor(theta), K, floor))
+
+
+def _fitted(gm, x, levels, floor=0.0):
     data = TensorData("t", "train", x, torch.zeros(len(x), dtype=torch.long), 4)
     stats = activation_stats(gm, data, 99.9, 64, "cpu")
-    return make_layers(gm, stats, TTFS, TTFS.options({"levels": levels})), data
+    return make_layers(gm, stats, TTFS, TTFS.options({"levels": levels, "floor": floor})), data
 
 
 def _final_output(snn, x, steps):
@@ -105,13 +126,14 @@ def _net(name):
     return normalize(net)[0]
 
 
-@pytest.mark.parametrize("model,maxpool", [("vgg16_bn", "spikes"), ("vgg16_bn", "gated"), ("resnet18", "gated")])
-def test_max_pooling_and_residual_sums_are_exact(model, maxpool):
+@pytest.mark.parametrize("model,maxpool,floor", [("vgg16_bn", "spikes", 0.0), ("vgg16_bn", "gated", 0.0),
+                                                 ("resnet18", "gated", 0.0), ("resnet18", "gated", 0.2)])
+def test_max_pooling_and_residual_sums_are_exact(model, maxpool, floor):
     """At its answer step the SNN's output is the transfer network's, bit for bit: max pooling
-    passes the earliest spike and residual sums add settled charges."""
+    passes the earliest spike and residual sums add settled charges (with a dead zone too)."""
     gm = _net(model)
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    layers, _ = _fitted(gm, x, 6)
+    layers, _ = _fitted(gm, x, 6, floor)
     snn = to_snn(gm, build_neurons(TTFS, layers), maxpool)
     steps = slot_schedule(snn, {layer.name: 6 for layer in layers})["output"]
     reference = with_transfer(gm, TTFS, layers)(x)
@@ -119,12 +141,13 @@ def test_max_pooling_and_residual_sums_are_exact(model, maxpool):
     assert not torch.equal(_final_output(snn, x, steps - 1), reference)  # complete only at the answer step
 
 
-def test_spikes_at_most_one_per_neuron_and_fused_scan_equals_the_step():
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_spikes_at_most_one_per_neuron_and_fused_scan_equals_the_step(floor):
     gm = _net("resnet18")
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    layers, data = _fitted(gm, x, 5)
+    layers, data = _fitted(gm, x, 5, floor)
     fan = Fanouts(gm, data.sample_shape)
-    net = build_network(gm, TTFS, layers, TTFS.options({"levels": 5}), 100, fan)
+    net = build_network(gm, TTFS, layers, TTFS.options({"levels": 5, "floor": floor}), 100, fan)
     steps = net.answer_step + 4
     ref = net.simulate(data, steps, 6, CPU, engine="steps")
     # chunks of one step, of 2 steps (they start mid-window), of 8 steps (cut at the window edges,
@@ -163,6 +186,30 @@ def test_forward_pass_choice_counts_the_spikes_the_snn_spends():
     budget = record.candidates[3]["spikes_per_sample"]
     _, on_budget = exact.choose(gm, stats, TTFS, TTFS.options({}), data, budget, 16, CPU)
     assert on_budget.chosen["spikes_per_sample"] <= budget and on_budget.met
+
+
+def test_a_budget_search_tries_each_dead_zone_once_and_sets_it():
+    """Under --budget the levels are tried with every floor, combinations that code alike once;
+    a higher floor spends fewer spikes at the same levels; the least output error within the
+    budget is chosen, its levels and floor set."""
+    gm = _net("vgg16_bn")
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    _, data = _fitted(gm, x, 8)
+    stats = activation_stats(gm, data, 99.9, 64, "cpu")
+    tried = exact.candidates(TTFS, TTFS.options({}), 1.0)
+    codes = [(c["levels"], lowest_level(c["floor"], c["levels"])) for c in tried]
+    assert len(set(codes)) == len(codes) > len(TTFS.precision.values)
+    assert {(k, 1) for k in TTFS.precision.values} <= set(codes)
+    _, plain = exact.choose(gm, stats, TTFS, TTFS.options({}), data, None, 16, CPU)
+    budget = 0.9 * next(c["spikes_per_sample"] for c in plain.candidates if c["levels"] == 32)
+    options, record = exact.choose(gm, stats, TTFS, TTFS.options({}), data, budget, 16, CPU)
+    at32 = [c["spikes_per_sample"] for c in record.candidates if c["levels"] == 32]  # floors in rising order
+    assert len(at32) == len({lowest_level(f, 32) for f in TTFS.precision.budget_grid["floor"]}) > 2
+    assert at32 == sorted(at32, reverse=True)
+    assert at32[-1] < at32[0]
+    within = [c for c in record.candidates if c["spikes_per_sample"] <= budget]
+    assert record.met and record.chosen == min(within, key=lambda c: (c["output_error"], c["spikes_per_sample"]))
+    assert (options["levels"], options["floor"]) == (record.chosen["levels"], record.chosen["floor"])
 
 
 def test_cli_ttfs_end_to_end(run_cli, tmp_path):
@@ -211,3 +258,17 @@ def test_cli_ttfs_end_to_end(run_cli, tmp_path):
     code, _, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-d", tmp_path / "d.safetensors",
                            "--neuron", "ttfs", "--param", "levels=0", "-o", tmp_path / "l0.json")
     assert code != 0 and "levels" in err and "Traceback" not in err
+    code, _, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-d", tmp_path / "d.safetensors",
+                           "--neuron", "ttfs", "--budget", "100", "--param", "floor=0.1", "-o", tmp_path / "b.json")
+    assert code != 0 and "floor" in err and "Traceback" not in err and not (tmp_path / "b.json").exists()
+    code, _, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-d", tmp_path / "d.safetensors",
+                           "--neuron", "ttfs", "--param", "floor=1", "-o", tmp_path / "f1.json")
+    assert code != 0 and "floor" in err and "Traceback" not in err and not (tmp_path / "f1.json").exists()
+    budget = 0.45 * units  # below the share of positive activations: only floors get there at fine levels
+    code, out, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-d", tmp_path / "d.safetensors",
+                             "--neuron", "ttfs", "--budget", budget, "-o", tmp_path / "fb.json")
+    assert code == 0, err
+    chosen = json.loads((tmp_path / "fb.json").read_text())
+    assert chosen["exact_choice"]["chosen"]["spikes_per_sample"] <= budget and "floor=" in out
+    assert chosen["neuron"]["options"]["floor"] == chosen["exact_choice"]["chosen"]["floor"]
+    assert {layer["params"]["floor"] for layer in chosen["layers"]} == {chosen["neuron"]["options"]["floor"]}

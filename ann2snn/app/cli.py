@@ -235,6 +235,9 @@ def _print_calibration(profile: Profile, output: Path) -> None:
     console.print(f"wrote {literal(output)}")
 
 
+MEASURED = ("accuracy", "disagreement", "output_error", "spikes_per_sample")  # an exact-choice candidate's figures
+
+
 def _print_exact_choice(record) -> None:
     """The resolution chosen by forward passes of the transfer network (``search/exact.py``)."""
     goal = (f"the fewest {record.knob} whose class differs from the ANN's on at most {100 * record.bar:.2g}% of"
@@ -246,7 +249,8 @@ def _print_exact_choice(record) -> None:
         quality = (f"{100 * c['accuracy']:6.2f}%  differs from the ANN on {100 * c['disagreement']:.2f}%"
                    if "accuracy" in c else f"error vs ANN {c['output_error']:.3g}")
         mark = " <- chosen" if c == record.chosen else ""
-        console.print(f"  {record.knob}={c[record.knob]:<5g}{c['spikes_per_sample']:>10,.0f} spikes  {quality}{mark}")
+        setting = " ".join(f"{k}={v:<5g}" for k, v in c.items() if k not in MEASURED)
+        console.print(f"  {setting}{c['spikes_per_sample']:>10,.0f} spikes  {quality}{mark}")
     if not record.met:
         console.print("[yellow]no candidate met the " + ("bar: kept the most levels[/]" if record.bar is not None
                                                           else "budget: kept the sparsest[/]"))

@@ -90,10 +90,11 @@ def calibration_request(neuron: str | Neuron, neuron_options: dict | None, arous
     named = set(neuron_options or {})
     choose = bool(kind.operating_points) and not named & set(kind.operating_points[0]) or \
         kind.exact_transfer and kind.precision.knob not in named
-    if kind.exact_transfer and options.budget is not None and (kind.precision.knob in named or options.timesteps):
-        what = f"{{{{param}}}} {kind.precision.knob}" if kind.precision.knob in named else "{{timesteps}}"
-        raise OptionError("budget", f"{options.budget:g}: {kind.label} chooses its {kind.precision.knob} for the budget by "
-                                    f"forward passes; {what} has nothing to set here (leave it out)")
+    searched = [kind.precision.knob, *kind.precision.budget_grid] if kind.exact_transfer else []
+    if kind.exact_transfer and options.budget is not None and (named & set(searched) or options.timesteps):
+        what = f"{{{{param}}}} {min(named & set(searched))}" if named & set(searched) else "{{timesteps}}"
+        raise OptionError("budget", f"{options.budget:g}: {kind.label} chooses its {' and '.join(searched)} for the "
+                                    f"budget by forward passes; {what} has nothing to set here (leave it out)")
     if kind.exact_transfer and options.layer_calibration:
         raise OptionError("layer_calibration", f"{options.layer_calibration}: {kind.label} is exact up to its "
                                                f"{kind.precision.knob}; the layer calibration corrects a rate code's "

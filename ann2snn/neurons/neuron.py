@@ -122,10 +122,14 @@ class StepOps:
 
 @dataclass(frozen=True)
 class Precision:
-    """The knob that trades accuracy for spikes, and the values ``calibrate --budget`` tries."""
+    """The knob that trades accuracy for spikes, and the values ``calibrate --budget`` tries;
+    ``budget_grid``: other options a budget search tries in every combination with them (TTFS:
+    its dead zone, ``floor``), where the search is by forward passes (``search/exact.py``)."""
 
     knob: str
     values: tuple[float, ...]
+    budget_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    code: Callable[[dict], tuple] | None = None  # what tells two such option sets' codes apart
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ settled because every source's window has closed) fires once, at the first offse
     V + (k + 1/2) theta / K >= theta          (a ramp of slope theta / K, half a step ahead)
 
 so its level is j = K - k = clamp(floor(V K / theta + 1/2), 0, K) and it codes
-x = theta j / K (``ttfs_transfer``: clip to [0, theta], round to the nearest of K levels). A
+x = theta j / K (``ttfs_transfer``: clip to [0, theta], round to the nearest of K levels). With
+a ``floor`` f > 0 (a dead zone, for spike budgets below the share of positive activations) a
+unit whose level is below j_min = max(1, ceil(f K)) stays silent: its ramp may fire only up to
+offset K - j_min, and it codes 0. A
 spike at s + k drives a constant synaptic current theta / K into each target from then to the end
 of the window; the target's membrane integrates it, so the charge a source delivers by step t,
 ``theta / K x (steps since its spike, at most j)``, is what this layer emits: it rises to x and
@@ -23,6 +26,8 @@ the spikes; each costs its fan-out in synaptic additions.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
+
+import math
 
 import torch
 
@@ -39,6 +44,7 @@ class TTFSParams(NamedTuple):
     threshold: torch.Tensor  # theta, scalar or broadcastable per channel
     levels: int  # K: steps of the window, levels of the code
     start: int  # s: the window's first step
+    lowest: int = 1  # j_min: the lowest level that fires (offsets up to K - j_min)
 
 
 class TTFSState(NamedTuple):
@@ -50,6 +56,11 @@ class TTFSState(NamedTuple):
 
 def ttfs_init(current: torch.Tensor) -> TTFSState:
     return TTFSState(0, None, torch.zeros_like(current, dtype=torch.bool), torch.zeros_like(current))
+
+
+def lowest_level(floor: float, levels: int) -> int:
+    """j_min = max(1, ceil(floor K)): the lowest level a unit with this dead zone sends."""
+    return max(1, math.ceil(float(floor) * int(levels) - 1e-9))
 
 
 def ramp_crosses(v: torch.Tensor, k, p: TTFSParams) -> torch.Tensor:
@@ -66,7 +77,7 @@ def ttfs_step(current: torch.Tensor, state: TTFSState, p: TTFSParams
         return zero, zero, state._replace(t=state.t + 1)
     v = current if k == 0 else state.v
     if k < p.levels:
-        spikes = ramp_crosses(v, k, p) & ~state.fired
+        spikes = ramp_crosses(v, k, p) & ~state.fired if k <= p.levels - p.lowest else torch.zeros_like(state.fired)
         fired = state.fired | spikes
         count = state.count + fired.to(current.dtype)
     else:
@@ -74,24 +85,25 @@ def ttfs_step(current: torch.Tensor, state: TTFSState, p: TTFSParams
     return spikes.to(current.dtype), (p.threshold / p.levels) * count, TTFSState(state.t + 1, v, fired, count)
 
 
-def ttfs_transfer(x: torch.Tensor, threshold: torch.Tensor, levels: int) -> torch.Tensor:
+def ttfs_transfer(x: torch.Tensor, threshold: torch.Tensor, levels: int, floor: float = 0.0) -> torch.Tensor:
     """What a unit codes for membrane ``x``: theta / K x clamp(floor(x K / theta + 1/2), 0, K),
-    computed as ``ttfs_step`` computes it (first ramp crossing; float rounding included)."""
-    p = TTFSParams(threshold, int(levels), 0)
+    0 below level j_min (``floor``), computed as ``ttfs_step`` computes it (first ramp crossing;
+    float rounding included)."""
+    p = TTFSParams(threshold, int(levels), 0, lowest_level(floor, levels))
     return (p.threshold / p.levels) * (p.levels - first_crossing(x, p))
 
 
 def first_crossing(v: torch.Tensor, p: TTFSParams) -> torch.Tensor:
-    """The first window offset k in [0, K) at which the ramp from ``v`` reaches theta, else K:
-    the closed form, corrected by one step either way where float rounding moved it, so that it
-    is the offset ``ttfs_step`` fires at (the crossing test is monotone in k)."""
+    """The window offset k in [0, K - j_min] at which the ramp from ``v`` first reaches theta,
+    else K (never): the closed form, corrected by one step either way where float rounding moved
+    it, so that it is the offset ``ttfs_step`` fires at (the crossing test is monotone in k)."""
     h = p.threshold / p.levels
     k = torch.ceil((p.threshold - v) / h - 0.5).clamp(0, p.levels)
     k = torch.nan_to_num(k, nan=float(p.levels))
     for _ in range(2):
         k = torch.where((k > 0) & ramp_crosses(v, k - 1, p), k - 1, k)
         k = torch.where((k < p.levels) & ~ramp_crosses(v, k, p), k + 1, k)
-    return k
+    return torch.where(k > p.levels - p.lowest, float(p.levels), k)
 
 
 class TTFSNeuron(SpikingLayer):
@@ -101,17 +113,18 @@ class TTFSNeuron(SpikingLayer):
     backend = "fused"
     scans_chunks = True
 
-    def __init__(self, threshold: float | list, levels: int):
+    def __init__(self, threshold: float | list, levels: int, floor: float = 0.0):
         super().__init__()
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32))
         self.levels = self.window = int(levels)
+        self.lowest = lowest_level(floor, levels)
         self.start = 0
 
     def place(self, start: int) -> None:
         self.start = int(start)
 
     def params_like(self, current: torch.Tensor) -> TTFSParams:
-        return TTFSParams(per_channel(self.threshold, current), self.levels, self.start)
+        return TTFSParams(per_channel(self.threshold, current), self.levels, self.start, self.lowest)
 
     def initial_state(self, current: torch.Tensor) -> TTFSState:
         return ttfs_init(current)
@@ -164,34 +177,35 @@ class STETransfer(TransferLayer):
     """``ttfs_transfer`` forward; backward the gradient of clamp(x, 0, theta) (straight through the
     rounding): what ``finetune`` trains a TTFS network with."""
 
-    def __init__(self, threshold: float | list, levels: int):
+    def __init__(self, threshold: float | list, levels: int, floor: float = 0.0):
         super().__init__()
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32))
-        self.levels = int(levels)
+        self.levels, self.floor = int(levels), float(floor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = per_channel(self.threshold, x)
         smooth = torch.minimum(x.clamp(min=0), t)
-        return smooth + (ttfs_transfer(x, t, self.levels) - smooth).detach()
+        return smooth + (ttfs_transfer(x, t, self.levels, self.floor) - smooth).detach()
 
 
-DEFAULTS = {"percentile": 99.9, "levels": 32, "per_channel": True}
+DEFAULTS = {"percentile": 99.9, "levels": 32, "per_channel": True, "floor": 0.0}
+FLOORS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15)  # the dead zones a --budget search tries with every K
 
 
 def fit(stats: "LayerStats", options: dict) -> dict:
     """theta: IF's threshold for the same options (the percentile, per channel if asked); K the
-    ``levels`` option."""
+    ``levels`` option; the ``floor`` option (a share of theta)."""
     theta = if_neuron.fit(stats, {**if_neuron.DEFAULTS, "percentile": options["percentile"],
                                   "per_channel": options.get("per_channel", False)})["threshold"]
-    return {"threshold": theta, "levels": int(options["levels"])}
+    return {"threshold": theta, "levels": int(options["levels"]), "floor": float(options.get("floor", 0.0))}
 
 
 def build(params: dict) -> TTFSNeuron:
-    return TTFSNeuron(params["threshold"], params["levels"])
+    return TTFSNeuron(params["threshold"], params["levels"], params.get("floor", 0.0))
 
 
 def transfer_module(params: dict) -> STETransfer:
-    return STETransfer(params["threshold"], params["levels"])
+    return STETransfer(params["threshold"], params["levels"], params.get("floor", 0.0))
 
 
 def readout(options: dict) -> Readout:
@@ -201,10 +215,11 @@ def readout(options: dict) -> Readout:
 
 NEURON = Neuron(
     name="ttfs", defaults=DEFAULTS, fit=fit, build=build, readout=readout,
-    precision=Precision("levels", (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)),
+    precision=Precision("levels", (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128), budget_grid={"floor": FLOORS},
+                        code=lambda c: (c["levels"], lowest_level(c["floor"], c["levels"]))),
     default_timesteps=256, transfer_module=transfer_module, exact_transfer=True, window=lambda params: int(params["levels"]),
     bounds={"percentile": PERCENTILE, "threshold": POSITIVE, "levels": Bound(1, 4096, integer=True),
-            "per_channel": Bound(flag=True)},
+            "per_channel": Bound(flag=True), "floor": Bound(0, 1, hi_open=True)},
     param_options=("levels",),
     # per step: V += I (the held currents) and the test of V against the layer's ramped threshold
     # theta - (k + 1/2) theta / K (one value per layer and step); each spike sets the unit's fired flag.

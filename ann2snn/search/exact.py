@@ -10,12 +10,16 @@ network per batch - no simulation - and the choice can look at every calibration
     ``BAR`` of the search images (the tightest margin of ``operating_point.MARGINS``), or, where
     higher, on the best candidate's share plus its standard error (``bar_for``); for regression,
     whose output error against the ANN is at most ``BAR``, else the most levels tried;
-  * ``--budget`` (spikes per sample): among the candidates within it, the least output error
-    against the ANN; where none is, the sparsest (the same rule as the simulated search).
+  * ``--budget`` (spikes per sample): every value of the knob in combination with each of
+    ``Precision.budget_grid`` (TTFS: its dead zone, ``floor``, which silences the small values
+    when the budget is below the share of positive activations; combinations that code alike are
+    tried once); among those within the budget, the least output error against the ANN; where
+    none is, the sparsest (the same rule as the simulated search).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -74,16 +78,31 @@ def bar_for(errors: list[float], samples: int, regression: bool) -> float:
     return max(BAR, best + math.sqrt(best * (1 - best) / max(samples, 1)))
 
 
+def candidates(neuron: Neuron, options: dict, budget: float | None) -> list[dict]:
+    """The option sets tried: each value of the precision knob, under a budget in every
+    combination with ``budget_grid``, less those that code as an earlier one (``Precision.code``)."""
+    knob, values, grid = neuron.precision.knob, neuron.precision.values, neuron.precision.budget_grid
+    if budget is None:
+        return [{knob: v} for v in values]
+    out, seen = [], set()
+    for combo in itertools.product(values, *grid.values()):
+        c = dict(zip((knob, *grid), combo))
+        key = neuron.precision.code(c) if neuron.precision.code else combo
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
 def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, options: dict, data: TensorData,
            budget: float | None, batch_size: int, device: torch.device) -> tuple[dict, ExactChoiceRecord]:
     """Returns (``options`` with the chosen resolution, the record of every candidate)."""
-    knob, values = neuron.precision.knob, neuron.precision.values
+    knob = neuron.precision.knob
     reference = ann_outputs(gm, data, batch_size, device)
-    tried = []
-    with progress.task(f"{neuron.label} {knob}: forward passes (candidates)", len(values)) as shown:
-        for value in values:
-            tried.append({knob: value, **measure(gm, neuron, {**options, knob: value}, stats, data, reference,
-                                                 batch_size, device)})
+    tried, sets = [], candidates(neuron, options, budget)
+    with progress.task(f"{neuron.label} {knob}: forward passes (candidates)", len(sets)) as shown:
+        for c in sets:
+            tried.append({**c, **measure(gm, neuron, {**options, **c}, stats, data, reference, batch_size, device)})
             shown.advance(1)
     bar = None
     if budget is None:
@@ -97,4 +116,4 @@ def choose(gm: fx.GraphModule, stats: dict[str, LayerStats], neuron: Neuron, opt
             min(tried, key=lambda t: t["spikes_per_sample"])
     record = ExactChoiceRecord(knob=knob, samples=len(data), bar=bar,
                                budget_spikes_per_sample=budget, candidates=tried, chosen=chosen, met=bool(met))
-    return {**options, knob: chosen[knob]}, record
+    return {**options, **{k: chosen[k] for k in sets[0]}}, record
