@@ -53,6 +53,9 @@ def _seed(value: int) -> None:
         raise OptionError("seed", f"{value}: must be in [0, 2^63)")
 
 
+LAYER_CALIBRATION_SAMPLES = 256  # images a rate code's layer calibration simulates
+
+
 @dataclass(frozen=True)
 class DataSource:
     """Where named data sets live (default: $ANN2SNN_DATA or ~/.cache/ann2snn/data), whether
@@ -72,7 +75,9 @@ class CalibrationOptions:
     operating point ``calibrate`` chooses without a budget (defaults: ``pipeline.search_set``, 1,280
     and 2,000 images at ASN's 200 steps). ``layer_calibration``: steps to fit the layer calibration
     (bias correction, ``conversion/layer_calibration.py``) at, 0 for none; default the neuron's
-    (``Neuron.layer_calibration``); fitted on the first ``layer_calibration_samples`` images."""
+    (``Neuron.layer_calibration``); fitted on the first ``layer_calibration_samples`` images (default
+    ``LAYER_CALIBRATION_SAMPLES``; a code whose answer is a forward pass, TTFS, fits it under
+    ``budget`` on all the search images, in one batch)."""
 
     samples: int = 2000
     seed: int = 0
@@ -82,7 +87,7 @@ class CalibrationOptions:
     timesteps: int | None = None
     search_samples: int | None = None
     layer_calibration: int | None = None
-    layer_calibration_samples: int = 256
+    layer_calibration_samples: int | None = None
 
     def __post_init__(self):
         _positive("batch_size", self.batch_size)

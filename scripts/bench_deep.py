@@ -8,7 +8,8 @@ layer calibration, burst IF (``max_spikes=2``), VSN at T = 1, TTFS (its levels c
 simulated to its answer step), and ASN with ``--asn``. For each:
 accuracy per step (Wilson 95% interval at the last step), the first step from which it stays
 within 0.3 / 1 point of the ANN and the spikes, synaptic operations and energy spent by then;
-wall time. One JSON file, one plot, and a Markdown table (the README's deep table).
+wall time. One JSON file, one plot, and a Markdown table (the README's deep table); each row is
+also written to ``partial.json`` as it ends.
 
   python scripts/bench_deep.py --model vgg16_bn --model-arg width=16 --dataset fashion-mnist \\
       --checkpoint scripts/reference/vgg16_bn16_fmnist.safetensors --out runs/bench_deep_vgg
@@ -173,17 +174,22 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     T = a.timesteps
     rows = []
+
+    def keep(row: dict) -> None:  # each row as it ends, so that a stopped run keeps what it measured
+        rows.append(row)
+        write_text(a.out / "partial.json", json.dumps(rows, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows.append(ours(a, tmp, "IF, every default", "if", T))
+        keep(ours(a, tmp, "IF, every default", "if", T))
         a.reference_artifact = tmp / "IF, every default.snn.safetensors"
         if not a.quick:
-            rows.append(ours(a, tmp, "IF, no layer calibration", "if", T, layer_calibration=0))
-            rows.append(ours(a, tmp, "burst IF (max_spikes=2)", "if", T, {"max_spikes": 2}))
-        rows.append(ours(a, tmp, "VSN, T = 1", "vsn", 1))
+            keep(ours(a, tmp, "IF, no layer calibration", "if", T, layer_calibration=0))
+            keep(ours(a, tmp, "burst IF (max_spikes=2)", "if", T, {"max_spikes": 2}))
+        keep(ours(a, tmp, "VSN, T = 1", "vsn", 1))
         if a.asn:
-            rows.append(ours(a, tmp, "ASN, every default", "asn", a.asn_timesteps))
-        rows.append(ours(a, tmp, "TTFS, every default", "ttfs", None))
+            keep(ours(a, tmp, "ASN, every default", "asn", a.asn_timesteps))
+        keep(ours(a, tmp, "TTFS, every default", "ttfs", None))
         sj = spikingjelly(a, T) if not a.quick else "left out (--quick)"
     ann = rows[0]["ann_accuracy"]
     if isinstance(sj, str):

@@ -54,6 +54,9 @@ def main() -> None:
                                                                                    "(calibrate's default)")
     p.add_argument("--budget-per-neuron", type=float, default=None,
                    help="choose for calibrate --budget of this many spikes per spiking neuron (levels and floor)")
+    p.add_argument("--correction-samples", type=int, default=None,
+                   help="images of the layer calibration under a budget (default: all the calibration images, "
+                        "as calibrate; 0: none)")
     p.add_argument("--simulate", type=int, default=500, help="test images simulated to check the forward passes")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
@@ -73,26 +76,33 @@ def main() -> None:
     units = sum(s.neurons for s in stats.values())
     budget = a.budget_per_neuron * units if a.budget_per_neuron is not None else None
     start = time.perf_counter()
-    chosen, record = exact.choose(gm, stats, ttfs, options, calib, budget, a.batch_size, dev)
+    chosen, record, layers, calibration = exact.choose(gm, stats, ttfs, options, calib, budget, a.batch_size, dev,
+                                                       len(calib) if a.correction_samples is None else
+                                                       a.correction_samples)
     choice_s = time.perf_counter() - start
     reference = ann_outputs(gm, test, a.batch_size, dev)
     ann = float((reference.argmax(1) == test.targets).double().mean())
     fan = Fanouts(gm, test.sample_shape)
     rows = []
-    k, floor = chosen["levels"], chosen["floor"]
-    for levels, f in [(v, options["floor"]) for v in ttfs.precision.values] + ([(k, floor)] if floor else []):
-        opts = {**options, "levels": levels, "floor": f}
-        r = exact.measure(gm, ttfs, opts, stats, test, reference, a.batch_size, dev)
-        net = build_network(gm, ttfs, fitted_layers(stats, ttfs, opts), opts, 1, fan)
-        rows.append({"levels": levels, "floor": f, **r, "ci95": wilson(round(r["accuracy"] * len(test)), len(test)),
-                     "spikes_per_neuron": r["spikes_per_sample"] / units, "answer_step": net.answer_step})
+    k, floor, lowest = chosen["levels"], chosen["floor"], record.chosen.get("layer_lowest")
     opts = {**options, "levels": k, "floor": floor}
-    net = build_network(gm, ttfs, fitted_layers(stats, ttfs, opts), opts, 1, fan)
+    fixed = [({**options, "levels": v}, None, None) for v in ttfs.precision.values]
+    if floor or lowest or calibration:
+        fixed.append((opts, layers, calibration))
+    for o, ls, cal in fixed:
+        r = exact.measure(gm, ttfs, o, stats, test, reference, a.batch_size, dev, ls, cal)
+        net = build_network(gm, ttfs, ls or fitted_layers(stats, ttfs, o), o, 1, fan)
+        rows.append({"levels": o["levels"], "floor": o["floor"], "layer_lowest": lowest if ls else None,
+                     "corrected": cal is not None, **r,
+                     "ci95": wilson(round(r["accuracy"] * len(test)), len(test)),
+                     "spikes_per_neuron": r["spikes_per_sample"] / units, "answer_step": net.answer_step})
+    net = build_network(gm, ttfs, layers, opts, 1, fan, calibration=calibration)
     head = test.head(a.simulate)
     start = time.perf_counter()
     sim = net.simulate(head, net.answer_step, a.batch_size, dev, label="TTFS")
     sim_s = time.perf_counter() - start
-    forward = exact.measure(gm, ttfs, opts, stats, head, ann_outputs(gm, head, a.batch_size, dev), a.batch_size, dev)
+    forward = exact.measure(gm, ttfs, opts, stats, head, ann_outputs(gm, head, a.batch_size, dev), a.batch_size, dev,
+                            layers, calibration)
     check = {"images": len(head), "levels": k, "floor": floor, "answer_step": net.answer_step,
              "simulated_accuracy": float(sim.metric[-1]) / len(head), "forward_accuracy": forward["accuracy"],
              "simulated_spikes_per_sample": float(sim.spikes.sum()) / len(head),
@@ -100,6 +110,8 @@ def main() -> None:
     title = (f"TTFS, {a.model} {' '.join(a.model_arg)} on {a.dataset} {a.split} ({len(test)} images): "
              f"ANN {100 * ann:.2f}%; {units:,} spiking neurons; calibrate chose levels={k}"
              + (f" floor={floor:g}" if floor else "")
+             + (f" lowest level per layer {','.join(map(str, lowest))}" if lowest else "")
+             + (", layer calibration (forward pass)" if calibration else "")
              + (f" for {budget:,.0f} spikes per sample ({a.budget_per_neuron:g} per neuron)" if budget else "")
              + f" in {choice_s:.1f} s")
     table = Table(title=title)
@@ -109,8 +121,11 @@ def main() -> None:
     lines = ["| levels | answer step | accuracy (95% CI) | vs ANN | differs from ANN | spikes/sample | spikes/neuron |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        mark = " (chosen)" if (r["levels"], r["floor"]) == (k, floor) else ""
-        dead = f", floor {r['floor']:g}" if r["floor"] else ""
+        mark = " (chosen)" if (r["levels"], r["floor"], r["layer_lowest"], r["corrected"]) == \
+            (k, floor, lowest, calibration is not None) else ""
+        dead = (f", floor {r['floor']:g}" if r["floor"] else "") + \
+            (f", lowest {','.join(map(str, r['layer_lowest']))}" if r["layer_lowest"] else "") + \
+            (", corrected" if r["corrected"] else "")
         cells = [f"{r['levels']}{dead}{mark}",
                  str(r["answer_step"]),
                  f"{100 * r['accuracy']:.2f}% ({100 * r['ci95'][0]:.2f}-{100 * r['ci95'][1]:.2f})",
@@ -131,7 +146,7 @@ def main() -> None:
     write_text(a.out / "bench_ttfs.json", json.dumps({
         "model": a.model, "model_args": a.model_arg, "dataset": a.dataset, "split": a.split,
         "checkpoint": str(a.checkpoint), "ann_accuracy": ann, "neurons": units, "samples": len(test),
-        "choice": {"levels": k, "floor": floor, "seconds": choice_s, "bar": record.bar, "budget": budget,
+        "choice": {"levels": k, "floor": floor, "layer_lowest": lowest, "corrected": calibration is not None, "seconds": choice_s, "bar": record.bar, "budget": budget,
                    "candidates": record.candidates},
         "rows": rows, "simulated_check": check}, indent=1) + "\n")
     print(f"wrote {a.out}/bench_ttfs.json, table.md")

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ann2snn import neurons
+from ann2snn.conversion import layer_calibration
 from ann2snn.conversion.graph import normalize, slot_schedule, to_snn
 from ann2snn.conversion.statistics import activation_stats
 from ann2snn.io.data import TensorData
@@ -181,35 +182,106 @@ def test_forward_pass_choice_counts_the_spikes_the_snn_spends():
     sim = net.simulate(data, net.answer_step, 16, CPU)
     assert measured["spikes_per_sample"] == pytest.approx(float(sim.spikes.sum()) / len(x), rel=1e-12)
     assert measured["accuracy"] == float(sim.metric[-1]) / len(x)
-    options, record = exact.choose(gm, stats, TTFS, TTFS.options({}), data, None, 16, CPU)
+    options, record, _, _ = exact.choose(gm, stats, TTFS, TTFS.options({}), data, None, 16, CPU)
     assert options["levels"] == record.chosen["levels"] and len(record.candidates) == len(TTFS.precision.values)
+    gm, data, stats = _lenet()
+    _, record, _, _ = exact.choose(gm, stats, TTFS, TTFS.options({}), data, None, 16, CPU)
     budget = record.candidates[3]["spikes_per_sample"]
-    _, on_budget = exact.choose(gm, stats, TTFS, TTFS.options({}), data, budget, 16, CPU)
+    _, on_budget, _, _ = exact.choose(gm, stats, TTFS, TTFS.options({}), data, budget, 16, CPU)
     assert on_budget.chosen["spikes_per_sample"] <= budget and on_budget.met
+
+
+def test_the_per_layer_walk_meets_a_budget_the_levels_alone_miss():
+    """``refine`` raises dead zones layer by layer until the spikes are within the budget; its end
+    is a recorded candidate whose floors code the lowest levels it lists."""
+    gm, data, stats = _lenet()
+    pool = exact.Candidates(gm, stats, TTFS, TTFS.options({}), data, 16, CPU, 0)
+    quick = exact.Candidates(gm, stats, TTFS, TTFS.options({}), data, 16, CPU, 0)
+    plain = pool.measure({"levels": 8, "floor": 0.0})
+    budget = 0.9 * plain["spikes_per_sample"]
+    end = exact.refine(pool, quick, 8, budget)
+    assert end["spikes_per_sample"] <= budget and max(end["layer_lowest"]) > 1
+    assert {k: v for k, v in end.items() if not k.startswith("_")} == pool.tried[-1]
+    assert [lowest_level(layer.params["floor"], 8) for layer in end["_layers"]] == end["layer_lowest"]
+    assert end["output_error"] > plain["output_error"]  # silencing costs some error
+
+
+def _lenet():
+    """A small LeNet-5 (4 spiking layers) and 32 images: the budget searches' test case."""
+    torch.manual_seed(0)
+    gm = normalize(resolve_model("lenet5", {"num_classes": 4}).eval())[0]
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    _, data = _fitted(gm, x, 8)
+    return gm, data, activation_stats(gm, data, 99.9, 64, "cpu")
 
 
 def test_a_budget_search_tries_each_dead_zone_once_and_sets_it():
     """Under --budget the levels are tried with every floor, combinations that code alike once;
     a higher floor spends fewer spikes at the same levels; the least output error within the
     budget is chosen, its levels and floor set."""
-    gm = _net("vgg16_bn")
-    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    _, data = _fitted(gm, x, 8)
-    stats = activation_stats(gm, data, 99.9, 64, "cpu")
+    gm, data, stats = _lenet()
     tried = exact.candidates(TTFS, TTFS.options({}), 1.0)
     codes = [(c["levels"], lowest_level(c["floor"], c["levels"])) for c in tried]
     assert len(set(codes)) == len(codes) > len(TTFS.precision.values)
     assert {(k, 1) for k in TTFS.precision.values} <= set(codes)
-    _, plain = exact.choose(gm, stats, TTFS, TTFS.options({}), data, None, 16, CPU)
+    _, plain, _, none = exact.choose(gm, stats, TTFS, TTFS.options({}), data, None, 16, CPU)
+    assert none is None  # without a budget nothing is corrected
     budget = 0.9 * next(c["spikes_per_sample"] for c in plain.candidates if c["levels"] == 32)
-    options, record = exact.choose(gm, stats, TTFS, TTFS.options({}), data, budget, 16, CPU)
-    at32 = [c["spikes_per_sample"] for c in record.candidates if c["levels"] == 32]  # floors in rising order
+    options, record, layers, _ = exact.choose(gm, stats, TTFS, TTFS.options({}), data, budget, 16, CPU, 0)
+    at32 = [c["spikes_per_sample"] for c in record.candidates  # the grid's floors at 32 levels, in rising order
+            if c["levels"] == 32 and "layer_lowest" not in c]
     assert len(at32) == len({lowest_level(f, 32) for f in TTFS.precision.budget_grid["floor"]}) > 2
     assert at32 == sorted(at32, reverse=True)
     assert at32[-1] < at32[0]
     within = [c for c in record.candidates if c["spikes_per_sample"] <= budget]
     assert record.met and record.chosen == min(within, key=lambda c: (c["output_error"], c["spikes_per_sample"]))
     assert (options["levels"], options["floor"]) == (record.chosen["levels"], record.chosen["floor"])
+    walked = [c for c in record.candidates if "layer_lowest" in c]  # dead zones per layer, at 2-3 levels
+    assert walked and all(len(c["layer_lowest"]) == len(layers) for c in walked)
+    lowest = record.chosen.get("layer_lowest", [lowest_level(options["floor"], options["levels"])] * len(layers))
+    assert [lowest_level(layer.params["floor"], options["levels"]) for layer in layers] == lowest
+
+
+def _layer_error(gm, net, layer, x):
+    """Mean absolute error per channel of ``layer``'s output in ``net`` against the ANN's on ``x``."""
+    seen = {}
+    handle = net.get_submodule(layer).register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
+    with torch.no_grad():
+        net(x)
+        target = layer_calibration.ann_means(gm, [layer], x, len(x))[layer]
+    handle.remove()
+    return float((target - layer_calibration.channel_sum(seen["out"]) / len(x)).abs().mean())
+
+
+def test_the_forward_pass_layer_calibration_reduces_each_layers_error_and_the_snn_equals_it():
+    """Dead zones and coarse levels bias each layer's mean; the correction, fitted in one forward
+    pass layer after layer, reduces every corrected layer's error against the ANN (with the
+    corrections below it in place), is deterministic, leaves a network equal to its ANN alone, and
+    the simulated SNN with it (dead zones per layer) equals its transfer network at the answer step."""
+    gm = _net("resnet18")
+    x = torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    layers, data = _fitted(gm, x, 6)
+    layers = exact.with_floors(layers, [1 + i % 3 for i in range(len(layers))], 6)
+    record = exact.correction(gm, TTFS, layers, data, 48, CPU)
+    assert record == exact.correction(gm, TTFS, layers, data, 48, CPU) and record.timesteps == 0
+    assert len(record.corrections) == len(layers)
+    for i, c in enumerate(record.corrections):
+        below = type(record)(timesteps=0, samples=48, rounds=1, corrections=record.corrections[:i])
+        upto = type(record)(timesteps=0, samples=48, rounds=1, corrections=record.corrections[:i + 1])
+        before = _layer_error(gm, exact.transfer_network(gm, TTFS, layers, below), c.layer, x)
+        assert before == pytest.approx(c.error_before, rel=1e-4)
+        assert _layer_error(gm, exact.transfer_network(gm, TTFS, layers, upto), c.layer, x) < before
+    assert not layer_calibration.fit_transfer(gm, copy.deepcopy(gm), [la.name for la in layers], x, CPU).corrections
+    net = build_network(gm, TTFS, layers, TTFS.options({"levels": 6}), 1, Fanouts(gm, data.sample_shape),
+                        calibration=record)
+    sim = net.simulate(data, net.answer_step, 16, CPU)
+    reference = ann_outputs(gm, data, 16, CPU)
+    stats = activation_stats(gm, data, 99.9, 64, "cpu")
+    forward = exact.measure(gm, TTFS, {}, stats, data, reference, 16, CPU, layers, record)
+    plain = exact.measure(gm, TTFS, {}, stats, data, reference, 16, CPU, layers)
+    assert forward["spikes_per_sample"] == pytest.approx(float(sim.spikes.sum()) / len(x), rel=1e-12)
+    assert forward["accuracy"] == float(sim.metric[-1]) / len(x)
+    assert forward["output_error"] < plain["output_error"]
 
 
 def test_cli_ttfs_end_to_end(run_cli, tmp_path):
@@ -264,11 +336,43 @@ def test_cli_ttfs_end_to_end(run_cli, tmp_path):
     code, _, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-d", tmp_path / "d.safetensors",
                            "--neuron", "ttfs", "--param", "floor=1", "-o", tmp_path / "f1.json")
     assert code != 0 and "floor" in err and "Traceback" not in err and not (tmp_path / "f1.json").exists()
-    budget = 0.45 * units  # below the share of positive activations: only floors get there at fine levels
-    code, out, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-d", tmp_path / "d.safetensors",
-                             "--neuron", "ttfs", "--budget", budget, "-o", tmp_path / "fb.json")
+
+
+def test_cli_ttfs_budget_sets_dead_zones_and_a_layer_calibration_the_snn_keeps(run_cli, tmp_path):
+    """Under a budget below the share of positive activations, calibrate chooses levels and dead
+    zones (per layer where the walk wins), fits the layer calibration by a forward pass, and the
+    converted SNN equals that forward pass; --layer-calibration 0 leaves it out."""
+    gm_net = resolve_model("lenet5", {"num_classes": 4}).eval()
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = gm_net(x).argmax(1)
+    save_file({k: v.contiguous() for k, v in gm_net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    save_file({"inputs": x, "targets": y}, str(tmp_path / "d.safetensors"))
+    common = ["-m", "lenet5", "--model-arg", "num_classes=4", "-d", tmp_path / "d.safetensors", "--neuron", "ttfs"]
+    code, _, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "-o", tmp_path / "p.json")
+    assert code == 0, err
+    units = sum(layer["neurons"] for layer in json.loads((tmp_path / "p.json").read_text())["layers"])
+    budget = 0.45 * units
+    code, out, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "--budget", budget,
+                             "-o", tmp_path / "fb.json")
     assert code == 0, err
     chosen = json.loads((tmp_path / "fb.json").read_text())
-    assert chosen["exact_choice"]["chosen"]["spikes_per_sample"] <= budget and "floor=" in out
-    assert chosen["neuron"]["options"]["floor"] == chosen["exact_choice"]["chosen"]["floor"]
-    assert {layer["params"]["floor"] for layer in chosen["layers"]} == {chosen["neuron"]["options"]["floor"]}
+    choice = chosen["exact_choice"]["chosen"]
+    assert choice["spikes_per_sample"] <= budget and "floor=" in out and "layer calibration by a forward pass" in out
+    assert chosen["neuron"]["options"]["floor"] == choice["floor"]
+    levels = chosen["neuron"]["options"]["levels"]
+    lowest = choice.get("layer_lowest", [lowest_level(choice["floor"], levels)] * len(chosen["layers"]))
+    assert [lowest_level(layer["params"]["floor"], levels) for layer in chosen["layers"]] == lowest
+    assert chosen["layer_calibration"]["timesteps"] == 0 and chosen["layer_calibration"]["corrections"]
+    # the SNN, corrections and dead zones included, equals the forward pass that chose it
+    assert run_cli("convert", tmp_path / "w.safetensors", "-c", tmp_path / "fb.json", "-o", tmp_path / "fb.snn")[0] == 0
+    code, out, err = run_cli("evaluate", tmp_path / "fb.snn", "-d", tmp_path / "d.safetensors", "-T", 4 * levels,
+                             "-r", tmp_path / "fbrep", "--device", "cpu")
+    assert code == 0, err
+    report = json.loads((tmp_path / "fbrep" / "report.json").read_text())
+    assert report["snn"]["accuracy"] == report["ann"]["transfer_accuracy"]
+    assert report["snn"]["spikes_per_sample"] == pytest.approx(choice["spikes_per_sample"], rel=1e-9)
+    code, _, err = run_cli("calibrate", tmp_path / "w.safetensors", *common, "--budget", budget,
+                           "--layer-calibration", "0", "-o", tmp_path / "nc.json")
+    assert code == 0, err
+    assert "layer_calibration" not in json.loads((tmp_path / "nc.json").read_text())

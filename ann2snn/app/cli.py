@@ -63,7 +63,10 @@ NEURON_NAMES = _or(NEURONS)  # the registered neuron types, as help lists them
 PRECISION_STEPS = ", ".join(f"{n.label} {n.default_timesteps}" for n in NEURONS.values() if n.precision is not None)
 _COMPARE = list(NEURONS)
 LC_HELP = ("Steps to fit the layer calibration (bias correction, layer after layer) at; 0: none (default: the "
-           "neuron's, " + ", ".join(f"{n.label} {n.layer_calibration}" for n in NEURONS.values()) + ").")
+           "neuron's, " + ", ".join(f"{n.label} {n.layer_calibration}" for n in NEURONS.values()) + "; TTFS fits "
+           "its own by a forward pass under --budget).")
+LCS_HELP = ("Calibration images the layer calibration is fitted on (default: 256; TTFS under --budget: all the "
+            "search images, in one batch).")
 PERCENTILES = ", ".join(f"{name} {n.defaults['percentile']:g}" for name, n in NEURONS.items())
 
 DATA_DIR = typer.Option(SOURCE("data_dir"), "--data-dir", help="Where named data sets live (default: "
@@ -145,8 +148,8 @@ def calibrate(
     arousal_policy: Optional[str] = typer.Option(None, "--arousal-policy", help="Implies --arousal; the policy "
                                                  "to store, e.g. 'low=0.3;high=0.1;at=40' (fields ';', lists ',')."),
     layer_calibration: Optional[int] = typer.Option(CAL("layer_calibration"), "--layer-calibration", help=LC_HELP),
-    layer_calibration_samples: int = typer.Option(CAL("layer_calibration_samples"), "--layer-calibration-samples",
-                                                  help="Calibration images the layer calibration is fitted on."),
+    layer_calibration_samples: Optional[int] = typer.Option(CAL("layer_calibration_samples"),
+                                                            "--layer-calibration-samples", help=LCS_HELP),
     seed: int = typer.Option(CAL("seed"), "--seed", help="Seed of the calibration subset."),
     split: str = typer.Option(CAL("split"), "--split", help="Split of a named data set to calibrate (and search) on: "
                                                         "train, or val for a model trained on fit "
@@ -230,12 +233,19 @@ def _print_calibration(profile: Profile, output: Path) -> None:
     if profile.layer_calibration:
         lc = profile.layer_calibration
         errors = ", ".join(f"{c.error_before:.3g}" for c in lc.corrections)
-        console.print(f"layer calibration at {lc.timesteps} steps on {lc.samples} images: {len(lc.corrections)} of "
+        how = f"at {lc.timesteps} steps" if lc.timesteps else "by a forward pass"
+        console.print(f"layer calibration {how} on {lc.samples} images: {len(lc.corrections)} of "
                       f"{len(profile.layers)} layers corrected; mean error per channel before: {errors or '-'}")
     console.print(f"wrote {literal(output)}")
 
 
 MEASURED = ("accuracy", "disagreement", "output_error", "spikes_per_sample")  # an exact-choice candidate's figures
+
+
+def _setting(value) -> str:
+    """A candidate's setting: a number, or a per-layer list (TTFS ``layer_lowest``: the lowest level each
+    layer sends)."""
+    return ",".join(f"{v:g}" for v in value) + " " if isinstance(value, list) else f"{value:<5g}"
 
 
 def _print_exact_choice(record) -> None:
@@ -249,7 +259,7 @@ def _print_exact_choice(record) -> None:
         quality = (f"{100 * c['accuracy']:6.2f}%  differs from the ANN on {100 * c['disagreement']:.2f}%"
                    if "accuracy" in c else f"error vs ANN {c['output_error']:.3g}")
         mark = " <- chosen" if c == record.chosen else ""
-        setting = " ".join(f"{k}={v:<5g}" for k, v in c.items() if k not in MEASURED)
+        setting = " ".join(f"{k}={_setting(v)}" for k, v in c.items() if k not in MEASURED)
         console.print(f"  {setting}{c['spikes_per_sample']:>10,.0f} spikes  {quality}{mark}")
     if not record.met:
         console.print("[yellow]no candidate met the " + ("bar: kept the most levels[/]" if record.bar is not None

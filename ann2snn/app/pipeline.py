@@ -37,7 +37,7 @@ from ann2snn.conversion.equivalence import verify
 from ann2snn.errors import OptionError, UserError
 from ann2snn.io.files import atomic_path, check_outputs, safetensors_bytes
 from ann2snn.neurons import Neuron
-from ann2snn.options import CalibrationOptions, DataSource, FinetuneOptions
+from ann2snn.options import LAYER_CALIBRATION_SAMPLES, CalibrationOptions, DataSource, FinetuneOptions
 from ann2snn.store.profile import (ArousalRecord, DataInfo, InputInfo, ModelInfo, NeuronSpec, Profile, check_profile, load_profile, make_layers, save_profile)
 from ann2snn.sim.network import answer_step as network_answer_step
 from ann2snn.sim.simulate import ann_accuracy, resolve_device
@@ -96,9 +96,9 @@ def calibration_request(neuron: str | Neuron, neuron_options: dict | None, arous
         raise OptionError("budget", f"{options.budget:g}: {kind.label} chooses its {' and '.join(searched)} for the "
                                     f"budget by forward passes; {what} has nothing to set here (leave it out)")
     if kind.exact_transfer and options.layer_calibration:
-        raise OptionError("layer_calibration", f"{options.layer_calibration}: {kind.label} is exact up to its "
-                                               f"{kind.precision.knob}; the layer calibration corrects a rate code's "
-                                               "mean error (use 0, or another {{neuron}})")
+        raise OptionError("layer_calibration", f"{options.layer_calibration}: {kind.label} fits its layer calibration "
+                                               "by a forward pass, under {{budget}} only; it takes no steps (use 0: "
+                                               "none)")
     if options.search_samples is not None and options.budget is None and not (choose and policy is None):
         raise OptionError("search_samples", f"{options.search_samples}: nothing is searched here (it sets the images "
                                             "of a --budget search or of the operating point ASN or TTFS chooses when "
@@ -207,11 +207,12 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
     if options.budget is not None and not neuron.exact_transfer:
         check_memory(steps, len(spiking_layers(gm)), 1)
     stats = activation_stats(gm, subset, float(opts.get("percentile", 100.0)), options.batch_size, str(dev))
-    exact_choice = None
+    exact_choice = exact_layers = exact_calibration = None
     if neuron.exact_transfer and (choose or options.budget is not None):  # forward passes, no simulation
         search_data = search_set(subset, options.search_samples, len(subset), 1, options.seed)
-        opts, exact_choice = exact.choose(gm, stats, neuron, opts, search_data, options.budget, options.batch_size,
-                                          dev)
+        samples = 0 if options.layer_calibration == 0 else options.layer_calibration_samples or len(search_data)
+        opts, exact_choice, exact_layers, exact_calibration = exact.choose(
+            gm, stats, neuron, opts, search_data, options.budget, options.batch_size, dev, samples)
     elif options.budget is not None:
         search_data = search_set(subset, options.search_samples, BUDGET_IMAGE_STEPS, steps, options.seed)
         if arousal is not None:
@@ -226,8 +227,11 @@ def fit_profile(gm, neuron: Neuron, opts: dict, subset: TensorData, model: Model
         opts, chosen = operating_point.choose(gm, stats, neuron, opts, neurons.BASELINE, search_data,
                                               options.batch_size, dev)
     layers = make_layers(gm, stats, neuron, opts)
+    if exact_layers is not None:  # the search's per-layer parameters (TTFS: dead zones per layer)
+        layers = [replace(layer, params=chosen.params) for layer, chosen in zip(layers, exact_layers)]
     ramps = fit_ramps(gm, neuron, layers, subset, steps, dev) if opts.get("bias_ramp") else None
-    calibration = _layer_calibration(gm, neuron, layers, subset, options, dev, ramps)
+    calibration = exact_calibration if neuron.exact_transfer else \
+        _layer_calibration(gm, neuron, layers, subset, options, dev, ramps)
     return Profile(model=model, input=InputInfo(shape=list(subset.sample_shape), normalize=subset.normalize),
                    data=DataInfo(dataset=dataset, split=options.split, samples=len(subset), seed=options.seed),
                    neuron=NeuronSpec(type=neuron.name, options=opts), layers=layers,
@@ -242,7 +246,7 @@ def _layer_calibration(gm, neuron: Neuron, layers: list, subset: TensorData, opt
     steps = neuron.layer_calibration if options.layer_calibration is None else options.layer_calibration
     if not steps:
         return None
-    samples = min(options.layer_calibration_samples, len(subset))
+    samples = min(options.layer_calibration_samples or LAYER_CALIBRATION_SAMPLES, len(subset))
     with progress.task(f"layer calibration: {steps} steps, {samples} images (layers)", len(layers)) as shown:
         return fit_layer_calibration(gm, neuron, layers, subset, steps, samples, dev, ramps, shown.advance)
 
@@ -428,7 +432,9 @@ def _remeasured(tuned: nn.Module, profile: Profile, neuron: Neuron, tuned_option
     layers = [replace(m, params=t.params) for m, t in zip(measured.layers, trained)]
     ramps = fit_ramps(gm, neuron, layers, subset, neuron.default_timesteps, dev) if tuned_options.get("bias_ramp") \
         else None
-    old = profile.layer_calibration  # refitted for the trained weights, as it was fitted before
+    # refitted for the trained weights, as it was fitted before; a time code's is dropped: it trained without
+    # it, and its SNN is then the transfer network that training scored
+    old = None if neuron.exact_transfer else profile.layer_calibration
     calibration = None if old is None else _layer_calibration(
         gm, neuron, layers, subset, CalibrationOptions(layer_calibration=old.timesteps,
                                                        layer_calibration_samples=old.samples), dev, ramps)

@@ -12,6 +12,8 @@ current per channel c (dim 1), the mean error over the calibration images n and 
     I_l(t) = W_l x_{l-1}(t) + b_l + delta_l
 
 so the layer's expected output error is cancelled to first order, at the T it was fitted for.
+For a code whose answer is a forward pass of its transfer network (TTFS: clip and round, with a
+dead zone), s_l is that network's output, and ``fit_transfer`` fits delta_l in one pass.
 Each further ``round`` measures the remaining error and adds it. A layer whose error is within
 float rounding (an SNN that already equals its ANN, such as VSN at T = 1 with zero thresholds)
 is left as it is. The correction folds into the layer's bias (b_l + delta_l), so it costs no
@@ -99,7 +101,7 @@ class _Stop(Exception):
     """Ends a step once the layer being fitted has run (the layers above it do not matter)."""
 
 
-def _ann_means(gm: fx.GraphModule, layers: list[str], x: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+def ann_means(gm: fx.GraphModule, layers: list[str], x: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
     """Each slot's ANN output, averaged per channel over ``x``."""
     sums: dict[str, torch.Tensor] = {}
 
@@ -149,7 +151,7 @@ def fit(gm: fx.GraphModule, snn: fx.GraphModule, layers: list[str], x: torch.Ten
     """The corrections of ``snn`` (converted from ``gm``) fitted on inputs ``x`` over ``timesteps``
     steps, layer after layer in the order of ``layers`` (depth order), ``rounds`` passes per layer."""
     gm, x = gm.to(device).eval(), x.to(device)
-    targets = _ann_means(gm, layers, x, batch)
+    targets = ann_means(gm, layers, x, batch)
     shifts = {name: CurrentShift(torch.zeros(len(targets[name]), device=device), name).to(device) for name in layers}
     net = attach(snn.to(device).eval(), shifts, "layer_calibration")
     corrections = []
@@ -171,9 +173,42 @@ def fit(gm: fx.GraphModule, snn: fx.GraphModule, layers: list[str], x: torch.Ten
     return LayerCalibrationRecord(timesteps=timesteps, samples=len(x), rounds=rounds, corrections=corrections)
 
 
+@torch.inference_mode()
+def fit_transfer(gm: fx.GraphModule, net: fx.GraphModule, layers: list[str], x: torch.Tensor,
+                 device: torch.device, targets: dict[str, torch.Tensor] | None = None) -> LayerCalibrationRecord:
+    """The corrections of the transfer network ``net`` (``gm`` with each slot's transfer
+    function), fitted on ``x`` in one forward pass: at each slot in depth order, with the
+    corrections below already applied, delta_l = E[a_l] - E[transfer_l(v)] is added to its input v
+    (``x`` is one batch: the channel means are over all of it; ``targets``: the ANN's, if known).
+    ``timesteps`` is recorded as 0."""
+    gm, net, x = gm.to(device).eval(), net.to(device).eval(), x.to(device)
+    targets = ann_means(gm, layers, x, len(x)) if targets is None else targets
+    corrections = []
+
+    def correct(name):
+        def hook(module, args):
+            v, target = args[0], targets[name]
+            error = target - channel_sum(module.forward(v)) / len(v)  # forward: not its hooks again
+            tolerance = RELATIVE_TOLERANCE * max(float(target.abs().max()) if len(target) else 0.0, 1e-12)
+            if float(error.abs().max()) <= tolerance:
+                return None
+            corrections.append(LayerCorrection(layer=name, shift=error.float().cpu().tolist(),
+                                               error_before=float(error.abs().mean())))
+            return (CurrentShift(error.float(), name)(v), *args[1:])
+        return hook
+
+    handles = [net.get_submodule(name).register_forward_pre_hook(correct(name)) for name in layers]
+    try:
+        net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return LayerCalibrationRecord(timesteps=0, samples=len(x), rounds=1, corrections=corrections)
+
+
 def layer_error(gm: fx.GraphModule, snn: fx.GraphModule, layer: str, x: torch.Tensor, timesteps: int,
                 batch: int = 256) -> float:
     """Mean absolute error per channel of ``layer``'s time-averaged output against the ANN's on ``x``."""
     with torch.no_grad():
-        target = _ann_means(gm.eval(), [layer], x, batch)[layer]
+        target = ann_means(gm.eval(), [layer], x, batch)[layer]
         return float((target - _snn_mean(snn.eval(), layer, x, timesteps, batch)).abs().mean())

@@ -44,6 +44,7 @@ from ann2snn.evaluation.plan import Run
 from ann2snn.sim.network import Fanouts, answer_step, build_network
 from ann2snn.sim.simulate import SimulationResult, ann_metric_sum, ann_per_sample, resolve_device
 from ann2snn.evaluation.stats import mcnemar
+from ann2snn.search.exact import transfer_network
 from ann2snn.search.transfer_training import with_transfer
 
 PARTIAL_FORMAT, PARTIAL_VERSION, PARTIAL_FILE = "ann2snn-partial-report", 1, "partial.json"
@@ -335,7 +336,9 @@ def _simulate(plan: _Plan, data: TensorData, on_batch: Callable[[int], None] | N
     art, run, dev = plan.art, plan.run, plan.device
     transfer = None
     if art.neuron.transfer_module is not None and plan.ctx.metric == "accuracy":  # what the SNN tends to
-        transfer = ann_metric_sum(with_transfer(art.ann, art.neuron, art.meta.layers), data, run.batch_size, dev)
+        net = with_transfer(art.ann, art.neuron, art.meta.layers) if not art.neuron.exact_transfer else \
+            transfer_network(art.ann, art.neuron, art.meta.layers, art.meta.layer_calibration)  # what it equals
+        transfer = ann_metric_sum(net, data, run.batch_size, dev)
     runs, elapsed = [], 0.0
     for r in plan.runs:
         sums, seconds = _simulate_run(plan, r, data, on_batch)

@@ -204,8 +204,8 @@ class Neuron:
     (``conversion/layer_calibration.py``; 0: off unless asked for).
     ``exact_transfer``: a time code whose answer equals the ANN with every slot replaced by
     ``transfer_module`` (TTFS): its precision is chosen by forward passes of that network, not by
-    simulation (``search/exact.py``), and the layer calibration (a rate code's mean error) does
-    not apply. ``window(params)``: the steps of a layer's window in a time code (its module's
+    simulation (``search/exact.py``), and its layer calibration, under a budget only, is fitted by
+    a forward pass of that network (``layer_calibration.fit_transfer``). ``window(params)``: the steps of a layer's window in a time code (its module's
     ``window``; None: a rate code, active from the first step).
     """
 

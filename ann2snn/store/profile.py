@@ -263,9 +263,9 @@ def check_profile(profile: Profile, gm: fx.GraphModule, path: str | Path, weight
     if profile.layer_names != layers:
         raise UserError(f"{path}: profile layers {profile.layer_names} do not match the model's spiking layers "
                         f"{layers}")
-    if neurons.get(profile.neuron.type).exact_transfer and (profile.bias_ramps or profile.layer_calibration):
-        raise UserError(f"{path}: a {profile.neuron.type.upper()} profile holds "
-                        f"{'bias ramps' if profile.bias_ramps else 'a layer calibration'}, which a time code does not use")
+    if neurons.get(profile.neuron.type).exact_transfer and profile.bias_ramps:
+        raise UserError(f"{path}: a {profile.neuron.type.upper()} profile holds bias ramps, which a time code does not "
+                        "use")
     if profile.bias_ramps and not profile.neuron.options.get("bias_ramp"):
         raise UserError(f"{path}: the profile holds bias ramps but its options do not ask for them (bias_ramp)")
     check_layer_shapes(profile.layers, gm, tuple(profile.input.shape), path)
