@@ -262,8 +262,9 @@ def test_the_forward_pass_layer_calibration_reduces_each_layers_error_and_the_sn
     x = torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     layers, data = _fitted(gm, x, 6)
     layers = exact.with_floors(layers, [1 + i % 3 for i in range(len(layers))], 6)
-    record = exact.correction(gm, TTFS, layers, data, 48, CPU)
-    assert record == exact.correction(gm, TTFS, layers, data, 48, CPU) and record.timesteps == 0
+    images = exact.correction_images(data, 48)
+    record = exact.correction(gm, TTFS, layers, images, CPU)
+    assert record == exact.correction(gm, TTFS, layers, images, CPU) and record.timesteps == 0
     assert len(record.corrections) == len(layers)
     for i, c in enumerate(record.corrections):
         below = type(record)(timesteps=0, samples=48, rounds=1, corrections=record.corrections[:i])

@@ -144,6 +144,11 @@ def _snn_mean(snn: fx.GraphModule, layer: str, x: torch.Tensor, timesteps: int, 
     return torch.stack(total).sum(0) / (timesteps * len(x))
 
 
+def _tolerance(target: torch.Tensor) -> float:
+    """Errors at most this are float rounding: ``RELATIVE_TOLERANCE`` of the layer's largest mean."""
+    return RELATIVE_TOLERANCE * max(float(target.abs().max()) if len(target) else 0.0, 1e-12)
+
+
 @torch.no_grad()
 def fit(gm: fx.GraphModule, snn: fx.GraphModule, layers: list[str], x: torch.Tensor, timesteps: int,
         device: torch.device, rounds: int = 1, batch: int = 256,
@@ -157,7 +162,7 @@ def fit(gm: fx.GraphModule, snn: fx.GraphModule, layers: list[str], x: torch.Ten
     corrections = []
     for name in layers:
         target = targets[name]
-        tolerance = RELATIVE_TOLERANCE * max(float(target.abs().max()) if len(target) else 0.0, 1e-12)
+        tolerance = _tolerance(target)
         error = target - _snn_mean(net, name, x, timesteps, batch)
         before = float(error.abs().mean())
         for r in range(rounds):
@@ -189,8 +194,7 @@ def fit_transfer(gm: fx.GraphModule, net: fx.GraphModule, layers: list[str], x: 
         def hook(module, args):
             v, target = args[0], targets[name]
             error = target - channel_sum(module.forward(v)) / len(v)  # forward: not its hooks again
-            tolerance = RELATIVE_TOLERANCE * max(float(target.abs().max()) if len(target) else 0.0, 1e-12)
-            if float(error.abs().max()) <= tolerance:
+            if float(error.abs().max()) <= _tolerance(target):
                 return None
             corrections.append(LayerCorrection(layer=name, shift=error.float().cpu().tolist(),
                                                error_before=float(error.abs().mean())))

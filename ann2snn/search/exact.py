@@ -56,11 +56,10 @@ def transfer_network(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLay
 
 @ieee_float32
 @torch.inference_mode()
-def correction(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], data: TensorData, samples: int,
+def correction(gm: fx.GraphModule, neuron: Neuron, layers: list[ProfileLayer], x: torch.Tensor,
                device: torch.device, targets: dict | None = None) -> LayerCalibrationRecord:
-    """The layer calibration of ``layers``' transfer network on the first ``samples`` images of
-    ``data`` (``targets``: the ANN's channel means on them, if known)."""
-    x = correction_images(data, samples)
+    """The layer calibration of ``layers``' transfer network on images ``x`` (``correction_images``;
+    ``targets``: the ANN's channel means on them, if known)."""
     names = [layer.name for layer in layers]
     try:
         return layer_calibration.fit_transfer(gm, with_transfer(gm, neuron, layers), names, x, device, targets)
@@ -152,19 +151,19 @@ class Candidates:
         self.batch_size, self.device, self.samples = batch_size, device, samples
         self.reference = ann_outputs(gm, data, batch_size, device)
         self.tried: list[dict] = []
-        self.targets = None
+        self.images = self.targets = None  # the layer calibration's, drawn once
 
     def measure(self, setting: dict, layers: list[ProfileLayer] | None = None) -> dict:
         opts = {**self.options, **setting}
         layers = fitted_layers(self.stats, self.neuron, opts) if layers is None else layers
         calibration = None
         if self.samples:
-            if self.targets is None:
-                x = correction_images(self.data, self.samples)
+            if self.images is None:
+                self.images = correction_images(self.data, self.samples).to(self.device)
                 with torch.inference_mode():
-                    self.targets = ieee_float32(layer_calibration.ann_means)(self.gm.to(self.device).eval(), list(self.stats),
-                                                               x.to(self.device), len(x))
-            calibration = correction(self.gm, self.neuron, layers, self.data, self.samples, self.device, self.targets)
+                    self.targets = ieee_float32(layer_calibration.ann_means)(
+                        self.gm.to(self.device).eval(), list(self.stats), self.images, len(self.images))
+            calibration = correction(self.gm, self.neuron, layers, self.images, self.device, self.targets)
         t = {**setting, **measure(self.gm, self.neuron, opts, self.stats, self.data, self.reference,
                                   self.batch_size, self.device, layers, calibration)}
         self.tried.append(t)
